@@ -1,0 +1,1 @@
+//! The experiment spec (TOML): nodes, LANs, links, workloads. (Being written.)

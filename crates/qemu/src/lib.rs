@@ -1,0 +1,1 @@
+//! QEMU control: launching VMs, the QMP client, stop/cont, save and restore of VM state.

@@ -1,0 +1,1 @@
+//! The checkpoint store: catalogue, manifests, atomic commits.

@@ -1,0 +1,1 @@
+//! Userspace link emulator in virtual time whose in-flight frames are checkpointed.

@@ -1,0 +1,1 @@
+//! Statically linked tools run inside guests: clock probe and sequence-numbered traffic.

@@ -1,0 +1,1 @@
+//! Whole-system tests that boot real QEMU guests.
