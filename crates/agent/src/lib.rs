@@ -1,1 +1,12 @@
-//! One host's half of a checkpoint: the VMs and delay node it runs, frozen and resumed on schedule.
+//! One host's half of a checkpoint: launching an experiment's VMs and its
+//! delay node, freezing them all at one instant, saving them into the store,
+//! resuming them after one common frozen duration, and restoring them.
+//!
+//! The spine runs this in-process from the CLI (one host); the multi-host
+//! agent daemon drives the same code.
+
+pub mod event;
+pub mod freeze;
+pub mod host;
+pub mod layout;
+pub mod topology;

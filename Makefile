@@ -1,0 +1,27 @@
+# One script for people and CI alike. `make demo` and `make test` work on a
+# bare Debian 12 machine: they install what is missing first.
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: setup guest build demo test unit system bench clean-state
+
+setup:
+	bash scripts/setup.sh
+
+guest: setup
+	bash guest/build.sh
+
+build:
+	$(CARGO) build --bins
+
+demo: setup guest build
+	bash scripts/demo.sh
+
+# The whole suite: unit and crate tests, then the whole-system tests that boot
+# real VMs (they run one at a time: each uses both cores).
+test: setup guest build
+	$(CARGO) test --workspace --exclude stasis-system-tests
+	$(CARGO) test -p stasis-system-tests -- --test-threads=1
+
+bench: setup guest build
+	$(CARGO) bench -p delay-node

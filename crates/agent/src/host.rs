@@ -1,0 +1,772 @@
+//! An experiment running on this host: bringing it up, checkpointing it,
+//! restoring it and tearing it down.
+//!
+//! Processes outlive the CLI invocation that started them (QEMU daemonizes,
+//! the delay node runs in its own session), so what runs is recorded in
+//! `runtime.json` and every later command re-attaches from it.
+//!
+//! One checkpoint, on one host:
+//! ```text
+//!  agent                      delay node                 VM 1..n (QMP)
+//!    | freeze_at(T, lead) ------->|  stop delivering at T-lead
+//!    |            (at T) stop --------------------------------->|  stopped, stamps
+//!    | save(file) --------------->|  drain sockets, write state
+//!    | migrate exec:cat > file ------------------------------->|  state written
+//!    | commit manifest (fsync, rename): the checkpoint exists
+//!    | thaw_at(F + D) ----------->|              cont at s_i + D ->|
+//! ```
+//! Any failure before the commit aborts: every component is resumed (with the
+//! same equal-duration rule) and the pending checkpoint directory is removed.
+
+use crate::event::{Event, Observer};
+use crate::freeze::{self, FreezeConfig, StopStamp};
+use crate::layout::Layout;
+use crate::topology::topology_for;
+use delay_node::control::Client as DelayClient;
+use futures::future::join_all;
+use serde::{Deserialize, Serialize};
+use stasis_core::clock::{mono_ns, wait_until, MonoNs};
+use stasis_core::spec::{Experiment, Node};
+use stasis_qemu::accel::Accel;
+use stasis_qemu::vm::{NicSpec, Vm, VmSpec};
+use stasis_store::{Checkpoint, CheckpointInfo, ComponentRecord, FreezeRecord, ManifestDraft, Store};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// What runs now; persisted as `runtime.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Runtime {
+    pub experiment: String,
+    pub spec_toml: String,
+    pub spec_digest: String,
+    pub accel: String,
+    /// Increments with every (re)start; names the serial console files.
+    pub incarnation: u32,
+    /// The checkpoint this timeline was restored from, if any.
+    pub restored_from: Option<String>,
+    pub delay_node: DelayProc,
+    pub vms: Vec<VmProc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DelayProc {
+    pub pid: u32,
+    pub control: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmProc {
+    pub name: String,
+    pub pid: u32,
+    pub qmp: PathBuf,
+    pub serial_log: PathBuf,
+}
+
+/// Where the programs and the guest image are.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    pub delay_node_bin: PathBuf,
+    /// Kernel and initrd used by nodes that name none.
+    pub default_kernel: PathBuf,
+    pub default_initrd: PathBuf,
+    pub accel: Accel,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    #[error("experiment {0:?} is already running (run `stasis down` first)")]
+    AlreadyRunning(String),
+    #[error("node {node:?}: {what} {path} does not exist")]
+    MissingFile { node: String, what: &'static str, path: PathBuf },
+    #[error("delay node {0} does not exist (build it with `cargo build`)")]
+    MissingDelayNode(PathBuf),
+    #[error("delay node did not start: {0}")]
+    DelayNode(String),
+    #[error("VM {node:?} did not start")]
+    Vm { node: String, #[source] source: stasis_qemu::vm::LaunchError },
+    #[error("VM {node:?} did not load its checkpointed state")]
+    Incoming { node: String, #[source] source: stasis_qemu::vm::VmError },
+    #[error("resuming VM {node:?}")]
+    Resume { node: String, #[source] source: stasis_qemu::vm::VmError },
+    #[error("delay node control")]
+    Control(#[from] delay_node::control::ControlError),
+    #[error("{path}")]
+    Io { path: PathBuf, #[source] source: std::io::Error },
+    #[error("checkpoint {checkpoint:?} belongs to experiment {found:?} (spec digest {found_digest}), not to {expected:?} (digest {expected_digest})")]
+    ForeignCheckpoint { checkpoint: String, found: String, found_digest: String, expected: String, expected_digest: String },
+    #[error("checkpoint {checkpoint:?} has no state for {component:?}")]
+    IncompleteCheckpoint { checkpoint: String, component: String },
+    #[error("checkpointed spec does not parse")]
+    Spec(#[from] stasis_core::spec::SpecError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("experiment is not running (no {0})")]
+    NotRunning(PathBuf),
+    #[error("{path} is damaged")]
+    BadRuntime { path: PathBuf, #[source] source: serde_json::Error },
+    #[error("{path}")]
+    Io { path: PathBuf, #[source] source: std::io::Error },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("VM {node:?} is not running (pid {pid})")]
+    VmGone { node: String, pid: u32 },
+    #[error("cannot reach VM {node:?}")]
+    Attach { node: String, #[source] source: stasis_qemu::qmp::QmpError },
+    #[error("cannot reach the delay node")]
+    DelayAttach(#[source] delay_node::control::ControlError),
+    #[error("checkpoint aborted, experiment resumed: {reason}")]
+    Aborted { reason: String },
+    #[error("checkpoint aborted and the experiment could not be fully resumed: {reason}; resume failures: {resume}")]
+    AbortedBroken { reason: String, resume: String },
+    #[error("store")]
+    Store(#[from] stasis_store::StoreError),
+}
+
+/// The result of a checkpoint.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckpointSummary {
+    pub info: CheckpointInfo,
+    pub vms: usize,
+    pub bytes: u64,
+    pub stop_skew_ns: u64,
+    pub frozen_duration_ns: u64,
+    pub max_frozen_error_ns: u64,
+    pub save_ns: u64,
+    pub frames_in_flight: u64,
+    pub frames_held: u64,
+    pub max_hold_lateness_ns: u64,
+}
+
+/// The result of a restore.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreSummary {
+    pub checkpoint: String,
+    pub vms: usize,
+    pub restore_ns: u64,
+    pub resume_skew_ns: u64,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> UpError + '_ {
+    move |source| UpError::Io { path: path.to_owned(), source }
+}
+
+impl Runtime {
+    /// Read `runtime.json`.
+    pub fn load(layout: &Layout) -> Result<Runtime, AttachError> {
+        let path = layout.runtime_file();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(AttachError::NotRunning(path)),
+            Err(source) => return Err(AttachError::Io { path, source }),
+        };
+        serde_json::from_str(&text).map_err(|source| AttachError::BadRuntime { path, source })
+    }
+
+    fn store(&self, layout: &Layout) -> Result<(), UpError> {
+        let path = layout.runtime_file();
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_string_pretty(self).expect("runtime serialises");
+        std::fs::write(&tmp, text).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io(&path))
+    }
+
+    /// Liveness of every process.
+    pub fn alive(&self) -> Vec<(String, u32, bool)> {
+        let mut out = vec![("delay-node".to_string(), self.delay_node.pid, pid_alive(self.delay_node.pid))];
+        out.extend(self.vms.iter().map(|v| (v.name.clone(), v.pid, pid_alive(v.pid))));
+        out
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // SAFETY: kill with signal 0 only checks for existence and permission.
+    let exists = unsafe { libc::kill(pid as libc::pid_t, 0) } == 0;
+    exists && !std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z ")).unwrap_or(true)
+}
+
+/// The kernel command line of a node.
+pub fn kernel_append(node: &Node) -> String {
+    let ips: Vec<String> = node.ifaces.iter().map(|i| format!("{}:{}/{}", i.name, i.ip, i.prefix_len)).collect();
+    let mut script = String::new();
+    for cmd in &node.run {
+        script.push_str(cmd);
+        script.push_str(" &\n");
+    }
+    let mut append = format!("console=ttyS0 quiet loglevel=1 panic=-1 stasis.node={}", node.name);
+    if !ips.is_empty() {
+        append.push_str(&format!(" stasis.ip={}", ips.join(",")));
+    }
+    if !script.is_empty() {
+        append.push_str(&format!(" stasis.run={}", base64(script.as_bytes())));
+    }
+    if !node.kernel_args.is_empty() {
+        append.push(' ');
+        append.push_str(&node.kernel_args);
+    }
+    append
+}
+
+fn base64(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(A[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn vm_spec(exp: &Experiment, node: &Node, layout: &Layout, tools: &Tools) -> Result<VmSpec, UpError> {
+    let kernel = node.kernel.clone().unwrap_or_else(|| tools.default_kernel.clone());
+    let initrd = node.initrd.clone().unwrap_or_else(|| tools.default_initrd.clone());
+    for (what, path) in [("kernel", &kernel), ("initrd", &initrd)] {
+        if !path.exists() {
+            return Err(UpError::MissingFile { node: node.name.clone(), what, path: path.clone() });
+        }
+    }
+    let _ = exp;
+    Ok(VmSpec {
+        name: node.name.clone(),
+        memory_mib: node.memory_mib,
+        vcpus: node.vcpus,
+        kernel,
+        initrd,
+        append: kernel_append(node),
+        nics: node
+            .ifaces
+            .iter()
+            .map(|i| NicSpec { id: i.name.clone(), mac: i.mac.clone(), socket: layout.port_socket(&node.name, &i.name) })
+            .collect(),
+        accel: tools.accel,
+        run_dir: layout.node_dir(&node.name),
+    })
+}
+
+fn start_delay_node(layout: &Layout, tools: &Tools, exp: &Experiment, incarnation: u32, restore: Option<&Path>) -> Result<DelayProc, UpError> {
+    use std::os::unix::process::CommandExt;
+    if !tools.delay_node_bin.exists() {
+        return Err(UpError::MissingDelayNode(tools.delay_node_bin.clone()));
+    }
+    let dir = layout.delay_dir();
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let sockets = layout.run_dir().join("p");
+    std::fs::create_dir_all(&sockets).map_err(io(&sockets))?;
+    let topo = topology_for(exp, layout, seed_of(&exp.name));
+    let topo_path = layout.delay_topology();
+    std::fs::write(&topo_path, serde_json::to_vec_pretty(&topo).expect("topology serialises")).map_err(io(&topo_path))?;
+    let control = layout.delay_control();
+    let _ = std::fs::remove_file(&control);
+    let log_path = layout.delay_log(incarnation);
+    let log = std::fs::File::create(&log_path).map_err(io(&log_path))?;
+    let mut cmd = std::process::Command::new(&tools.delay_node_bin);
+    cmd.arg("--topology").arg(&topo_path).arg("--control").arg(&control).arg("--events").arg(layout.delay_events());
+    if let Some(state) = restore {
+        cmd.arg("--restore").arg(state);
+    }
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().map_err(io(&log_path))?)
+        .stderr(log)
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
+    // SAFETY: setsid is async-signal-safe; it detaches the node from the CLI's
+    // session so it outlives the command that started it.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(io(&tools.delay_node_bin))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !control.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            return Err(UpError::DelayNode(format!("exited with {status}: {}", log.trim())));
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(UpError::DelayNode("control socket did not appear within 10 s".into()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Reap it from a detached thread if it ever exits while we still live.
+    let pid = child.id();
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+    Ok(DelayProc { pid, control })
+}
+
+fn seed_of(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+}
+
+/// Bring `exp` up: the delay node, then every VM (which connect to it).
+pub async fn up(exp: &Experiment, layout: &Layout, tools: &Tools, obs: &dyn Observer) -> Result<Runtime, UpError> {
+    if let Ok(rt) = Runtime::load(layout) {
+        if rt.alive().iter().any(|(_, _, alive)| *alive) {
+            return Err(UpError::AlreadyRunning(exp.name.clone()));
+        }
+    }
+    let specs = exp.nodes.iter().map(|n| vm_spec(exp, n, layout, tools)).collect::<Result<Vec<_>, _>>()?;
+    std::fs::create_dir_all(layout.root()).map_err(io(layout.root()))?;
+    let incarnation = Runtime::load(layout).map(|r| r.incarnation + 1).unwrap_or(1);
+    launch_all(exp, layout, tools, &specs, incarnation, None, obs).await
+}
+
+async fn launch_all(
+    exp: &Experiment,
+    layout: &Layout,
+    tools: &Tools,
+    specs: &[VmSpec],
+    incarnation: u32,
+    from: Option<&Checkpoint>,
+    obs: &dyn Observer,
+) -> Result<Runtime, UpError> {
+    let delay_state = from.map(|c| c.file("delay-node"));
+    let delay = start_delay_node(layout, tools, exp, incarnation, delay_state.as_deref())?;
+    obs.event(&Event::DelayNodeStarted { pid: delay.pid });
+    let mut rt = Runtime {
+        experiment: exp.name.clone(),
+        spec_toml: exp.to_toml(),
+        spec_digest: exp.digest(),
+        accel: format!("{:?}", tools.accel),
+        incarnation,
+        restored_from: from.map(|c| c.info.id.clone()),
+        delay_node: delay,
+        vms: Vec::new(),
+    };
+    // Record as we go, so `stasis down` can clean up after a partial start.
+    rt.store(layout)?;
+    for spec in specs {
+        std::fs::create_dir_all(&spec.run_dir).map_err(io(&spec.run_dir))?;
+        let serial = layout.serial_log(&spec.name, incarnation);
+        let incoming = from.map(|c| c.file(&format!("vm-{}", spec.name)));
+        let vm = Vm::launch(spec, &serial, incoming.as_deref())
+            .await
+            .map_err(|source| UpError::Vm { node: spec.name.clone(), source })?;
+        obs.event(&Event::VmLaunched { node: spec.name.clone(), pid: vm.pid, incarnation });
+        rt.vms.push(VmProc { name: spec.name.clone(), pid: vm.pid, qmp: vm.qmp_path.clone(), serial_log: serial });
+        rt.store(layout)?;
+    }
+    Ok(rt)
+}
+
+/// Wait until every guest has printed its ready line on its console.
+pub async fn wait_ready(rt: &Runtime, timeout: Duration, obs: &dyn Observer) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut pending: Vec<&VmProc> = rt.vms.iter().collect();
+    while !pending.is_empty() {
+        let mut still = Vec::new();
+        for vm in pending {
+            let text = std::fs::read_to_string(&vm.serial_log).unwrap_or_default();
+            if text.contains("STASIS-READY") {
+                obs.event(&Event::Ready { node: vm.name.clone() });
+            } else if !pid_alive(vm.pid) {
+                return Err(format!("VM {} exited during boot; console: {}", vm.name, vm.serial_log.display()));
+            } else {
+                still.push(vm);
+            }
+        }
+        pending = still;
+        if !pending.is_empty() {
+            if std::time::Instant::now() > deadline {
+                let names: Vec<&str> = pending.iter().map(|v| v.name.as_str()).collect();
+                return Err(format!("guests not ready after {timeout:?}: {}", names.join(", ")));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
+async fn sleep_until(deadline: MonoNs) -> MonoNs {
+    const SPIN: u64 = 1_000_000;
+    let now = mono_ns();
+    if deadline > now + SPIN {
+        tokio::time::sleep(Duration::from_nanos(deadline - now - SPIN)).await;
+    }
+    wait_until(deadline)
+}
+
+struct Attached {
+    vms: Vec<(String, Vm)>,
+    delay: DelayClient,
+}
+
+async fn attach(rt: &Runtime) -> Result<Attached, CheckpointError> {
+    let mut vms = Vec::new();
+    for v in &rt.vms {
+        if !pid_alive(v.pid) {
+            return Err(CheckpointError::VmGone { node: v.name.clone(), pid: v.pid });
+        }
+        let vm = Vm::attach(&v.name, &v.qmp, v.pid)
+            .await
+            .map_err(|source| CheckpointError::Attach { node: v.name.clone(), source })?;
+        vms.push((v.name.clone(), vm));
+    }
+    let delay = DelayClient::connect(&rt.delay_node.control).await.map_err(CheckpointError::DelayAttach)?;
+    Ok(Attached { vms, delay })
+}
+
+/// Take one checkpoint of the running experiment.
+pub async fn checkpoint(
+    rt: &Runtime,
+    store: &Store,
+    name: Option<&str>,
+    cfg: &FreezeConfig,
+    obs: &dyn Observer,
+) -> Result<CheckpointSummary, CheckpointError> {
+    let mut a = attach(rt).await?;
+    let pending = store.begin(name)?;
+    let id = pending.id().to_string();
+    let started = mono_ns();
+    let t = freeze::plan_freeze(started, cfg);
+    obs.event(&Event::Planned { checkpoint: id.clone(), freeze_at: t });
+
+    if let Err(e) = a.delay.freeze_at(t, cfg.hold_lead_ns).await {
+        pending.abort();
+        return Err(CheckpointError::Aborted { reason: format!("delay node refused the freeze: {e}") });
+    }
+
+    // Stop every VM at T: one task waits, then all requests go out together.
+    sleep_until(t).await;
+    let stops: Vec<_> = join_all(a.vms.iter_mut().map(|(_, vm)| vm.stop())).await;
+    let mut stamps: Vec<Option<StopStamp>> = Vec::new();
+    let mut failure: Option<String> = None;
+    for ((node, _), r) in a.vms.iter().zip(stops) {
+        match r {
+            Ok(s) => {
+                obs.event(&Event::Stopped { component: node.clone(), sent: s.sent, replied: s.replied });
+                stamps.push(Some(StopStamp { sent: s.sent, replied: s.replied }));
+            }
+            Err(e) => {
+                failure.get_or_insert(format!("stopping VM {node}: {e}"));
+                stamps.push(None);
+            }
+        }
+    }
+
+    // Save: the delay node first (it drains what the stopped VMs sent), then
+    // every VM's memory and devices, concurrently.
+    let mut components = Vec::new();
+    let mut node_report = None;
+    if failure.is_none() {
+        obs.event(&Event::Saving { component: "delay-node".into() });
+        let path = pending.path("delay-node");
+        let t0 = mono_ns();
+        match a.delay.save(&path).await {
+            Ok(r) => {
+                let save_ns = mono_ns() - t0;
+                obs.event(&Event::Saved { component: "delay-node".into(), bytes: r.bytes, save_ns });
+                node_report = Some((r, save_ns));
+            }
+            Err(e) => failure = Some(format!("saving the delay node: {e}")),
+        }
+    }
+    if failure.is_none() {
+        let saves = join_all(a.vms.iter_mut().map(|(node, vm)| {
+            let path = pending.path(&format!("vm-{node}"));
+            obs.event(&Event::Saving { component: node.clone() });
+            async move {
+                let t0 = mono_ns();
+                let r = vm.save(&path).await;
+                (r, mono_ns() - t0)
+            }
+        }))
+        .await;
+        for ((node, _), (r, save_ns)) in a.vms.iter().zip(saves) {
+            match r {
+                Ok(rep) => {
+                    obs.event(&Event::Saved { component: node.clone(), bytes: rep.bytes, save_ns });
+                    components.push((node.clone(), rep.bytes, save_ns));
+                }
+                Err(e) => {
+                    failure.get_or_insert(format!("saving VM {node}: {e}"));
+                }
+            }
+        }
+    }
+
+    let frozen_at = node_report.as_ref().map(|(r, _)| r.frozen_at).unwrap_or(t);
+    let mut stop_instants: Vec<MonoNs> = stamps.iter().map(|s| s.map(|s| s.instant()).unwrap_or(t)).collect();
+    stop_instants.push(frozen_at);
+
+    let mut info = None;
+    if failure.is_none() {
+        // Decide D now so it can be recorded; it leaves room for the commit.
+        let saved_at = mono_ns();
+        let d = freeze::frozen_duration(&stop_instants, saved_at, cfg);
+        let (nr, node_save_ns) = node_report.as_ref().expect("saved");
+        let mut records: Vec<ComponentRecord> = a
+            .vms
+            .iter()
+            .zip(&stamps)
+            .map(|((node, _), s)| {
+                let stop = s.expect("stopped").instant();
+                let (_, bytes, save_ns) = components.iter().find(|c| &c.0 == node).cloned().expect("saved");
+                ComponentRecord {
+                    name: node.clone(),
+                    kind: "vm".into(),
+                    file: format!("vm-{node}"),
+                    bytes,
+                    stop_ns: Some(stop),
+                    resume_ns: Some(stop + d),
+                    frozen_ns: Some(d),
+                    save_ns: Some(save_ns),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        records.push(ComponentRecord {
+            name: "delay-node".into(),
+            kind: "delay-node".into(),
+            file: "delay-node".into(),
+            bytes: nr.bytes,
+            stop_ns: Some(frozen_at),
+            resume_ns: Some(frozen_at + d),
+            frozen_ns: Some(d),
+            save_ns: Some(*node_save_ns),
+            ..Default::default()
+        });
+        let skew = freeze::fidelity(t, d, &stop_instants.iter().map(|s| (*s, s + d)).collect::<Vec<_>>()).stop_skew_ns;
+        let draft = ManifestDraft {
+            name: name.map(str::to_string),
+            parent: rt.restored_from.clone(),
+            experiment_name: rt.experiment.clone(),
+            experiment_digest: rt.spec_digest.clone(),
+            spec_toml: rt.spec_toml.clone(),
+            components: records,
+            freeze: FreezeRecord {
+                planned_ns: t,
+                lead_ns: cfg.hold_lead_ns,
+                stop_skew_ns: skew,
+                frozen_duration_ns: d,
+                frames_in_flight: nr.frames_in_flight,
+                frames_held: nr.frames_held,
+            },
+            total_save_ns: saved_at - t,
+        };
+        match pending.commit(draft) {
+            Ok(i) => {
+                obs.event(&Event::Committed { checkpoint: i.id.clone(), name: i.name.clone().unwrap_or_default() });
+                info = Some((i, d));
+            }
+            Err(e) => failure = Some(format!("committing the manifest: {e}")),
+        }
+    } else {
+        pending.abort();
+    }
+
+    // Resume everything: after the commit, or to abort.
+    let d = match &info {
+        Some((_, d)) => *d,
+        None => freeze::frozen_duration(&stop_instants, mono_ns(), &FreezeConfig { resume_margin_ns: 20_000_000, ..*cfg }),
+    };
+    let (resumed, resume_errors) = resume(&mut a, &stamps, frozen_at, d, obs).await;
+
+    match (info, failure) {
+        (Some((info, d)), _) => {
+            let f = freeze::fidelity(t, d, &resumed);
+            let nr = &node_report.expect("saved").0;
+            let summary = CheckpointSummary {
+                vms: a.vms.len(),
+                bytes: components.iter().map(|c| c.1).sum::<u64>() + nr.bytes,
+                stop_skew_ns: f.stop_skew_ns,
+                frozen_duration_ns: d,
+                max_frozen_error_ns: f.max_frozen_error_ns,
+                save_ns: components.iter().map(|c| c.2).max().unwrap_or(0),
+                frames_in_flight: nr.frames_in_flight,
+                frames_held: nr.frames_held,
+                max_hold_lateness_ns: 0,
+                info,
+            };
+            write_report(store, &summary, &resumed);
+            if !resume_errors.is_empty() {
+                tracing::error!(errors = %resume_errors.join("; "), "checkpoint committed but some components did not resume");
+            }
+            Ok(summary)
+        }
+        (None, Some(reason)) => {
+            obs.event(&Event::Aborted { checkpoint: id, reason: reason.clone() });
+            if resume_errors.is_empty() {
+                Err(CheckpointError::Aborted { reason })
+            } else {
+                Err(CheckpointError::AbortedBroken { reason, resume: resume_errors.join("; ") })
+            }
+        }
+        (None, None) => unreachable!("no commit without a failure"),
+    }
+}
+
+/// Resume every stopped VM at its own stop + `d` and thaw the delay node at
+/// its freeze + `d`. Returns (stop, resume) per component and the failures.
+async fn resume(a: &mut Attached, stamps: &[Option<StopStamp>], frozen_at: MonoNs, d: u64, obs: &dyn Observer) -> (Vec<(MonoNs, MonoNs)>, Vec<String>) {
+    let mut errors = Vec::new();
+    let mut measured = Vec::new();
+    let vm_futs = a.vms.iter_mut().zip(stamps).filter_map(|((node, vm), s)| {
+        let s = (*s)?;
+        let at = s.instant() + d;
+        Some(async move {
+            sleep_until(at).await;
+            let r = vm.cont().await;
+            (node.clone(), s.instant(), at, r)
+        })
+    });
+    let node_fut = async {
+        let at = frozen_at + d;
+        let r = a.delay.thaw_at(at).await;
+        (at, r)
+    };
+    let (vm_results, (node_at, node_r)) = futures::join!(join_all(vm_futs), node_fut);
+    for (node, stop, planned, r) in vm_results {
+        match r {
+            Ok(stamp) => {
+                let at = stamp.sent + (stamp.replied - stamp.sent) / 2;
+                obs.event(&Event::Resumed { component: node, at, planned });
+                measured.push((stop, at));
+            }
+            Err(e) => errors.push(format!("VM {node}: {e}")),
+        }
+    }
+    match node_r {
+        Ok(r) => {
+            obs.event(&Event::Resumed { component: "delay-node".into(), at: r.thawed_at, planned: node_at });
+            measured.push((frozen_at, r.thawed_at));
+        }
+        Err(e) => errors.push(format!("delay node: {e}")),
+    }
+    (measured, errors)
+}
+
+fn write_report(store: &Store, summary: &CheckpointSummary, resumed: &[(MonoNs, MonoNs)]) {
+    let path = store.root().join(&summary.info.id).join("report.json");
+    let body = serde_json::json!({ "summary": summary, "measured_stop_resume_ns": resumed });
+    let tmp = path.with_extension("json.tmp");
+    if std::fs::write(&tmp, serde_json::to_vec_pretty(&body).expect("report serialises")).is_ok() {
+        let _ = std::fs::rename(&tmp, &path);
+    }
+}
+
+/// Stop and remove every process of the experiment. Idempotent.
+pub async fn down(layout: &Layout) -> Result<usize, AttachError> {
+    let rt = match Runtime::load(layout) {
+        Ok(rt) => rt,
+        Err(AttachError::NotRunning(_)) => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut killed = 0;
+    for v in &rt.vms {
+        if pid_alive(v.pid) && is_ours(v.pid, "qemu") {
+            // SAFETY: plain kill(2) of a process we started (checked above).
+            unsafe { libc::kill(v.pid as libc::pid_t, libc::SIGKILL) };
+            killed += 1;
+        }
+    }
+    let d = rt.delay_node.pid;
+    if pid_alive(d) && is_ours(d, "delay-node") {
+        // SAFETY: as above.
+        unsafe { libc::kill(d as libc::pid_t, libc::SIGKILL) };
+        killed += 1;
+    }
+    for (_, pid, _) in rt.alive() {
+        for _ in 0..200 {
+            if !pid_alive(pid) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let _ = std::fs::remove_file(layout.runtime_file());
+    let _ = std::fs::remove_dir_all(layout.run_dir().join("p"));
+    let _ = std::fs::remove_file(layout.delay_control());
+    Ok(killed)
+}
+
+fn is_ours(pid: u32, needle: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| String::from_utf8_lossy(&c).contains(needle)).unwrap_or(false)
+}
+
+/// Replace whatever runs with the state of `ckpt`, and resume everything at
+/// one instant.
+pub async fn restore(
+    exp_name: &str,
+    expected_digest: Option<&str>,
+    ckpt: &Checkpoint,
+    layout: &Layout,
+    tools: &Tools,
+    margin_ns: u64,
+    obs: &dyn Observer,
+) -> Result<(Runtime, RestoreSummary), UpError> {
+    let m = &ckpt.manifest;
+    if m.experiment.name != exp_name || expected_digest.is_some_and(|d| d != m.experiment.digest) {
+        return Err(UpError::ForeignCheckpoint {
+            checkpoint: ckpt.info.id.clone(),
+            found: m.experiment.name.clone(),
+            found_digest: m.experiment.digest.clone(),
+            expected: exp_name.to_string(),
+            expected_digest: expected_digest.unwrap_or("-").to_string(),
+        });
+    }
+    let exp = Experiment::from_toml_str(&m.experiment.spec_toml, None)?;
+    for c in std::iter::once("delay-node".to_string()).chain(exp.nodes.iter().map(|n| format!("vm-{}", n.name))) {
+        if !m.components.iter().any(|r| r.file == c) {
+            return Err(UpError::IncompleteCheckpoint { checkpoint: ckpt.info.id.clone(), component: c });
+        }
+    }
+    let specs = exp.nodes.iter().map(|n| vm_spec(&exp, n, layout, tools)).collect::<Result<Vec<_>, _>>()?;
+    obs.event(&Event::Restoring { checkpoint: ckpt.info.id.clone() });
+    let started = mono_ns();
+    let incarnation = Runtime::load(layout).map(|r| r.incarnation + 1).unwrap_or(1);
+    let _ = down(layout).await;
+    let rt = launch_all(&exp, layout, tools, &specs, incarnation, Some(ckpt), obs).await?;
+    let mut vms = Vec::new();
+    for v in &rt.vms {
+        let mut vm = Vm::attach(&v.name, &v.qmp, v.pid)
+            .await
+            .map_err(|e| UpError::DelayNode(format!("re-attaching VM {}: {e}", v.name)))?;
+        vm.wait_incoming(Duration::from_secs(120))
+            .await
+            .map_err(|source| UpError::Incoming { node: v.name.clone(), source })?;
+        vms.push((v.name.clone(), vm));
+    }
+    let mut delay = DelayClient::connect(&rt.delay_node.control).await?;
+    let at = mono_ns() + margin_ns;
+    let vm_futs = vms.iter_mut().map(|(node, vm)| async move {
+        sleep_until(at).await;
+        (node.clone(), vm.cont().await)
+    });
+    let (results, thaw) = futures::join!(join_all(vm_futs), delay.thaw_at(at));
+    let thaw = thaw?;
+    let mut resumed = vec![thaw.thawed_at];
+    for (node, r) in results {
+        let s = r.map_err(|source| UpError::Resume { node: node.clone(), source })?;
+        resumed.push(s.sent + (s.replied - s.sent) / 2);
+    }
+    let skew = resumed.iter().max().unwrap_or(&0) - resumed.iter().min().unwrap_or(&0);
+    obs.event(&Event::Restored { checkpoint: ckpt.info.id.clone(), resumed_at: at });
+    let summary = RestoreSummary { checkpoint: ckpt.info.id.clone(), vms: rt.vms.len(), restore_ns: mono_ns() - started, resume_skew_ns: skew };
+    Ok((rt, summary))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        for (i, o) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE="), ("foobar", "Zm9vYmFy")] {
+            assert_eq!(base64(i.as_bytes()), o);
+        }
+    }
+}

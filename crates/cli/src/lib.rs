@@ -1,1 +1,0 @@
-//! The stasis command-line tool and coordinator.

@@ -1,0 +1,325 @@
+//! `stasis`: bring experiments up, checkpoint them, restore them.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+use stasis_agent::event::{Event, EventLog, Observer};
+use stasis_agent::freeze::FreezeConfig;
+use stasis_agent::host::{self, Runtime, Tools};
+use stasis_agent::layout::Layout;
+use stasis_core::spec::Experiment;
+use stasis_store::Store;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "stasis", version, about = "Transparent, synchronised checkpoints of whole experiments")]
+struct Cli {
+    /// Where experiments and their checkpoints live [default: $STASIS_STATE_DIR or the user data dir]
+    #[arg(long, global = true)]
+    state_dir: Option<PathBuf>,
+    /// Which experiment (needed only when the state dir holds several)
+    #[arg(short, long, global = true)]
+    experiment: Option<String>,
+    /// Machine-readable output: one JSON document per result, no progress
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start the experiment described by SPEC (TOML)
+    Up {
+        spec: PathBuf,
+        /// Return once QEMU runs instead of waiting for every guest to boot
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Show what runs
+    Status,
+    /// Freeze every VM and the network at one instant, save, resume
+    Checkpoint {
+        #[arg(long)]
+        name: Option<String>,
+        /// Lead time of the freeze instant, ms
+        #[arg(long, default_value_t = 300)]
+        margin_ms: u64,
+        /// How long before the stop the delay node holds frames for a VM, ms
+        #[arg(long, default_value_t = 20)]
+        hold_lead_ms: u64,
+    },
+    /// List the checkpoints
+    List,
+    /// Show one checkpoint's manifest and fidelity report
+    Show { checkpoint: String },
+    /// Replace what runs by a checkpoint (name, id, index, `latest`, or a checkpoint directory)
+    Restore { checkpoint: String },
+    /// Stop every process of the experiment (checkpoints stay)
+    Down,
+}
+
+struct Ui {
+    json: bool,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Ui {
+    fn new(json: bool) -> Ui {
+        let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.enable_steady_tick(Duration::from_millis(100));
+            b
+        });
+        Ui { json, bar }
+    }
+    fn done(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl Observer for Ui {
+    fn event(&self, e: &Event) {
+        if let Some(b) = &self.bar {
+            let msg = match e {
+                Event::VmLaunched { node, .. } => format!("VM {node} launched"),
+                Event::DelayNodeStarted { .. } => "delay node started".into(),
+                Event::Planned { .. } => "freeze planned".into(),
+                Event::Stopped { component, .. } => format!("{component} stopped"),
+                Event::Saving { component } => format!("saving {component}"),
+                Event::Saved { component, bytes, .. } => format!("{component} saved ({})", mib(*bytes)),
+                Event::Committed { checkpoint, .. } => format!("checkpoint {checkpoint} committed, resuming"),
+                Event::Resumed { component, .. } => format!("{component} resumed"),
+                Event::Aborted { reason, .. } => format!("aborted: {reason}"),
+                Event::Restoring { checkpoint } => format!("restoring {checkpoint}"),
+                Event::Restored { .. } => "restored".into(),
+                Event::Ready { node } => format!("{node} booted"),
+            };
+            b.set_message(msg);
+        }
+    }
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+fn ms(ns: u64) -> String {
+    format!("{:.2} ms", ns as f64 / 1e6)
+}
+
+fn state_dir(cli: &Cli) -> Result<PathBuf> {
+    if let Some(d) = &cli.state_dir {
+        return Ok(d.clone());
+    }
+    if let Some(d) = std::env::var_os("STASIS_STATE_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    dirs::data_dir().map(|d| d.join("stasis")).ok_or_else(|| anyhow!("no user data dir; pass --state-dir"))
+}
+
+/// The experiment a command is about: named, or the only one there is.
+fn experiment_name(cli: &Cli, state: &Path) -> Result<String> {
+    if let Some(e) = &cli.experiment {
+        return Ok(e.clone());
+    }
+    let mut names = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(state) {
+        for e in rd.flatten() {
+            if e.path().join("experiment.toml").exists() {
+                names.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    names.sort();
+    match names.len() {
+        1 => Ok(names.remove(0)),
+        0 => bail!("no experiment in {} (start one with `stasis up SPEC`)", state.display()),
+        _ => bail!("several experiments in {}: {}; choose one with -e", state.display(), names.join(", ")),
+    }
+}
+
+fn tools() -> Result<Tools> {
+    let exe = std::env::current_exe().context("locating the stasis binary")?;
+    let bin_dir = exe.parent().ok_or_else(|| anyhow!("binary has no directory"))?.to_path_buf();
+    let delay_node_bin = std::env::var_os("STASIS_DELAY_NODE").map(PathBuf::from).unwrap_or_else(|| bin_dir.join("delay-node"));
+    let image = std::env::var_os("STASIS_IMAGE_DIR").map(PathBuf::from).unwrap_or_else(|| bin_dir.join("..").join("guest"));
+    let choice = stasis_qemu::accel::detect();
+    if matches!(choice.accel, stasis_qemu::accel::Accel::Tcg) {
+        tracing::warn!(reason = %choice.reason, "KVM not usable: running guests under TCG (software emulation, slower)");
+    }
+    Ok(Tools { delay_node_bin, default_kernel: image.join("vmlinuz"), default_initrd: image.join("initrd.img"), accel: choice.accel })
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serialises"));
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let state = state_dir(&cli)?;
+    let ui = Ui::new(cli.json);
+    match &cli.cmd {
+        Cmd::Up { spec, no_wait } => {
+            let exp = Experiment::from_file(spec)?;
+            let layout = Layout::new(&state, &exp.name);
+            let tools = tools()?;
+            std::fs::create_dir_all(layout.root()).with_context(|| format!("creating {}", layout.root().display()))?;
+            let log = EventLog::open(&layout.events_file(), &ui);
+            let rt = host::up(&exp, &layout, &tools, &log).await?;
+            std::fs::write(layout.root().join("experiment.toml"), exp.to_toml()).context("recording the spec")?;
+            if !no_wait {
+                if let Err(e) = host::wait_ready(&rt, Duration::from_secs(180), &log).await {
+                    ui.done();
+                    bail!("{e}");
+                }
+            }
+            ui.done();
+            if cli.json {
+                print_json(&rt);
+            } else {
+                println!("experiment {} up: {} VMs ({}), state in {}", exp.name, rt.vms.len(), rt.accel, layout.root().display());
+                for v in &rt.vms {
+                    println!("  {:<10} pid {:<8} console {}", v.name, v.pid, v.serial_log.display());
+                }
+            }
+        }
+        Cmd::Status => {
+            let name = experiment_name(&cli, &state)?;
+            let layout = Layout::new(&state, &name);
+            match Runtime::load(&layout) {
+                Ok(rt) => {
+                    let alive = rt.alive();
+                    if cli.json {
+                        print_json(&serde_json::json!({"experiment": name, "running": true, "incarnation": rt.incarnation,
+                            "restored_from": rt.restored_from,
+                            "processes": alive.iter().map(|(n, p, a)| serde_json::json!({"name": n, "pid": p, "alive": a})).collect::<Vec<_>>()}));
+                    } else {
+                        println!("experiment {name}: incarnation {}{}", rt.incarnation, rt.restored_from.as_ref().map(|c| format!(", restored from {c}")).unwrap_or_default());
+                        for (n, p, a) in alive {
+                            println!("  {:<12} pid {:<8} {}", n, p, if a { "running" } else { "DEAD" });
+                        }
+                    }
+                }
+                Err(stasis_agent::host::AttachError::NotRunning(_)) => {
+                    if cli.json {
+                        print_json(&serde_json::json!({"experiment": name, "running": false}));
+                    } else {
+                        println!("experiment {name}: not running");
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Cmd::Checkpoint { name, margin_ms, hold_lead_ms } => {
+            let exp = experiment_name(&cli, &state)?;
+            let layout = Layout::new(&state, &exp);
+            let rt = Runtime::load(&layout)?;
+            let store = Store::open(&layout.checkpoints())?;
+            let cfg = FreezeConfig { margin_ns: margin_ms * 1_000_000, hold_lead_ns: hold_lead_ms * 1_000_000, ..FreezeConfig::default() };
+            let log = EventLog::open(&layout.events_file(), &ui);
+            let s = host::checkpoint(&rt, &store, name.as_deref(), &cfg, &log).await;
+            ui.done();
+            let s = s?;
+            if cli.json {
+                print_json(&s);
+            } else {
+                println!(
+                    "checkpoint {} {}: {} VMs, {} saved, stop skew {}, frozen {} (max error {}), save {}, {} frames in flight ({} held)",
+                    s.info.index, s.info.name.as_deref().map(|n| format!("{n:?}")).unwrap_or_else(|| s.info.id.clone()),
+                    s.vms, mib(s.bytes), ms(s.stop_skew_ns), ms(s.frozen_duration_ns), ms(s.max_frozen_error_ns), ms(s.save_ns),
+                    s.frames_in_flight, s.frames_held
+                );
+            }
+        }
+        Cmd::List => {
+            let exp = experiment_name(&cli, &state)?;
+            let store = Store::open(&Layout::new(&state, &exp).checkpoints())?;
+            let list = store.list()?;
+            if cli.json {
+                print_json(&list);
+            } else if list.is_empty() {
+                println!("no checkpoints of {exp}");
+            } else {
+                println!("{:>3}  {:<24} {:<16} {:>12}", "#", "id", "name", "size");
+                for c in &list {
+                    println!("{:>3}  {:<24} {:<16} {:>12}", c.index, c.id, c.name.as_deref().unwrap_or("-"), mib(c.bytes));
+                }
+            }
+        }
+        Cmd::Show { checkpoint } => {
+            let (_, ckpt) = open_checkpoint(&cli, &state, checkpoint)?;
+            let report = std::fs::read_to_string(ckpt.dir.join("report.json")).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+            if cli.json {
+                print_json(&serde_json::json!({"manifest": ckpt.manifest, "report": report}));
+            } else {
+                println!("{}", serde_json::to_string_pretty(&ckpt.manifest)?);
+                if let Some(r) = report {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                }
+            }
+        }
+        Cmd::Restore { checkpoint } => {
+            let (exp, ckpt) = open_checkpoint(&cli, &state, checkpoint)?;
+            let layout = Layout::new(&state, &exp);
+            let recorded = std::fs::read_to_string(layout.root().join("experiment.toml"))
+                .ok()
+                .and_then(|t| Experiment::from_toml_str(&t, None).ok())
+                .map(|e| e.digest());
+            let tools = tools()?;
+            let log = EventLog::open(&layout.events_file(), &ui);
+            let r = host::restore(&exp, recorded.as_deref(), &ckpt, &layout, &tools, 200_000_000, &log).await;
+            ui.done();
+            let (rt, s) = r?;
+            if cli.json {
+                print_json(&serde_json::json!({"summary": s, "runtime": rt}));
+            } else {
+                println!("restored {} ({} VMs) in {}, resume skew {}", s.checkpoint, s.vms, ms(s.restore_ns), ms(s.resume_skew_ns));
+            }
+        }
+        Cmd::Down => {
+            let exp = experiment_name(&cli, &state)?;
+            let n = host::down(&Layout::new(&state, &exp)).await?;
+            if cli.json {
+                print_json(&serde_json::json!({"experiment": exp, "stopped": n}));
+            } else {
+                println!("experiment {exp} down ({n} processes stopped)");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A checkpoint by name/id/index/latest in the current experiment, or by the
+/// path of a checkpoint directory.
+fn open_checkpoint(cli: &Cli, state: &Path, which: &str) -> Result<(String, stasis_store::Checkpoint)> {
+    let as_path = Path::new(which);
+    if which.contains('/') && as_path.is_dir() {
+        let parent = as_path.parent().ok_or_else(|| anyhow!("{which}: not a checkpoint directory"))?;
+        let id = as_path.file_name().ok_or_else(|| anyhow!("{which}: not a checkpoint directory"))?.to_string_lossy();
+        let store = Store::open(parent)?;
+        let ckpt = store.open_checkpoint(&id)?;
+        let exp = experiment_name(cli, state)?;
+        return Ok((exp, ckpt));
+    }
+    let exp = experiment_name(cli, state)?;
+    let store = Store::open(&Layout::new(state, &exp).checkpoints())?;
+    let ckpt = store.open_checkpoint(which)?;
+    Ok((exp, ckpt))
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STASIS_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stasis: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! vhost-user-net backend ports for the delay node (being written).

@@ -1,0 +1,150 @@
+//! Checkpoints that fail, and bad input: the experiment keeps running (or is
+//! cleanly reported), no partial checkpoint is listed, nothing is deleted,
+//! and earlier checkpoints still restore.
+
+use stasis_system_tests::{last_recv, Experiment};
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+const SPEC: &str = r#"
+name = "fail"
+[[node]]
+name = "a"
+run = ["sleep 2; stasis-traffic send --node a --to 10.0.1.2:5000 --rate 50 --size 100"]
+[[node]]
+name = "b"
+run = ["stasis-traffic recv --node b --port 5000"]
+[[link]]
+name = "l0"
+a = "a"
+b = "b"
+delay = "5ms"
+"#;
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn killing_a_vm_during_save_aborts_and_earlier_checkpoints_survive() {
+    let exp = Experiment::new("fail", SPEC);
+    exp.json(&["up", exp.spec.to_str().unwrap()]);
+    exp.wait_for("b", 1, Duration::from_secs(60), "traffic", |r| !last_recv(r).is_empty());
+    let good = exp.json(&["checkpoint", "--name", "good"]);
+    assert_eq!(good["vms"], 2);
+
+    // Start a checkpoint and kill VM b as soon as its state is being saved.
+    let pid_b = exp.pids().into_iter().find(|p| p.0 == "b").expect("b runs").1;
+    let events = exp.root().join("events.jsonl");
+    let seen = std::fs::read_to_string(&events).unwrap().lines().count();
+    let child = std::process::Command::new(stasis_system_tests::stasis_bin())
+        .arg("--state-dir")
+        .arg(exp.state())
+        .args(["checkpoint", "--name", "bad", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(&events).unwrap();
+        if text.lines().skip(seen).any(|l| l.contains("\"saving\"") && l.contains("\"component\":\"b\"")) {
+            // SAFETY: kill(2) of the QEMU this test's experiment started.
+            unsafe { libc::kill(pid_b as i32, libc::SIGKILL) };
+            break;
+        }
+        assert!(Instant::now() < deadline, "the checkpoint never started saving b");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let out = child.wait_with_output().unwrap();
+    eprintln!("bad checkpoint: {}", stderr(&out));
+    assert!(!out.status.success(), "a checkpoint whose VM died must fail");
+    assert!(stderr(&out).contains("aborted"), "{}", stderr(&out));
+
+    // Not listed, no leftovers, and the survivor runs on.
+    let list = exp.json(&["list"]);
+    let names: Vec<_> = list.as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap_or("").to_string()).collect();
+    assert_eq!(names, ["good"]);
+    let leftovers: Vec<_> = std::fs::read_dir(exp.root().join("checkpoints")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(leftovers.len(), 1, "only the good checkpoint is on disk: {leftovers:?}");
+    let procs = exp.pids();
+    assert!(procs.iter().any(|p| p.0 == "a" && p.2), "VM a keeps running: {procs:?}");
+    assert!(procs.iter().any(|p| p.0 == "delay-node" && p.2), "delay node keeps running: {procs:?}");
+
+    // A checkpoint of the damaged experiment fails up front and names b.
+    let o = exp.run(&["checkpoint", "--name", "after"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("\"b\""), "{}", stderr(&o));
+
+    // The earlier checkpoint restores, and traffic flows again.
+    let r = exp.json(&["restore", "good"]);
+    assert_eq!(r["summary"]["vms"], 2);
+    let before = last_recv(&exp.reports("b", 2)).first().and_then(|f| f["received"].as_u64()).unwrap_or(0);
+    exp.wait_for("b", 2, Duration::from_secs(60), "traffic after restore", |r| {
+        last_recv(r).first().and_then(|f| f["received"].as_u64()).unwrap_or(0) > before + 50
+    });
+    let f = last_recv(&exp.reports("b", 2)).remove(0);
+    assert_eq!(f["missing"].as_u64(), Some(0), "{f}");
+    assert_eq!(f["dups"].as_u64(), Some(0), "{f}");
+
+    // A checkpoint of another experiment is refused, naming both.
+    let other = exp.state().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("experiment.toml"), "name = \"other\"\n[[node]]\nname = \"x\"\n").unwrap();
+    let good_path = exp.root().join("checkpoints").join(good["info"]["id"].as_str().unwrap());
+    let o = exp.run(&["-e", "other", "restore", good_path.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("\"fail\"") && stderr(&o).contains("\"other\""), "{}", stderr(&o));
+    assert!(exp.pids().iter().all(|p| p.2), "refusing a foreign checkpoint touches nothing");
+
+    // Damaged checkpoints are refused before anything running is touched.
+    let second = exp.json(&["checkpoint", "--name", "second"]);
+    let dir = exp.root().join("checkpoints");
+    let good_dir = dir.join(good["info"]["id"].as_str().unwrap());
+    let second_dir = dir.join(second["info"]["id"].as_str().unwrap());
+    // Flip a byte in VM a's state of "good".
+    let f = good_dir.join("vm-a");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&f, &bytes).unwrap();
+    let o = exp.run(&["restore", "good"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("vm-a"), "the error names the damaged file: {}", stderr(&o));
+    // Truncate the delay-node state of "second".
+    let f = second_dir.join("delay-node");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len / 2).unwrap();
+    let o = exp.run(&["restore", "second"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("delay-node"), "{}", stderr(&o));
+    // Nothing was deleted, and the experiment still runs.
+    assert!(good_dir.join("vm-a").exists() && second_dir.join("delay-node").exists());
+    assert!(exp.pids().iter().all(|p| p.2), "the running experiment is untouched");
+    let _ = std::io::stderr().flush();
+}
+
+#[test]
+fn bad_specs_and_foreign_checkpoints_are_refused_clearly() {
+    // Malformed TOML: error names file, line and column.
+    let exp = Experiment::new("bad", "name = \"bad\"\n[[node]]\nname = \"a\"\nmemory = 256M\n");
+    let o = exp.run(&["up", exp.spec.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("bad.toml:4"), "{}", stderr(&o));
+
+    // Unknown node in a link.
+    std::fs::write(&exp.spec, "name = \"bad\"\n[[node]]\nname = \"a\"\n[[link]]\nname = \"l\"\na = \"a\"\nb = \"z\"\n").unwrap();
+    let o = exp.run(&["up", exp.spec.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("\"z\""), "{}", stderr(&o));
+
+    // Missing kernel: nothing starts.
+    std::fs::write(&exp.spec, "name = \"bad\"\n[[node]]\nname = \"a\"\nkernel = \"/nonexistent/vmlinuz\"\n").unwrap();
+    let o = exp.run(&["up", exp.spec.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("/nonexistent/vmlinuz"), "{}", stderr(&o));
+
+    // Nothing to restore in an empty state dir.
+    let o = exp.run(&["restore", "latest"]);
+    assert!(!o.status.success());
+}
