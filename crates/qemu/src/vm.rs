@@ -1,0 +1,829 @@
+//! One QEMU virtual machine: its command line, its daemonized process and the
+//! operations a checkpoint needs (stop/cont with measured instants, save of a
+//! stopped VM's device+RAM state, restore from such a file).
+//!
+//! QEMU daemonizes, so VMs outlive the process that launched them; a later
+//! process takes control with [`Vm::attach`]. Everything QEMU says on stderr,
+//! before and after daemonizing, goes to `<run_dir>/qemu.log`.
+//!
+//! Saving uses `migrate` to an `fd:` the client opened and passed over QMP,
+//! not `exec:cat > file`: with `exec:` QEMU reports the migration completed
+//! while `cat` may still be draining the pipe, so "completed" would not mean
+//! "the file is whole" (see docs/qemu.md). Restoring uses `-S -incoming
+//! exec:cat <file>`, where no such race exists.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::accel::Accel;
+use crate::qmp::{Qmp, QmpError};
+pub use crate::qmp::Stamp;
+
+/// Environment variable naming the QEMU binary (default `qemu-system-x86_64`).
+pub const ENV_QEMU: &str = "STASIS_QEMU";
+/// File names inside a VM's run directory.
+pub const QMP_SOCKET: &str = "qmp.sock";
+pub const PID_FILE: &str = "qemu.pid";
+pub const LOG_FILE: &str = "qemu.log";
+
+/// How long QEMU may take to initialise and daemonize.
+pub const LAUNCH_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a NIC may take to connect to its stream socket after launch.
+pub const NIC_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a save may take. 256 MiB guests take under a second here.
+pub const SAVE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long `quit` waits for the process to go before SIGKILL.
+pub const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Migration bandwidth cap during a save: effectively none (QEMU's default,
+/// 32 MiB/s, would make a 256 MiB save take seconds).
+pub const SAVE_MAX_BANDWIDTH: u64 = 1 << 40;
+/// Longest unix socket path (sun_path is 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// The QEMU binary to run.
+pub fn qemu_binary() -> String {
+    std::env::var(ENV_QEMU).unwrap_or_else(|_| "qemu-system-x86_64".to_owned())
+}
+
+/// A NIC attached to a `-netdev stream` unix socket that someone else (the
+/// delay node) listens on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicSpec {
+    /// Netdev id, unique within the VM (e.g. `n0`).
+    pub id: String,
+    /// `52:54:00:xx:xx:xx`.
+    pub mac: String,
+    /// The listening socket QEMU connects to.
+    pub socket: PathBuf,
+}
+
+/// Everything needed to start (or restore) one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub name: String,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub append: String,
+    pub nics: Vec<NicSpec>,
+    pub accel: Accel,
+    /// Holds the QMP socket, the pidfile and QEMU's log.
+    pub run_dir: PathBuf,
+}
+
+impl VmSpec {
+    pub fn qmp_path(&self) -> PathBuf {
+        self.run_dir.join(QMP_SOCKET)
+    }
+    pub fn pid_path(&self) -> PathBuf {
+        self.run_dir.join(PID_FILE)
+    }
+    pub fn log_path(&self) -> PathBuf {
+        self.run_dir.join(LOG_FILE)
+    }
+}
+
+/// Quote `s` for `/bin/sh` (QEMU runs `exec:` URIs with `sh -c`).
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The full QEMU argument list (without the binary). The device set, MACs and
+/// their order do not depend on `incoming`, which only appends
+/// `-S -incoming exec:cat -- <file>`, so a state saved by one launch restores
+/// into another.
+///
+/// Paths are passed as they are: [`Vm::launch`] refuses paths QEMU's option
+/// parser would misread (commas, non-UTF-8).
+pub fn qemu_args(spec: &VmSpec, serial_log: &Path, incoming: Option<&Path>) -> Vec<String> {
+    let p = |path: &Path| path.to_string_lossy().into_owned();
+    let mut a: Vec<String> = Vec::with_capacity(48);
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    push(&["-name", &format!("guest={}", spec.name)]);
+    push(&["-machine", "pc"]);
+    match spec.accel {
+        Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
+        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host,-arch-capabilities"]),
+    }
+    push(&["-m", &format!("{}M", spec.memory_mib), "-smp", &spec.vcpus.to_string()]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    push(&["-kernel", &p(&spec.kernel), "-initrd", &p(&spec.initrd), "-append", &spec.append]);
+    // append=on: a restored VM continues the same console log instead of truncating it.
+    push(&["-chardev", &format!("file,id=serial0,path={},append=on", p(serial_log))]);
+    push(&["-serial", "chardev:serial0"]);
+    for nic in &spec.nics {
+        push(&[
+            "-netdev",
+            &format!("stream,id={},server=off,addr.type=unix,addr.path={}", nic.id, p(&nic.socket)),
+        ]);
+        push(&["-device", &format!("virtio-net-pci,netdev={},mac={}", nic.id, nic.mac)]);
+    }
+    push(&["-qmp", &format!("unix:{},server=on,wait=off", p(&spec.qmp_path()))]);
+    push(&["-pidfile", &p(&spec.pid_path())]);
+    // With -D, QEMU keeps stderr on this file after daemonizing instead of /dev/null.
+    push(&["-D", &p(&spec.log_path())]);
+    push(&["-daemonize"]);
+    if let Some(state) = incoming {
+        push(&["-S", "-incoming", &format!("exec:cat -- {}", shell_quote(&p(state)))]);
+    }
+    a
+}
+
+/// QEMU's run state (`query-status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunState {
+    Running,
+    Paused,
+    /// Waiting for or loading an incoming migration.
+    InMigrate,
+    /// A migration (save) completed; `cont` resumes it.
+    PostMigrate,
+    FinishMigrate,
+    Prelaunch,
+    Shutdown,
+    GuestPanicked,
+    InternalError,
+    IoError,
+    Other(String),
+}
+
+impl RunState {
+    pub fn from_qmp(s: &str) -> RunState {
+        match s {
+            "running" => RunState::Running,
+            "paused" => RunState::Paused,
+            "inmigrate" => RunState::InMigrate,
+            "postmigrate" => RunState::PostMigrate,
+            "finish-migrate" => RunState::FinishMigrate,
+            "prelaunch" => RunState::Prelaunch,
+            "shutdown" => RunState::Shutdown,
+            "guest-panicked" => RunState::GuestPanicked,
+            "internal-error" => RunState::InternalError,
+            "io-error" => RunState::IoError,
+            other => RunState::Other(other.to_owned()),
+        }
+    }
+    /// States a save may start from: vCPUs stopped, no migration under way.
+    pub fn is_saveable(&self) -> bool {
+        matches!(self, RunState::Paused | RunState::PostMigrate)
+    }
+}
+
+/// What a save wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaveReport {
+    pub path: PathBuf,
+    pub bytes: u64,
+    /// From the `migrate` command to QEMU reporting completion.
+    pub migrate: Duration,
+    /// fsync of the file and its directory.
+    pub sync: Duration,
+    /// Whole operation.
+    pub total: Duration,
+}
+
+/// Errors of [`Vm::launch`].
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("path not usable on a QEMU command line: {0}")]
+    BadPath(String),
+    #[error("NIC {id}: stream socket {} {reason}; start the delay node first", path.display())]
+    NicSocket { id: String, path: PathBuf, reason: String },
+    #[error("cannot prepare run directory {}", path.display())]
+    RunDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start {binary}")]
+    Spawn {
+        binary: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("QEMU failed to start ({status}): {log}")]
+    Exited { status: String, log: String },
+    #[error("QEMU did not daemonize within {timeout:?}: {log}")]
+    Timeout { timeout: Duration, log: String },
+    #[error("bad pidfile {}: {reason}", path.display())]
+    Pidfile { path: PathBuf, reason: String },
+    #[error("QEMU started but QMP is not usable; log: {log}")]
+    Qmp {
+        log: String,
+        #[source]
+        source: QmpError,
+    },
+    #[error("QEMU (pid {pid}) exited right after starting: {log}")]
+    DiedAfterStart { pid: u32, log: String },
+    #[error("NIC {id} did not connect to {} ({state}); QEMU stopped", path.display())]
+    NicNotConnected { id: String, path: PathBuf, state: String },
+}
+
+/// Errors of operations on a running [`Vm`].
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    #[error("VM must be stopped to save, but it is {0:?}")]
+    NotStopped(RunState),
+    #[error("incoming migration not finished yet; call wait_incoming first")]
+    IncomingPending,
+    #[error("migration failed: {0}")]
+    Migration(String),
+    #[error("timed out after {timeout:?} waiting for {what}")]
+    Timeout { what: String, timeout: Duration },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("QEMU (pid {pid}) is gone; log: {log}")]
+    Dead { pid: u32, log: String },
+}
+
+/// A running (daemonized) QEMU and a QMP session to it.
+#[derive(Debug)]
+pub struct Vm {
+    pub name: String,
+    pub pid: u32,
+    pub qmp_path: PathBuf,
+    /// QEMU's log (stderr before and after daemonizing).
+    pub log_path: PathBuf,
+    qmp: Qmp,
+    /// Launched with `incoming` and [`Vm::wait_incoming`] has not yet seen it finish.
+    incoming_pending: bool,
+}
+
+fn validate_path(what: &str, path: &Path) -> Result<(), LaunchError> {
+    let Some(s) = path.to_str() else {
+        return Err(LaunchError::BadPath(format!("{what} {} is not UTF-8", path.display())));
+    };
+    if s.contains(',') {
+        return Err(LaunchError::BadPath(format!("{what} {s} contains a comma")));
+    }
+    Ok(())
+}
+
+fn validate_socket_path(what: &str, path: &Path) -> Result<(), LaunchError> {
+    validate_path(what, path)?;
+    if path.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(LaunchError::BadPath(format!(
+            "{what} {} is longer than {MAX_SOCKET_PATH} bytes (unix socket limit)",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The last 4 KiB of QEMU's log (which QEMU truncates at each launch).
+fn log_tail(path: &Path) -> String {
+    const TAIL: u64 = 4096;
+    let read = || -> io::Result<String> {
+        let mut f = File::open(path)?;
+        let len = f.metadata()?.len();
+        let start = len.saturating_sub(TAIL);
+        f.seek(SeekFrom::Start(start))?;
+        let mut s = String::new();
+        f.take(TAIL).read_to_string(&mut s)?;
+        Ok(s.trim().to_owned())
+    };
+    match read() {
+        Ok(s) if s.is_empty() => "(QEMU log empty)".to_owned(),
+        Ok(s) => s,
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
+fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Whether `pid` is a live (non-zombie) process whose command line mentions `needle`.
+fn process_matches(pid: u32, needle: &str) -> bool {
+    if pid == 0 || pid > i32::MAX as u32 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists and may be signalled.
+    if unsafe { libc::kill(pid as libc::pid_t, 0) } != 0 {
+        return false;
+    }
+    // A zombie's cmdline is empty, so it does not match.
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(raw) => {
+            let cmdline = String::from_utf8_lossy(&raw);
+            cmdline.contains("qemu") && cmdline.contains(needle)
+        }
+        Err(_) => false,
+    }
+}
+
+impl Vm {
+    /// Start QEMU daemonized and connect to its QMP socket. Returns once QEMU
+    /// has initialised, written its pidfile, answers QMP and every NIC is
+    /// connected to its stream socket. QEMU's own error text is in the error.
+    pub async fn launch(spec: &VmSpec, serial_log: &Path, incoming: Option<&Path>) -> Result<Vm, LaunchError> {
+        let qmp_path = spec.qmp_path();
+        validate_socket_path("QMP socket", &qmp_path)?;
+        for (what, path) in [("kernel", &spec.kernel), ("initrd", &spec.initrd)] {
+            validate_path(what, path)?;
+        }
+        validate_path("serial log", serial_log)?;
+        validate_path("run directory", &spec.run_dir)?;
+        if let Some(state) = incoming {
+            validate_path("state file", state)?;
+        }
+        for nic in &spec.nics {
+            validate_socket_path(&format!("NIC {} socket", nic.id), &nic.socket)?;
+            // QEMU 7.2 connects once at start-up and never retries, so a
+            // missing listener would leave the NIC dead without any error.
+            let reason = match std::fs::metadata(&nic.socket) {
+                Ok(m) if m.file_type().is_socket() => None,
+                Ok(_) => Some("is not a socket".to_owned()),
+                Err(e) => Some(format!("is not there ({e})")),
+            };
+            if let Some(reason) = reason {
+                return Err(LaunchError::NicSocket { id: nic.id.clone(), path: nic.socket.clone(), reason });
+            }
+        }
+
+        let run_dir_err = |source| LaunchError::RunDir { path: spec.run_dir.clone(), source };
+        std::fs::create_dir_all(&spec.run_dir).map_err(run_dir_err)?;
+        remove_if_exists(&qmp_path).map_err(run_dir_err)?;
+        remove_if_exists(&spec.pid_path()).map_err(run_dir_err)?;
+        // QEMU truncates its -D file when it opens it: keep the previous
+        // launch's log (e.g. of the VM a restore replaces) one generation back.
+        let log_path = spec.log_path();
+        if log_path.exists() {
+            std::fs::rename(&log_path, log_path.with_extension("log.1")).map_err(run_dir_err)?;
+        }
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(run_dir_err)?;
+
+        let binary = qemu_binary();
+        let args = qemu_args(spec, serial_log, incoming);
+        tracing::info!(vm = %spec.name, %binary, ?args, "launching QEMU");
+        let stderr = log.try_clone().map_err(run_dir_err)?;
+        let mut parent = tokio::process::Command::new(&binary)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(stderr)
+            .spawn()
+            .map_err(|source| LaunchError::Spawn { binary: binary.clone(), source })?;
+        // The first QEMU process exits once the daemon has initialised (0) or failed (non-zero).
+        let status = match tokio::time::timeout(LAUNCH_TIMEOUT, parent.wait()).await {
+            Ok(Ok(status)) => status,
+            Ok(Err(source)) => return Err(LaunchError::Spawn { binary, source }),
+            Err(_) => {
+                let _ = parent.start_kill();
+                if let Ok(pid) = read_pidfile(&spec.pid_path()) {
+                    kill_pid(pid);
+                }
+                return Err(LaunchError::Timeout { timeout: LAUNCH_TIMEOUT, log: log_tail(&log_path) });
+            }
+        };
+        if !status.success() {
+            return Err(LaunchError::Exited { status: status.to_string(), log: log_tail(&log_path) });
+        }
+        let pid = read_pidfile(&spec.pid_path())?;
+        let qmp = match Qmp::connect(&qmp_path).await {
+            Ok(q) => q,
+            Err(source) => {
+                let needle = qmp_path.to_string_lossy();
+                // Give a dying QEMU a moment, so the error says "exited" rather than "reset".
+                for _ in 0..50 {
+                    if !process_matches(pid, &needle) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                if !process_matches(pid, &needle) {
+                    return Err(LaunchError::DiedAfterStart { pid, log: log_tail(&log_path) });
+                }
+                kill_pid(pid);
+                return Err(LaunchError::Qmp { log: log_tail(&log_path), source });
+            }
+        };
+        let mut vm = Vm {
+            name: spec.name.clone(),
+            pid,
+            qmp_path,
+            log_path,
+            qmp,
+            incoming_pending: incoming.is_some(),
+        };
+        if let Err(e) = vm.check_nics(spec).await {
+            vm.kill();
+            return Err(e);
+        }
+        tracing::info!(vm = %vm.name, pid, "QEMU running");
+        Ok(vm)
+    }
+
+    /// Wait until every NIC left the "connecting" state; fail on a connection error.
+    async fn check_nics(&mut self, spec: &VmSpec) -> Result<(), LaunchError> {
+        if spec.nics.is_empty() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + NIC_CONNECT_TIMEOUT;
+        loop {
+            let info = match self.nic_states().await {
+                Ok(i) => i,
+                Err(e) => return Err(LaunchError::Qmp { log: log_tail(&self.log_path), source: e }),
+            };
+            let mut pending = None;
+            for nic in &spec.nics {
+                let state = info
+                    .iter()
+                    .find(|(id, _)| id == &nic.id)
+                    .map(|(_, s)| s.clone())
+                    .unwrap_or_else(|| "absent".to_owned());
+                let expect = format!("unix:{}", nic.socket.display());
+                if state.contains(&expect) {
+                    continue;
+                }
+                if state.contains("error") || state == "absent" || Instant::now() > deadline {
+                    return Err(LaunchError::NicNotConnected { id: nic.id.clone(), path: nic.socket.clone(), state });
+                }
+                pending = Some(nic.id.clone());
+            }
+            if pending.is_none() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Each netdev's id and QEMU's description of it (`info network`), e.g.
+    /// `("n0", "type=stream,unix:/run/x.sock")` or `("n0", "type=stream,connection error")`.
+    pub async fn nic_states(&mut self) -> Result<Vec<(String, String)>, QmpError> {
+        let out = self
+            .qmp
+            .execute("human-monitor-command", Some(json!({"command-line": "info network"})))
+            .await?;
+        let text = out.as_str().unwrap_or("");
+        Ok(text
+            .lines()
+            .filter_map(|l| {
+                let l = l.trim().trim_start_matches('\\').trim();
+                let (id, rest) = l.split_once(": ")?;
+                let rest = rest.split_once(',').map_or(rest, |(_, r)| r);
+                rest.starts_with("type=").then(|| (id.to_owned(), rest.to_owned()))
+            })
+            .collect())
+    }
+
+    /// Take control of a VM another process launched. Only one QMP client at
+    /// a time: the launching process must have dropped its [`Vm`].
+    pub async fn attach(name: &str, qmp_path: &Path, pid: u32) -> Result<Vm, QmpError> {
+        let qmp = Qmp::connect(qmp_path).await?;
+        let log_path = qmp_path.parent().unwrap_or(Path::new(".")).join(LOG_FILE);
+        Ok(Vm {
+            name: name.to_owned(),
+            pid,
+            qmp_path: qmp_path.to_owned(),
+            log_path,
+            qmp,
+            incoming_pending: false,
+        })
+    }
+
+    /// The QMP session, for commands this type does not wrap.
+    pub fn qmp(&mut self) -> &mut Qmp {
+        &mut self.qmp
+    }
+
+    /// Stop the vCPUs. QEMU has stopped them when it replies, so the stop
+    /// instant lies within the returned stamp.
+    pub async fn stop(&mut self) -> Result<Stamp, VmError> {
+        let (_, stamp) = self.qmp.execute_timed("stop", None).await?;
+        tracing::debug!(vm = %self.name, rtt_us = stamp.round_trip_ns() / 1000, "stopped");
+        Ok(stamp)
+    }
+
+    /// Resume the vCPUs (from paused, after a save, or after a restore).
+    pub async fn cont(&mut self) -> Result<Stamp, VmError> {
+        // In "inmigrate" QEMU accepts cont but only starts after loading, so
+        // the stamp would lie.
+        if self.incoming_pending {
+            return Err(VmError::IncomingPending);
+        }
+        let (_, stamp) = self.qmp.execute_timed("cont", None).await?;
+        tracing::debug!(vm = %self.name, rtt_us = stamp.round_trip_ns() / 1000, "continued");
+        Ok(stamp)
+    }
+
+    /// `query-status`.
+    pub async fn status(&mut self) -> Result<RunState, VmError> {
+        let v = self.qmp.execute("query-status", None).await?;
+        let s = v
+            .get("status")
+            .and_then(Value::as_str)
+            .ok_or_else(|| QmpError::Protocol(format!("query-status without status: {v}")))?;
+        Ok(RunState::from_qmp(s))
+    }
+
+    /// Save the device and RAM state of a stopped VM to `path`, durably:
+    /// written to `<path>.partial`, fsynced, renamed, directory fsynced. A
+    /// running VM is refused with [`VmError::NotStopped`]. The VM is left
+    /// stopped either way (`postmigrate` after success); the caller resumes it.
+    pub async fn save(&mut self, path: &Path) -> Result<SaveReport, VmError> {
+        let t0 = Instant::now();
+        let state = self.status().await?;
+        if !state.is_saveable() {
+            return Err(VmError::NotStopped(state));
+        }
+        let partial = partial_path(path);
+        let result = self.save_into(path, &partial, t0).await;
+        if result.is_err() {
+            let _ = std::fs::remove_file(&partial);
+        }
+        result
+    }
+
+    async fn save_into(&mut self, path: &Path, partial: &Path, t0: Instant) -> Result<SaveReport, VmError> {
+        let io_err = |what: String| move |source| VmError::Io { what, source };
+        self.qmp
+            .execute("migrate-set-parameters", Some(json!({"max-bandwidth": SAVE_MAX_BANDWIDTH})))
+            .await?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(partial)
+            .map_err(io_err(format!("cannot create {}", partial.display())))?;
+        const FDNAME: &str = "stasis-save";
+        self.qmp
+            .execute_with_fd("getfd", Some(json!({"fdname": FDNAME})), file.as_raw_fd())
+            .await?;
+        let t_migrate = Instant::now();
+        if let Err(e) = self.qmp.execute("migrate", Some(json!({"uri": format!("fd:{FDNAME}")}))).await {
+            let _ = self.qmp.execute("closefd", Some(json!({"fdname": FDNAME}))).await;
+            return Err(e.into());
+        }
+        self.wait_migration(SAVE_TIMEOUT).await?;
+        let migrate = t_migrate.elapsed();
+
+        let t_sync = Instant::now();
+        file.sync_all().map_err(io_err(format!("fsync {}", partial.display())))?;
+        let bytes = file.metadata().map_err(io_err(format!("stat {}", partial.display())))?.len();
+        drop(file);
+        std::fs::rename(partial, path).map_err(io_err(format!("rename to {}", path.display())))?;
+        sync_parent_dir(path).map_err(io_err(format!("fsync directory of {}", path.display())))?;
+        let report = SaveReport { path: path.to_owned(), bytes, migrate, sync: t_sync.elapsed(), total: t0.elapsed() };
+        tracing::info!(vm = %self.name, bytes, ms = report.total.as_millis() as u64, "state saved");
+        Ok(report)
+    }
+
+    /// Poll `query-migrate` until the outgoing migration ends.
+    async fn wait_migration(&mut self, timeout: Duration) -> Result<(), VmError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let info = self.qmp.execute("query-migrate", None).await?;
+            match info.get("status").and_then(Value::as_str).unwrap_or("none") {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => {
+                    let desc = info.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
+                    return Err(VmError::Migration(desc.to_owned()));
+                }
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                let _ = self.qmp.execute("migrate_cancel", None).await;
+                return Err(VmError::Timeout { what: "the save to complete".into(), timeout });
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// After a launch with `incoming`, wait until the state is loaded and the
+    /// VM is paused, ready for [`cont`](Self::cont).
+    pub async fn wait_incoming(&mut self, timeout: Duration) -> Result<(), VmError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if !self.is_alive() {
+                return Err(self.dead());
+            }
+            let state = match self.status().await {
+                Ok(s) => s,
+                // QEMU exits when loading fails; the socket closes under us.
+                Err(VmError::Qmp(QmpError::Closed | QmpError::Io(_))) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    return Err(self.dead());
+                }
+                Err(e) => return Err(e),
+            };
+            match state {
+                RunState::InMigrate => {}
+                RunState::Paused | RunState::Running => {
+                    self.incoming_pending = false;
+                    return Ok(());
+                }
+                other => return Err(VmError::Migration(format!("incoming migration ended in state {other:?}"))),
+            }
+            if Instant::now() > deadline {
+                return Err(VmError::Timeout { what: "the incoming migration".into(), timeout });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn dead(&self) -> VmError {
+        VmError::Dead { pid: self.pid, log: log_tail(&self.log_path) }
+    }
+
+    /// The process exists, is not a zombie, and is the QEMU serving our QMP socket.
+    pub fn is_alive(&self) -> bool {
+        process_matches(self.pid, &self.qmp_path.to_string_lossy())
+    }
+
+    /// Ask QEMU to quit; SIGKILL it if still there after [`QUIT_TIMEOUT`].
+    pub async fn quit(&mut self) -> Result<(), VmError> {
+        match self.qmp.execute("quit", None).await {
+            Ok(_) | Err(QmpError::Closed) => {}
+            Err(QmpError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => {}
+            Err(e) => {
+                self.kill();
+                return Err(e.into());
+            }
+        }
+        let deadline = Instant::now() + QUIT_TIMEOUT;
+        while self.is_alive() {
+            if Instant::now() > deadline {
+                tracing::warn!(vm = %self.name, pid = self.pid, "QEMU ignored quit; killing");
+                self.kill();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    /// SIGKILL, if the process is still our QEMU.
+    pub fn kill(&self) {
+        if self.is_alive() {
+            kill_pid(self.pid);
+        }
+    }
+}
+
+fn kill_pid(pid: u32) {
+    if pid == 0 || pid > i32::MAX as u32 {
+        return;
+    }
+    // SAFETY: kill(2) with a positive pid signals one process; no memory involved.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+    }
+}
+
+fn read_pidfile(path: &Path) -> Result<u32, LaunchError> {
+    let bad = |reason: String| LaunchError::Pidfile { path: path.to_owned(), reason };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    text.trim().parse::<u32>().map_err(|e| bad(format!("{e}: {:?}", text.trim())))
+}
+
+fn partial_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".partial");
+    PathBuf::from(s)
+}
+
+fn sync_parent_dir(path: &Path) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(accel: Accel) -> VmSpec {
+        VmSpec {
+            name: "node1".into(),
+            memory_mib: 256,
+            vcpus: 2,
+            kernel: "/img/vmlinuz".into(),
+            initrd: "/img/initrd.img".into(),
+            append: "console=ttyS0 quiet".into(),
+            nics: vec![
+                NicSpec { id: "n0".into(), mac: "52:54:00:00:00:01".into(), socket: "/run/dn/a.sock".into() },
+                NicSpec { id: "n1".into(), mac: "52:54:00:00:00:02".into(), socket: "/run/dn/b.sock".into() },
+            ],
+            accel,
+            run_dir: "/run/vm1".into(),
+        }
+    }
+
+    fn value_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].as_str()).collect()
+    }
+
+    #[test]
+    fn tcg_and_kvm_cpu_flags() {
+        let tcg = qemu_args(&spec(Accel::Tcg), Path::new("/l"), None);
+        assert_eq!(value_after(&tcg, "-accel"), ["tcg"]);
+        assert_eq!(value_after(&tcg, "-cpu"), ["max"]);
+        let kvm = qemu_args(&spec(Accel::Kvm), Path::new("/l"), None);
+        assert_eq!(value_after(&kvm, "-accel"), ["kvm"]);
+        assert_eq!(value_after(&kvm, "-cpu"), ["host,-arch-capabilities"]);
+    }
+
+    #[test]
+    fn nics_in_order_with_macs() {
+        let a = qemu_args(&spec(Accel::Tcg), Path::new("/l"), None);
+        assert_eq!(
+            value_after(&a, "-netdev"),
+            [
+                "stream,id=n0,server=off,addr.type=unix,addr.path=/run/dn/a.sock",
+                "stream,id=n1,server=off,addr.type=unix,addr.path=/run/dn/b.sock"
+            ]
+        );
+        assert_eq!(
+            value_after(&a, "-device"),
+            ["virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01", "virtio-net-pci,netdev=n1,mac=52:54:00:00:00:02"]
+        );
+    }
+
+    #[test]
+    fn fixed_parts_present() {
+        let a = qemu_args(&spec(Accel::Tcg), Path::new("/logs/serial.log"), None);
+        for flag in ["-nodefaults", "-no-user-config", "-daemonize"] {
+            assert!(a.iter().any(|x| x == flag), "{flag} missing");
+        }
+        assert_eq!(value_after(&a, "-display"), ["none"]);
+        assert_eq!(value_after(&a, "-m"), ["256M"]);
+        assert_eq!(value_after(&a, "-smp"), ["2"]);
+        assert_eq!(value_after(&a, "-kernel"), ["/img/vmlinuz"]);
+        assert_eq!(value_after(&a, "-initrd"), ["/img/initrd.img"]);
+        assert_eq!(value_after(&a, "-append"), ["console=ttyS0 quiet"]);
+        assert_eq!(value_after(&a, "-qmp"), ["unix:/run/vm1/qmp.sock,server=on,wait=off"]);
+        assert_eq!(value_after(&a, "-pidfile"), ["/run/vm1/qemu.pid"]);
+        assert_eq!(value_after(&a, "-D"), ["/run/vm1/qemu.log"]);
+        assert_eq!(value_after(&a, "-chardev"), ["file,id=serial0,path=/logs/serial.log,append=on"]);
+        assert_eq!(value_after(&a, "-serial"), ["chardev:serial0"]);
+        assert!(!a.iter().any(|x| x == "-S" || x == "-incoming"));
+    }
+
+    #[test]
+    fn incoming_only_appends() {
+        let s = spec(Accel::Tcg);
+        let plain = qemu_args(&s, Path::new("/l"), None);
+        let restore = qemu_args(&s, Path::new("/l"), Some(Path::new("/ck/it's here.vmstate")));
+        assert_eq!(&restore[..plain.len()], &plain[..]);
+        assert_eq!(
+            &restore[plain.len()..],
+            ["-S", "-incoming", r"exec:cat -- '/ck/it'\''s here.vmstate'"]
+        );
+    }
+
+    #[test]
+    fn shell_quote_survives_sh() {
+        let nasty = "a b'c\"d$(echo no)`x`;\\e";
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf %s {}", shell_quote(nasty)))
+            .output()
+            .expect("sh runs");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), nasty);
+    }
+
+    #[test]
+    fn run_states_parse() {
+        assert_eq!(RunState::from_qmp("postmigrate"), RunState::PostMigrate);
+        assert_eq!(RunState::from_qmp("colo"), RunState::Other("colo".into()));
+        assert!(RunState::Paused.is_saveable() && RunState::PostMigrate.is_saveable());
+        assert!(!RunState::Running.is_saveable() && !RunState::InMigrate.is_saveable());
+    }
+
+    #[test]
+    fn bad_paths_refused() {
+        assert!(validate_path("x", Path::new("/a,b")).is_err());
+        assert!(validate_socket_path("x", &PathBuf::from(format!("/{}", "s".repeat(120)))).is_err());
+        assert!(validate_socket_path("x", Path::new("/run/ok.sock")).is_ok());
+    }
+
+    #[test]
+    fn partial_path_appends() {
+        assert_eq!(partial_path(Path::new("/a/b.vmstate")), PathBuf::from("/a/b.vmstate.partial"));
+    }
+}

@@ -1,0 +1,194 @@
+//! Real QEMU: launch, stop/cont, save, restore, failures, daemonization.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{nic_listener, spec, tempdir, KillOnDrop};
+use stasis_qemu::vm::{LaunchError, RunState, Vm, VmError};
+
+#[tokio::test]
+async fn save_kill_restore_cont() {
+    let dir = tempdir();
+    let (_l0, nic) = nic_listener(dir.path(), "n0", "52:54:00:12:34:01");
+    let s = spec("ck", &dir.path().join("run"), vec![nic]);
+    let serial = dir.path().join("serial.log");
+    let mut vm = Vm::launch(&s, &serial, None).await.expect("launch");
+    let guard = KillOnDrop::new(&vm);
+    assert!(vm.is_alive());
+    assert_eq!(vm.status().await.unwrap(), RunState::Running);
+    let states = vm.nic_states().await.unwrap();
+    let n0 = states.iter().find(|(id, _)| id == "n0").expect("netdev n0 listed");
+    assert!(n0.1.contains("n0.sock"), "{states:?}");
+
+    // Refused while running, and nothing left behind.
+    let state_file = dir.path().join("vm.state");
+    match vm.save(&state_file).await {
+        Err(VmError::NotStopped(RunState::Running)) => {}
+        other => panic!("save of a running VM: {other:?}"),
+    }
+    assert!(!state_file.exists());
+    assert_eq!(vm.status().await.unwrap(), RunState::Running);
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stop = vm.stop().await.unwrap();
+    assert!(stop.replied >= stop.sent);
+    assert_eq!(vm.status().await.unwrap(), RunState::Paused);
+    let report = vm.save(&state_file).await.expect("save");
+    assert_eq!(report.bytes, std::fs::metadata(&state_file).unwrap().len());
+    assert!(report.bytes > 1 << 20, "a 256 MiB guest's state is more than 1 MiB: {report:?}");
+    assert!(!dir.path().join("vm.state.partial").exists());
+    assert_eq!(vm.status().await.unwrap(), RunState::PostMigrate);
+
+    // A checkpoint resumes the source: cont works from postmigrate.
+    vm.cont().await.unwrap();
+    assert_eq!(vm.status().await.unwrap(), RunState::Running);
+    vm.stop().await.unwrap();
+    // And a second save after the first one works too.
+    let second = vm.save(&dir.path().join("vm2.state")).await.expect("second save");
+    assert!(second.bytes > 1 << 20);
+
+    vm.kill();
+    for _ in 0..200 {
+        if !vm.is_alive() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!vm.is_alive(), "SIGKILLed QEMU still alive");
+    drop(guard);
+
+    // Restore into a new process with the identical device set.
+    let mut restored = Vm::launch(&s, &serial, Some(&state_file)).await.expect("launch incoming");
+    let _guard = KillOnDrop::new(&restored);
+    assert_ne!(restored.pid, vm.pid);
+    match restored.cont().await {
+        Err(VmError::IncomingPending) => {}
+        other => panic!("cont before wait_incoming: {other:?}"),
+    }
+    restored.wait_incoming(Duration::from_secs(60)).await.expect("incoming");
+    assert_eq!(restored.status().await.unwrap(), RunState::Paused);
+    restored.cont().await.unwrap();
+    assert_eq!(restored.status().await.unwrap(), RunState::Running);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(restored.is_alive());
+    assert_eq!(restored.status().await.unwrap(), RunState::Running);
+    restored.quit().await.unwrap();
+    assert!(!restored.is_alive());
+}
+
+#[tokio::test]
+async fn restore_from_garbage_fails_with_qemu_message() {
+    let dir = tempdir();
+    let s = spec("bad", &dir.path().join("run"), vec![]);
+    let garbage = dir.path().join("garbage.state");
+    std::fs::write(&garbage, b"this is not a migration stream").unwrap();
+    // QEMU may fail while launch still connects, or later while loading.
+    let err = match Vm::launch(&s, &dir.path().join("serial.log"), Some(&garbage)).await {
+        Ok(mut vm) => {
+            let _guard = KillOnDrop::new(&vm);
+            match vm.wait_incoming(Duration::from_secs(30)).await {
+                Err(e @ VmError::Dead { .. }) => e.to_string(),
+                other => panic!("restore from garbage: {other:?}"),
+            }
+        }
+        Err(e @ LaunchError::DiedAfterStart { .. }) => e.to_string(),
+        Err(other) => panic!("launch from garbage: {other:?}"),
+    };
+    assert!(err.contains("load of migration failed"), "{err}");
+}
+
+#[tokio::test]
+async fn missing_kernel_reports_qemu_error() {
+    let dir = tempdir();
+    let mut s = spec("nokernel", &dir.path().join("run"), vec![]);
+    s.kernel = dir.path().join("no-such-vmlinuz");
+    match Vm::launch(&s, &dir.path().join("serial.log"), None).await {
+        Err(LaunchError::Exited { log, .. }) => {
+            assert!(log.contains("could not open kernel file") && log.contains("no-such-vmlinuz"), "{log}")
+        }
+        other => panic!("launch without kernel: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn missing_nic_socket_refused_before_spawn() {
+    let dir = tempdir();
+    let nic = stasis_qemu::NicSpec {
+        id: "n0".into(),
+        mac: "52:54:00:00:00:09".into(),
+        socket: dir.path().join("absent.sock"),
+    };
+    let s = spec("nonic", &dir.path().join("run"), vec![nic]);
+    match Vm::launch(&s, &dir.path().join("serial.log"), None).await {
+        Err(e @ LaunchError::NicSocket { .. }) => assert!(e.to_string().contains("absent.sock")),
+        other => panic!("launch without NIC socket: {other:?}"),
+    }
+    assert!(!s.pid_path().exists(), "QEMU must not have been started");
+}
+
+#[tokio::test]
+async fn dead_nic_listener_detected() {
+    let dir = tempdir();
+    // The socket file exists but nobody listens: QEMU 7.2 fails to connect and never retries.
+    let (listener, nic) = nic_listener(dir.path(), "n0", "52:54:00:00:00:0a");
+    drop(listener);
+    let s = spec("deadnic", &dir.path().join("run"), vec![nic]);
+    match Vm::launch(&s, &dir.path().join("serial.log"), None).await {
+        Err(LaunchError::NicNotConnected { state, .. }) => assert!(state.contains("error"), "{state}"),
+        other => panic!("launch with dead NIC listener: {other:?}"),
+    }
+    // launch killed the QEMU it started.
+    let pid: u32 = std::fs::read_to_string(s.pid_path()).unwrap().trim().parse().unwrap();
+    for _ in 0..200 {
+        if !Path::new(&format!("/proc/{pid}/cmdline")).exists()
+            || std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default().is_empty()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("QEMU {pid} left running after a failed launch");
+}
+
+const LAUNCHER_ENV: &str = "STASIS_QEMU_TEST_LAUNCHER_DIR";
+
+/// Not a test on its own: the body of the separate launching process of
+/// `vm_outlives_launching_process`.
+#[tokio::test]
+#[ignore = "helper run as a child process"]
+async fn launcher_child() {
+    let Ok(dir) = std::env::var(LAUNCHER_ENV) else { return };
+    let dir = Path::new(&dir);
+    let s = spec("daemon", &dir.join("run"), vec![]);
+    let vm = Vm::launch(&s, &dir.join("serial.log"), None).await.expect("launch in child");
+    println!("LAUNCHED-PID={}", vm.pid);
+}
+
+#[tokio::test]
+async fn vm_outlives_launching_process() {
+    let dir = tempdir();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "launcher_child", "--ignored", "--nocapture", "--test-threads=1"])
+        .env(LAUNCHER_ENV, dir.path())
+        .output()
+        .expect("run launcher child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let pid: u32 = stdout
+        .lines()
+        .find_map(|l| l.split_once("LAUNCHED-PID=").map(|(_, pid)| pid.trim()))
+        .unwrap_or_else(|| panic!("child printed no pid: {stdout} {}", String::from_utf8_lossy(&out.stderr)))
+        .parse()
+        .unwrap();
+    let qmp_path = dir.path().join("run/qmp.sock");
+    let _guard = KillOnDrop { pid, qmp_path: qmp_path.clone() };
+    assert!(out.status.success());
+    let mut vm = Vm::attach("daemon", &qmp_path, pid).await.expect("attach");
+    assert!(vm.is_alive(), "QEMU died with its launcher");
+    assert_eq!(vm.status().await.unwrap(), RunState::Running);
+    vm.stop().await.unwrap();
+    assert_eq!(vm.status().await.unwrap(), RunState::Paused);
+    vm.quit().await.unwrap();
+    assert!(!vm.is_alive());
+}
