@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Builds the stasis guest image into target/guest/: vmlinuz, initrd.img and
+# inputs.sha256 (the hashes of everything the image is made of). Rebuilds
+# only when an input changed; prints one line saying "built" or "cached".
+#
+# Inputs: the Debian kernel unpacked by scripts/setup.sh in .cache/kernel/,
+# the host's static busybox, guest/init, this script, and the static guest
+# tools (guest/tools, built here with crt-static into target/guest-tools).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+OUT="$ROOT/target/guest"
+KDIR="$ROOT/.cache/kernel"
+BUSYBOX=${STASIS_BUSYBOX:-/bin/busybox}
+# Loaded in this order by /init; each module's own dependencies are added
+# (and ordered before it) automatically.
+LOAD_MODULES=(failover net_failover virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev
+              virtio_pci virtio_net virtio_blk sch_netem)
+TOOLS=(stasis-probe stasis-traffic)
+
+die() { echo "guest/build.sh: error: $*" >&2; exit 1; }
+
+[ -f "$KDIR/.stasis-kernel" ] || "$ROOT/scripts/setup.sh" || die "scripts/setup.sh failed"
+KPKG=$(cat "$KDIR/.stasis-kernel")
+KREL=${KPKG#linux-image-}
+VMLINUZ="$KDIR/boot/vmlinuz-$KREL"
+MODROOT="$KDIR/lib/modules/$KREL"
+[ -f "$VMLINUZ" ] || die "$VMLINUZ missing: run scripts/setup.sh"
+[ -x "$BUSYBOX" ] || die "$BUSYBOX missing: run scripts/setup.sh (busybox-static)"
+file -L "$BUSYBOX" | grep -q 'statically linked' || die "$BUSYBOX is not statically linked"
+
+# --- static guest tools --------------------------------------------------------
+TOOLS_DIR="$ROOT/target/guest-tools/x86_64-unknown-linux-gnu/release"
+(cd "$ROOT" && CARGO_TARGET_DIR="$ROOT/target/guest-tools" RUSTFLAGS='-C target-feature=+crt-static' \
+    cargo build --quiet -p stasis-guest-tools --release --target x86_64-unknown-linux-gnu) \
+    || die "cargo build of stasis-guest-tools failed"
+for t in "${TOOLS[@]}"; do
+    file -L "$TOOLS_DIR/$t" | grep -Eq 'statically linked|static-pie linked' \
+        || die "$t is not statically linked: $(file -L "$TOOLS_DIR/$t")"
+done
+
+# --- modules: name -> file, dependencies from each module's depends= field ----
+declare -A MODPATH=()
+while IFS=$'\t' read -r n f; do
+    n=${n%%.ko*}; n=${n//-/_}
+    MODPATH[$n]=$f
+done < <(find "$MODROOT/kernel" -name '*.ko*' -printf '%f\t%p\n')
+
+ko_cat() { # decompressed bytes of a module file
+    case "$1" in
+        *.ko) cat "$1" ;;
+        *.ko.xz) xz -dc "$1" ;;
+        *.ko.zst) zstd -qdc "$1" ;;
+        *.ko.gz) gzip -dc "$1" ;;
+        *) die "unknown module compression: $1" ;;
+    esac
+}
+mod_deps() { ko_cat "${MODPATH[$1]}" | tr '\0' '\n' | sed -n 's/^depends=//p' | tr ',' ' '; }
+
+ORDER=()
+declare -A VISITED=()
+visit() {
+    local m=$1 d
+    [ -n "${VISITED[$m]:-}" ] && return 0
+    VISITED[$m]=1
+    [ -n "${MODPATH[$m]:-}" ] || die "module $m not found under $MODROOT"
+    for d in $(mod_deps "$m"); do visit "$d"; done
+    ORDER+=("$m")
+}
+for m in "${LOAD_MODULES[@]}"; do visit "$m"; done
+
+# --- cache check ----------------------------------------------------------------
+inputs=$(
+    echo "kernel $KPKG"
+    sha256sum "$VMLINUZ" | sed "s|  .*|  vmlinuz|"
+    sha256sum "$BUSYBOX" | sed "s|  .*|  busybox|"
+    sha256sum "$ROOT/guest/init" | sed "s|  .*|  init|"
+    sha256sum "$ROOT/guest/build.sh" | sed "s|  .*|  build.sh|"
+    for t in "${TOOLS[@]}"; do sha256sum "$TOOLS_DIR/$t" | sed "s|  .*|  $t|"; done
+    for m in "${ORDER[@]}"; do sha256sum "${MODPATH[$m]}" | sed "s|  .*|  module:$m|"; done
+)
+if [ -f "$OUT/inputs.sha256" ] && [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/initrd.img" ] \
+    && [ "$(cat "$OUT/inputs.sha256")" = "$inputs" ]; then
+    echo "guest image: cached (kernel $KREL, target/guest/)"
+    exit 0
+fi
+
+# --- build ----------------------------------------------------------------------
+STAGE="$OUT/stage"
+rm -rf "$STAGE" "$OUT/inputs.sha256"
+mkdir -p "$STAGE"/{bin,dev,proc,sys,tmp,run,root,etc,lib/modules}
+ln -s bin "$STAGE/sbin"
+mkdir -p "$STAGE/usr"
+ln -s ../bin "$STAGE/usr/bin"
+ln -s ../bin "$STAGE/usr/sbin"
+cp "$BUSYBOX" "$STAGE/bin/busybox"
+for a in $("$BUSYBOX" --list); do
+    [ "$a" = busybox ] || ln -sf busybox "$STAGE/bin/$a"
+done
+for t in "${TOOLS[@]}"; do
+    # Debug info stays in target/guest-tools; the guest gets stripped copies.
+    if command -v strip >/dev/null; then strip -o "$STAGE/bin/$t" "$TOOLS_DIR/$t"; else cp "$TOOLS_DIR/$t" "$STAGE/bin/$t"; fi
+    chmod 0755 "$STAGE/bin/$t"
+done
+install -m 0755 "$ROOT/guest/init" "$STAGE/init"
+echo "$KREL" > "$STAGE/etc/stasis-kernel"
+echo "root:x:0:0:root:/root:/bin/sh" > "$STAGE/etc/passwd"
+echo "root:x:0:" > "$STAGE/etc/group"
+printf '127.0.0.1\tlocalhost\n' > "$STAGE/etc/hosts"
+# busybox insmod cannot load compressed modules: store them decompressed.
+: > "$STAGE/lib/modules/load-order"
+for m in "${ORDER[@]}"; do
+    ko_cat "${MODPATH[$m]}" > "$STAGE/lib/modules/$m.ko"
+    echo "$m" >> "$STAGE/lib/modules/load-order"
+done
+
+(cd "$STAGE" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc -R 0:0 --quiet) \
+    | gzip -9n > "$OUT/initrd.img.tmp" || die "cpio/gzip failed"
+cp "$VMLINUZ" "$OUT/vmlinuz.tmp"
+mv "$OUT/initrd.img.tmp" "$OUT/initrd.img"
+mv "$OUT/vmlinuz.tmp" "$OUT/vmlinuz"
+rm -rf "$STAGE"
+echo "$inputs" > "$OUT/inputs.sha256"
+echo "guest image: built (kernel $KREL, initrd $(( $(stat -c %s "$OUT/initrd.img") / 1024 )) KiB, modules: ${ORDER[*]})"

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Two-VM smoke test of the guest image under TCG: boots node a (sender) and
+# node b (receiver) joined back to back by `-netdev dgram` over two unix
+# sockets, then checks that both reach STASIS-READY, both print probe lines,
+# and UDP and TCP sequence-numbered flows a -> b arrive complete with
+# missing=0 and dups=0. Exits non-zero on any failure; QEMUs are killed on
+# exit. Set KEEP=1 to keep the logs (their directory is printed).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+COUNT=${COUNT:-1000}   # records per flow
+RATE=${RATE:-200}      # records per second per flow
+TIMEOUT=${TIMEOUT:-120}
+
+"$ROOT/guest/build.sh"
+command -v jq >/dev/null || { echo "smoke: jq missing (scripts/setup.sh installs it)" >&2; exit 1; }
+
+WORK=$(mktemp -d /tmp/stasis-smoke.XXXXXX)
+PIDS=()
+cleanup() {
+    local rc=$?
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    if [ "$rc" != 0 ] || [ -n "${KEEP:-}" ]; then
+        echo "smoke: logs kept in $WORK" >&2
+    else
+        rm -rf "$WORK"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+fail() {
+    echo "smoke: FAIL: $*" >&2
+    for n in a b; do
+        echo "---- tail of $n.log" >&2
+        tail -n 15 "$WORK/$n.log" 2>/dev/null | tr -d '\r' >&2 || true
+    done
+    exit 1
+}
+
+boot() { # name ip mac local-sock remote-sock script
+    local run
+    run=$(printf '%s' "$6" | base64 -w0)
+    qemu-system-x86_64 -accel tcg -cpu max -m 256 -nodefaults -no-reboot \
+        -display none -monitor none -serial "file:$WORK/$1.log" \
+        -kernel "$ROOT/target/guest/vmlinuz" -initrd "$ROOT/target/guest/initrd.img" \
+        -append "console=ttyS0 quiet loglevel=1 panic=-1 stasis.node=$1 stasis.ip=eth0:$2 stasis.run=$run" \
+        -netdev "dgram,id=n0,local.type=unix,local.path=$4,remote.type=unix,remote.path=$5" \
+        -device "virtio-net-pci,netdev=n0,mac=$3,romfile=" \
+        </dev/null >"$WORK/$1.qemu.out" 2>&1 &
+    PIDS+=($!)
+}
+
+RECV_SCRIPT='stasis-probe --report-ms 1000 &
+stasis-traffic recv --port 5000 --proto udp &
+stasis-traffic recv --port 5001 --proto tcp &'
+SEND_SCRIPT="stasis-probe --report-ms 1000 &
+until ping -c1 -W1 10.1.1.2 >/dev/null 2>&1; do sleep 0.2; done
+sleep 1
+stasis-traffic send --to 10.1.1.2:5000 --proto udp --rate $RATE --count $COUNT --flow 7 --size 200 &
+stasis-traffic send --to 10.1.1.2:5001 --proto tcp --rate $RATE --count $COUNT --flow 8 --size 200 &"
+
+t0=$(date +%s%N)
+boot b 10.1.1.2/24 52:54:00:00:00:02 "$WORK/b.sock" "$WORK/a.sock" "$RECV_SCRIPT"
+boot a 10.1.1.1/24 52:54:00:00:00:01 "$WORK/a.sock" "$WORK/b.sock" "$SEND_SCRIPT"
+
+ms_since() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
+declare -A READY_MS=()
+deadline=$(( $(date +%s) + TIMEOUT ))
+while [ ${#READY_MS[@]} -lt 2 ]; do
+    for n in a b; do
+        if [ -z "${READY_MS[$n]:-}" ] && [ -f "$WORK/$n.log" ] \
+            && tr -d '\r' < "$WORK/$n.log" | grep -aqE "STASIS-READY node=$n\$"; then
+            READY_MS[$n]=$(ms_since "$t0")
+            echo "smoke: node $n STASIS-READY after ${READY_MS[$n]} ms (host wall clock from QEMU start)"
+        fi
+    done
+    for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null || fail "a QEMU exited early ($(cat "$WORK"/*.qemu.out))"; done
+    [ "$(date +%s)" -lt "$deadline" ] || fail "not ready within ${TIMEOUT}s"
+    sleep 0.1
+done
+
+json() { # node jq-filter: matching JSON lines of a node's console
+    grep -a '^{' "$WORK/$1.log" | tr -d '\r' | jq -c "select($2)" 2>/dev/null || true
+}
+want() { # node jq-filter: true once a line matches
+    [ -n "$(json "$1" "$2" | head -n1)" ]
+}
+
+UDP_DONE=".tool==\"traffic\" and .role==\"recv\" and .proto==\"udp\" and .flow==\"10.1.1.1/7\" and .received==$COUNT and .total==$COUNT"
+TCP_DONE=".tool==\"traffic\" and .role==\"recv\" and .proto==\"tcp\" and .flow==\"10.1.1.1/8\" and .received==$COUNT and .total==$COUNT"
+while ! { want b "$UDP_DONE" && want b "$TCP_DONE" \
+          && want a '.tool=="traffic" and .role=="send" and .proto=="udp" and .done' \
+          && want a '.tool=="traffic" and .role=="send" and .proto=="tcp" and .done'; }; do
+    for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null || fail "a QEMU exited early"; done
+    [ "$(date +%s)" -lt "$deadline" ] || fail "flows not complete within ${TIMEOUT}s"
+    sleep 0.5
+done
+# Give the receivers one more report window, then judge every line.
+sleep 1.5
+
+for n in a b; do
+    probes=$(json $n ".tool==\"probe\" and .node==\"$n\"" | wc -l)
+    [ "$probes" -ge 2 ] || fail "node $n printed $probes probe lines"
+    echo "smoke: node $n: $probes probe lines; last: $(json $n '.tool=="probe"' | tail -n1)"
+done
+for proto in udp tcp; do
+    final=$(json b ".tool==\"traffic\" and .role==\"recv\" and .proto==\"$proto\"" | tail -n1)
+    echo "smoke: b recv $proto: $final"
+    echo "$final" | jq -e ".received==$COUNT and .missing==0 and .dups==0 and .highest==$((COUNT-1))" >/dev/null \
+        || fail "$proto flow not clean: $final"
+    bad=$(json b ".tool==\"traffic\" and .role==\"recv\" and .proto==\"$proto\" and (.missing!=0 or .dups!=0)" | wc -l)
+    [ "$bad" = 0 ] || fail "$proto: $bad receiver lines with missing or dups"
+    echo "smoke: a send $proto: $(json a ".tool==\"traffic\" and .role==\"send\" and .proto==\"$proto\" and .done")"
+done
+# Every console line that looks like JSON must parse: no torn lines.
+torn=$(for n in a b; do grep -a '^{' "$WORK/$n.log" | tr -d '\r' | while IFS= read -r l; do
+    echo "$l" | jq -e . >/dev/null 2>&1 || echo "$l"; done; done | wc -l)
+[ "$torn" = 0 ] || fail "$torn torn JSON lines on the consoles"
+echo "smoke: PASS (ready: a ${READY_MS[a]} ms, b ${READY_MS[b]} ms; $COUNT records per flow, udp+tcp, missing=0 dups=0)"

@@ -1,0 +1,373 @@
+//! `stasis-traffic recv|send ...`: sequence-numbered UDP/TCP traffic whose
+//! receiver accounts every gap, duplicate and reordering (see `docs/guest.md`).
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use stasis_guest_tools::args::{ArgsError, Flags};
+use stasis_guest_tools::clocks::{default_node, mono_ns, sleep_until};
+use stasis_guest_tools::json::JsonLine;
+use stasis_guest_tools::pace::{Pace, Pacer, DEFAULT_MAX_LATE_NS};
+use stasis_guest_tools::record::{check_frame_len, Record, HEADER_LEN};
+use stasis_guest_tools::seq::{FlowKey, FlowTable, FlowTracker};
+
+const USAGE: &str = "usage:
+  stasis-traffic recv --port 5000 [--proto udp|tcp] [--report-ms 1000] [--node NAME]
+  stasis-traffic send --to IP:PORT [--to ...] [--proto udp|tcp] [--rate PPS] [--size BYTES]
+                      [--count N] [--flow ID] [--report-ms 1000] [--node NAME]
+  (--rate and --count are per destination; --count 0 = unbounded; the sender exits
+   after its final done=true lines)";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    Udp,
+    Tcp,
+}
+
+impl std::str::FromStr for Proto {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "udp" => Ok(Proto::Udp),
+            "tcp" => Ok(Proto::Tcp),
+            _ => Err(()),
+        }
+    }
+}
+
+impl Proto {
+    fn name(self) -> &'static str {
+        match self {
+            Proto::Udp => "udp",
+            Proto::Tcp => "tcp",
+        }
+    }
+}
+
+fn fail(msg: impl std::fmt::Display, code: i32) -> ! {
+    eprintln!("stasis-traffic: {msg}");
+    std::process::exit(code);
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let sub = args.next().unwrap_or_default();
+    let result = match sub.as_str() {
+        "recv" => parse_recv(args).map(run_recv),
+        "send" => parse_send(args).map(run_send),
+        _ => fail(USAGE, 2),
+    };
+    match result {
+        Err(e) => fail(format_args!("{e}\n{USAGE}"), 2),
+        Ok(Err(e)) => fail(e, 1),
+        Ok(Ok(())) => {}
+    }
+}
+
+// ---------------------------------------------------------------- receiver
+
+struct RecvOpts {
+    port: u16,
+    proto: Proto,
+    report_ns: u64,
+    node: String,
+}
+
+fn parse_recv(args: impl Iterator<Item = String>) -> Result<RecvOpts, ArgsError> {
+    let f = Flags::parse(args, &["--port", "--proto", "--report-ms", "--node"])?;
+    Ok(RecvOpts {
+        port: f.opt("--port")?.ok_or(ArgsError::Required("--port"))?,
+        proto: f.get("--proto", Proto::Udp)?,
+        report_ns: f.get::<u64>("--report-ms", 1000)?.max(1) * 1_000_000,
+        node: f.opt("--node")?.unwrap_or_else(default_node),
+    })
+}
+
+fn flow_line(o: &RecvOpts, key: &FlowKey, t: &FlowTracker) -> JsonLine {
+    JsonLine::new()
+        .str("tool", "traffic")
+        .str("role", "recv")
+        .str("node", &o.node)
+        .str("proto", o.proto.name())
+        .str("flow", &key.to_string())
+        .u64("received", t.received())
+        .opt_u64("highest", t.highest())
+        .u64("missing", t.missing())
+        .u64("dups", t.dups())
+        .u64("reordered", t.reordered())
+        .opt_u64("total", t.total())
+        .u64("mono_ns", mono_ns())
+}
+
+fn report_flows(o: &RecvOpts, table: &FlowTable) {
+    for (key, t) in table.iter_sorted() {
+        flow_line(o, &key, t).emit();
+    }
+}
+
+fn account(o: &RecvOpts, table: &mut FlowTable, from: IpAddr, bytes: &[u8], bad: &mut u64) {
+    match Record::decode(bytes) {
+        Ok(rec) => {
+            let (key, _, completed) = table.on_record(from, &rec);
+            if completed {
+                let t = table.get(&key).expect("flow just recorded");
+                flow_line(o, &key, t).emit();
+            }
+        }
+        Err(e) => {
+            *bad += 1;
+            if bad.is_power_of_two() {
+                eprintln!("stasis-traffic: ignored {bad} malformed record(s) from {from}: {e}");
+            }
+        }
+    }
+}
+
+fn run_recv(o: RecvOpts) -> io::Result<()> {
+    match o.proto {
+        Proto::Udp => recv_udp(o),
+        Proto::Tcp => recv_tcp(o),
+    }
+}
+
+fn recv_udp(o: RecvOpts) -> io::Result<()> {
+    let sock = UdpSocket::bind(("0.0.0.0", o.port))?;
+    let mut table = FlowTable::new();
+    let mut buf = vec![0u8; 65536];
+    let mut bad = 0u64;
+    let mut next_report = mono_ns() + o.report_ns;
+    loop {
+        let now = mono_ns();
+        if now >= next_report {
+            report_flows(&o, &table);
+            next_report = (next_report + o.report_ns).max(now + 1);
+        }
+        let wait = (next_report.saturating_sub(now)).max(1_000_000);
+        sock.set_read_timeout(Some(Duration::from_nanos(wait)))?;
+        match sock.recv_from(&mut buf) {
+            Ok((n, from)) => account(&o, &mut table, from.ip(), &buf[..n], &mut bad),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn recv_tcp(o: RecvOpts) -> io::Result<()> {
+    let listener = TcpListener::bind(("0.0.0.0", o.port))?;
+    let o = Arc::new(o);
+    let table = Arc::new(Mutex::new(FlowTable::new()));
+    {
+        let (o, table) = (o.clone(), table.clone());
+        std::thread::spawn(move || loop {
+            sleep_until(mono_ns() + o.report_ns);
+            let t = table.lock().unwrap_or_else(|p| p.into_inner());
+            report_flows(&o, &t);
+        });
+    }
+    for conn in listener.incoming() {
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("stasis-traffic: accept: {e}");
+                continue;
+            }
+        };
+        let (o, table) = (o.clone(), table.clone());
+        std::thread::spawn(move || {
+            let peer = stream.peer_addr().map(|a| a.ip());
+            if let Ok(peer) = peer {
+                if let Err(e) = read_tcp_records(&o, &table, peer, stream) {
+                    eprintln!("stasis-traffic: connection from {peer}: {e}");
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+fn read_tcp_records(o: &RecvOpts, table: &Mutex<FlowTable>, peer: IpAddr, stream: TcpStream) -> io::Result<()> {
+    let mut r = io::BufReader::with_capacity(64 * 1024, stream);
+    let mut buf = vec![0u8; HEADER_LEN];
+    let mut bad = 0u64;
+    loop {
+        let mut len = [0u8; 4];
+        match r.read_exact(&mut len) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let len = check_frame_len(u32::from_be_bytes(len)).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        buf.resize(len, 0);
+        r.read_exact(&mut buf)?;
+        let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
+        account(o, &mut t, peer, &buf, &mut bad);
+    }
+}
+
+// ------------------------------------------------------------------ sender
+
+struct SendOpts {
+    to: Vec<SocketAddr>,
+    proto: Proto,
+    rate: f64,
+    size: usize,
+    count: u64,
+    flow: u32,
+    report_ns: u64,
+    node: String,
+}
+
+fn parse_send(args: impl Iterator<Item = String>) -> Result<SendOpts, ArgsError> {
+    let f = Flags::parse(
+        args,
+        &["--to", "--proto", "--rate", "--size", "--count", "--flow", "--report-ms", "--node"],
+    )?;
+    let to: Vec<SocketAddr> = f.all("--to")?;
+    if to.is_empty() {
+        return Err(ArgsError::Required("--to"));
+    }
+    let size: usize = f.get("--size", 64)?;
+    if !(HEADER_LEN..=65507).contains(&size) {
+        return Err(ArgsError::BadValue { flag: "--size".into(), value: format!("{size} (must be {HEADER_LEN}..=65507)") });
+    }
+    let rate: f64 = f.get("--rate", 100.0)?;
+    if !(rate > 0.0 && rate.is_finite()) {
+        return Err(ArgsError::BadValue { flag: "--rate".into(), value: rate.to_string() });
+    }
+    Ok(SendOpts {
+        to,
+        proto: f.get("--proto", Proto::Udp)?,
+        rate,
+        size,
+        count: f.get("--count", 0)?,
+        flow: f.get("--flow", 1)?,
+        report_ns: f.get::<u64>("--report-ms", 1000)?.max(1) * 1_000_000,
+        node: f.opt("--node")?.unwrap_or_else(default_node),
+    })
+}
+
+struct Dest {
+    addr: SocketAddr,
+    sent: u64,
+    done: bool,
+    udp: Option<UdpSocket>,
+    tcp: Option<TcpStream>,
+}
+
+fn connect_tcp(addr: SocketAddr) -> TcpStream {
+    let mut attempts = 0u64;
+    loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return s;
+            }
+            Err(e) => {
+                attempts += 1;
+                if attempts.is_power_of_two() {
+                    eprintln!("stasis-traffic: connect {addr}: {e} (attempt {attempts}, retrying)");
+                }
+                sleep_until(mono_ns() + 100_000_000);
+            }
+        }
+    }
+}
+
+fn send_line(o: &SendOpts, d: &Dest) -> JsonLine {
+    JsonLine::new()
+        .str("tool", "traffic")
+        .str("role", "send")
+        .str("node", &o.node)
+        .str("proto", o.proto.name())
+        .str("dest", &d.addr.to_string())
+        .u64("sent", d.sent)
+        .bool("done", d.done)
+        .u64("mono_ns", mono_ns())
+}
+
+fn send_one(o: &SendOpts, d: &mut Dest, buf: &mut [u8]) -> io::Result<()> {
+    let rec = Record { flow: o.flow, seq: d.sent, total: o.count, send_mono_ns: mono_ns() };
+    match o.proto {
+        Proto::Udp => {
+            rec.encode_into(buf);
+            let sock = d.udp.as_ref().expect("udp socket");
+            sock.send_to(buf, d.addr).map(|_| ())
+        }
+        Proto::Tcp => {
+            // One buffer, one write: length prefix + record.
+            buf[0..4].copy_from_slice(&(o.size as u32).to_be_bytes());
+            rec.encode_into(&mut buf[4..]);
+            if d.tcp.is_none() {
+                d.tcp = Some(connect_tcp(d.addr));
+            }
+            let r = d.tcp.as_mut().expect("connected").write_all(buf);
+            if r.is_err() {
+                d.tcp = None; // reconnect on the next send; the record is retried
+            }
+            r
+        }
+    }
+}
+
+fn run_send(o: SendOpts) -> io::Result<()> {
+    let mut dests = Vec::new();
+    for &addr in &o.to {
+        let mut d = Dest { addr, sent: 0, done: false, udp: None, tcp: None };
+        match o.proto {
+            Proto::Udp => {
+                let any: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse() } else { "[::]:0".parse() }
+                    .expect("literal address");
+                d.udp = Some(UdpSocket::bind(any)?);
+            }
+            Proto::Tcp => d.tcp = Some(connect_tcp(addr)),
+        }
+        dests.push(d);
+    }
+    let mut buf = vec![0u8; o.size + if o.proto == Proto::Tcp { 4 } else { 0 }];
+    let n = dests.len();
+    // Sends alternate between destinations, so each gets `rate` per second.
+    let start = mono_ns();
+    let mut pacer = Pacer::new(start, Pacer::period_for_rate(o.rate * n as f64), DEFAULT_MAX_LATE_NS);
+    let mut next_report = start + o.report_ns;
+    let mut rr = 0usize;
+    let mut errors = 0u64;
+    loop {
+        let now = mono_ns();
+        if now >= next_report {
+            for d in &dests {
+                send_line(&o, d).emit();
+            }
+            next_report = (next_report + o.report_ns).max(now + 1);
+        }
+        match pacer.poll(now) {
+            Pace::WaitUntil(t) => sleep_until(t.min(next_report)),
+            Pace::Send { .. } => {
+                let d = &mut dests[rr % n];
+                rr += 1;
+                if d.done {
+                    continue;
+                }
+                match send_one(&o, d, &mut buf) {
+                    Ok(()) => {
+                        d.sent += 1;
+                        if o.count != 0 && d.sent >= o.count {
+                            d.done = true;
+                            send_line(&o, d).emit();
+                        }
+                    }
+                    Err(e) => {
+                        errors += 1;
+                        if errors.is_power_of_two() {
+                            eprintln!("stasis-traffic: send to {}: {e} ({errors} errors; seq {} retried)", d.addr, d.sent);
+                        }
+                    }
+                }
+                if dests.iter().all(|d| d.done) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Idempotent machine set-up for stasis on Debian 12: installs the host
+# packages that are missing and unpacks the guest kernel into .cache/kernel/.
+# The guest kernel is never installed into the host: it is downloaded with
+# `apt-get download` and extracted with `dpkg-deb -x`.
+#
+# Safe to run repeatedly and from any directory; quiet when nothing is to do.
+# Environment:
+#   STASIS_KERNEL_PKG  binary package of the guest kernel (default: the one
+#                      `linux-image-amd64` depends on, e.g. linux-image-6.1.0-56-amd64)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE="$ROOT/.cache"
+
+die() { echo "setup.sh: error: $*" >&2; exit 1; }
+say() { echo "setup.sh: $*"; }
+
+SUDO=
+if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || die "not root and sudo is missing"
+    SUDO=sudo
+fi
+command -v apt-get >/dev/null || die "apt-get not found: this script supports Debian 12 only"
+
+apt_updated=0
+apt_update_once() {
+    if [ "$apt_updated" = 0 ]; then
+        say "apt-get update"
+        $SUDO apt-get update -qq || die "apt-get update failed"
+        apt_updated=1
+    fi
+}
+
+# --- host packages -----------------------------------------------------------
+# qemu-system-x86: the VMs; busybox-static, cpio, gzip, xz-utils, zstd: the guest
+# image build (modules may be compressed); file: checks the tools are static;
+# jq: guest/smoke.sh reads the JSON lines; socat, iproute2, iperf3: the eval and tests.
+PKGS=(qemu-system-x86 qemu-utils busybox-static cpio gzip xz-utils zstd file jq socat iproute2 iperf3)
+missing=()
+for p in "${PKGS[@]}"; do
+    if ! dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed'; then
+        missing+=("$p")
+    fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    apt_update_once
+    say "installing: ${missing[*]}"
+    # iperf3's postinst asks whether to start a daemon; never.
+    echo "iperf3 iperf3/start_daemon boolean false" | $SUDO debconf-set-selections 2>/dev/null || true
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+        || die "apt-get install ${missing[*]} failed"
+fi
+
+# --- guest kernel ------------------------------------------------------------
+kernel_pkg() {
+    if [ -n "${STASIS_KERNEL_PKG:-}" ]; then echo "$STASIS_KERNEL_PKG"; return; fi
+    apt-cache depends linux-image-amd64 2>/dev/null \
+        | awk '/^ *Depends: linux-image-[0-9]/ { print $2; exit }'
+}
+KPKG=$(kernel_pkg)
+if [ -z "$KPKG" ]; then
+    apt_update_once
+    KPKG=$(kernel_pkg)
+fi
+[ -n "$KPKG" ] || die "cannot find the package that linux-image-amd64 depends on (apt lists missing?)"
+KREL=${KPKG#linux-image-}
+
+STAMP="$CACHE/kernel/.stasis-kernel"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KPKG" ] \
+    && [ -f "$CACHE/kernel/boot/vmlinuz-$KREL" ] && [ -d "$CACHE/kernel/lib/modules/$KREL" ]; then
+    exit 0
+fi
+
+mkdir -p "$CACHE/debs"
+deb=$(ls "$CACHE/debs/${KPKG}_"*.deb 2>/dev/null | sort -V | tail -n1 || true)
+if [ -z "$deb" ]; then
+    say "downloading $KPKG (guest kernel, not installed on the host)"
+    # apt-get download writes into the current directory; as root it warns that
+    # the download is unsandboxed, which is expected here.
+    if ! (cd "$CACHE/debs" && apt-get download -qq "$KPKG" 2>/dev/null); then
+        apt_update_once
+        (cd "$CACHE/debs" && apt-get download -qq "$KPKG") || die "apt-get download $KPKG failed"
+    fi
+    deb=$(ls "$CACHE/debs/${KPKG}_"*.deb 2>/dev/null | sort -V | tail -n1 || true)
+    [ -n "$deb" ] || die "download of $KPKG produced no .deb"
+fi
+
+say "extracting $(basename "$deb") into .cache/kernel/"
+rm -rf "$CACHE/kernel.tmp"
+mkdir -p "$CACHE/kernel.tmp"
+dpkg-deb -x "$deb" "$CACHE/kernel.tmp" || die "dpkg-deb -x $deb failed"
+[ -f "$CACHE/kernel.tmp/boot/vmlinuz-$KREL" ] || die "$deb has no boot/vmlinuz-$KREL"
+# The .deb carries no modules.dep (depmod runs at install time); guest/build.sh
+# reads each module's own depends= field instead.
+[ -d "$CACHE/kernel.tmp/lib/modules/$KREL/kernel" ] || die "$deb has no modules for $KREL"
+echo "$KPKG" > "$CACHE/kernel.tmp/.stasis-kernel"
+rm -rf "$CACHE/kernel"
+mv "$CACHE/kernel.tmp" "$CACHE/kernel"
+say "guest kernel $KREL ready"
