@@ -5,6 +5,9 @@
 # and UDP and TCP sequence-numbered flows a -> b arrive complete with
 # missing=0 and dups=0. Exits non-zero on any failure; QEMUs are killed on
 # exit. Set KEEP=1 to keep the logs (their directory is printed).
+# Also proves the probe on real guests: node b steps its realtime clock by
+# +5 s (date -s) and the probe must report it; node a is paused 3 s over QMP
+# in the middle of its flows, and under TCG no clock may show that pause.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -13,7 +16,9 @@ RATE=${RATE:-200}      # records per second per flow
 TIMEOUT=${TIMEOUT:-120}
 
 "$ROOT/guest/build.sh"
-command -v jq >/dev/null || { echo "smoke: jq missing (scripts/setup.sh installs it)" >&2; exit 1; }
+for c in jq socat qemu-system-x86_64; do
+    command -v $c >/dev/null || { echo "smoke: $c missing (scripts/setup.sh installs it)" >&2; exit 1; }
+done
 
 WORK=$(mktemp -d /tmp/stasis-smoke.XXXXXX)
 PIDS=()
@@ -44,6 +49,7 @@ boot() { # name ip mac local-sock remote-sock script
     run=$(printf '%s' "$6" | base64 -w0)
     qemu-system-x86_64 -accel tcg -cpu max -m 256 -nodefaults -no-reboot \
         -display none -monitor none -serial "file:$WORK/$1.log" \
+        -qmp "unix:$WORK/$1.qmp,server=on,wait=off" \
         -kernel "$ROOT/target/guest/vmlinuz" -initrd "$ROOT/target/guest/initrd.img" \
         -append "console=ttyS0 quiet loglevel=1 panic=-1 stasis.node=$1 stasis.ip=eth0:$2 stasis.run=$run" \
         -netdev "dgram,id=n0,local.type=unix,local.path=$4,remote.type=unix,remote.path=$5" \
@@ -54,7 +60,9 @@ boot() { # name ip mac local-sock remote-sock script
 
 RECV_SCRIPT='stasis-probe --report-ms 1000 &
 stasis-traffic recv --port 5000 --proto udp &
-stasis-traffic recv --port 5001 --proto tcp &'
+stasis-traffic recv --port 5001 --proto tcp &
+sleep 3
+date -s "@$(( $(date +%s) + 5 ))" >/dev/null'
 SEND_SCRIPT="stasis-probe --report-ms 1000 &
 until ping -c1 -W1 10.1.1.2 >/dev/null 2>&1; do sleep 0.2; done
 sleep 1
@@ -88,6 +96,21 @@ want() { # node jq-filter: true once a line matches
     [ -n "$(json "$1" "$2" | head -n1)" ]
 }
 
+qmp() { # node command...: runs QMP commands on a node
+    local n=$1; shift
+    { echo '{"execute":"qmp_capabilities"}'; for c in "$@"; do echo "{\"execute\":\"$c\"}"; done; } \
+        | socat -t 1 - "UNIX-CONNECT:$WORK/$n.qmp" >/dev/null || fail "QMP $* on $n failed"
+}
+# Pause a for 3 s once its flows are running.
+while ! want a '.tool=="traffic" and .role=="send" and .sent > 0'; do
+    [ "$(date +%s)" -lt "$deadline" ] || fail "sender never started"
+    sleep 0.2
+done
+qmp a stop
+echo "smoke: node a stopped over QMP for 3 s"
+sleep 3
+qmp a cont
+
 UDP_DONE=".tool==\"traffic\" and .role==\"recv\" and .proto==\"udp\" and .flow==\"10.1.1.1/7\" and .received==$COUNT and .total==$COUNT"
 TCP_DONE=".tool==\"traffic\" and .role==\"recv\" and .proto==\"tcp\" and .flow==\"10.1.1.1/8\" and .received==$COUNT and .total==$COUNT"
 while ! { want b "$UDP_DONE" && want b "$TCP_DONE" \
@@ -105,6 +128,17 @@ for n in a b; do
     [ "$probes" -ge 2 ] || fail "node $n printed $probes probe lines"
     echo "smoke: node $n: $probes probe lines; last: $(json $n '.tool=="probe"' | tail -n1)"
 done
+# The +5 s realtime step on b must show in realtime only.
+step=$(json b '.tool=="probe" and .max_step_ns.real > 4000000000' | head -n1)
+[ -n "$step" ] || fail "probe on b missed the +5 s realtime step"
+echo "$step" | jq -e '.max_disagree_ns.real_mono > 4000000000 and .max_step_ns.mono < 1000000000 and .max_step_ns.boot < 1000000000' >/dev/null \
+    || fail "realtime step misattributed: $step"
+echo "smoke: b probe saw the realtime step: $(echo "$step" | jq -c '{window,max_step_ns,max_disagree_ns}')"
+# Under TCG a stop/cont must not leak into any guest clock of a.
+worst=$(json a '.tool=="probe" and .max_step_ns.mono != null' \
+    | jq -s '[.[] | .max_step_ns | [.mono, .real, .boot, .tsc] | max] | max')
+echo "smoke: a largest clock step over the run incl. the 3 s pause: $worst ns"
+[ "$worst" -lt 1000000000 ] || fail "the 3 s pause leaked into a's clocks ($worst ns)"
 for proto in udp tcp; do
     final=$(json b ".tool==\"traffic\" and .role==\"recv\" and .proto==\"$proto\"" | tail -n1)
     echo "smoke: b recv $proto: $final"
@@ -118,4 +152,4 @@ done
 torn=$(for n in a b; do grep -a '^{' "$WORK/$n.log" | tr -d '\r' | while IFS= read -r l; do
     echo "$l" | jq -e . >/dev/null 2>&1 || echo "$l"; done; done | wc -l)
 [ "$torn" = 0 ] || fail "$torn torn JSON lines on the consoles"
-echo "smoke: PASS (ready: a ${READY_MS[a]} ms, b ${READY_MS[b]} ms; $COUNT records per flow, udp+tcp, missing=0 dups=0)"
+echo "smoke: PASS (ready: a ${READY_MS[a]} ms, b ${READY_MS[b]} ms; $COUNT records per flow, udp+tcp, missing=0 dups=0; realtime step seen; 3 s pause invisible)"
