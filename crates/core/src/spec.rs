@@ -5,6 +5,9 @@
 //! names the file, line, column and field. The format is documented in
 //! `docs/spec.md`.
 
+// Errors are rare and parsing is not hot; a large error keeps its fields plain.
+#![allow(clippy::result_large_err)]
+
 mod units;
 
 use std::collections::{BTreeMap, HashSet};
@@ -588,7 +591,7 @@ impl Resolver<'_> {
                     return Err(range_err(
                         v,
                         &f,
-                        format!("expected a size such as \"64KB\", found {}", other.to_string()),
+                        format!("expected a size such as \"64KB\", found {}", other.type_str()),
                     ))
                 }
             };

@@ -462,8 +462,8 @@ proptest! {
         links in proptest::collection::vec((0usize..6, 0usize..6, 1u64..10_000_000_000, 0u64..100_000_000, 0u64..100_000_000, 0.0f64..=1.0), 0..3),
     ) {
         let mut text = String::from("name = \"gen\"\n");
-        for i in 0..nodes {
-            text += &format!("[[node]]\nname = \"n{i}\"\nmemory = {}\n", mems[i]);
+        for (i, mem) in mems.iter().take(nodes).enumerate() {
+            text += &format!("[[node]]\nname = \"n{i}\"\nmemory = {mem}\n");
         }
         for (k, (members, bw, delay, queue)) in lans.iter().enumerate() {
             let members: Vec<String> = members.iter().filter(|&&m| m < nodes).map(|m| format!("\"n{m}\"")).collect();

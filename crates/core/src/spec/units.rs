@@ -4,6 +4,9 @@
 //! formatter that prints the shortest exact form, so the canonical spec
 //! round-trips.
 
+// `%` rather than `is_multiple_of`: the workspace MSRV is 1.80.
+#![allow(clippy::manual_is_multiple_of)]
+
 /// Splits `"10.5 ms"` into `("10.5", "ms")`.
 fn split_number(text: &str) -> (&str, &str) {
     let text = text.trim();
