@@ -483,3 +483,14 @@ proptest! {
     }
 }
 
+
+#[test]
+fn documented_example_parses() {
+    let doc = include_str!("../../../../docs/spec.md");
+    let start = doc.find("```toml\n").expect("a toml block") + "```toml\n".len();
+    let text = &doc[start..start + doc[start..].find("```").unwrap()];
+    let e = parse(text).unwrap_or_else(|e| panic!("docs/spec.md example: {e}"));
+    assert_eq!((e.nodes.len(), e.lans.len(), e.links.len()), (3, 1, 1));
+    assert_eq!(e.links[0].b_to_a.delay_ns, 7_000_000);
+    assert_eq!(e.links[0].a_to_b.delay_ns, 5_000_000);
+}
