@@ -34,6 +34,14 @@ pub const MAX_VCPUS: u32 = 64;
 pub const DEFAULT_MEMORY_MIB: u32 = 256;
 /// Queue limit in packets when a network does not say (Emulab's default).
 pub const DEFAULT_QUEUE_PACKETS: u32 = 50;
+/// Largest queue limit in packets; also the packet limit of a queue given
+/// only in bytes (Emulab's queue-in-bytes).
+pub const MAX_QUEUE_PACKETS: u32 = 1_000_000;
+/// Largest queue limit in bytes.
+pub const MAX_QUEUE_BYTES: u64 = 1 << 30;
+/// Byte limit when a network does not say: the maximum, i.e. in effect
+/// only the packet limit applies.
+pub const DEFAULT_QUEUE_BYTES: u64 = MAX_QUEUE_BYTES;
 /// Nodes are numbered into one MAC byte.
 pub const MAX_NODES: usize = 256;
 /// Networks are numbered into the third byte of `10.0.<k>.0/24`.
@@ -92,9 +100,11 @@ pub struct LinkParams {
     pub jitter_ns: u64,
     /// Drop probability, 0..=1.
     pub loss: f64,
-    /// Drop-tail queue limit in packets; 0 = no packet limit.
+    /// Drop-tail queue limit in packets, 1..=[`MAX_QUEUE_PACKETS`].
     pub queue_packets: u32,
-    /// Drop-tail queue limit in bytes; 0 = no byte limit. Never both 0.
+    /// Drop-tail queue limit in bytes, 1..=[`MAX_QUEUE_BYTES`]; the default
+    /// (the maximum) is in effect no byte limit. A frame is dropped when
+    /// either limit would be exceeded.
     pub queue_bytes: u64,
 }
 
@@ -107,7 +117,7 @@ impl Default for LinkParams {
             jitter_ns: 0,
             loss: 0.0,
             queue_packets: DEFAULT_QUEUE_PACKETS,
-            queue_bytes: 0,
+            queue_bytes: DEFAULT_QUEUE_BYTES,
         }
     }
 }
@@ -569,9 +579,15 @@ impl Resolver<'_> {
         if let Some(v) = &raw.queue {
             let f = field("queue");
             match v.get_ref() {
-                toml::Value::Integer(i) if (0..=1_000_000).contains(i) => p.queue_packets = *i as u32,
+                toml::Value::Integer(i) if (1..=MAX_QUEUE_PACKETS as i64).contains(i) => {
+                    p.queue_packets = *i as u32
+                }
                 toml::Value::Integer(i) => {
-                    return Err(range_err(v, &f, format!("queue {i} is outside 0..=1000000 packets")))
+                    return Err(range_err(
+                        v,
+                        &f,
+                        format!("queue {i} is outside 1..={MAX_QUEUE_PACKETS} packets"),
+                    ))
                 }
                 other => {
                     return Err(range_err(
@@ -595,23 +611,17 @@ impl Resolver<'_> {
                     ))
                 }
             };
-            if p.queue_bytes > 1 << 30 {
-                return Err(range_err(v, &f, "queue_bytes above 1G".into()));
-            }
-            // Emulab's queue-in-bytes: a byte limit replaces the packet limit
-            // unless both are given.
-            if !queue_set && p.queue_bytes > 0 {
-                p.queue_packets = 0;
-            }
-        }
-        if p.queue_packets == 0 && p.queue_bytes == 0 {
-            let at = raw.queue.as_ref().or(raw.queue_bytes.as_ref());
-            if let Some(v) = at {
+            if !(1..=MAX_QUEUE_BYTES).contains(&p.queue_bytes) {
                 return Err(range_err(
                     v,
-                    &field("queue"),
-                    "the queue needs a packet or a byte limit (both are 0)".into(),
+                    &f,
+                    format!("queue_bytes {} is outside 1B..=1G", p.queue_bytes),
                 ));
+            }
+            // Emulab's queue-in-bytes: a byte limit given alone replaces the
+            // packet limit; given together, both apply.
+            if !queue_set {
+                p.queue_packets = MAX_QUEUE_PACKETS;
             }
         }
         Ok(p)
@@ -739,7 +749,7 @@ impl Experiment {
                 p.loss,
                 p.queue_packets
             );
-            if p.queue_bytes != 0 {
+            if p.queue_bytes != DEFAULT_QUEUE_BYTES {
                 s += &format!("queue_bytes = {}\n", q(&format_bytes(p.queue_bytes)));
             }
             s

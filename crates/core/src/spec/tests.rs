@@ -128,16 +128,16 @@ fn defaults_are_emulab_like() {
 
 #[test]
 fn queue_bytes_alone_replaces_the_packet_limit() {
-    let e = parse(&format!(
-        "{TWO}[[lan]]\nname = \"l\"\nmembers = [\"a\", \"b\"]\nqueue_bytes = \"64KB\"\n"
-    ))
-    .unwrap();
-    assert_eq!((e.lans[0].params.queue_packets, e.lans[0].params.queue_bytes), (0, 65536));
-    let e = parse(&format!(
-        "{TWO}[[lan]]\nname = \"l\"\nmembers = [\"a\", \"b\"]\nqueue = 20\nqueue_bytes = \"64KB\"\n"
-    ))
-    .unwrap();
-    assert_eq!((e.lans[0].params.queue_packets, e.lans[0].params.queue_bytes), (20, 65536));
+    let lan = |extra: &str| {
+        let e = parse(&format!("{TWO}[[lan]]\nname = \"l\"\nmembers = [\"a\", \"b\"]\n{extra}")).unwrap();
+        let p = e.lans[0].params;
+        assert_eq!(parse(&e.to_toml()).unwrap(), e, "round trip");
+        (p.queue_packets, p.queue_bytes)
+    };
+    assert_eq!(lan(""), (50, DEFAULT_QUEUE_BYTES));
+    assert_eq!(lan("queue_bytes = \"64KB\"\n"), (MAX_QUEUE_PACKETS, 65536));
+    assert_eq!(lan("queue = 20\nqueue_bytes = \"64KB\"\n"), (20, 65536));
+    assert_eq!(lan("queue = 20\n"), (20, DEFAULT_QUEUE_BYTES));
 }
 
 #[test]
@@ -351,6 +351,12 @@ fn refuses_zero_bandwidth_and_empty_queue() {
         SpecErrorKind::OutOfRange,
         9,
         &["in field queue"],
+    );
+    refused(
+        &format!("{TWO}[[lan]]\nname = \"l\"\nmembers = [\"a\"]\nqueue_bytes = \"0\"\n"),
+        SpecErrorKind::OutOfRange,
+        9,
+        &["in field queue_bytes"],
     );
 }
 
