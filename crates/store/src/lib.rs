@@ -30,7 +30,6 @@ use owner::{Owner, StoreLock};
 
 const TMP_PREFIX: &str = ".tmp-";
 const OWNER_FILE: &str = ".owner";
-const LOCK_FILE: &str = ".lock";
 /// A pending directory without a readable owner is removed once this old.
 const STALE_AGE: Duration = Duration::from_secs(60);
 
@@ -88,7 +87,7 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Sto
 }
 
 /// A committed checkpoint as listed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CheckpointInfo {
     pub id: String,
     pub name: Option<String>,
@@ -128,7 +127,7 @@ impl CheckpointInfo {
 }
 
 /// A committed, verified checkpoint.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Checkpoint {
     pub info: CheckpointInfo,
     pub manifest: Manifest,
@@ -356,8 +355,7 @@ impl Store {
     }
 
     fn lock(&self) -> Result<StoreLock, StoreError> {
-        let path = self.root.join(LOCK_FILE);
-        StoreLock::acquire(&path).map_err(io_err("cannot lock the store", &path))
+        StoreLock::acquire(&self.root).map_err(io_err("cannot lock the store", &self.root))
     }
 
     /// Pending directories with their owners (`None`: unreadable owner).
@@ -651,8 +649,7 @@ impl Pending {
 
         let target = self.root.join(&self.id);
         {
-            let _lock = StoreLock::acquire(&self.root.join(LOCK_FILE))
-                .map_err(io_err("cannot lock the store", &self.root))?;
+            let _lock = StoreLock::acquire(&self.root).map_err(io_err("cannot lock the store", &self.root))?;
             fs::rename(&self.dir, &target).map_err(io_err("cannot rename the checkpoint into place", &self.dir))?;
         }
         self.finished = true;

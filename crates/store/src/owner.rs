@@ -41,20 +41,21 @@ impl Owner {
     }
 }
 
-/// An exclusive `flock` on the store's `.lock` file, released on drop.
+/// An exclusive `flock` on the store directory itself (no lock file, so
+/// the directory holds nothing but checkpoints), released on drop.
 pub struct StoreLock {
-    _file: File,
+    _dir: File,
 }
 
 impl StoreLock {
-    pub fn acquire(path: &Path) -> io::Result<StoreLock> {
-        let file = File::options().create(true).truncate(false).write(true).open(path)?;
+    pub fn acquire(dir: &Path) -> io::Result<StoreLock> {
+        let dir = File::open(dir)?;
         loop {
             // SAFETY: flock on a file descriptor we own and keep open for
             // the lifetime of the returned guard; no memory is involved.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            let rc = unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX) };
             if rc == 0 {
-                return Ok(StoreLock { _file: file });
+                return Ok(StoreLock { _dir: dir });
             }
             let err = io::Error::last_os_error();
             if err.kind() != io::ErrorKind::Interrupted {

@@ -38,12 +38,11 @@ fn commit(store: &Store, name: Option<&str>, seed: u8) -> CheckpointInfo {
         .unwrap()
 }
 
-/// Entries of the store dir other than the lock file.
+/// Entries of the store dir (there is no lock file: the dir itself is locked).
 fn entries(root: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(root)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n != ".lock")
         .collect();
     names.sort();
     names
@@ -433,4 +432,40 @@ fn experiment_reference_refuses_another_experiment() {
     assert!(matches!(e, StoreError::ExperimentMismatch { .. }), "{e}");
     let restored = stasis_core::spec::Experiment::from_toml_str(&c.manifest.experiment.spec_toml, None).unwrap();
     assert_eq!(restored.digest(), exp.digest());
+}
+
+#[test]
+fn concurrent_writers_get_distinct_indices_and_names() {
+    let (_tmp, store) = setup();
+    let results: Vec<Result<CheckpointInfo, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|t| {
+                let store = store.clone();
+                s.spawn(move || {
+                    (0..3)
+                        .map(|i| {
+                            // Every thread also tries the shared name "same".
+                            let name = if i == 0 { "same".to_owned() } else { format!("t{t}-{i}") };
+                            let p = store.begin(Some(&name)).map_err(|e| e.to_string())?;
+                            fs::write(p.path("f"), [t as u8, i as u8]).unwrap();
+                            p.commit(draft(&[("f", ComponentKind::Vm, "f")])).map_err(|e| e.to_string())
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let ok: Vec<&CheckpointInfo> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    let refused: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(ok.len(), 17, "one \"same\" and 16 others commit; refused: {refused:?}");
+    assert!(refused.iter().all(|e| e.contains("\"same\" already exists")), "{refused:?}");
+    let mut indices: Vec<u64> = ok.iter().map(|i| i.index).collect();
+    indices.sort();
+    indices.dedup();
+    assert_eq!(indices.len(), 17, "indices are distinct");
+    assert_eq!(store.list().unwrap().len(), 17);
+    for info in ok {
+        store.open_checkpoint(&info.id).unwrap();
+    }
 }
