@@ -104,6 +104,12 @@ pub struct Qmp {
 impl Qmp {
     /// Connect, read the greeting, and leave negotiation mode (`qmp_capabilities`).
     pub async fn connect(path: &Path) -> Result<Qmp, QmpError> {
+        Self::connect_with_timeout(path, GREETING_TIMEOUT).await
+    }
+
+    /// [`connect`](Self::connect) with a chosen wait for the greeting (which
+    /// never comes while another client holds the socket).
+    pub async fn connect_with_timeout(path: &Path, greeting_timeout: Duration) -> Result<Qmp, QmpError> {
         let stream = UnixStream::connect(path)
             .await
             .map_err(|source| QmpError::Connect { path: path.to_owned(), source })?;
@@ -116,7 +122,7 @@ impl Qmp {
             greeting: Value::Null,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
         };
-        let greeting = tokio::time::timeout(GREETING_TIMEOUT, qmp.read_message())
+        let greeting = tokio::time::timeout(greeting_timeout, qmp.read_message())
             .await
             .map_err(|_| {
                 QmpError::Timeout(format!(

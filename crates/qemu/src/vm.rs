@@ -171,9 +171,11 @@ impl RunState {
             other => RunState::Other(other.to_owned()),
         }
     }
-    /// States a save may start from: vCPUs stopped, no migration under way.
+    /// The one state a save may start from. Not `PostMigrate`: QEMU 7.2
+    /// refuses to migrate "the vm that was paused due to previous migration"
+    /// until it has been `cont`inued (and stopped again).
     pub fn is_saveable(&self) -> bool {
-        matches!(self, RunState::Paused | RunState::PostMigrate)
+        matches!(self, RunState::Paused)
     }
 }
 
@@ -232,7 +234,7 @@ pub enum LaunchError {
 pub enum VmError {
     #[error(transparent)]
     Qmp(#[from] QmpError),
-    #[error("VM must be stopped to save, but it is {0:?}")]
+    #[error("VM must be paused (stopped since it last ran) to save, but it is {0:?}")]
     NotStopped(RunState),
     #[error("incoming migration not finished yet; call wait_incoming first")]
     IncomingPending,
@@ -539,8 +541,9 @@ impl Vm {
     }
 
     /// Save the device and RAM state of a stopped VM to `path`, durably:
-    /// written to `<path>.partial`, fsynced, renamed, directory fsynced. A
-    /// running VM is refused with [`VmError::NotStopped`]. The VM is left
+    /// written to `<path>.partial`, fsynced, renamed, directory fsynced. A VM
+    /// that is not `Paused` (running, or `PostMigrate` right after a previous
+    /// save) is refused with [`VmError::NotStopped`]. The VM is left
     /// stopped either way (`postmigrate` after success); the caller resumes it.
     pub async fn save(&mut self, path: &Path) -> Result<SaveReport, VmError> {
         let t0 = Instant::now();
@@ -811,8 +814,10 @@ mod tests {
     fn run_states_parse() {
         assert_eq!(RunState::from_qmp("postmigrate"), RunState::PostMigrate);
         assert_eq!(RunState::from_qmp("colo"), RunState::Other("colo".into()));
-        assert!(RunState::Paused.is_saveable() && RunState::PostMigrate.is_saveable());
-        assert!(!RunState::Running.is_saveable() && !RunState::InMigrate.is_saveable());
+        assert!(RunState::Paused.is_saveable());
+        for s in [RunState::Running, RunState::InMigrate, RunState::PostMigrate] {
+            assert!(!s.is_saveable(), "{s:?}");
+        }
     }
 
     #[test]

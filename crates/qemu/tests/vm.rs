@@ -40,12 +40,17 @@ async fn save_kill_restore_cont() {
     assert!(report.bytes > 1 << 20, "a 256 MiB guest's state is more than 1 MiB: {report:?}");
     assert!(!dir.path().join("vm.state.partial").exists());
     assert_eq!(vm.status().await.unwrap(), RunState::PostMigrate);
+    // QEMU refuses a second migration straight away; so do we, with a typed error.
+    match vm.save(&dir.path().join("again.state")).await {
+        Err(VmError::NotStopped(RunState::PostMigrate)) => {}
+        other => panic!("save from postmigrate: {other:?}"),
+    }
 
     // A checkpoint resumes the source: cont works from postmigrate.
     vm.cont().await.unwrap();
     assert_eq!(vm.status().await.unwrap(), RunState::Running);
     vm.stop().await.unwrap();
-    // And a second save after the first one works too.
+    // And a save after that works again.
     let second = vm.save(&dir.path().join("vm2.state")).await.expect("second save");
     assert!(second.bytes > 1 << 20);
 
@@ -174,6 +179,10 @@ async fn vm_outlives_launching_process() {
         .env(LAUNCHER_ENV, dir.path())
         .output()
         .expect("run launcher child");
+    // Guard first (from the pidfile), so QEMU is killed whatever fails below.
+    let qmp_path = dir.path().join("run/qmp.sock");
+    let pidfile = std::fs::read_to_string(dir.path().join("run/qemu.pid")).unwrap_or_default();
+    let _guard = pidfile.trim().parse().ok().map(|pid| KillOnDrop { pid, qmp_path: qmp_path.clone() });
     let stdout = String::from_utf8_lossy(&out.stdout);
     let pid: u32 = stdout
         .lines()
@@ -181,8 +190,7 @@ async fn vm_outlives_launching_process() {
         .unwrap_or_else(|| panic!("child printed no pid: {stdout} {}", String::from_utf8_lossy(&out.stderr)))
         .parse()
         .unwrap();
-    let qmp_path = dir.path().join("run/qmp.sock");
-    let _guard = KillOnDrop { pid, qmp_path: qmp_path.clone() };
+    assert_eq!(pidfile.trim(), pid.to_string());
     assert!(out.status.success());
     let mut vm = Vm::attach("daemon", &qmp_path, pid).await.expect("attach");
     assert!(vm.is_alive(), "QEMU died with its launcher");
