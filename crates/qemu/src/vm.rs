@@ -223,8 +223,8 @@ pub enum LaunchError {
         #[source]
         source: QmpError,
     },
-    #[error("QEMU (pid {pid}) exited right after starting: {log}")]
-    DiedAfterStart { pid: u32, log: String },
+    #[error("QEMU exited right after starting: {log}")]
+    DiedAfterStart { pid: Option<u32>, log: String },
     #[error("NIC {id} did not connect to {} ({state}); QEMU stopped", path.display())]
     NicNotConnected { id: String, path: PathBuf, state: String },
 }
@@ -402,7 +402,15 @@ impl Vm {
         if !status.success() {
             return Err(LaunchError::Exited { status: status.to_string(), log: log_tail(&log_path) });
         }
-        let pid = read_pidfile(&spec.pid_path())?;
+        let pid = match read_pidfile(&spec.pid_path()) {
+            Ok(pid) => pid,
+            // QEMU removes its pidfile when it exits: it died right after
+            // daemonizing (e.g. a state file it cannot load).
+            Err(_) if !spec.pid_path().exists() => {
+                return Err(LaunchError::DiedAfterStart { pid: None, log: log_tail(&log_path) });
+            }
+            Err(e) => return Err(e),
+        };
         let qmp = match Qmp::connect(&qmp_path).await {
             Ok(q) => q,
             Err(source) => {
@@ -415,7 +423,7 @@ impl Vm {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 if !process_matches(pid, &needle) {
-                    return Err(LaunchError::DiedAfterStart { pid, log: log_tail(&log_path) });
+                    return Err(LaunchError::DiedAfterStart { pid: Some(pid), log: log_tail(&log_path) });
                 }
                 kill_pid(pid);
                 return Err(LaunchError::Qmp { log: log_tail(&log_path), source });
