@@ -6,6 +6,10 @@
 # Inputs: the Debian kernel unpacked by scripts/setup.sh in .cache/kernel/,
 # the host's static busybox, guest/init, this script, and the static guest
 # tools (guest/tools, built here with crt-static into target/guest-tools).
+#
+# Environment:
+#   STASIS_GUEST_BINS  host programs copied in with their shared libraries
+#                      (default: "iperf3" when installed; "" for none)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -15,8 +19,12 @@ BUSYBOX=${STASIS_BUSYBOX:-/bin/busybox}
 # Loaded in this order by /init; each module's own dependencies are added
 # (and ordered before it) automatically.
 LOAD_MODULES=(failover net_failover virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev
-              virtio_pci virtio_net virtio_blk sch_netem)
+              virtio_pci virtio_net virtio_blk sch_netem qemu_fw_cfg)
 TOOLS=(stasis-probe stasis-traffic)
+if [ -z "${STASIS_GUEST_BINS+set}" ]; then
+    STASIS_GUEST_BINS=$(command -v iperf3 >/dev/null && echo iperf3 || true)
+fi
+read -r -a HOST_BINS <<< "$STASIS_GUEST_BINS"
 
 die() { echo "guest/build.sh: error: $*" >&2; exit 1; }
 
@@ -69,6 +77,16 @@ visit() {
 }
 for m in "${LOAD_MODULES[@]}"; do visit "$m"; done
 
+# --- host programs and the shared libraries they load ------------------------------
+HOST_FILES=() # absolute paths, copied to the same path in the guest
+for b in "${HOST_BINS[@]}"; do
+    p=$(command -v "$b") || die "STASIS_GUEST_BINS: $b is not installed"
+    HOST_FILES+=("$(readlink -f "$p")")
+    while read -r lib; do
+        HOST_FILES+=("$lib")
+    done < <(ldd "$p" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }')
+done
+
 # --- cache check ----------------------------------------------------------------
 inputs=$(
     echo "kernel $KPKG"
@@ -78,6 +96,8 @@ inputs=$(
     sha256sum "$ROOT/guest/build.sh" | sed "s|  .*|  build.sh|"
     for t in "${TOOLS[@]}"; do sha256sum "$TOOLS_DIR/$t" | sed "s|  .*|  $t|"; done
     for m in "${ORDER[@]}"; do sha256sum "${MODPATH[$m]}" | sed "s|  .*|  module:$m|"; done
+    for b in "${HOST_BINS[@]}"; do echo "bin $b"; done
+    for f in "${HOST_FILES[@]}"; do sha256sum "$(readlink -f "$f")" | sed "s|  .*|  file:$f|"; done
 )
 if [ -f "$OUT/inputs.sha256" ] && [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/initrd.img" ] \
     && [ "$(cat "$OUT/inputs.sha256")" = "$inputs" ]; then
@@ -102,6 +122,13 @@ for t in "${TOOLS[@]}"; do
     if command -v strip >/dev/null; then strip -o "$STAGE/bin/$t" "$TOOLS_DIR/$t"; else cp "$TOOLS_DIR/$t" "$STAGE/bin/$t"; fi
     chmod 0755 "$STAGE/bin/$t"
 done
+for f in "${HOST_FILES[@]}"; do
+    mkdir -p "$STAGE$(dirname "$f")"
+    cp -L "$f" "$STAGE$f"
+done
+for b in "${HOST_BINS[@]}"; do
+    [ -e "$STAGE/bin/$b" ] || ln -sf "$(readlink -f "$(command -v "$b")")" "$STAGE/bin/$b"
+done
 install -m 0755 "$ROOT/guest/init" "$STAGE/init"
 echo "$KREL" > "$STAGE/etc/stasis-kernel"
 echo "root:x:0:0:root:/root:/bin/sh" > "$STAGE/etc/passwd"
@@ -121,4 +148,4 @@ mv "$OUT/initrd.img.tmp" "$OUT/initrd.img"
 mv "$OUT/vmlinuz.tmp" "$OUT/vmlinuz"
 rm -rf "$STAGE"
 echo "$inputs" > "$OUT/inputs.sha256"
-echo "guest image: built (kernel $KREL, initrd $(( $(stat -c %s "$OUT/initrd.img") / 1024 )) KiB, modules: ${ORDER[*]})"
+echo "guest image: built (kernel $KREL, initrd $(( $(stat -c %s "$OUT/initrd.img") / 1024 )) KiB, modules: ${ORDER[*]}; host programs: ${HOST_BINS[*]:-none})"
