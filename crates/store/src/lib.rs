@@ -294,9 +294,34 @@ fn measure(path: &Path, sync: bool) -> io::Result<(u64, String)> {
     Ok((bytes, hasher.finalize().to_hex().to_string()))
 }
 
+/// [`measure`] of every path, several files at a time (one thread per
+/// core): hashing is CPU-bound and concurrent fsyncs share journal commits.
+fn measure_all(paths: &[PathBuf], sync: bool) -> Vec<io::Result<(u64, String)>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(paths.len());
+    if threads <= 1 {
+        return paths.iter().map(|p| measure(p, sync)).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut results: Vec<Option<io::Result<(u64, String)>>> = paths.iter().map(|_| None).collect();
+    let done = std::sync::Mutex::new(&mut results);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(path) = paths.get(i) else { break };
+                let r = measure(path, sync);
+                done.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
+            });
+        }
+    });
+    results.into_iter().map(|r| r.expect("every index measured")).collect()
+}
+
 /// Verifies every file a manifest records.
 fn verify_files(dir: &Path, manifest: &Manifest, label: &str) -> Result<(), StoreError> {
-    for (owner, file, bytes, digest) in manifest.recorded_files() {
+    // Names and sizes first (cheap), then all digests in parallel.
+    let mut paths = Vec::new();
+    for (owner, file, bytes, _) in manifest.recorded_files() {
         let path = dir.join(file);
         if !manifest::is_plain_file_name(file) {
             return Err(StoreError::BadManifest {
@@ -325,7 +350,11 @@ fn verify_files(dir: &Path, manifest: &Manifest, label: &str) -> Result<(), Stor
                 actual: size,
             });
         }
-        let (_, actual) = measure(&path, false).map_err(io_err("cannot read", &path))?;
+        paths.push(path);
+    }
+    let digests = measure_all(&paths, false);
+    for ((owner, _, _, digest), (path, measured)) in manifest.recorded_files().zip(paths.into_iter().zip(digests)) {
+        let (_, actual) = measured.map_err(io_err("cannot read", &path))?;
         if actual != digest {
             return Err(StoreError::FileDigest {
                 checkpoint: label.to_owned(),
@@ -584,20 +613,29 @@ impl Pending {
     pub fn commit(mut self, draft: ManifestDraft) -> Result<CheckpointInfo, StoreError> {
         self.check_draft(&draft)?;
         let started = Instant::now();
-        let measure_file = |owner: &str, file: &str| -> Result<(u64, String), StoreError> {
-            let path = self.dir.join(file);
-            measure(&path, true).map_err(|e| match e.kind() {
+        // Every listed file, components first, fsynced and hashed in parallel.
+        let owners: Vec<(&str, &str)> = draft
+            .components
+            .iter()
+            .map(|c| (c.name.as_str(), c.file.as_str()))
+            .chain(draft.files.iter().map(|f| (f.as_str(), f.as_str())))
+            .collect();
+        let paths: Vec<PathBuf> = owners.iter().map(|(_, f)| self.dir.join(f)).collect();
+        let mut measured = Vec::new();
+        for (((owner, _), path), r) in owners.iter().zip(&paths).zip(measure_all(&paths, true)) {
+            measured.push(r.map_err(|e| match e.kind() {
                 io::ErrorKind::NotFound => StoreError::FileMissing {
                     checkpoint: self.id.clone(),
-                    component: owner.to_owned(),
+                    component: (*owner).to_owned(),
                     path: path.clone(),
                 },
-                _ => io_err("cannot fsync and hash", &path)(e),
-            })
-        };
+                _ => io_err("cannot fsync and hash", path)(e),
+            })?);
+        }
+        let mut measured = measured.into_iter();
         let mut components = Vec::new();
         for c in &draft.components {
-            let (bytes, blake3) = measure_file(&c.name, &c.file)?;
+            let (bytes, blake3) = measured.next().expect("one per component");
             components.push(Component {
                 name: c.name.clone(),
                 kind: c.kind,
@@ -610,11 +648,12 @@ impl Pending {
                 save_ns: c.save_ns,
             });
         }
-        let mut files = Vec::new();
-        for f in &draft.files {
-            let (bytes, blake3) = measure_file(f, f)?;
-            files.push(FileEntry { file: f.clone(), bytes, blake3 });
-        }
+        let files: Vec<FileEntry> = draft
+            .files
+            .iter()
+            .zip(measured)
+            .map(|(f, (bytes, blake3))| FileEntry { file: f.clone(), bytes, blake3 })
+            .collect();
         let mut timings = draft.timings;
         timings.commit_ns = started.elapsed().as_nanos() as u64;
         let mut manifest = Manifest {
