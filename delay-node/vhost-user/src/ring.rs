@@ -1,0 +1,410 @@
+//! Moving Ethernet frames between byte slices and a virtio-net device's split
+//! virtqueues in guest memory: filling the guest's receive (RX) buffers and
+//! draining its transmit (TX) chains. No sockets, no threads: the caller holds
+//! the queue (and its lock) and the guest memory.
+//!
+//! Exactness rule for RX: a frame is either wholly published in the used ring
+//! (one used-index store covers all of a merged frame's buffers) or not taken
+//! at all (every descriptor chain popped for it is given back). So "what the
+//! guest can consume" is exactly "what [`deliver_frame`] returned `Delivered`
+//! for".
+
+use std::sync::atomic::{fence, Ordering};
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+
+use crate::net_hdr::HdrLayout;
+
+/// What [`deliver_frame`] did with one frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Delivery {
+    /// Published in the used ring, spread over `buffers` guest buffers.
+    Delivered { buffers: u16 },
+    /// The guest has not posted enough free receive buffers; nothing changed.
+    NoBuffer,
+}
+
+/// Why a ring operation failed. Any of these means the guest (or the
+/// frontend) handed us a ring we cannot trust; the port stops using it.
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    #[error("reading the available ring")]
+    Avail(#[source] virtio_queue::Error),
+    #[error("guest memory access at {addr:#x}")]
+    Memory {
+        addr: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("frame of {frame} bytes does not fit a {capacity}-byte receive buffer and buffers cannot be merged")]
+    BufferTooSmall { frame: usize, capacity: usize },
+    #[error("frame of {0} bytes is larger than any virtio-net frame")]
+    FrameTooLarge(usize),
+    #[error("transmit chain of {0} bytes is shorter than the virtio-net header")]
+    ShortTxChain(usize),
+}
+
+/// Largest frame we put in a ring: 64 KiB covers any frame a no-offload
+/// guest can build, and bounds how many buffers one frame may take.
+pub const MAX_FRAME: usize = 65_535;
+
+/// Writable (device-writable) or readable segments of one descriptor chain.
+struct Chain {
+    head: u16,
+    segments: Vec<(GuestAddress, usize)>,
+    capacity: usize,
+}
+
+fn pop_chain<M: GuestMemory>(q: &mut Queue, mem: &M, writable: bool) -> Result<Option<Chain>, RingError> {
+    // `iter` re-reads the guest's avail index, so buffers posted since the last
+    // call are seen.
+    let mut it = q.iter(mem).map_err(RingError::Avail)?;
+    let Some(chain) = it.next() else {
+        return Ok(None);
+    };
+    let head = chain.head_index();
+    let mut segments = Vec::new();
+    let mut capacity = 0usize;
+    for desc in chain {
+        if desc.is_write_only() == writable {
+            segments.push((desc.addr(), desc.len() as usize));
+            capacity += desc.len() as usize;
+        }
+    }
+    Ok(Some(Chain { head, segments, capacity }))
+}
+
+fn write_at<M: GuestMemory>(mem: &M, addr: GuestAddress, bytes: &[u8]) -> Result<(), RingError> {
+    mem.write_slice(bytes, addr)
+        .map_err(|source| RingError::Memory { addr: addr.raw_value(), source })
+}
+
+/// Publishes `elems` (head, written length) as the next used-ring entries and
+/// then moves the used index once, so the guest sees all of them or none.
+fn publish_used<M: GuestMemory>(q: &mut Queue, mem: &M, elems: &[(u16, u32)]) -> Result<(), RingError> {
+    let used = GuestAddress(q.used_ring());
+    let size = q.size();
+    let next = q.next_used();
+    for (i, &(head, len)) in elems.iter().enumerate() {
+        let slot = next.wrapping_add(i as u16) % size;
+        // struct virtq_used { le16 flags; le16 idx; struct { le32 id; le32 len; } ring[size]; }
+        let elem = used.unchecked_add(4 + 8 * u64::from(slot));
+        let mut raw = [0u8; 8];
+        raw[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        raw[4..].copy_from_slice(&len.to_le_bytes());
+        write_at(mem, elem, &raw)?;
+    }
+    let new_idx = next.wrapping_add(elems.len() as u16);
+    // The entries (and the buffers' contents) must be visible before the index.
+    fence(Ordering::Release);
+    let idx_addr = used.unchecked_add(2);
+    mem.store(u16::to_le(new_idx), idx_addr, Ordering::Release)
+        .map_err(|source| RingError::Memory { addr: idx_addr.raw_value(), source })?;
+    q.set_next_used(new_idx);
+    Ok(())
+}
+
+/// Puts one Ethernet frame (no FCS) into the guest's receive queue, preceded
+/// by a virtio-net header that announces no offloads.
+pub fn deliver_frame<M: GuestMemory>(
+    q: &mut Queue,
+    mem: &M,
+    frame: &[u8],
+    layout: HdrLayout,
+) -> Result<Delivery, RingError> {
+    if frame.len() > MAX_FRAME {
+        return Err(RingError::FrameTooLarge(frame.len()));
+    }
+    let total = layout.len() + frame.len();
+    let mut chains: Vec<Chain> = Vec::new();
+    let mut capacity = 0usize;
+    while capacity < total {
+        if !layout.mergeable && !chains.is_empty() {
+            let cap = chains[0].capacity;
+            give_back(q, chains.len());
+            return Err(RingError::BufferTooSmall { frame: total, capacity: cap });
+        }
+        match pop_chain(q, mem, true) {
+            Ok(Some(c)) => {
+                capacity += c.capacity;
+                chains.push(c);
+            }
+            Ok(None) => {
+                give_back(q, chains.len());
+                return Ok(Delivery::NoBuffer);
+            }
+            Err(e) => {
+                give_back(q, chains.len());
+                return Err(e);
+            }
+        }
+    }
+
+    let header = layout.rx_header(chains.len() as u16);
+    let mut src = header.iter().copied().chain(frame.iter().copied());
+    let mut staging = Vec::with_capacity(2048);
+    let mut elems = Vec::with_capacity(chains.len());
+    let mut left = total;
+    for c in &chains {
+        let mut written = 0usize;
+        for &(addr, len) in &c.segments {
+            if left == 0 {
+                break;
+            }
+            let n = len.min(left);
+            staging.clear();
+            staging.extend(src.by_ref().take(n));
+            write_at(mem, addr, &staging)?;
+            written += n;
+            left -= n;
+        }
+        elems.push((c.head, written as u32));
+    }
+    publish_used(q, mem, &elems)?;
+    Ok(Delivery::Delivered { buffers: elems.len() as u16 })
+}
+
+fn give_back(q: &mut Queue, n: usize) {
+    for _ in 0..n {
+        q.go_to_previous_position();
+    }
+}
+
+/// Takes every chain the guest has queued for transmission, strips the
+/// virtio-net header and returns the frames in order; each chain is returned
+/// to the guest (used, length 0) at once.
+pub fn drain_tx<M: GuestMemory>(q: &mut Queue, mem: &M, layout: HdrLayout) -> Result<Vec<Vec<u8>>, RingError> {
+    let mut frames = Vec::new();
+    let mut done = Vec::new();
+    while let Some(c) = pop_chain(q, mem, false)? {
+        done.push((c.head, 0u32));
+        if c.capacity < layout.len() {
+            publish_used(q, mem, &done)?;
+            return Err(RingError::ShortTxChain(c.capacity));
+        }
+        let mut buf = vec![0u8; c.capacity];
+        let mut off = 0;
+        for (addr, len) in c.segments {
+            mem.read_slice(&mut buf[off..off + len], addr)
+                .map_err(|source| RingError::Memory { addr: addr.raw_value(), source })?;
+            off += len;
+        }
+        buf.drain(..layout.len());
+        frames.push(buf);
+    }
+    if !done.is_empty() {
+        publish_used(q, mem, &done)?;
+    }
+    Ok(frames)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    const WRITE: u16 = 2; // VRING_DESC_F_WRITE
+    const NEXT: u16 = 1; // VRING_DESC_F_NEXT
+    const BUF_BASE: u64 = 0x10_0000;
+    const DESC: u64 = 0x0;
+    const AVAIL: u64 = 0x1_0000;
+    const USED: u64 = 0x2_0000;
+
+    /// A split ring laid out in test memory, driven the way a guest driver would.
+    struct Guest {
+        mem: GuestMemoryMmap,
+        size: u16,
+        next_desc: u16,
+    }
+
+    impl Guest {
+        fn new(size: u16) -> (Guest, Queue) {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+            let mut q = Queue::new(size).unwrap();
+            q.set_size(size);
+            q.set_desc_table_address(Some(DESC as u32), Some(0));
+            q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+            q.set_used_ring_address(Some(USED as u32), Some(0));
+            q.set_ready(true);
+            (Guest { mem, size, next_desc: 0 }, q)
+        }
+
+        /// Posts one chain of `(addr, len, flags)` descriptors.
+        fn post(&mut self, descs: &[(u64, u32, u16)]) {
+            let head = self.next_desc;
+            for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+                let d = (head + i as u16) % self.size;
+                let last = i + 1 == descs.len();
+                let next = (d + 1) % self.size;
+                let flags = if last { flags & !NEXT } else { flags | NEXT };
+                let a = GuestAddress(DESC + 16 * u64::from(d));
+                self.mem.write_obj(addr, a).unwrap();
+                self.mem.write_obj(len, a.unchecked_add(8)).unwrap();
+                self.mem.write_obj(flags, a.unchecked_add(12)).unwrap();
+                self.mem.write_obj(if last { 0 } else { next }, a.unchecked_add(14)).unwrap();
+            }
+            self.next_desc = (head + descs.len() as u16) % self.size;
+            let idx = self.avail_idx();
+            self.mem.write_obj(head, GuestAddress(AVAIL + 4 + 2 * u64::from(idx % self.size))).unwrap();
+            self.mem.write_obj(idx.wrapping_add(1), GuestAddress(AVAIL + 2)).unwrap();
+        }
+
+        /// Posts `n` single-descriptor receive buffers of `len` bytes.
+        fn post_rx(&mut self, n: u16, len: u32) {
+            for _ in 0..n {
+                let addr = BUF_BASE + u64::from(self.next_desc) * 0x1_0000;
+                self.post(&[(addr, len, WRITE)]);
+            }
+        }
+
+        fn avail_idx(&self) -> u16 {
+            self.mem.read_obj(GuestAddress(AVAIL + 2)).unwrap()
+        }
+
+        fn used_idx(&self) -> u16 {
+            self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+        }
+
+        fn used_elem(&self, slot: u64) -> (u32, u32) {
+            let a = GuestAddress(USED + 4 + 8 * slot);
+            (self.mem.read_obj(a).unwrap(), self.mem.read_obj(a.unchecked_add(4)).unwrap())
+        }
+
+        fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+            let mut b = vec![0u8; len];
+            self.mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
+            b
+        }
+    }
+
+    fn frame(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + 3) as u8).collect()
+    }
+
+    #[test]
+    fn delivers_one_frame_with_header_into_one_buffer() {
+        let (mut g, mut q) = Guest::new(16);
+        g.post_rx(1, 2048);
+        let f = frame(1514);
+        let d = deliver_frame(&mut q, &g.mem, &f, HdrLayout::MODERN_MRG).unwrap();
+        assert_eq!(d, Delivery::Delivered { buffers: 1 });
+        assert_eq!(g.used_idx(), 1);
+        assert_eq!(g.used_elem(0), (0, 12 + 1514));
+        assert_eq!(g.read(BUF_BASE, 12), vec![0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0], "no offloads, num_buffers = 1");
+        assert_eq!(g.read(BUF_BASE + 12, 1514), f);
+    }
+
+    #[test]
+    fn no_buffer_leaves_ring_untouched() {
+        let (g, mut q) = Guest::new(16);
+        assert_eq!(deliver_frame(&mut q, &g.mem, &frame(60), HdrLayout::MODERN_MRG).unwrap(), Delivery::NoBuffer);
+        assert_eq!(q.next_avail(), 0);
+        assert_eq!(g.used_idx(), 0);
+    }
+
+    #[test]
+    fn merges_buffers_and_publishes_them_with_one_index_store() {
+        let (mut g, mut q) = Guest::new(16);
+        g.post_rx(3, 1000);
+        let f = frame(2500); // 12 + 2500 = 2512 bytes: three 1000-byte buffers
+        let d = deliver_frame(&mut q, &g.mem, &f, HdrLayout::MODERN_MRG).unwrap();
+        assert_eq!(d, Delivery::Delivered { buffers: 3 });
+        assert_eq!(g.used_idx(), 3);
+        assert_eq!(g.used_elem(0), (0, 1000));
+        assert_eq!(g.used_elem(1), (1, 1000));
+        assert_eq!(g.used_elem(2), (2, 512));
+        assert_eq!(g.read(BUF_BASE + 10, 2), vec![3, 0], "num_buffers");
+        let mut got = g.read(BUF_BASE + 12, 988);
+        got.extend(g.read(BUF_BASE + 0x1_0000, 1000));
+        got.extend(g.read(BUF_BASE + 0x2_0000, 512));
+        assert_eq!(got, f);
+    }
+
+    #[test]
+    fn partial_merge_gives_every_buffer_back() {
+        let (mut g, mut q) = Guest::new(16);
+        g.post_rx(2, 1000);
+        assert_eq!(deliver_frame(&mut q, &g.mem, &frame(2500), HdrLayout::MODERN_MRG).unwrap(), Delivery::NoBuffer);
+        assert_eq!(q.next_avail(), 0, "both popped buffers are given back");
+        assert_eq!(g.used_idx(), 0);
+        assert_eq!(
+            deliver_frame(&mut q, &g.mem, &frame(100), HdrLayout::MODERN_MRG).unwrap(),
+            Delivery::Delivered { buffers: 1 }
+        );
+        assert_eq!(g.used_elem(0), (0, 112));
+    }
+
+    #[test]
+    fn without_merging_a_small_buffer_is_an_error_and_is_given_back() {
+        let (mut g, mut q) = Guest::new(16);
+        g.post_rx(2, 1000);
+        let e = deliver_frame(&mut q, &g.mem, &frame(1500), HdrLayout::LEGACY).unwrap_err();
+        assert!(matches!(e, RingError::BufferTooSmall { frame: 1510, capacity: 1000 }), "{e}");
+        assert_eq!(q.next_avail(), 0);
+    }
+
+    #[test]
+    fn legacy_header_is_ten_bytes_and_multi_descriptor_chains_are_filled_in_order() {
+        let (mut g, mut q) = Guest::new(16);
+        g.post(&[(BUF_BASE, 10, WRITE), (BUF_BASE + 0x1_0000, 2000, WRITE)]);
+        let f = frame(300);
+        assert_eq!(deliver_frame(&mut q, &g.mem, &f, HdrLayout::LEGACY).unwrap(), Delivery::Delivered { buffers: 1 });
+        assert_eq!(g.used_elem(0), (0, 310));
+        assert_eq!(g.read(BUF_BASE, 10), vec![0u8; 10]);
+        assert_eq!(g.read(BUF_BASE + 0x1_0000, 300), f);
+    }
+
+    #[test]
+    fn used_ring_wraps_around() {
+        let (mut g, mut q) = Guest::new(4);
+        for round in 0..3u16 {
+            g.post_rx(4, 2048);
+            for i in 0..4u16 {
+                let d = deliver_frame(&mut q, &g.mem, &frame(64), HdrLayout::MODERN_MRG).unwrap();
+                assert_eq!(d, Delivery::Delivered { buffers: 1 }, "round {round} frame {i}");
+            }
+            assert_eq!(deliver_frame(&mut q, &g.mem, &frame(64), HdrLayout::MODERN_MRG).unwrap(), Delivery::NoBuffer);
+        }
+        assert_eq!(g.used_idx(), 12);
+        assert_eq!(q.next_used(), 12);
+    }
+
+    #[test]
+    fn drains_tx_frames_without_header() {
+        let (mut g, mut q) = Guest::new(16);
+        let f1 = frame(60);
+        let f2 = frame(1514);
+        // Header and frame in one readable descriptor, or header then data.
+        let mut hdr_and_f1 = vec![0u8; 12];
+        hdr_and_f1.extend(&f1);
+        g.mem.write_slice(&hdr_and_f1, GuestAddress(BUF_BASE)).unwrap();
+        g.mem.write_slice(&[0u8; 12], GuestAddress(BUF_BASE + 0x1_0000)).unwrap();
+        g.mem.write_slice(&f2, GuestAddress(BUF_BASE + 0x2_0000)).unwrap();
+        g.post(&[(BUF_BASE, hdr_and_f1.len() as u32, 0)]);
+        g.post(&[(BUF_BASE + 0x1_0000, 12, 0), (BUF_BASE + 0x2_0000, 1514, 0)]);
+        let frames = drain_tx(&mut q, &g.mem, HdrLayout::MODERN_MRG).unwrap();
+        assert_eq!(frames, vec![f1, f2]);
+        assert_eq!(g.used_idx(), 2);
+        assert!(drain_tx(&mut q, &g.mem, HdrLayout::MODERN_MRG).unwrap().is_empty());
+    }
+
+    #[test]
+    fn short_tx_chain_is_refused_but_returned_to_the_guest() {
+        let (mut g, mut q) = Guest::new(16);
+        g.post(&[(BUF_BASE, 8, 0)]);
+        assert!(matches!(drain_tx(&mut q, &g.mem, HdrLayout::MODERN_MRG), Err(RingError::ShortTxChain(8))));
+        assert_eq!(g.used_idx(), 1);
+    }
+
+    #[test]
+    fn oversized_frame_is_refused() {
+        let (_g, mut q) = Guest::new(16);
+        let (g, _) = Guest::new(16);
+        assert!(matches!(
+            deliver_frame(&mut q, &g.mem, &vec![0u8; MAX_FRAME + 1], HdrLayout::MODERN_MRG),
+            Err(RingError::FrameTooLarge(_))
+        ));
+    }
+}
