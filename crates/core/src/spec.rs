@@ -208,7 +208,11 @@ impl fmt::Display for SpecError {
             write!(f, "{subject}: ")?;
         }
         write!(f, "{}", self.message)?;
-        if let Some(field) = self.field.as_ref().filter(|f| !self.message.contains(&format!("`{f}`"))) {
+        if let Some(field) = self
+            .field
+            .as_ref()
+            .filter(|f| !self.message.contains(&format!("`{f}`")))
+        {
             write!(f, " in field {field}")?;
         }
         Ok(())
@@ -349,9 +353,15 @@ impl Source<'_> {
     fn toml_error(&self, err: toml::de::Error) -> SpecError {
         let message = err.message().trim().replace('\n', "; ");
         let (kind, field) = if let Some(rest) = message.strip_prefix("unknown field `") {
-            (SpecErrorKind::UnknownField, rest.split('`').next().map(str::to_owned))
+            (
+                SpecErrorKind::UnknownField,
+                rest.split('`').next().map(str::to_owned),
+            )
         } else if let Some(rest) = message.strip_prefix("missing field `") {
-            (SpecErrorKind::MissingField, rest.split('`').next().map(str::to_owned))
+            (
+                SpecErrorKind::MissingField,
+                rest.split('`').next().map(str::to_owned),
+            )
         } else {
             (SpecErrorKind::Syntax, None)
         };
@@ -373,7 +383,9 @@ impl Source<'_> {
         let line = &before[before.rfind('\n').map_or(0, |i| i + 1)..];
         let key = line.trim_end().strip_suffix('=')?.trim();
         let bare = !key.is_empty()
-            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
+            && key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
         bare.then(|| key.to_owned())
     }
 }
@@ -388,7 +400,9 @@ fn is_name(name: &str, max: usize) -> bool {
 fn is_experiment_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 40
-        && name.chars().all(|c| matches!(c, 'a'..='z' | '0'..='9' | '-'))
+        && name
+            .chars()
+            .all(|c| matches!(c, 'a'..='z' | '0'..='9' | '-'))
 }
 
 const NAME_MAX: usize = 32;
@@ -407,7 +421,13 @@ impl Resolver<'_> {
         let span = value.span();
         let mib = match value.get_ref() {
             toml::Value::String(s) => parse_memory_mib(s).map_err(|m| {
-                self.src.error(SpecErrorKind::BadUnit, span.clone(), subject.clone(), Some("memory"), m)
+                self.src.error(
+                    SpecErrorKind::BadUnit,
+                    span.clone(),
+                    subject.clone(),
+                    Some("memory"),
+                    m,
+                )
             })?,
             toml::Value::Integer(i) if *i >= 0 => *i as u64,
             toml::Value::Integer(i) => {
@@ -425,7 +445,10 @@ impl Resolver<'_> {
                     span,
                     subject.clone(),
                     Some("memory"),
-                    format!("expected a size such as \"256M\", found {}", other.type_str()),
+                    format!(
+                        "expected a size such as \"256M\", found {}",
+                        other.type_str()
+                    ),
                 ))
             }
         };
@@ -519,7 +542,10 @@ impl Resolver<'_> {
                 value.span(),
                 subject.clone(),
                 Some(field),
-                format!("expected a string with a unit such as \"{example}\", found {}", other.type_str()),
+                format!(
+                    "expected a string with a unit such as \"{example}\", found {}",
+                    other.type_str()
+                ),
             )),
         }
     }
@@ -534,10 +560,22 @@ impl Resolver<'_> {
         let mut p = base;
         let field = |name: &str| format!("{prefix}{name}");
         let unit_err = |v: &Spanned<toml::Value>, f: &str, m: String| {
-            self.src.error(SpecErrorKind::BadUnit, v.span(), subject.clone(), Some(f), m)
+            self.src.error(
+                SpecErrorKind::BadUnit,
+                v.span(),
+                subject.clone(),
+                Some(f),
+                m,
+            )
         };
         let range_err = |v: &Spanned<toml::Value>, f: &str, m: String| {
-            self.src.error(SpecErrorKind::OutOfRange, v.span(), subject.clone(), Some(f), m)
+            self.src.error(
+                SpecErrorKind::OutOfRange,
+                v.span(),
+                subject.clone(),
+                Some(f),
+                m,
+            )
         };
         if let Some(v) = &raw.bandwidth {
             let f = field("bandwidth");
@@ -566,7 +604,10 @@ impl Resolver<'_> {
                     return Err(range_err(
                         v,
                         &f,
-                        format!("expected a probability such as 0.01, found {}", other.type_str()),
+                        format!(
+                            "expected a probability such as 0.01, found {}",
+                            other.type_str()
+                        ),
                     ))
                 }
             };
@@ -607,7 +648,10 @@ impl Resolver<'_> {
                     return Err(range_err(
                         v,
                         &f,
-                        format!("expected a size such as \"64KB\", found {}", other.type_str()),
+                        format!(
+                            "expected a size such as \"64KB\", found {}",
+                            other.type_str()
+                        ),
                     ))
                 }
             };
@@ -681,7 +725,10 @@ impl Experiment {
     /// Parses and resolves a spec. `source` is the file it came from (used
     /// in errors and to resolve relative kernel/initrd paths).
     pub fn from_toml_str(text: &str, source: Option<&Path>) -> Result<Experiment, SpecError> {
-        let src = Source { text, file: source.map(Path::to_path_buf) };
+        let src = Source {
+            text,
+            file: source.map(Path::to_path_buf),
+        };
         let raw: RawSpec = toml::from_str(text).map_err(|e| src.toml_error(e))?;
         let base_dir = source.map(|p| p.parent().unwrap_or(Path::new("")).to_path_buf());
         let r = Resolver { src, base_dir };
@@ -762,7 +809,9 @@ impl Experiment {
                 let iface = self
                     .node(m)
                     .and_then(|n| n.ifaces.iter().find(|f| f.network == network));
-                let Some(iface) = iface else { return String::new() };
+                let Some(iface) = iface else {
+                    return String::new();
+                };
                 default &= iface.prefix_len == 24
                     && k <= MAX_NETWORKS
                     && i < 254
@@ -781,7 +830,11 @@ impl Experiment {
         };
         for lan in &self.lans {
             k += 1;
-            out += &format!("\n[[lan]]\nname = {}\nmembers = {}\n", q(&lan.name), list(&lan.members));
+            out += &format!(
+                "\n[[lan]]\nname = {}\nmembers = {}\n",
+                q(&lan.name),
+                list(&lan.members)
+            );
             let members: Vec<&str> = lan.members.iter().map(String::as_str).collect();
             out += &ips_line(&lan.name, &members, k);
             out += &params(&lan.params);
@@ -810,7 +863,13 @@ impl Resolver<'_> {
         use SpecErrorKind::*;
         let src = &self.src;
         let name = raw.name.ok_or_else(|| {
-            src.error(MissingField, 0..0, None, Some("name"), "the experiment needs a name")
+            src.error(
+                MissingField,
+                0..0,
+                None,
+                Some("name"),
+                "the experiment needs a name",
+            )
         })?;
         if !is_experiment_name(name.get_ref()) {
             return Err(src.error(
@@ -818,15 +877,30 @@ impl Resolver<'_> {
                 name.span(),
                 None,
                 Some("name"),
-                format!("experiment name \"{}\" must be 1..=40 of [a-z0-9-]", name.get_ref()),
+                format!(
+                    "experiment name \"{}\" must be 1..=40 of [a-z0-9-]",
+                    name.get_ref()
+                ),
             ));
         }
         if raw.node.is_empty() {
-            return Err(src.error(Empty, 0..0, None, Some("node"), "the experiment has no [[node]]"));
+            return Err(src.error(
+                Empty,
+                0..0,
+                None,
+                Some("node"),
+                "the experiment has no [[node]]",
+            ));
         }
         if raw.node.len() > MAX_NODES {
             let span = raw.node[MAX_NODES].name.span();
-            return Err(src.error(TooMany, span, None, None, format!("more than {MAX_NODES} nodes")));
+            return Err(src.error(
+                TooMany,
+                span,
+                None,
+                None,
+                format!("more than {MAX_NODES} nodes"),
+            ));
         }
         if raw.lan.len() + raw.link.len() > MAX_NETWORKS {
             return Err(src.error(
@@ -847,7 +921,9 @@ impl Resolver<'_> {
                     n.span(),
                     Some(format!("{what} \"{}\"", n.get_ref())),
                     Some("name"),
-                    format!("a name must match [a-z][a-z0-9-]* and be at most {NAME_MAX} characters"),
+                    format!(
+                        "a name must match [a-z][a-z0-9-]* and be at most {NAME_MAX} characters"
+                    ),
                 ));
             }
             if let Some(earlier) = names.insert(n.get_ref().clone(), what) {
@@ -899,7 +975,13 @@ impl Resolver<'_> {
             for cmd in &n.run {
                 let c = self.text_field(cmd, &subject, "run")?;
                 if c.trim().is_empty() {
-                    return Err(src.error(OutOfRange, cmd.span(), subject, Some("run"), "empty command"));
+                    return Err(src.error(
+                        OutOfRange,
+                        cmd.span(),
+                        subject,
+                        Some("run"),
+                        "empty command",
+                    ));
                 }
                 run.push(c);
             }
@@ -995,7 +1077,11 @@ impl Resolver<'_> {
                 members: member_names.clone(),
                 addrs: self.ips(&l.ips, members.len(), k, &subject)?,
             });
-            lans.push(Lan { name: l.name.get_ref().clone(), members: member_names, params });
+            lans.push(Lan {
+                name: l.name.get_ref().clone(),
+                members: member_names,
+                params,
+            });
         }
         let mut links = Vec::new();
         for l in &raw.link {
@@ -1060,7 +1146,10 @@ impl Resolver<'_> {
                         format!("address {addr} is already used in \"{other}\""),
                     ));
                 }
-                let node_index = nodes.iter().position(|n| &n.name == member).expect("member checked");
+                let node_index = nodes
+                    .iter()
+                    .position(|n| &n.name == member)
+                    .expect("member checked");
                 let node = &mut nodes[node_index];
                 let iface_index = node.ifaces.len();
                 if iface_index > 255 {

@@ -47,23 +47,60 @@ pub enum StoreError {
     #[error("checkpoint {checkpoint}: manifest {} is missing", path.display())]
     MissingManifest { checkpoint: String, path: PathBuf },
     #[error("checkpoint {checkpoint}: manifest {}:{line}:{column}: bad JSON: {message}", path.display())]
-    BadJson { checkpoint: String, path: PathBuf, line: usize, column: usize, message: String },
+    BadJson {
+        checkpoint: String,
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
     #[error("checkpoint {checkpoint}: manifest {}: {message}", path.display())]
-    BadManifest { checkpoint: String, path: PathBuf, message: String },
+    BadManifest {
+        checkpoint: String,
+        path: PathBuf,
+        message: String,
+    },
     #[error("checkpoint {checkpoint}: not a stasis checkpoint manifest (format {found:?}, expected {FORMAT:?})")]
     WrongFormat { checkpoint: String, found: String },
     #[error("checkpoint {checkpoint}: manifest version {found} is not supported (this build reads {major}.0 to {major}.{minor})", major = VERSION.major, minor = VERSION.minor)]
-    UnsupportedVersion { checkpoint: String, found: ManifestVersion },
+    UnsupportedVersion {
+        checkpoint: String,
+        found: ManifestVersion,
+    },
     #[error("checkpoint {checkpoint}: manifest checksum mismatch (recorded {recorded}, computed {computed}); the manifest was altered or damaged")]
-    ChecksumMismatch { checkpoint: String, recorded: String, computed: String },
+    ChecksumMismatch {
+        checkpoint: String,
+        recorded: String,
+        computed: String,
+    },
     #[error("checkpoint {checkpoint}: manifest says id {found} but the directory is {}", dir.display())]
-    IdMismatch { checkpoint: String, found: String, dir: PathBuf },
+    IdMismatch {
+        checkpoint: String,
+        found: String,
+        dir: PathBuf,
+    },
     #[error("checkpoint {checkpoint}: {component}: file {} is missing", path.display())]
-    FileMissing { checkpoint: String, component: String, path: PathBuf },
+    FileMissing {
+        checkpoint: String,
+        component: String,
+        path: PathBuf,
+    },
     #[error("checkpoint {checkpoint}: {component}: file {} has {actual} bytes, the manifest records {recorded}", path.display())]
-    FileSize { checkpoint: String, component: String, path: PathBuf, recorded: u64, actual: u64 },
+    FileSize {
+        checkpoint: String,
+        component: String,
+        path: PathBuf,
+        recorded: u64,
+        actual: u64,
+    },
     #[error("checkpoint {checkpoint}: {component}: file {} has BLAKE3 {actual}, the manifest records {recorded}", path.display())]
-    FileDigest { checkpoint: String, component: String, path: PathBuf, recorded: String, actual: String },
+    FileDigest {
+        checkpoint: String,
+        component: String,
+        path: PathBuf,
+        recorded: String,
+        actual: String,
+    },
     #[error("no checkpoint {which:?}; known: {known}")]
     UnknownCheckpoint { which: String, known: String },
     #[error("a checkpoint named {name:?} already exists ({existing})")]
@@ -83,7 +120,11 @@ pub enum StoreError {
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io { op, path: path.to_path_buf(), source }
+    move |source| StoreError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// A committed checkpoint as listed.
@@ -180,7 +221,9 @@ pub struct Pending {
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
@@ -207,11 +250,19 @@ fn looks_like_id(name: &str) -> bool {
 }
 
 fn check_name(name: &str) -> Result<(), StoreError> {
-    let bad = |reason| Err(StoreError::InvalidName { name: name.to_owned(), reason });
+    let bad = |reason| {
+        Err(StoreError::InvalidName {
+            name: name.to_owned(),
+            reason,
+        })
+    };
     if name.is_empty() || name.len() > 64 {
         return bad("must be 1..=64 characters");
     }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-') {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    {
         return bad("only letters, digits, '.', '_' and '-' are allowed");
     }
     if !name.as_bytes()[0].is_ascii_alphanumeric() {
@@ -232,7 +283,10 @@ fn check_name(name: &str) -> Result<(), StoreError> {
 /// Reads and checks a manifest: JSON, format, version, checksum, id. Does
 /// not look at the component files.
 fn load_manifest(dir: &Path) -> Result<Manifest, StoreError> {
-    let dir_name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir_name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let checkpoint = dir_name.clone();
     let path = dir.join(MANIFEST_FILE);
     let bytes = match fs::read(&path) {
@@ -251,8 +305,13 @@ fn load_manifest(dir: &Path) -> Result<Manifest, StoreError> {
     })?;
     let format = value.get("format").and_then(Value::as_str).unwrap_or("");
     if format != FORMAT {
-        let found = value.get("format").map_or_else(|| "none".to_owned(), |f| f.to_string());
-        return Err(StoreError::WrongFormat { checkpoint, found: found.trim_matches('"').to_owned() });
+        let found = value
+            .get("format")
+            .map_or_else(|| "none".to_owned(), |f| f.to_string());
+        return Err(StoreError::WrongFormat {
+            checkpoint,
+            found: found.trim_matches('"').to_owned(),
+        });
     }
     let version: ManifestVersion = value
         .get("version")
@@ -264,20 +323,36 @@ fn load_manifest(dir: &Path) -> Result<Manifest, StoreError> {
             message: "no valid version {major, minor}".into(),
         })?;
     if version.major != VERSION.major || version.minor > VERSION.minor {
-        return Err(StoreError::UnsupportedVersion { checkpoint, found: version });
+        return Err(StoreError::UnsupportedVersion {
+            checkpoint,
+            found: version,
+        });
     }
-    let recorded = value.get("checksum").and_then(Value::as_str).unwrap_or("").to_owned();
+    let recorded = value
+        .get("checksum")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
     let computed = manifest::checksum_of(&value);
     if recorded != computed {
-        return Err(StoreError::ChecksumMismatch { checkpoint, recorded, computed });
+        return Err(StoreError::ChecksumMismatch {
+            checkpoint,
+            recorded,
+            computed,
+        });
     }
-    let manifest: Manifest = serde_json::from_value(value).map_err(|e| StoreError::BadManifest {
-        checkpoint: checkpoint.clone(),
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
+    let manifest: Manifest =
+        serde_json::from_value(value).map_err(|e| StoreError::BadManifest {
+            checkpoint: checkpoint.clone(),
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
     if manifest.id != dir_name {
-        return Err(StoreError::IdMismatch { checkpoint, found: manifest.id, dir: dir.to_path_buf() });
+        return Err(StoreError::IdMismatch {
+            checkpoint,
+            found: manifest.id,
+            dir: dir.to_path_buf(),
+        });
     }
     Ok(manifest)
 }
@@ -297,7 +372,9 @@ fn measure(path: &Path, sync: bool) -> io::Result<(u64, String)> {
 /// [`measure`] of every path, several files at a time (one thread per
 /// core): hashing is CPU-bound and concurrent fsyncs share journal commits.
 fn measure_all(paths: &[PathBuf], sync: bool) -> Vec<io::Result<(u64, String)>> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(paths.len());
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(paths.len());
     if threads <= 1 {
         return paths.iter().map(|p| measure(p, sync)).collect();
     }
@@ -314,7 +391,10 @@ fn measure_all(paths: &[PathBuf], sync: bool) -> Vec<io::Result<(u64, String)>> 
             });
         }
     });
-    results.into_iter().map(|r| r.expect("every index measured")).collect()
+    results
+        .into_iter()
+        .map(|r| r.expect("every index measured"))
+        .collect()
 }
 
 /// Verifies every file a manifest records.
@@ -353,7 +433,10 @@ fn verify_files(dir: &Path, manifest: &Manifest, label: &str) -> Result<(), Stor
         paths.push(path);
     }
     let digests = measure_all(&paths, false);
-    for ((owner, _, _, digest), (path, measured)) in manifest.recorded_files().zip(paths.into_iter().zip(digests)) {
+    for ((owner, _, _, digest), (path, measured)) in manifest
+        .recorded_files()
+        .zip(paths.into_iter().zip(digests))
+    {
         let (_, actual) = measured.map_err(io_err("cannot read", &path))?;
         if actual != digest {
             return Err(StoreError::FileDigest {
@@ -373,7 +456,9 @@ impl Store {
     /// directories left by processes that are gone.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
         fs::create_dir_all(root).map_err(io_err("cannot create the store", root))?;
-        let store = Store { root: root.to_path_buf() };
+        let store = Store {
+            root: root.to_path_buf(),
+        };
         store.remove_stale()?;
         Ok(store)
     }
@@ -390,7 +475,9 @@ impl Store {
     /// Pending directories with their owners (`None`: unreadable owner).
     fn pendings(&self) -> Result<Vec<(PathBuf, Option<Owner>)>, StoreError> {
         let mut out = Vec::new();
-        for entry in fs::read_dir(&self.root).map_err(io_err("cannot list the store", &self.root))? {
+        for entry in
+            fs::read_dir(&self.root).map_err(io_err("cannot list the store", &self.root))?
+        {
             let entry = entry.map_err(io_err("cannot list the store", &self.root))?;
             if !entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
                 continue;
@@ -420,7 +507,8 @@ impl Store {
             };
             if stale {
                 info!(dir = %dir.display(), owner = ?owner, "removing an abandoned pending checkpoint");
-                fs::remove_dir_all(&dir).map_err(io_err("cannot remove a stale pending checkpoint", &dir))?;
+                fs::remove_dir_all(&dir)
+                    .map_err(io_err("cannot remove a stale pending checkpoint", &dir))?;
             }
         }
         Ok(())
@@ -429,7 +517,9 @@ impl Store {
     /// Committed checkpoint directories (names not starting with '.').
     fn committed_dirs(&self) -> Result<Vec<PathBuf>, StoreError> {
         let mut dirs = Vec::new();
-        for entry in fs::read_dir(&self.root).map_err(io_err("cannot list the store", &self.root))? {
+        for entry in
+            fs::read_dir(&self.root).map_err(io_err("cannot list the store", &self.root))?
+        {
             let entry = entry.map_err(io_err("cannot list the store", &self.root))?;
             let name = entry.file_name();
             let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
@@ -452,7 +542,9 @@ impl Store {
                 Err(e) => warn!(error = %e, "skipping a damaged checkpoint"),
             }
         }
-        infos.sort_by(|a, b| (a.index, a.created_unix_ms, &a.id).cmp(&(b.index, b.created_unix_ms, &b.id)));
+        infos.sort_by(|a, b| {
+            (a.index, a.created_unix_ms, &a.id).cmp(&(b.index, b.created_unix_ms, &b.id))
+        });
         Ok(infos)
     }
 
@@ -468,12 +560,15 @@ impl Store {
         let pendings = self.pendings()?;
         if let Some(n) = name {
             if let Some(c) = committed.iter().find(|c| c.name.as_deref() == Some(n)) {
-                return Err(StoreError::DuplicateName { name: n.to_owned(), existing: c.id.clone() });
+                return Err(StoreError::DuplicateName {
+                    name: n.to_owned(),
+                    existing: c.id.clone(),
+                });
             }
-            if let Some((dir, _)) = pendings
-                .iter()
-                .find(|(_, o)| o.as_ref().is_some_and(|o| o.name.as_deref() == Some(n) && o.alive()))
-            {
+            if let Some((dir, _)) = pendings.iter().find(|(_, o)| {
+                o.as_ref()
+                    .is_some_and(|o| o.name.as_deref() == Some(n) && o.alive())
+            }) {
                 return Err(StoreError::DuplicateName {
                     name: n.to_owned(),
                     existing: format!("being written in {}", dir.display()),
@@ -488,7 +583,13 @@ impl Store {
                 let name = d.file_name()?.to_string_lossy().into_owned();
                 index_of_id(name.strip_prefix(TMP_PREFIX).unwrap_or(&name))
             });
-        let index = committed.iter().map(|c| c.index).chain(dir_indices).max().unwrap_or(0) + 1;
+        let index = committed
+            .iter()
+            .map(|c| c.index)
+            .chain(dir_indices)
+            .max()
+            .unwrap_or(0)
+            + 1;
         let mut seed = blake3::Hasher::new();
         seed.update(&std::process::id().to_le_bytes());
         seed.update(&index.to_le_bytes());
@@ -507,8 +608,11 @@ impl Store {
             index,
             finished: false,
         };
-        fs::write(&owner_path, serde_json::to_vec(&owner).expect("owner serialises"))
-            .map_err(io_err("cannot write", &owner_path))?;
+        fs::write(
+            &owner_path,
+            serde_json::to_vec(&owner).expect("owner serialises"),
+        )
+        .map_err(io_err("cannot write", &owner_path))?;
         debug!(id = %pending.id, "checkpoint begun");
         Ok(pending)
     }
@@ -519,10 +623,17 @@ impl Store {
     pub fn open_checkpoint(&self, which: &str) -> Result<Checkpoint, StoreError> {
         let infos = self.list()?;
         let unknown = || {
-            let known: Vec<String> = infos.iter().map(|i| format!("#{} {}", i.index, i.label())).collect();
+            let known: Vec<String> = infos
+                .iter()
+                .map(|i| format!("#{} {}", i.index, i.label()))
+                .collect();
             StoreError::UnknownCheckpoint {
                 which: which.to_owned(),
-                known: if known.is_empty() { "none".into() } else { known.join(", ") },
+                known: if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                },
             }
         };
         let dir = if which == "latest" {
@@ -532,7 +643,12 @@ impl Store {
             .unwrap_or(which)
             .parse::<u64>()
             .ok()
-            .filter(|_| which.trim_start_matches('#').bytes().all(|b| b.is_ascii_digit()))
+            .filter(|_| {
+                which
+                    .trim_start_matches('#')
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+            })
         {
             // Damaged checkpoints count too, so asking for one by index
             // reports what is wrong with it rather than "unknown".
@@ -541,7 +657,11 @@ impl Store {
                 None => self
                     .committed_dirs()?
                     .into_iter()
-                    .find(|d| d.file_name().and_then(|n| index_of_id(&n.to_string_lossy())) == Some(index))
+                    .find(|d| {
+                        d.file_name()
+                            .and_then(|n| index_of_id(&n.to_string_lossy()))
+                            == Some(index)
+                    })
                     .ok_or_else(unknown)?,
             }
         } else if !which.is_empty()
@@ -560,7 +680,11 @@ impl Store {
         let manifest = load_manifest(&dir)?;
         let info = CheckpointInfo::of(&manifest, dir.clone());
         verify_files(&dir, &manifest, &info.label())?;
-        Ok(Checkpoint { info, manifest, dir })
+        Ok(Checkpoint {
+            info,
+            manifest,
+            dir,
+        })
     }
 }
 
@@ -586,12 +710,18 @@ impl Pending {
     }
 
     fn check_draft(&self, draft: &ManifestDraft) -> Result<(), StoreError> {
-        let bad = |reason: String| StoreError::BadDraft { checkpoint: self.id.clone(), reason };
+        let bad = |reason: String| StoreError::BadDraft {
+            checkpoint: self.id.clone(),
+            reason,
+        };
         let mut names = std::collections::HashSet::new();
         let mut files = std::collections::HashSet::new();
         for c in &draft.components {
             if c.name.is_empty() || !names.insert(c.name.as_str()) {
-                return Err(bad(format!("component name {:?} is empty or repeated", c.name)));
+                return Err(bad(format!(
+                    "component name {:?} is empty or repeated",
+                    c.name
+                )));
             }
         }
         let all = draft.components.iter().map(|c| &c.file).chain(&draft.files);
@@ -652,7 +782,11 @@ impl Pending {
             .files
             .iter()
             .zip(measured)
-            .map(|(f, (bytes, blake3))| FileEntry { file: f.clone(), bytes, blake3 })
+            .map(|(f, (bytes, blake3))| FileEntry {
+                file: f.clone(),
+                bytes,
+                blake3,
+            })
             .collect();
         let mut timings = draft.timings;
         timings.commit_ns = started.elapsed().as_nanos() as u64;
@@ -681,15 +815,18 @@ impl Pending {
             .map_err(io_err("cannot write", &tmp))?;
         drop(out);
         let final_manifest = self.dir.join(MANIFEST_FILE);
-        fs::rename(&tmp, &final_manifest).map_err(io_err("cannot rename the manifest into place", &tmp))?;
+        fs::rename(&tmp, &final_manifest)
+            .map_err(io_err("cannot rename the manifest into place", &tmp))?;
         let owner = self.dir.join(OWNER_FILE);
         fs::remove_file(&owner).map_err(io_err("cannot remove", &owner))?;
         sync_dir(&self.dir)?;
 
         let target = self.root.join(&self.id);
         {
-            let _lock = StoreLock::acquire(&self.root).map_err(io_err("cannot lock the store", &self.root))?;
-            fs::rename(&self.dir, &target).map_err(io_err("cannot rename the checkpoint into place", &self.dir))?;
+            let _lock = StoreLock::acquire(&self.root)
+                .map_err(io_err("cannot lock the store", &self.root))?;
+            fs::rename(&self.dir, &target)
+                .map_err(io_err("cannot rename the checkpoint into place", &self.dir))?;
         }
         self.finished = true;
         sync_dir(&self.root)?;
@@ -711,7 +848,9 @@ impl Pending {
         match fs::remove_dir_all(&self.dir) {
             Ok(()) => debug!(id = %self.id, "pending checkpoint removed"),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => warn!(dir = %self.dir.display(), error = %e, "cannot remove a pending checkpoint"),
+            Err(e) => {
+                warn!(dir = %self.dir.display(), error = %e, "cannot remove a pending checkpoint")
+            }
         }
     }
 }

@@ -183,7 +183,11 @@ impl Manifest {
         self.components
             .iter()
             .map(|c| (c.name.as_str(), c.file.as_str(), c.bytes, c.blake3.as_str()))
-            .chain(self.files.iter().map(|f| (f.file.as_str(), f.file.as_str(), f.bytes, f.blake3.as_str())))
+            .chain(
+                self.files
+                    .iter()
+                    .map(|f| (f.file.as_str(), f.file.as_str(), f.bytes, f.blake3.as_str())),
+            )
     }
 
     /// Computes and sets `checksum`.
@@ -255,7 +259,8 @@ mod tests {
     #[test]
     fn canonical_json_sorts_keys_and_ignores_layout() {
         let a: Value = serde_json::from_str(r#"{"b": 1, "a": {"y": [1, 2], "x": "é\n"}}"#).unwrap();
-        let b: Value = serde_json::from_str("{\"a\":{\"x\":\"é\\n\",\"y\":[1,2]},\"b\":1}").unwrap();
+        let b: Value =
+            serde_json::from_str("{\"a\":{\"x\":\"é\\n\",\"y\":[1,2]},\"b\":1}").unwrap();
         let (mut ta, mut tb) = (String::new(), String::new());
         canonical_json(&a, &mut ta);
         canonical_json(&b, &mut tb);
@@ -274,7 +279,10 @@ mod tests {
 
     #[test]
     fn kinds_are_spelled_as_documented() {
-        assert_eq!(serde_json::to_string(&ComponentKind::DelayNode).unwrap(), "\"delay-node\"");
+        assert_eq!(
+            serde_json::to_string(&ComponentKind::DelayNode).unwrap(),
+            "\"delay-node\""
+        );
         assert_eq!(serde_json::to_string(&ComponentKind::Vm).unwrap(), "\"vm\"");
     }
 

@@ -10,7 +10,11 @@ use stasis_store::*;
 fn draft(components: &[(&str, ComponentKind, &str)]) -> ManifestDraft {
     ManifestDraft {
         parent: None,
-        experiment: ExperimentRef { name: "exp".into(), digest: "d1".into(), spec_toml: "name = \"exp\"\n".into() },
+        experiment: ExperimentRef {
+            name: "exp".into(),
+            digest: "d1".into(),
+            spec_toml: "name = \"exp\"\n".into(),
+        },
         components: components
             .iter()
             .map(|(name, kind, file)| ComponentDraft {
@@ -24,8 +28,15 @@ fn draft(components: &[(&str, ComponentKind, &str)]) -> ManifestDraft {
             })
             .collect(),
         files: vec![],
-        freeze: FreezeReport { planned_ns: 7, frames_in_flight: 3, ..Default::default() },
-        timings: Timings { total_save_ns: 99, ..Default::default() },
+        freeze: FreezeReport {
+            planned_ns: 7,
+            frames_in_flight: 3,
+            ..Default::default()
+        },
+        timings: Timings {
+            total_save_ns: 99,
+            ..Default::default()
+        },
     }
 }
 
@@ -34,8 +45,11 @@ fn commit(store: &Store, name: Option<&str>, seed: u8) -> CheckpointInfo {
     let p = store.begin(name).unwrap();
     fs::write(p.path("a.vmstate"), vec![seed; 100_000]).unwrap();
     fs::write(p.path("net.state"), format!("delay node {seed}")).unwrap();
-    p.commit(draft(&[("a", ComponentKind::Vm, "a.vmstate"), ("net", ComponentKind::DelayNode, "net.state")]))
-        .unwrap()
+    p.commit(draft(&[
+        ("a", ComponentKind::Vm, "a.vmstate"),
+        ("net", ComponentKind::DelayNode, "net.state"),
+    ]))
+    .unwrap()
 }
 
 /// Entries of the store dir (there is no lock file: the dir itself is locked).
@@ -83,8 +97,14 @@ fn commit_then_list_and_open() {
     assert_eq!(c.manifest.timings.total_save_ns, 99);
     let a = c.manifest.component("a").unwrap();
     assert_eq!(a.bytes, 100_000);
-    assert_eq!(a.blake3, blake3::hash(&vec![1u8; 100_000]).to_hex().to_string());
-    assert_eq!(c.manifest.component("net").unwrap().kind, ComponentKind::DelayNode);
+    assert_eq!(
+        a.blake3,
+        blake3::hash(&vec![1u8; 100_000]).to_hex().to_string()
+    );
+    assert_eq!(
+        c.manifest.component("net").unwrap().kind,
+        ComponentKind::DelayNode
+    );
     assert_eq!(fs::read(c.file("a")).unwrap(), vec![1u8; 100_000]);
     assert_eq!(c.file("net"), c.dir.join("net.state"));
 
@@ -104,7 +124,12 @@ fn lookups_by_latest_index_id_and_name() {
     let two = commit(&store, None, 2);
     let three = commit(&store, Some("three"), 3);
     assert_eq!(
-        store.list().unwrap().iter().map(|i| i.index).collect::<Vec<_>>(),
+        store
+            .list()
+            .unwrap()
+            .iter()
+            .map(|i| i.index)
+            .collect::<Vec<_>>(),
         vec![1, 2, 3]
     );
     assert_eq!(store.open_checkpoint("latest").unwrap().info.id, three.id);
@@ -114,8 +139,14 @@ fn lookups_by_latest_index_id_and_name() {
     assert_eq!(store.open_checkpoint("three").unwrap().info.index, 3);
     let (e, msg) = err_of(&store, "four");
     assert!(matches!(e, StoreError::UnknownCheckpoint { .. }));
-    assert!(msg.contains("\"four\"") && msg.contains("#1 one (") && msg.contains("#3 three ("), "{msg}");
-    assert!(matches!(err_of(&store, "#9").0, StoreError::UnknownCheckpoint { .. }));
+    assert!(
+        msg.contains("\"four\"") && msg.contains("#1 one (") && msg.contains("#3 three ("),
+        "{msg}"
+    );
+    assert!(matches!(
+        err_of(&store, "#9").0,
+        StoreError::UnknownCheckpoint { .. }
+    ));
 }
 
 #[test]
@@ -132,7 +163,10 @@ fn dropped_or_aborted_pending_leaves_nothing() {
     let p = store.begin(Some("dropped")).unwrap();
     fs::write(p.path("a.vmstate"), b"partial").unwrap();
     assert_eq!(entries(store.root()), vec![format!(".tmp-{}", p.id())]);
-    assert!(store.list().unwrap().is_empty(), "a pending checkpoint is never listed");
+    assert!(
+        store.list().unwrap().is_empty(),
+        "a pending checkpoint is never listed"
+    );
     drop(p);
     assert!(entries(store.root()).is_empty());
 
@@ -152,11 +186,17 @@ fn failed_commit_leaves_earlier_checkpoint_intact() {
     let p = store.begin(Some("bad")).unwrap();
     fs::write(p.path("a.vmstate"), b"written").unwrap();
     let e = p
-        .commit(draft(&[("a", ComponentKind::Vm, "a.vmstate"), ("b", ComponentKind::Vm, "b.vmstate")]))
+        .commit(draft(&[
+            ("a", ComponentKind::Vm, "a.vmstate"),
+            ("b", ComponentKind::Vm, "b.vmstate"),
+        ]))
         .unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, StoreError::FileMissing { .. }), "{msg}");
-    assert!(msg.contains("b: file") && msg.contains("b.vmstate"), "{msg}");
+    assert!(
+        msg.contains("b: file") && msg.contains("b.vmstate"),
+        "{msg}"
+    );
     assert_eq!(entries(store.root()), vec![first.id.clone()]);
     assert_eq!(store.list().unwrap(), vec![first.clone()]);
     assert_eq!(store.open_checkpoint("latest").unwrap().info, first);
@@ -177,7 +217,11 @@ fn crash_before_rename_is_not_listed_and_cleaned_later() {
     let crashed = p.dir().to_path_buf();
     let id = p.id().to_owned();
     std::mem::forget(p);
-    fs::copy(good.dir.join("manifest.json"), crashed.join("manifest.json")).unwrap();
+    fs::copy(
+        good.dir.join("manifest.json"),
+        crashed.join("manifest.json"),
+    )
+    .unwrap();
     let mut child = std::process::Command::new("true").spawn().unwrap();
     let dead_pid = child.id();
     child.wait().unwrap();
@@ -191,7 +235,10 @@ fn crash_before_rename_is_not_listed_and_cleaned_later() {
     let old = root.join(".tmp-0009-00000000");
     fs::create_dir(&old).unwrap();
     let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
-    fs::File::open(&old).unwrap().set_modified(hour_ago).unwrap();
+    fs::File::open(&old)
+        .unwrap()
+        .set_modified(hour_ago)
+        .unwrap();
     let fresh = root.join(".tmp-0010-00000000");
     fs::create_dir(&fresh).unwrap();
 
@@ -199,8 +246,14 @@ fn crash_before_rename_is_not_listed_and_cleaned_later() {
     let live = store.begin(Some("live")).unwrap();
 
     assert_eq!(store.list().unwrap(), vec![good.clone()]);
-    assert!(matches!(err_of(&store, "crashed").0, StoreError::UnknownCheckpoint { .. }));
-    assert!(matches!(err_of(&store, &id).0, StoreError::UnknownCheckpoint { .. }));
+    assert!(matches!(
+        err_of(&store, "crashed").0,
+        StoreError::UnknownCheckpoint { .. }
+    ));
+    assert!(matches!(
+        err_of(&store, &id).0,
+        StoreError::UnknownCheckpoint { .. }
+    ));
 
     let reopened = Store::open(&root).unwrap();
     assert!(!crashed.exists(), "dead owner: removed");
@@ -210,19 +263,41 @@ fn crash_before_rename_is_not_listed_and_cleaned_later() {
     assert_eq!(reopened.list().unwrap(), vec![good]);
     // The live pending one still commits after the sweep.
     fs::write(live.path("a.vmstate"), b"x").unwrap();
-    let info = live.commit(draft(&[("a", ComponentKind::Vm, "a.vmstate")])).unwrap();
-    assert!(info.index > 10, "index continues after leftover dirs: {}", info.index);
+    let info = live
+        .commit(draft(&[("a", ComponentKind::Vm, "a.vmstate")]))
+        .unwrap();
+    assert!(
+        info.index > 10,
+        "index continues after leftover dirs: {}",
+        info.index
+    );
 }
 
 #[test]
 fn truncated_file_is_refused() {
     let (_tmp, store) = setup();
     let info = commit(&store, Some("c"), 1);
-    let f = fs::OpenOptions::new().write(true).open(info.dir.join("a.vmstate")).unwrap();
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(info.dir.join("a.vmstate"))
+        .unwrap();
     f.set_len(50_000).unwrap();
     let (e, msg) = err_of(&store, "c");
-    assert!(matches!(e, StoreError::FileSize { recorded: 100_000, actual: 50_000, .. }), "{msg}");
-    assert!(msg.contains(&info.id) && msg.contains("a.vmstate") && msg.contains("a: file"), "{msg}");
+    assert!(
+        matches!(
+            e,
+            StoreError::FileSize {
+                recorded: 100_000,
+                actual: 50_000,
+                ..
+            }
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&info.id) && msg.contains("a.vmstate") && msg.contains("a: file"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -235,7 +310,10 @@ fn flipped_byte_is_refused() {
     fs::write(&path, bytes).unwrap();
     let (e, msg) = err_of(&store, "c");
     assert!(matches!(e, StoreError::FileDigest { .. }), "{msg}");
-    assert!(msg.contains("c (") && msg.contains("a.vmstate") && msg.contains("BLAKE3"), "{msg}");
+    assert!(
+        msg.contains("c (") && msg.contains("a.vmstate") && msg.contains("BLAKE3"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -245,7 +323,10 @@ fn missing_file_is_refused() {
     fs::remove_file(info.dir.join("net.state")).unwrap();
     let (e, msg) = err_of(&store, "latest");
     assert!(matches!(e, StoreError::FileMissing { .. }), "{msg}");
-    assert!(msg.contains("net: file") && msg.contains("net.state") && msg.contains("missing"), "{msg}");
+    assert!(
+        msg.contains("net: file") && msg.contains("net.state") && msg.contains("missing"),
+        "{msg}"
+    );
 }
 
 fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
@@ -292,9 +373,15 @@ fn missing_manifest_is_refused() {
     fs::remove_file(info.dir.join("manifest.json")).unwrap();
     let (e, msg) = err_of(&store, &info.id);
     assert!(matches!(e, StoreError::MissingManifest { .. }), "{msg}");
-    assert!(msg.contains(&info.id) && msg.contains("manifest.json"), "{msg}");
+    assert!(
+        msg.contains(&info.id) && msg.contains("manifest.json"),
+        "{msg}"
+    );
     let (e, _) = err_of(&store, "1");
-    assert!(matches!(e, StoreError::MissingManifest { .. }), "by index a damaged one is reported, not unknown");
+    assert!(
+        matches!(e, StoreError::MissingManifest { .. }),
+        "by index a damaged one is reported, not unknown"
+    );
 }
 
 #[test]
@@ -302,7 +389,11 @@ fn bad_json_reports_line_and_column() {
     let (_tmp, store) = setup();
     let info = commit(&store, Some("c"), 1);
     let path = info.dir.join("manifest.json");
-    fs::write(&path, "{\n  \"format\": \"stasis-checkpoint\",\n  \"version\": oops\n}").unwrap();
+    fs::write(
+        &path,
+        "{\n  \"format\": \"stasis-checkpoint\",\n  \"version\": oops\n}",
+    )
+    .unwrap();
     let (e, msg) = err_of(&store, &info.id);
     assert!(matches!(e, StoreError::BadJson { line: 3, .. }), "{msg}");
     assert!(msg.contains("manifest.json:3:"), "{msg}");
@@ -370,7 +461,16 @@ fn duplicate_and_invalid_names_are_refused() {
     let e = store.begin(Some("busy")).unwrap_err();
     assert!(matches!(e, StoreError::DuplicateName { .. }), "{e}");
     drop(pending);
-    for bad in ["", "latest", "12", "#x", ".hidden", "a/b", "0003-deadbeef", &"x".repeat(65)] {
+    for bad in [
+        "",
+        "latest",
+        "12",
+        "#x",
+        ".hidden",
+        "a/b",
+        "0003-deadbeef",
+        &"x".repeat(65),
+    ] {
         let e = store.begin(Some(bad)).unwrap_err();
         assert!(matches!(e, StoreError::InvalidName { .. }), "{bad:?}: {e}");
     }
@@ -419,7 +519,8 @@ fn extra_files_are_recorded_and_verified() {
 fn experiment_reference_refuses_another_experiment() {
     let spec = "name = \"exp\"\n[[node]]\nname = \"a\"\n";
     let exp = stasis_core::spec::Experiment::from_toml_str(spec, None).unwrap();
-    let other = stasis_core::spec::Experiment::from_toml_str(&spec.replace("\"a\"", "\"b\""), None).unwrap();
+    let other = stasis_core::spec::Experiment::from_toml_str(&spec.replace("\"a\"", "\"b\""), None)
+        .unwrap();
     let (_tmp, store) = setup();
     let p = store.begin(None).unwrap();
     fs::write(p.path("a.vmstate"), b"vm").unwrap();
@@ -428,9 +529,13 @@ fn experiment_reference_refuses_another_experiment() {
     p.commit(d).unwrap();
     let c = store.open_checkpoint("latest").unwrap();
     c.ensure_experiment(&exp.name, &exp.digest()).unwrap();
-    let e = c.ensure_experiment(&other.name, &other.digest()).unwrap_err();
+    let e = c
+        .ensure_experiment(&other.name, &other.digest())
+        .unwrap_err();
     assert!(matches!(e, StoreError::ExperimentMismatch { .. }), "{e}");
-    let restored = stasis_core::spec::Experiment::from_toml_str(&c.manifest.experiment.spec_toml, None).unwrap();
+    let restored =
+        stasis_core::spec::Experiment::from_toml_str(&c.manifest.experiment.spec_toml, None)
+            .unwrap();
     assert_eq!(restored.digest(), exp.digest());
 }
 
@@ -445,21 +550,38 @@ fn concurrent_writers_get_distinct_indices_and_names() {
                     (0..3)
                         .map(|i| {
                             // Every thread also tries the shared name "same".
-                            let name = if i == 0 { "same".to_owned() } else { format!("t{t}-{i}") };
+                            let name = if i == 0 {
+                                "same".to_owned()
+                            } else {
+                                format!("t{t}-{i}")
+                            };
                             let p = store.begin(Some(&name)).map_err(|e| e.to_string())?;
                             fs::write(p.path("f"), [t as u8, i as u8]).unwrap();
-                            p.commit(draft(&[("f", ComponentKind::Vm, "f")])).map_err(|e| e.to_string())
+                            p.commit(draft(&[("f", ComponentKind::Vm, "f")]))
+                                .map_err(|e| e.to_string())
                         })
                         .collect::<Vec<_>>()
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
     });
     let ok: Vec<&CheckpointInfo> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
     let refused: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    assert_eq!(ok.len(), 17, "one \"same\" and 16 others commit; refused: {refused:?}");
-    assert!(refused.iter().all(|e| e.contains("\"same\" already exists")), "{refused:?}");
+    assert_eq!(
+        ok.len(),
+        17,
+        "one \"same\" and 16 others commit; refused: {refused:?}"
+    );
+    assert!(
+        refused
+            .iter()
+            .all(|e| e.contains("\"same\" already exists")),
+        "{refused:?}"
+    );
     let mut indices: Vec<u64> = ok.iter().map(|i| i.index).collect();
     indices.sort();
     indices.dedup();

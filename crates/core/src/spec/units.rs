@@ -37,12 +37,16 @@ fn scale_decimal(number: &str, unit: u128) -> Result<u128, String> {
     let mantissa: u128 = if digits.is_empty() {
         0
     } else {
-        digits.parse().map_err(|_| format!("\"{number}\" is not a number"))?
+        digits
+            .parse()
+            .map_err(|_| format!("\"{number}\" is not a number"))?
     };
     let divisor = 10u128.pow(frac.len() as u32);
     let product = mantissa.checked_mul(unit).ok_or("number too large")?;
     if product % divisor != 0 {
-        return Err(format!("\"{number}\" is not a whole number of the base unit"));
+        return Err(format!(
+            "\"{number}\" is not a whole number of the base unit"
+        ));
     }
     Ok(product / divisor)
 }
@@ -69,8 +73,9 @@ const SIZE_UNITS: &str = "B, K, KB, KiB, M, MB, MiB, G, GB, GiB, T, TB, TiB";
 /// Parses a byte size such as `"64KB"` or `"1.5G"` (binary multiples).
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
     let (number, suffix) = split_number(text);
-    let unit = size_unit(suffix)
-        .ok_or_else(|| format!("unknown size unit \"{suffix}\" in \"{text}\" (expected {SIZE_UNITS})"))?;
+    let unit = size_unit(suffix).ok_or_else(|| {
+        format!("unknown size unit \"{suffix}\" in \"{text}\" (expected {SIZE_UNITS})")
+    })?;
     let bytes = scale_decimal(number, unit)?;
     u64::try_from(bytes).map_err(|_| format!("\"{text}\" is too large"))
 }
@@ -224,7 +229,16 @@ mod tests {
 
     #[test]
     fn formats_round_trip() {
-        for ns in [0, 1, 999, 1_000, 1_500, 10_000_000, 3_000_000_000, 1_234_567_891] {
+        for ns in [
+            0,
+            1,
+            999,
+            1_000,
+            1_500,
+            10_000_000,
+            3_000_000_000,
+            1_234_567_891,
+        ] {
             assert_eq!(parse_duration_ns(&format_duration_ns(ns)), Ok(ns));
         }
         for bps in [1, 999, 56_000, 100_000_000, 1_000_000_000, 2_500_000] {
