@@ -200,3 +200,102 @@ async fn vm_outlives_launching_process() {
     vm.quit().await.unwrap();
     assert!(!vm.is_alive());
 }
+
+/// Guest script (the project image runs `stasis.run`; the fallback test image
+/// prints the same kind of lines by itself): a counter on the console.
+const TICKER: &str = "i=0; while true; do i=$((i+1)); echo \"tick $i\"; sleep 0.5; done";
+
+fn base64(data: &[u8]) -> String {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Complete `tick N` lines of `text`, in order.
+fn ticks(text: &str) -> Vec<u64> {
+    text.split('\n')
+        .rev()
+        .skip(1) // the last piece is not a complete line
+        .filter_map(|l| l.trim().strip_prefix("tick ")?.split_whitespace().next()?.parse().ok())
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect()
+}
+
+/// The console log from byte `from` on.
+fn console(serial: &Path, from: usize) -> String {
+    let bytes = std::fs::read(serial).unwrap_or_default();
+    String::from_utf8_lossy(&bytes[from.min(bytes.len())..]).into_owned()
+}
+
+/// Console output from byte `from` on, once it shows a tick >= `at_least`.
+async fn wait_for_tick(serial: &Path, from: usize, at_least: u64) -> String {
+    for _ in 0..1200 {
+        let text = console(serial, from);
+        if ticks(&text).last().is_some_and(|&t| t >= at_least) {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no tick >= {at_least} on the guest console within 120 s; console: {}", console(serial, 0));
+}
+
+#[tokio::test]
+async fn restored_guest_continues_from_the_checkpoint() {
+    let dir = tempdir();
+    let mut s = spec("tl", &dir.path().join("run"), vec![]);
+    s.append = format!("console=ttyS0 panic=-1 stasis.node=tl stasis.run={}", base64(TICKER.as_bytes()));
+    let serial = dir.path().join("serial.log");
+    let mut vm = Vm::launch(&s, &serial, None).await.expect("launch");
+    let guard = KillOnDrop::new(&vm);
+    wait_for_tick(&serial, 0, 2).await;
+
+    vm.stop().await.unwrap();
+    let saved_len = std::fs::metadata(&serial).unwrap().len() as usize;
+    let at_save = console(&serial, 0);
+    let last_before = *ticks(&at_save).last().unwrap();
+    let state = dir.path().join("tl.state");
+    vm.save(&state).await.expect("save");
+    // The original timeline moves on past the checkpoint …
+    vm.cont().await.unwrap();
+    wait_for_tick(&serial, saved_len, last_before + 3).await;
+    vm.kill();
+    while vm.is_alive() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(guard);
+
+    // … and the restored one picks up exactly where the checkpoint was.
+    let offset = std::fs::metadata(&serial).unwrap().len() as usize;
+    let mut r = Vm::launch(&s, &serial, Some(&state)).await.expect("restore");
+    let _guard = KillOnDrop::new(&r);
+    r.wait_incoming(Duration::from_secs(60)).await.expect("incoming");
+    r.cont().await.unwrap();
+    let restored = wait_for_tick(&serial, offset, last_before + 2).await;
+    // A line cut by the stop continues after the restore: join it back.
+    let partial = &at_save[at_save.rfind('\n').map_or(0, |i| i + 1)..];
+    let after = format!("{partial}{restored}");
+    let first = ticks(&after)[0];
+    assert_eq!(first, last_before + 1, "console after restore: {after:?}");
+    r.quit().await.unwrap();
+}
+
+#[test]
+fn base64_matches_reference() {
+    assert_eq!(base64(b""), "");
+    assert_eq!(base64(b"f"), "Zg==");
+    assert_eq!(base64(b"fo"), "Zm8=");
+    assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+}
