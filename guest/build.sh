@@ -29,6 +29,12 @@ read -r -a HOST_BINS <<< "$STASIS_GUEST_BINS"
 die() { echo "guest/build.sh: error: $*" >&2; exit 1; }
 
 [ -f "$KDIR/.stasis-kernel" ] || "$ROOT/scripts/setup.sh" || die "scripts/setup.sh failed"
+
+# One build at a time (make test may run several); readers of target/guest/
+# only ever see complete files, which are replaced by rename.
+mkdir -p "$OUT"
+exec 9>"$OUT/.build.lock"
+flock 9 || die "cannot lock $OUT/.build.lock"
 KPKG=$(cat "$KDIR/.stasis-kernel")
 KREL=${KPKG#linux-image-}
 VMLINUZ="$KDIR/boot/vmlinuz-$KREL"

@@ -6,8 +6,10 @@
 #
 # Safe to run repeatedly and from any directory; quiet when nothing is to do.
 # Environment:
-#   STASIS_KERNEL_PKG  binary package of the guest kernel (default: the one
-#                      `linux-image-amd64` depends on, e.g. linux-image-6.1.0-56-amd64)
+#   STASIS_KERNEL_PKG     binary package of the guest kernel (default: the one
+#                         `linux-image-amd64` depends on, e.g. linux-image-6.1.0-56-amd64)
+#   STASIS_KERNEL_UPDATE  set to re-resolve that default (the kernel is otherwise
+#                         pinned once unpacked)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -53,6 +55,15 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # --- guest kernel ------------------------------------------------------------
+# The kernel is pinned once unpacked: later apt updates do not change the
+# guest under existing experiments. STASIS_KERNEL_UPDATE=1 re-resolves it.
+STAMP="$CACHE/kernel/.stasis-kernel"
+if [ -z "${STASIS_KERNEL_PKG:-}" ] && [ -z "${STASIS_KERNEL_UPDATE:-}" ] && [ -f "$STAMP" ]; then
+    pinned=$(cat "$STAMP")
+    if [ -f "$CACHE/kernel/boot/vmlinuz-${pinned#linux-image-}" ]; then
+        exit 0
+    fi
+fi
 kernel_pkg() {
     if [ -n "${STASIS_KERNEL_PKG:-}" ]; then echo "$STASIS_KERNEL_PKG"; return; fi
     apt-cache depends linux-image-amd64 2>/dev/null \
@@ -66,7 +77,6 @@ fi
 [ -n "$KPKG" ] || die "cannot find the package that linux-image-amd64 depends on (apt lists missing?)"
 KREL=${KPKG#linux-image-}
 
-STAMP="$CACHE/kernel/.stasis-kernel"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KPKG" ] \
     && [ -f "$CACHE/kernel/boot/vmlinuz-$KREL" ] && [ -d "$CACHE/kernel/lib/modules/$KREL" ]; then
     exit 0

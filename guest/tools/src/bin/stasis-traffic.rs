@@ -132,8 +132,34 @@ fn run_recv(o: RecvOpts) -> io::Result<()> {
     }
 }
 
+/// Receive buffer asked for UDP, so that a guest busy elsewhere does not drop
+/// records in its own socket (which would read as network loss).
+const UDP_RCVBUF: libc::c_int = 8 << 20;
+
+fn grow_rcvbuf(sock: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let size = UDP_RCVBUF;
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: the fd is a live socket owned by `sock`; `size` outlives the
+        // call and its length is passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return; // FORCE needs CAP_NET_ADMIN (root in guests); else capped by rmem_max
+        }
+    }
+}
+
 fn recv_udp(o: RecvOpts) -> io::Result<()> {
     let sock = UdpSocket::bind(("0.0.0.0", o.port))?;
+    grow_rcvbuf(&sock);
     let mut table = FlowTable::new();
     let mut buf = vec![0u8; 65536];
     let mut bad = 0u64;
