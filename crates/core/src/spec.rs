@@ -8,6 +8,7 @@
 // Errors are rare and parsing is not hot; a large error keeps its fields plain.
 #![allow(clippy::result_large_err)]
 
+mod ns;
 mod units;
 
 use std::collections::{BTreeMap, HashSet};
@@ -172,6 +173,8 @@ pub enum SpecErrorKind {
     Empty,
     /// More nodes, networks or members than addresses/MACs allow.
     TooMany,
+    /// An NS-script command outside the supported subset.
+    Unsupported,
 }
 
 /// A refused spec. Displays as `file:line:col: subject: message in field f`
@@ -735,7 +738,33 @@ impl Experiment {
         r.resolve(raw, source)
     }
 
-    /// Reads and parses a spec file.
+    /// Imports an Emulab NS script (the topology subset, see `docs/spec.md`).
+    /// The experiment is named after the file (`source`'s stem), or
+    /// `ns-import`. Errors point into the script.
+    pub fn from_ns_script(text: &str, source: Option<&Path>) -> Result<Experiment, SpecError> {
+        let src = Source {
+            text,
+            file: source.map(Path::to_path_buf),
+        };
+        let stem = source
+            .and_then(Path::file_stem)
+            .map(|s| s.to_string_lossy().to_ascii_lowercase())
+            .unwrap_or_default();
+        let mut name: String = stem
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .take(40)
+            .collect();
+        if !is_experiment_name(&name) {
+            name = "ns-import".into();
+        }
+        let raw = ns::parse(text, &src, name)?;
+        let base_dir = source.map(|p| p.parent().unwrap_or(Path::new("")).to_path_buf());
+        Resolver { src, base_dir }.resolve(raw, source)
+    }
+
+    /// Reads and parses a spec file: TOML, or an Emulab NS script when the
+    /// file name ends in `.ns` or `.tcl`.
     pub fn from_file(path: &Path) -> Result<Experiment, SpecError> {
         let text = std::fs::read_to_string(path).map_err(|e| SpecError {
             kind: SpecErrorKind::Read,
@@ -747,7 +776,10 @@ impl Experiment {
             message: "cannot read the spec".into(),
             source: Some(e),
         })?;
-        Experiment::from_toml_str(&text, Some(path))
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("ns" | "tcl") => Experiment::from_ns_script(&text, Some(path)),
+            _ => Experiment::from_toml_str(&text, Some(path)),
+        }
     }
 
     /// The node called `name`.
