@@ -126,6 +126,9 @@ pub fn qemu_args(spec: &VmSpec, serial_log: &Path, incoming: Option<&Path>) -> V
         ]);
         push(&["-device", &format!("virtio-net-pci,netdev={},mac={}", nic.id, nic.mac)]);
     }
+    // After an incoming migration QEMU announces each NIC (RARP frames, or a
+    // guest gratuitous ARP) when the VM starts: a visible trace of a restore.
+    push(&["-global", "migration.announce-rounds=0"]);
     push(&["-qmp", &format!("unix:{},server=on,wait=off", p(&spec.qmp_path()))]);
     push(&["-pidfile", &p(&spec.pid_path())]);
     // With -D, QEMU keeps stderr on this file after daemonizing instead of /dev/null.
@@ -792,6 +795,7 @@ mod tests {
         assert_eq!(value_after(&a, "-D"), ["/run/vm1/qemu.log"]);
         assert_eq!(value_after(&a, "-chardev"), ["file,id=serial0,path=/logs/serial.log,append=on"]);
         assert_eq!(value_after(&a, "-serial"), ["chardev:serial0"]);
+        assert_eq!(value_after(&a, "-global"), ["migration.announce-rounds=0"]);
         assert!(!a.iter().any(|x| x == "-S" || x == "-incoming"));
     }
 

@@ -11,7 +11,7 @@ use stasis_qemu::vm::{LaunchError, RunState, Vm, VmError};
 #[tokio::test]
 async fn save_kill_restore_cont() {
     let dir = tempdir();
-    let (_l0, nic) = nic_listener(dir.path(), "n0", "52:54:00:12:34:01");
+    let (l0, nic) = nic_listener(dir.path(), "n0", "52:54:00:12:34:01");
     let s = spec("ck", &dir.path().join("run"), vec![nic]);
     let serial = dir.path().join("serial.log");
     let mut vm = Vm::launch(&s, &serial, None).await.expect("launch");
@@ -76,11 +76,48 @@ async fn save_kill_restore_cont() {
     assert_eq!(restored.status().await.unwrap(), RunState::Paused);
     restored.cont().await.unwrap();
     assert_eq!(restored.status().await.unwrap(), RunState::Running);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // No trace of the restore on the wire: QEMU's post-migration announcements
+    // (RARP, ethertype 0x8035) are switched off.
+    let frames = tokio::task::spawn_blocking(move || {
+        let _original = l0.accept().unwrap(); // the killed VM's connection
+        let (conn, _) = l0.accept().unwrap();
+        read_frames(conn, Duration::from_millis(1500))
+    })
+    .await
+    .unwrap();
+    assert!(!frames.iter().any(|f| f.len() >= 14 && f[12..14] == [0x80, 0x35]), "RARP after restore: {frames:?}");
     assert!(restored.is_alive());
     assert_eq!(restored.status().await.unwrap(), RunState::Running);
     restored.quit().await.unwrap();
     assert!(!restored.is_alive());
+}
+
+/// `-netdev stream` frames (4-byte big-endian length + Ethernet frame) read
+/// from `conn` for `window`.
+fn read_frames(mut conn: std::os::unix::net::UnixStream, window: Duration) -> Vec<Vec<u8>> {
+    use std::io::Read;
+    let end = std::time::Instant::now() + window;
+    conn.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    while std::time::Instant::now() < end {
+        match conn.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => continue,
+        }
+    }
+    let mut frames = Vec::new();
+    let mut rest = &buf[..];
+    while rest.len() >= 4 {
+        let n = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+        if rest.len() < 4 + n {
+            break;
+        }
+        frames.push(rest[4..4 + n].to_vec());
+        rest = &rest[4 + n..];
+    }
+    frames
 }
 
 #[tokio::test]
