@@ -82,6 +82,7 @@ fn sequenced_udp_survives_stop_cont_and_checkpoint_restore_with_nothing_lost() {
         dir: dir.path(),
         incoming: None,
         log_suffix: "",
+        stream_mode: false,
     });
     let a = boot(&GuestSpec {
         name: "a",
@@ -92,6 +93,7 @@ fn sequenced_udp_survives_stop_cont_and_checkpoint_restore_with_nothing_lost() {
         dir: dir.path(),
         incoming: None,
         log_suffix: "",
+        stream_mode: false,
     });
     let mut qmp_b = Qmp::connect(&b.qmp);
     for g in [&a, &b] {
@@ -133,6 +135,7 @@ fn sequenced_udp_survives_stop_cont_and_checkpoint_restore_with_nothing_lost() {
         dir: dir.path(),
         incoming: Some(&state),
         log_suffix: "-restored",
+        stream_mode: false,
     });
     let mut qmp_b2 = Qmp::connect(&b2.qmp);
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -54,6 +54,8 @@ pub struct GuestSpec<'a> {
     pub incoming: Option<&'a Path>,
     /// Serial log file name suffix, so a restored guest logs to a new file.
     pub log_suffix: &'a str,
+    /// Use `-netdev stream` (client of `vhost_socket`) instead of vhost-user.
+    pub stream_mode: bool,
 }
 
 pub fn boot(spec: &GuestSpec) -> Guest {
@@ -64,8 +66,20 @@ pub fn boot(spec: &GuestSpec) -> Guest {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-accel", "tcg", "-cpu", "max", "-m", "256M", "-nodefaults", "-no-reboot"])
         .args(["-display", "none", "-monitor", "none"])
-        .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-machine", "memory-backend=mem"])
-        .arg("-kernel")
+        .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-machine", "memory-backend=mem"]);
+    if spec.stream_mode {
+        cmd.arg("-netdev")
+            .arg(format!("stream,id=n0,server=off,addr.type=unix,addr.path={}", spec.vhost_socket.display()))
+            .arg("-device")
+            .arg(format!("virtio-net-pci,netdev=n0,mac={},romfile=", spec.mac));
+    } else {
+        cmd.arg("-chardev")
+            .arg(format!("socket,id=c0,path={}", spec.vhost_socket.display()))
+            .args(["-netdev", "vhost-user,id=n0,chardev=c0"])
+            .arg("-device")
+            .arg(format!("virtio-net-pci,netdev=n0,mac={},vectors=0,romfile=", spec.mac));
+    }
+    cmd.arg("-kernel")
         .arg(&kernel)
         .arg("-initrd")
         .arg(&initrd)
@@ -74,11 +88,6 @@ pub fn boot(spec: &GuestSpec) -> Guest {
             "console=ttyS0 quiet loglevel=1 panic=-1 stasis.node={} stasis.ip=eth0:{}/24 stasis.run={run}",
             spec.name, spec.ip
         ))
-        .arg("-chardev")
-        .arg(format!("socket,id=c0,path={}", spec.vhost_socket.display()))
-        .args(["-netdev", "vhost-user,id=n0,chardev=c0"])
-        .arg("-device")
-        .arg(format!("virtio-net-pci,netdev=n0,mac={},vectors=0,romfile=", spec.mac))
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
         .arg("-qmp")
