@@ -8,11 +8,13 @@
 //!
 //! Every line a tool prints is one JSON object written with a single
 //! `write(2)`, so lines from several tools sharing the guest console land
-//! unbroken in the serial log (see `docs/guest.md` for the formats).
+//! unbroken in the serial log (see `docs/guest.md` for the formats). Host-side
+//! crates parse them with [`lines::parse`] (feature `parse`).
 
 pub mod args;
 pub mod clocks;
 pub mod json;
+pub mod lines;
 pub mod pace;
 pub mod probe;
 pub mod record;

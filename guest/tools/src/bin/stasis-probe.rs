@@ -3,8 +3,8 @@
 
 use stasis_guest_tools::args::Flags;
 use stasis_guest_tools::clocks::{boot_ns, default_node, mono_ns, real_ns, sleep_until, tsc};
-use stasis_guest_tools::json::JsonLine;
-use stasis_guest_tools::probe::{ProbeCore, Sample, WindowReport};
+use stasis_guest_tools::lines::probe_line;
+use stasis_guest_tools::probe::{ProbeCore, Sample};
 
 const USAGE: &str = "usage: stasis-probe [--interval-ms 10] [--report-ms 1000] [--node NAME]";
 
@@ -14,36 +14,6 @@ fn sample() -> Sample {
     let boot_ns = boot_ns();
     let tsc = tsc();
     Sample { mono_ns, real_ns, boot_ns, tsc }
-}
-
-fn report_line(node: &str, interval_ns: u64, r: &WindowReport) -> JsonLine {
-    let step = r.max_step;
-    let dis = r.max_disagree;
-    JsonLine::new()
-        .str("tool", "probe")
-        .str("node", node)
-        .u64("window", r.window)
-        .u64("mono_ns", r.last.mono_ns)
-        .u64("real_ns", r.last.real_ns)
-        .u64("boot_ns", r.last.boot_ns)
-        .u64("tsc", r.last.tsc)
-        .u64("samples", r.samples)
-        .u64("interval_ns", interval_ns)
-        .object(
-            "max_step_ns",
-            JsonLine::new()
-                .opt_i64("mono", step.map(|s| s.mono))
-                .opt_i64("real", step.map(|s| s.real))
-                .opt_i64("boot", step.map(|s| s.boot))
-                .opt_i64("tsc", step.map(|s| s.tsc)),
-        )
-        .object(
-            "max_disagree_ns",
-            JsonLine::new()
-                .opt_u64("real_mono", dis.map(|d| d.real_mono))
-                .opt_u64("boot_mono", dis.map(|d| d.boot_mono))
-                .opt_u64("tsc_mono", dis.map(|d| d.tsc_mono)),
-        )
 }
 
 fn main() {
@@ -82,7 +52,7 @@ fn main() {
         }
         if s.mono_ns >= next_report {
             if let Some(r) = core.close_window() {
-                report_line(&node, interval_ns, &r).emit();
+                probe_line(&node, interval_ns, &r).emit();
             }
             next_report += report_ns;
             if s.mono_ns >= next_report {

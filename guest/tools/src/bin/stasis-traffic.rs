@@ -9,6 +9,7 @@ use std::time::Duration;
 use stasis_guest_tools::args::{ArgsError, Flags};
 use stasis_guest_tools::clocks::{default_node, mono_ns, sleep_until};
 use stasis_guest_tools::json::JsonLine;
+use stasis_guest_tools::lines::{recv_line, send_line};
 use stasis_guest_tools::pace::{Pace, Pacer, DEFAULT_MAX_LATE_NS};
 use stasis_guest_tools::record::{check_frame_len, Record, HEADER_LEN};
 use stasis_guest_tools::seq::{FlowKey, FlowTable, FlowTracker};
@@ -86,19 +87,7 @@ fn parse_recv(args: impl Iterator<Item = String>) -> Result<RecvOpts, ArgsError>
 }
 
 fn flow_line(o: &RecvOpts, key: &FlowKey, t: &FlowTracker) -> JsonLine {
-    JsonLine::new()
-        .str("tool", "traffic")
-        .str("role", "recv")
-        .str("node", &o.node)
-        .str("proto", o.proto.name())
-        .str("flow", &key.to_string())
-        .u64("received", t.received())
-        .opt_u64("highest", t.highest())
-        .u64("missing", t.missing())
-        .u64("dups", t.dups())
-        .u64("reordered", t.reordered())
-        .opt_u64("total", t.total())
-        .u64("mono_ns", mono_ns())
+    recv_line(&o.node, o.proto.name(), key, t, mono_ns())
 }
 
 fn report_flows(o: &RecvOpts, table: &FlowTable) {
@@ -301,16 +290,8 @@ fn connect_tcp(addr: SocketAddr) -> TcpStream {
     }
 }
 
-fn send_line(o: &SendOpts, d: &Dest) -> JsonLine {
-    JsonLine::new()
-        .str("tool", "traffic")
-        .str("role", "send")
-        .str("node", &o.node)
-        .str("proto", o.proto.name())
-        .str("dest", &d.addr.to_string())
-        .u64("sent", d.sent)
-        .bool("done", d.done)
-        .u64("mono_ns", mono_ns())
+fn progress_line(o: &SendOpts, d: &Dest) -> JsonLine {
+    send_line(&o.node, o.proto.name(), &d.addr.to_string(), d.sent, d.done, mono_ns())
 }
 
 fn send_one(o: &SendOpts, d: &mut Dest, buf: &mut [u8]) -> io::Result<()> {
@@ -363,7 +344,7 @@ fn run_send(o: SendOpts) -> io::Result<()> {
         let now = mono_ns();
         if now >= next_report {
             for d in &dests {
-                send_line(&o, d).emit();
+                progress_line(&o, d).emit();
             }
             next_report = (next_report + o.report_ns).max(now + 1);
         }
@@ -380,7 +361,7 @@ fn run_send(o: SendOpts) -> io::Result<()> {
                         d.sent += 1;
                         if o.count != 0 && d.sent >= o.count {
                             d.done = true;
-                            send_line(&o, d).emit();
+                            progress_line(&o, d).emit();
                         }
                     }
                     Err(e) => {
