@@ -65,7 +65,7 @@ sleep 3
 date -s "@$(( $(date +%s) + 10 ))" >/dev/null'
 SEND_SCRIPT="stasis-probe --report-ms 1000 &
 until ping -c1 -W1 10.1.1.2 >/dev/null 2>&1; do sleep 0.2; done
-sleep 1
+sleep 3  # b answers pings a moment before its receivers have bound
 stasis-traffic send --to 10.1.1.2:5000 --proto udp --rate $RATE --count $COUNT --flow 7 --size 200 &
 stasis-traffic send --to 10.1.1.2:5001 --proto tcp --rate $RATE --count $COUNT --flow 8 --size 200 &"
 

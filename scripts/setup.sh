@@ -38,7 +38,8 @@ apt_update_once() {
 # qemu-system-x86: the VMs; busybox-static, cpio, gzip, xz-utils, zstd: the guest
 # image build (modules may be compressed); file: checks the tools are static;
 # jq: guest/smoke.sh reads the JSON lines; socat, iproute2, iperf3: the eval and tests.
-PKGS=(qemu-system-x86 qemu-utils busybox-static cpio gzip xz-utils zstd file jq socat iproute2 iperf3)
+# libc6-dev, binutils: static (crt-static) linking and stripping of the guest tools.
+PKGS=(qemu-system-x86 qemu-utils busybox-static cpio gzip xz-utils zstd file libc6-dev binutils jq socat iproute2 iperf3)
 missing=()
 for p in "${PKGS[@]}"; do
     if ! dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed'; then
