@@ -13,7 +13,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 COUNT=${COUNT:-1000}   # records per flow
 RATE=${RATE:-200}      # records per second per flow
-TIMEOUT=${TIMEOUT:-120}
+TIMEOUT=${TIMEOUT:-240}  # seconds for the whole run; boots take 10-35 s on a busy 2-core host
 
 "$ROOT/guest/build.sh"
 for c in jq socat qemu-system-x86_64; do
