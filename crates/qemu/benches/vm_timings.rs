@@ -5,7 +5,9 @@
 //! `cargo bench -p stasis-qemu --bench vm_timings` (guest image as for the
 //! tests: `$STASIS_GUEST_KERNEL`/`$STASIS_GUEST_INITRD` or `target/guest/`).
 //! `STASIS_BENCH_BOOT_S` (default 10) is how long the guest boots before measuring,
-//! `STASIS_BENCH_MEMORY_MIB` (default 256) its memory.
+//! `STASIS_BENCH_MEMORY_MIB` (default 256) its memory, `STASIS_BENCH_FILL_MIB`
+//! (default 0) how much random data the guest writes to its tmpfs first (the
+//! project image runs it from `stasis.run`), to measure a guest whose RAM is full.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -38,6 +40,27 @@ fn guest_image() -> (PathBuf, PathBuf) {
         std::process::exit(2);
     }
     (kernel, initrd)
+}
+
+fn append(fill_mib: u64) -> String {
+    if fill_mib == 0 {
+        return "console=ttyS0 panic=-1".into();
+    }
+    let script = format!("dd if=/dev/urandom of=/tmp/fill bs=1M count={fill_mib} 2>/dev/null && echo FILLED");
+    format!("console=ttyS0 panic=-1 stasis.run={}", base64(script.as_bytes()))
+}
+
+fn base64(data: &[u8]) -> String {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..4 {
+            out.push(if i <= chunk.len() { A[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' });
+        }
+    }
+    out
 }
 
 /// (median, p95, max) in microseconds.
@@ -82,7 +105,7 @@ async fn main() {
         vcpus: 1,
         kernel,
         initrd,
-        append: "console=ttyS0 panic=-1".into(),
+        append: append(env_u64("STASIS_BENCH_FILL_MIB", 0)),
         nics: vec![],
         accel: Accel::Tcg,
         run_dir: dir.path().join("run"),
