@@ -277,7 +277,7 @@ impl Qmp {
         tracing::trace!(event = %ev.name, "QMP event");
         if self.events.len() >= MAX_KEPT_EVENTS {
             let dropped = self.events.pop_front();
-            tracing::warn!(?dropped, "too many undrained QMP events; dropped the oldest");
+            tracing::debug!(?dropped, "too many undrained QMP events; dropped the oldest");
         }
         self.events.push_back(ev);
     }

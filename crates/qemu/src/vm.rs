@@ -268,6 +268,27 @@ pub struct Vm {
     incoming_pending: bool,
 }
 
+/// The spec and paths with every relative path made absolute (against the
+/// current directory; symlinks are left alone).
+pub fn absolutize(
+    spec: &VmSpec,
+    serial_log: &Path,
+    incoming: Option<&Path>,
+) -> Result<(VmSpec, PathBuf, Option<PathBuf>), LaunchError> {
+    let abs = |p: &Path| {
+        std::path::absolute(p)
+            .map_err(|e| LaunchError::BadPath(format!("cannot make {} absolute: {e}", p.display())))
+    };
+    let mut s = spec.clone();
+    s.kernel = abs(&spec.kernel)?;
+    s.initrd = abs(&spec.initrd)?;
+    s.run_dir = abs(&spec.run_dir)?;
+    for nic in &mut s.nics {
+        nic.socket = abs(&nic.socket)?;
+    }
+    Ok((s, abs(serial_log)?, incoming.map(abs).transpose()?))
+}
+
 fn validate_path(what: &str, path: &Path) -> Result<(), LaunchError> {
     let Some(s) = path.to_str() else {
         return Err(LaunchError::BadPath(format!("{what} {} is not UTF-8", path.display())));
@@ -338,7 +359,12 @@ impl Vm {
     /// Start QEMU daemonized and connect to its QMP socket. Returns once QEMU
     /// has initialised, written its pidfile, answers QMP and every NIC is
     /// connected to its stream socket. QEMU's own error text is in the error.
+    ///
+    /// Relative paths are made absolute first: the daemon changes its working
+    /// directory to `/`.
     pub async fn launch(spec: &VmSpec, serial_log: &Path, incoming: Option<&Path>) -> Result<Vm, LaunchError> {
+        let (spec, serial_log, incoming) = absolutize(spec, serial_log, incoming)?;
+        let (spec, serial_log, incoming) = (&spec, serial_log.as_path(), incoming.as_deref());
         let qmp_path = spec.qmp_path();
         validate_socket_path("QMP socket", &qmp_path)?;
         for (what, path) in [("kernel", &spec.kernel), ("initrd", &spec.initrd)] {
@@ -504,6 +530,7 @@ impl Vm {
     /// Take control of a VM another process launched. Only one QMP client at
     /// a time: the launching process must have dropped its [`Vm`].
     pub async fn attach(name: &str, qmp_path: &Path, pid: u32) -> Result<Vm, QmpError> {
+        let qmp_path = &std::path::absolute(qmp_path).unwrap_or_else(|_| qmp_path.to_owned());
         let qmp = Qmp::connect(qmp_path).await?;
         let log_path = qmp_path.parent().unwrap_or(Path::new(".")).join(LOG_FILE);
         Ok(Vm {
@@ -664,7 +691,17 @@ impl Vm {
 
     /// The process exists, is not a zombie, and is the QEMU serving our QMP socket.
     pub fn is_alive(&self) -> bool {
-        process_matches(self.pid, &self.qmp_path.to_string_lossy())
+        if process_matches(self.pid, &self.qmp_path.to_string_lossy()) {
+            return true;
+        }
+        // attach() may have been given another spelling of the same path.
+        let canonical = self
+            .qmp_path
+            .parent()
+            .and_then(|d| d.canonicalize().ok())
+            .zip(self.qmp_path.file_name())
+            .map(|(d, f)| d.join(f));
+        canonical.is_some_and(|c| c != self.qmp_path && process_matches(self.pid, &c.to_string_lossy()))
     }
 
     /// Ask QEMU to quit; SIGKILL it if still there after [`QUIT_TIMEOUT`].
@@ -837,6 +874,21 @@ mod tests {
         assert!(validate_path("x", Path::new("/a,b")).is_err());
         assert!(validate_socket_path("x", &PathBuf::from(format!("/{}", "s".repeat(120)))).is_err());
         assert!(validate_socket_path("x", Path::new("/run/ok.sock")).is_ok());
+    }
+
+    #[test]
+    fn absolutize_prefixes_relative_paths_only() {
+        let mut s = spec(Accel::Tcg);
+        s.run_dir = "run/vm1".into();
+        s.nics[0].socket = "dn/a.sock".into();
+        let (a, serial, incoming) = absolutize(&s, Path::new("serial.log"), Some(Path::new("ck/x.state"))).unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(a.run_dir, cwd.join("run/vm1"));
+        assert_eq!(a.nics[0].socket, cwd.join("dn/a.sock"));
+        assert_eq!(a.nics[1].socket, PathBuf::from("/run/dn/b.sock"));
+        assert_eq!(a.kernel, PathBuf::from("/img/vmlinuz"));
+        assert_eq!(serial, cwd.join("serial.log"));
+        assert_eq!(incoming.unwrap(), cwd.join("ck/x.state"));
     }
 
     #[test]

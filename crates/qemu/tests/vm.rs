@@ -201,10 +201,13 @@ const LAUNCHER_ENV: &str = "STASIS_QEMU_TEST_LAUNCHER_DIR";
 #[tokio::test]
 #[ignore = "helper run as a child process"]
 async fn launcher_child() {
-    let Ok(dir) = std::env::var(LAUNCHER_ENV) else { return };
-    let dir = Path::new(&dir);
-    let s = spec("daemon", &dir.join("run"), vec![]);
-    let vm = Vm::launch(&s, &dir.join("serial.log"), None).await.expect("launch in child");
+    if std::env::var_os(LAUNCHER_ENV).is_none() {
+        return;
+    }
+    // Relative paths (the parent set our working directory): launch must make
+    // them absolute, since the daemon moves to `/`.
+    let s = spec("daemon", Path::new("run"), vec![]);
+    let vm = Vm::launch(&s, Path::new("serial.log"), None).await.expect("launch in child");
     println!("LAUNCHED-PID={}", vm.pid);
 }
 
@@ -213,7 +216,8 @@ async fn vm_outlives_launching_process() {
     let dir = tempdir();
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "launcher_child", "--ignored", "--nocapture", "--test-threads=1"])
-        .env(LAUNCHER_ENV, dir.path())
+        .env(LAUNCHER_ENV, "1")
+        .current_dir(dir.path())
         .output()
         .expect("run launcher child");
     // Guard first (from the pidfile), so QEMU is killed whatever fails below.
@@ -229,8 +233,10 @@ async fn vm_outlives_launching_process() {
         .unwrap();
     assert_eq!(pidfile.trim(), pid.to_string());
     assert!(out.status.success());
-    let mut vm = Vm::attach("daemon", &qmp_path, pid).await.expect("attach");
+    // Another spelling of the same socket path still identifies the process.
+    let mut vm = Vm::attach("daemon", &dir.path().join("run/../run/qmp.sock"), pid).await.expect("attach");
     assert!(vm.is_alive(), "QEMU died with its launcher");
+    assert!(dir.path().join("serial.log").exists() && dir.path().join("run/qemu.log").exists());
     assert_eq!(vm.status().await.unwrap(), RunState::Running);
     vm.stop().await.unwrap();
     assert_eq!(vm.status().await.unwrap(), RunState::Paused);
