@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod events;
 pub mod frame;
+pub mod node;
 pub mod pcap;
 pub mod sched;
 pub mod state;

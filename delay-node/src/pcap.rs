@@ -9,6 +9,15 @@ use std::path::Path;
 #[derive(Debug)]
 pub struct PcapWriter {
     w: BufWriter<File>,
+    /// CLOCK_REALTIME minus CLOCK_MONOTONIC when the capture started.
+    real_minus_mono: i128,
+}
+
+fn realtime_ns() -> i128 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_REALTIME always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
 }
 
 impl PcapWriter {
@@ -22,16 +31,16 @@ impl PcapWriter {
         w.write_all(&0u32.to_le_bytes())?;
         w.write_all(&(crate::frame::MAX_FRAME as u32).to_le_bytes())?;
         w.write_all(&1u32.to_le_bytes())?; // LINKTYPE_ETHERNET
-        Ok(PcapWriter { w })
+        let real_minus_mono = realtime_ns() - stasis_core::clock::mono_ns() as i128;
+        Ok(PcapWriter { w, real_minus_mono })
     }
 
-    /// Append one frame stamped with the host's real time.
-    pub fn record(&mut self, frame: &[u8]) -> std::io::Result<()> {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: `ts` is a valid, writable timespec; CLOCK_REALTIME always exists.
-        unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
-        self.w.write_all(&(ts.tv_sec as u32).to_le_bytes())?;
-        self.w.write_all(&(ts.tv_nsec as u32).to_le_bytes())?;
+    /// Append one frame seen at monotonic instant `at` (the instant the node
+    /// stamped it with), written as wall-clock time.
+    pub fn record(&mut self, at: stasis_core::clock::MonoNs, frame: &[u8]) -> std::io::Result<()> {
+        let t = (at as i128 + self.real_minus_mono).max(0);
+        self.w.write_all(&((t / 1_000_000_000) as u32).to_le_bytes())?;
+        self.w.write_all(&((t % 1_000_000_000) as u32).to_le_bytes())?;
         self.w.write_all(&(frame.len() as u32).to_le_bytes())?;
         self.w.write_all(&(frame.len() as u32).to_le_bytes())?;
         self.w.write_all(frame)

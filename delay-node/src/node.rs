@@ -1,0 +1,703 @@
+//! The I/O layer: one thread, non-blocking unix sockets, `ppoll` with a
+//! nanosecond timeout, then a short spin to each deadline the scheduler core
+//! names. Ports are listening sockets a VM's QEMU (`-netdev stream`, client
+//! mode) connects to; the control socket is bound last, so its existence
+//! means "ready".
+
+use crate::config::Topology;
+use crate::control::{PortThawReport, Request, SaveReport};
+use crate::events::EventLog;
+use crate::frame::{encode_into, FrameDecoder, FrameError, PREFIX};
+use crate::pcap::PcapWriter;
+use crate::sched::{Action, PortId, Scheduler};
+use crate::state::NodeState;
+use serde_json::json;
+use stasis_core::clock::{mono_ns, MonoNs};
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+/// Deadlines closer than this are spun for rather than slept for.
+const SPIN_NS: u64 = 200_000;
+/// Bytes read from one connection per loop iteration (fairness between ports).
+const READ_BUDGET: usize = 1 << 20;
+
+/// Why the node cannot start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot bind {path}")]
+    Bind { path: PathBuf, #[source] source: std::io::Error },
+    #[error("cannot open the events file")]
+    Events(#[source] std::io::Error),
+    #[error("cannot restore the saved state")]
+    Restore(#[from] crate::sched::RestoreError),
+    #[error("poll failed")]
+    Poll(#[source] std::io::Error),
+}
+
+struct Conn {
+    stream: UnixStream,
+    dec: FrameDecoder,
+    /// Encoded frames not yet written, and where each ends in `out`.
+    out: Vec<u8>,
+    out_pos: usize,
+    ends: VecDeque<(usize, u64)>,
+}
+
+struct PortIo {
+    path: PathBuf,
+    listener: UnixListener,
+    conn: Option<Conn>,
+    pcap: Option<PcapWriter>,
+}
+
+enum Waiting {
+    Save(PathBuf),
+    Thaw(MonoNs),
+    ThawPort(PortId, MonoNs),
+}
+
+struct Ctl {
+    stream: UnixStream,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    waiting: Option<Waiting>,
+    closed: bool,
+}
+
+/// A delay node with its sockets bound.
+pub struct Node {
+    sched: Scheduler,
+    ports: Vec<PortIo>,
+    control_path: PathBuf,
+    control: UnixListener,
+    ctls: Vec<Ctl>,
+    events: EventLog,
+    actions: Vec<Action>,
+    buf: Vec<u8>,
+    shutdown: bool,
+    /// Largest |actual - due| write lateness seen (diagnostics).
+    pub max_release_error_ns: u64,
+}
+
+fn bind(path: &Path) -> Result<UnixListener, NodeError> {
+    // A stale socket from an earlier run would make bind fail.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if meta.file_type().is_socket() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    let l = UnixListener::bind(path).map_err(|source| NodeError::Bind { path: path.to_owned(), source })?;
+    l.set_nonblocking(true).map_err(|source| NodeError::Bind { path: path.to_owned(), source })?;
+    Ok(l)
+}
+
+impl Node {
+    /// Bind every port, then the control socket. With `restore` the node starts frozen with the saved frames.
+    pub fn bind(
+        topology: &Topology,
+        control: &Path,
+        restore: Option<&NodeState>,
+        events: Option<&Path>,
+    ) -> Result<Node, NodeError> {
+        // A stale control socket from a dead node would announce readiness too early.
+        if let Ok(meta) = std::fs::symlink_metadata(control) {
+            use std::os::unix::fs::FileTypeExt;
+            if meta.file_type().is_socket() {
+                let _ = std::fs::remove_file(control);
+            }
+        }
+        let sched = match restore {
+            Some(st) => Scheduler::restore(topology, st)?,
+            None => Scheduler::new(topology, mono_ns()),
+        };
+        let mut ports = Vec::new();
+        for p in &topology.ports {
+            ports.push(PortIo { path: p.socket.clone(), listener: bind(&p.socket)?, conn: None, pcap: None });
+        }
+        let events = EventLog::open(events).map_err(NodeError::Events)?;
+        let control_l = bind(control)?;
+        // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack; 1 ns makes ppoll wake on time.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1, 0, 0, 0) };
+        Ok(Node {
+            sched,
+            ports,
+            control_path: control.to_owned(),
+            control: control_l,
+            ctls: Vec::new(),
+            events,
+            actions: Vec::new(),
+            buf: vec![0; 256 * 1024],
+            shutdown: false,
+            max_release_error_ns: 0,
+        })
+    }
+
+    /// Serve until a `shutdown` request; removes the sockets on return.
+    pub fn run(mut self) -> Result<(), NodeError> {
+        let r = self.serve();
+        for p in &mut self.ports {
+            if let Some(w) = p.pcap.take() {
+                let _ = w.finish();
+            }
+            let _ = std::fs::remove_file(&p.path);
+        }
+        let _ = std::fs::remove_file(&self.control_path);
+        r
+    }
+
+    fn serve(&mut self) -> Result<(), NodeError> {
+        // Syscalls are expensive here (PVM), so each pass touches only the
+        // sockets `ppoll` reported ready.
+        #[derive(Clone, Copy)]
+        enum Tag {
+            Listener(usize),
+            Conn(usize),
+            Control,
+            Ctl(usize),
+        }
+        let mut fds: Vec<libc::pollfd> = Vec::new();
+        let mut tags: Vec<Tag> = Vec::new();
+        let mut ready = Ready::default();
+        while !self.shutdown {
+            let now = mono_ns();
+            self.step(now, &ready);
+            // Sleep until the next deadline (less a spin margin) or until a socket is ready.
+            let deadline = self.deadline();
+            let now = mono_ns();
+            let timeout_ns = match deadline {
+                Some(d) if d <= now + SPIN_NS => 0,
+                Some(d) => d - now - SPIN_NS,
+                None => 1_000_000_000,
+            };
+            fds.clear();
+            tags.clear();
+            for (i, p) in self.ports.iter().enumerate() {
+                fds.push(pfd(p.listener.as_raw_fd(), libc::POLLIN));
+                tags.push(Tag::Listener(i));
+                if let Some(c) = &p.conn {
+                    let ev = if c.out_pos < c.out.len() { libc::POLLIN | libc::POLLOUT } else { libc::POLLIN };
+                    fds.push(pfd(c.stream.as_raw_fd(), ev));
+                    tags.push(Tag::Conn(i));
+                }
+            }
+            fds.push(pfd(self.control.as_raw_fd(), libc::POLLIN));
+            tags.push(Tag::Control);
+            for (i, c) in self.ctls.iter().enumerate() {
+                let ev = if c.out.is_empty() { libc::POLLIN } else { libc::POLLIN | libc::POLLOUT };
+                fds.push(pfd(c.stream.as_raw_fd(), ev));
+                tags.push(Tag::Ctl(i));
+            }
+            let ts = libc::timespec { tv_sec: (timeout_ns / 1_000_000_000) as _, tv_nsec: (timeout_ns % 1_000_000_000) as _ };
+            // SAFETY: `fds` is a valid array of `fds.len()` pollfds and `ts` a valid timespec, both live for the call.
+            let rc = unsafe { libc::ppoll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, &ts, std::ptr::null()) };
+            if rc < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != ErrorKind::Interrupted {
+                    return Err(NodeError::Poll(e));
+                }
+            }
+            ready.clear(self.ports.len(), self.ctls.len());
+            for (f, t) in fds.iter().zip(&tags) {
+                if f.revents == 0 {
+                    continue;
+                }
+                match *t {
+                    Tag::Listener(i) => ready.listeners[i] = true,
+                    Tag::Conn(i) => ready.conns[i] = true,
+                    Tag::Control => ready.control = true,
+                    Tag::Ctl(i) => ready.ctls[i] = true,
+                }
+            }
+        }
+        // Answer whatever is still queued for control clients.
+        for c in &mut self.ctls {
+            let _ = c.stream.set_nonblocking(false);
+            let _ = c.stream.write_all(&c.out);
+        }
+        Ok(())
+    }
+
+    fn deadline(&self) -> Option<MonoNs> {
+        let mut d = self.sched.next_deadline();
+        for c in &self.ctls {
+            let t = match c.waiting {
+                Some(Waiting::Thaw(at)) | Some(Waiting::ThawPort(_, at)) => Some(at),
+                _ => None,
+            };
+            if let Some(t) = t {
+                d = Some(d.map_or(t, |x| x.min(t)));
+            }
+        }
+        d
+    }
+
+    /// One pass: accept, read, schedule, write, serve control requests.
+    fn step(&mut self, now: MonoNs, ready: &Ready) {
+        // Control first: a thaw that is due must happen before frames are read,
+        // or frames sent after the thaw instant would be stamped as frozen.
+        if ready.control {
+            self.accept_control();
+        }
+        self.serve_control(&ready.ctls);
+        for i in 0..self.ports.len() {
+            if ready.listeners.get(i).copied().unwrap_or(false) {
+                self.accept_port(i);
+            }
+        }
+        for i in 0..self.ports.len() {
+            if ready.conns.get(i).copied().unwrap_or(false) {
+                self.read_port(i);
+            }
+        }
+        self.release(mono_ns());
+        let _ = now;
+    }
+
+    fn release(&mut self, now: MonoNs) {
+        let mut actions = std::mem::take(&mut self.actions);
+        self.sched.poll(now, &mut actions);
+        for a in actions.drain(..) {
+            match a {
+                Action::Deliver { port, frame, due, due_vt } => {
+                    self.max_release_error_ns = self.max_release_error_ns.max(now.saturating_sub(due));
+                    let p = &mut self.ports[port];
+                    if let Some(w) = &mut p.pcap {
+                        let _ = w.record(now, &frame);
+                    }
+                    if let Some(c) = &mut p.conn {
+                        encode_into(&frame, &mut c.out);
+                        c.ends.push_back((c.out.len(), due_vt));
+                    }
+                }
+                Action::Frozen { at } => {
+                    tracing::info!(at, "frozen");
+                    self.events.emit(at, "freeze", json!({}));
+                }
+                Action::PortFrozen { port, at } => {
+                    self.events.emit(at, "port_freeze", json!({ "port": self.sched.port_name(port) }));
+                }
+            }
+        }
+        self.actions = actions;
+        for i in 0..self.ports.len() {
+            self.flush_port(i);
+        }
+    }
+
+    fn flush_port(&mut self, i: usize) {
+        let Some(c) = &mut self.ports[i].conn else { return };
+        while c.out_pos < c.out.len() {
+            match c.stream.write(&c.out[c.out_pos..]) {
+                Ok(n) => c.out_pos += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.disconnect(i, &format!("write failed: {e}"));
+                    return;
+                }
+            }
+        }
+        while let Some(&(end, _)) = c.ends.front() {
+            if end > c.out_pos {
+                break;
+            }
+            c.ends.pop_front();
+        }
+        if c.out_pos == c.out.len() {
+            c.out.clear();
+            c.out_pos = 0;
+            c.ends.clear();
+        }
+    }
+
+    fn accept_port(&mut self, i: usize) {
+        {
+            loop {
+                match self.ports[i].listener.accept() {
+                    Ok((stream, _)) => {
+                        if stream.set_nonblocking(true).is_err() {
+                            continue;
+                        }
+                        let name = self.sched.port_name(i).to_owned();
+                        if self.ports[i].conn.is_some() {
+                            tracing::info!(port = %name, "new connection replaces the old one");
+                            self.disconnect(i, "replaced by a new connection");
+                        }
+                        tracing::info!(port = %name, "VM connected");
+                        self.events.emit_now("port_connected", json!({ "port": name }));
+                        self.ports[i].conn =
+                            Some(Conn { stream, dec: FrameDecoder::new(), out: Vec::new(), out_pos: 0, ends: VecDeque::new() });
+                        self.sched.set_connected(i, true);
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn disconnect(&mut self, i: usize, why: &str) {
+        if let Some(c) = self.ports[i].conn.take() {
+            let name = self.sched.port_name(i).to_owned();
+            let unsent = c.ends.len();
+            tracing::info!(port = %name, why, unsent, "VM disconnected");
+            self.events.emit_now("port_disconnected", json!({ "port": name, "reason": why, "unsent_frames": unsent }));
+        }
+        self.sched.set_connected(i, false);
+    }
+
+    /// Read whatever the port's socket holds (up to a budget) and hand frames to the core.
+    fn read_port(&mut self, i: usize) {
+        let mut budget = READ_BUDGET;
+        while budget > 0 {
+            let PortIo { conn, pcap, .. } = &mut self.ports[i];
+            let Some(c) = conn else { return };
+            let n = match c.stream.read(&mut self.buf) {
+                Ok(0) => {
+                    self.disconnect(i, "end of stream");
+                    return;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.disconnect(i, &format!("read failed: {e}"));
+                    return;
+                }
+            };
+            budget = budget.saturating_sub(n);
+            let now = mono_ns();
+            c.dec.extend(&self.buf[..n]);
+            let err: Option<FrameError> = loop {
+                match c.dec.next_frame() {
+                    Ok(Some(f)) => {
+                        if let Some(w) = pcap {
+                            let _ = w.record(now, f);
+                        }
+                        self.sched.ingress(now, i, f.to_vec());
+                    }
+                    Ok(None) => break None,
+                    Err(e) => break Some(e),
+                }
+            };
+            if let Some(e) = err {
+                let name = self.sched.port_name(i).to_owned();
+                tracing::error!(port = %name, error = %e, "bad framing; dropping the connection");
+                self.events.emit_now("port_error", json!({ "port": name, "error": e.to_string() }));
+                self.sched.note_port_error(i);
+                self.disconnect(i, "bad framing");
+                return;
+            }
+        }
+    }
+
+    fn accept_control(&mut self) {
+        loop {
+            match self.control.accept() {
+                Ok((stream, _)) => {
+                    if stream.set_nonblocking(true).is_ok() {
+                        self.ctls.push(Ctl { stream, inbuf: Vec::new(), out: Vec::new(), waiting: None, closed: false });
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "control accept failed");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn serve_control(&mut self, ready: &[bool]) {
+        for ci in 0..self.ctls.len() {
+            // Read (new connections are read once unconditionally).
+            let is_ready = ready.get(ci).copied().unwrap_or(true);
+            loop {
+                let c = &mut self.ctls[ci];
+                if c.closed || !is_ready {
+                    break;
+                }
+                let mut tmp = [0u8; 4096];
+                match c.stream.read(&mut tmp) {
+                    Ok(0) => c.closed = true,
+                    Ok(n) => {
+                        c.inbuf.extend_from_slice(&tmp[..n]);
+                        if c.inbuf.len() > 1 << 20 {
+                            c.closed = true;
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(_) => c.closed = true,
+                }
+            }
+            // Finish a waiting request, then take new lines one at a time.
+            loop {
+                if let Some(w) = self.ctls[ci].waiting.take() {
+                    match self.try_finish(w) {
+                        Ok(reply) => self.reply(ci, reply),
+                        Err(w) => {
+                            self.ctls[ci].waiting = Some(w);
+                            break;
+                        }
+                    }
+                }
+                let c = &mut self.ctls[ci];
+                let Some(nl) = c.inbuf.iter().position(|&b| b == b'\n') else { break };
+                let line: Vec<u8> = c.inbuf.drain(..=nl).collect();
+                let reply = match serde_json::from_slice::<Request>(&line) {
+                    Ok(req) => self.handle(ci, req),
+                    Err(e) => Some(Err(format!("bad request: {e}"))),
+                };
+                if let Some(r) = reply {
+                    self.reply(ci, r);
+                }
+            }
+            // Write.
+            let c = &mut self.ctls[ci];
+            while !c.out.is_empty() {
+                match c.stream.write(&c.out) {
+                    Ok(n) => {
+                        c.out.drain(..n);
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        c.closed = true;
+                        c.out.clear();
+                    }
+                }
+            }
+        }
+        self.ctls.retain(|c| !c.closed);
+    }
+
+    fn reply(&mut self, ci: usize, r: Result<serde_json::Value, String>) {
+        let v = match r {
+            Ok(ok) => json!({ "ok": ok }),
+            Err(e) => json!({ "error": e }),
+        };
+        let c = &mut self.ctls[ci];
+        c.out.extend_from_slice(v.to_string().as_bytes());
+        c.out.push(b'\n');
+    }
+
+    /// Handle a request; `None` means it waits (see `try_finish`).
+    fn handle(&mut self, ci: usize, req: Request) -> Option<Result<serde_json::Value, String>> {
+        let now = mono_ns();
+        let port = |s: &Scheduler, name: &str| s.port_id(name).ok_or_else(|| format!("unknown port {name:?}"));
+        Some(match req {
+            Request::FreezeAt { at, hold_lead_ns } => {
+                self.sched.schedule_freeze(now, at, hold_lead_ns).map(|_| json!(null)).map_err(|e| e.to_string())
+            }
+            Request::FreezePortAt { port: name, at, hold_lead_ns } => port(&self.sched, &name).map(|p| {
+                self.sched.schedule_port_freeze(now, p, at, hold_lead_ns);
+                json!(null)
+            }),
+            Request::Save { path } => {
+                if !self.sched.freeze_pending_or_done() {
+                    Err("cannot save: the node is not frozen and no freeze is scheduled".to_owned())
+                } else {
+                    self.ctls[ci].waiting = Some(Waiting::Save(path));
+                    return None;
+                }
+            }
+            Request::ThawAt { at } => {
+                if !self.sched.freeze_pending_or_done() {
+                    Err("cannot thaw: the node is not frozen and no freeze is scheduled".to_owned())
+                } else {
+                    self.ctls[ci].waiting = Some(Waiting::Thaw(at));
+                    return None;
+                }
+            }
+            Request::ThawPortAt { port: name, at } => match port(&self.sched, &name) {
+                Ok(p) => {
+                    self.ctls[ci].waiting = Some(Waiting::ThawPort(p, at));
+                    return None;
+                }
+                Err(e) => Err(e),
+            },
+            Request::Stats => serde_json::to_value(self.sched.stats(now)).map_err(|e| e.to_string()),
+            Request::Pcap { port: name, path } => port(&self.sched, &name).and_then(|p| {
+                if let Some(w) = self.ports[p].pcap.take() {
+                    w.finish().map_err(|e| format!("cannot finish capture: {e}"))?;
+                }
+                if let Some(path) = path {
+                    self.ports[p].pcap =
+                        Some(PcapWriter::create(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?);
+                }
+                Ok(json!(null))
+            }),
+            Request::Restore { path } => self.restore_from(&path).map(|_| json!(null)),
+            Request::Shutdown => {
+                self.shutdown = true;
+                Ok(json!(null))
+            }
+        })
+    }
+
+    fn restore_from(&mut self, path: &Path) -> Result<(), String> {
+        if !self.sched.is_frozen() {
+            return Err("cannot restore: the node is not frozen".into());
+        }
+        let st = NodeState::read_file(path).map_err(|e| error_chain(&e))?;
+        let mut s = Scheduler::restore(self.sched.topology(), &st).map_err(|e| error_chain(&e))?;
+        for (i, p) in self.ports.iter_mut().enumerate() {
+            s.set_connected(i, p.conn.is_some());
+            if let Some(c) = &mut p.conn {
+                // Frames released before the restore belong to the abandoned timeline.
+                c.out.clear();
+                c.out_pos = 0;
+                c.ends.clear();
+            }
+        }
+        self.sched = s;
+        self.events.emit_now("restored", json!({ "path": path }));
+        Ok(())
+    }
+
+    /// Complete a waiting request if its time has come.
+    fn try_finish(&mut self, w: Waiting) -> Result<Result<serde_json::Value, String>, Waiting> {
+        match w {
+            Waiting::Save(path) => {
+                if !self.sched.is_frozen() {
+                    if !self.sched.freeze_pending_or_done() {
+                        return Ok(Err("the freeze was cancelled".into()));
+                    }
+                    return Err(Waiting::Save(path));
+                }
+                Ok(self.save(&path).map(|r| serde_json::to_value(r).expect("plain struct")))
+            }
+            Waiting::Thaw(at) => {
+                let now = mono_ns();
+                if now + SPIN_NS < at || !self.sched.is_frozen() {
+                    if !self.sched.freeze_pending_or_done() {
+                        return Ok(Err("the node is not frozen".into()));
+                    }
+                    return Err(Waiting::Thaw(at));
+                }
+                let reached = stasis_core::clock::wait_until(at);
+                let rep = self.sched.thaw(at).map_err(|e| e.to_string());
+                if let Ok(r) = &rep {
+                    tracing::info!(at, late_ns = reached - at, held = r.held_frames, "thawed");
+                    self.events.emit(reached, "thaw", json!({ "at": at, "held_frames": r.held_frames, "max_hold_lateness_ns": r.max_hold_lateness_ns }));
+                }
+                self.release(mono_ns());
+                Ok(rep.map(|r| serde_json::to_value(r).expect("plain struct")))
+            }
+            Waiting::ThawPort(p, at) => {
+                if mono_ns() + SPIN_NS < at {
+                    return Err(Waiting::ThawPort(p, at));
+                }
+                let reached = stasis_core::clock::wait_until(at);
+                let rep = self.sched.thaw_port(at, p).map_err(|e| e.to_string());
+                if let Ok((held, late)) = rep {
+                    self.events.emit(reached, "port_thaw", json!({ "port": self.sched.port_name(p), "held_frames": held }));
+                    self.release(mono_ns());
+                    return Ok(Ok(serde_json::to_value(PortThawReport { thawed_at: at, held_frames: held, max_hold_lateness_ns: late })
+                        .expect("plain struct")));
+                }
+                Ok(rep.map(|_| json!(null)))
+            }
+        }
+    }
+
+    /// Drain the (stopped) VMs' sockets, take back unwritten frames, write the state.
+    fn save(&mut self, path: &Path) -> Result<SaveReport, String> {
+        for i in 0..self.ports.len() {
+            self.read_port(i);
+        }
+        for i in 0..self.ports.len() {
+            self.flush_port(i);
+            let Some(c) = &mut self.ports[i].conn else { continue };
+            if c.ends.is_empty() {
+                continue;
+            }
+            // A frame already partly written cannot be taken back; finish it.
+            let first_start = c.out_pos;
+            let mut starts: Vec<usize> = Vec::new();
+            let mut prev = 0usize;
+            for &(end, _) in &c.ends {
+                starts.push(prev);
+                prev = end;
+            }
+            let mut frames: Vec<(Vec<u8>, u64)> = Vec::new();
+            for (k, &(end, due_vt)) in c.ends.iter().enumerate() {
+                if starts[k] >= first_start {
+                    frames.push((c.out[starts[k] + PREFIX..end].to_vec(), due_vt));
+                }
+            }
+            let partial_end = c.ends.front().map(|&(e, _)| e).filter(|_| starts[0] < first_start);
+            if let Some(end) = partial_end {
+                let _ = c.stream.set_nonblocking(false);
+                let _ = c.stream.set_write_timeout(Some(std::time::Duration::from_millis(200)));
+                if c.stream.write_all(&c.out[c.out_pos..end]).is_err() {
+                    tracing::warn!(port = %self.sched.port_name(i), "a partly written frame could not be completed before the save");
+                }
+                let _ = c.stream.set_nonblocking(true);
+            }
+            c.out.clear();
+            c.out_pos = 0;
+            c.ends.clear();
+            for (f, due_vt) in frames.into_iter().rev() {
+                self.sched.unsend(i, f, due_vt);
+            }
+        }
+        let st = self.sched.save().map_err(|e| e.to_string())?;
+        let (inflight, held) = self.sched.frame_counts();
+        let w = st.write_file(path).map_err(|e| error_chain(&e))?;
+        let rep = SaveReport {
+            bytes: w.bytes,
+            frames_in_flight: inflight,
+            frames_held: held,
+            frozen_at: self.sched.frozen_at().unwrap_or(0),
+            blake3: Some(w.blake3),
+        };
+        tracing::info!(path = %path.display(), bytes = rep.bytes, inflight, held, "saved");
+        self.events.emit_now("saved", json!({ "path": path, "bytes": rep.bytes, "frames_in_flight": inflight, "frames_held": held }));
+        Ok(rep)
+    }
+}
+
+/// Which sockets the last `ppoll` reported ready.
+#[derive(Default)]
+struct Ready {
+    listeners: Vec<bool>,
+    conns: Vec<bool>,
+    control: bool,
+    ctls: Vec<bool>,
+}
+
+impl Ready {
+    fn clear(&mut self, ports: usize, ctls: usize) {
+        self.listeners.clear();
+        self.listeners.resize(ports, false);
+        self.conns.clear();
+        self.conns.resize(ports, false);
+        self.control = false;
+        self.ctls.clear();
+        self.ctls.resize(ctls, false);
+    }
+}
+
+fn pfd(fd: i32, events: libc::c_short) -> libc::pollfd {
+    libc::pollfd { fd, events, revents: 0 }
+}
+
+/// `e` and its sources, joined by ": ".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
