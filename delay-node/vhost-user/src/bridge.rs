@@ -68,6 +68,7 @@ pub struct Bridge {
 
 enum Msg {
     Port(Side, PortEvent),
+    Flush(Side),
     Quit,
 }
 
@@ -95,6 +96,17 @@ impl Bridge {
     /// The port of one side.
     pub fn port(&self, side: Side) -> &VhostPort {
         &self.ports[side.idx()]
+    }
+
+    /// Holds one side (see [`VhostPort::hold`]): frames for it wait in the bridge.
+    pub fn hold(&self, side: Side) {
+        self.port(side).hold();
+    }
+
+    /// Releases one side and retries the frames that waited for it.
+    pub fn release(&self, side: Side) {
+        self.port(side).release();
+        let _ = self.tx.send(Msg::Flush(side));
     }
 
     /// Counters since creation.
@@ -139,6 +151,10 @@ fn forward(
     while let Ok(msg) = rx.recv() {
         let (side, ev) = match msg {
             Msg::Quit => return,
+            Msg::Flush(side) => {
+                flush(side, &mut pending);
+                continue;
+            }
             Msg::Port(side, ev) => (side, ev),
         };
         match ev {
@@ -164,6 +180,9 @@ fn forward(
                 } else {
                     stats.deferred[to.idx()].fetch_add(1, Ordering::Relaxed);
                     q.push_back(f);
+                    // Older frames may be deliverable by now (no RX kick comes
+                    // while the guest still has free buffers).
+                    flush(to, &mut pending);
                 }
             }
             other => {

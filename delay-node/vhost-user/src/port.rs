@@ -111,6 +111,7 @@ struct RunState {
 /// The current connection's rings, as `deliver` needs them.
 struct Conn {
     rx: NetVring,
+    tx: NetVring,
     mem: Mem,
 }
 
@@ -120,6 +121,10 @@ struct Shared {
     conn: Mutex<Option<Conn>>,
     run: Mutex<RunState>,
     acked_features: AtomicU64,
+    /// `hold()` in force: no guest-memory writes (RX or TX) at all.
+    held: AtomicBool,
+    /// A TX kick arrived while held.
+    tx_pending: AtomicBool,
     shutdown: AtomicBool,
     /// The current QEMU connection, to cut it on drop.
     shutdown_handle: Mutex<Option<UnixStream>>,
@@ -316,26 +321,38 @@ impl VhostUserBackend for NetBackend {
     fn handle_event(&self, device_event: u16, _evset: EventSet, vrings: &[NetVring], _thread: usize) -> io::Result<()> {
         match device_event as usize {
             RX => self.shared.emit(PortEvent::RxReady),
-            TX => {
-                let frames = {
-                    let vring = &vrings[TX];
-                    let mut st = vring.get_mut();
-                    let m = self.mem.memory();
-                    let frames = drain_tx(st.get_queue_mut(), &*m, self.shared.layout()).map_err(io::Error::other)?;
-                    if !frames.is_empty() {
-                        st.signal_used_queue()?;
-                    }
-                    frames
-                };
-                self.shared.tx_frames.fetch_add(frames.len() as u64, Ordering::Relaxed);
-                for f in frames {
-                    self.shared.emit(PortEvent::Frame(f));
-                }
-            }
+            TX => transmit(&self.shared, &vrings[TX], &self.mem)?,
             other => warn!(port = %self.shared.name, event = other, "unexpected vring event"),
         }
         Ok(())
     }
+}
+
+/// Takes every frame the guest queued on its TX ring (unless the port is
+/// held) and reports them.
+fn transmit(shared: &Shared, vring: &NetVring, mem: &Mem) -> io::Result<()> {
+    let frames = {
+        let mut st = vring.get_mut();
+        // Checked under the ring lock, so `hold()` waits for a drain in progress.
+        if shared.held.load(Ordering::SeqCst) {
+            shared.tx_pending.store(true, Ordering::SeqCst);
+            return Ok(());
+        }
+        if !(st.is_enabled() && st.get_queue().ready()) {
+            return Ok(());
+        }
+        let m = mem.memory();
+        let frames = drain_tx(st.get_queue_mut(), &*m, shared.layout()).map_err(io::Error::other)?;
+        if !frames.is_empty() {
+            st.signal_used_queue()?;
+        }
+        frames
+    };
+    shared.tx_frames.fetch_add(frames.len() as u64, Ordering::Relaxed);
+    for f in frames {
+        shared.emit(PortEvent::Frame(f));
+    }
+    Ok(())
 }
 
 /// One VM NIC served over vhost-user. Dropping it closes the connection
@@ -361,6 +378,8 @@ impl VhostPort {
             conn: Mutex::new(None),
             run: Mutex::new(RunState::default()),
             acked_features: AtomicU64::new(0),
+            held: AtomicBool::new(false),
+            tx_pending: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
             shutdown_handle: Mutex::new(None),
             tx_frames: AtomicU64::new(0),
@@ -392,8 +411,8 @@ impl VhostPort {
             }
         };
         let mut st = rx.get_mut();
-        // Checked under the ring lock: a stop message cannot slip in between.
-        if !(st.is_enabled() && st.get_queue().ready()) {
+        // Checked under the ring lock: a stop message or `hold()` cannot slip in between.
+        if self.shared.held.load(Ordering::SeqCst) || !(st.is_enabled() && st.get_queue().ready()) {
             return Ok(self.refused());
         }
         let m = mem.memory();
@@ -412,6 +431,44 @@ impl VhostPort {
     fn refused(&self) -> bool {
         self.shared.rx_refused.fetch_add(1, Ordering::Relaxed);
         false
+    }
+
+    /// Stops every write into the guest's memory — `deliver` refuses and the
+    /// TX ring is left alone — while the VM keeps running, e.g. while QEMU
+    /// saves its memory in a background (live) snapshot, whose write
+    /// protection does not see the port's mapping. Returns once no write is
+    /// in progress. Undo with [`VhostPort::release`].
+    pub fn hold(&self) {
+        self.shared.held.store(true, Ordering::SeqCst);
+        let conn = self.shared.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = conn.as_ref() {
+            // Taking each ring lock once waits out a deliver or drain in progress.
+            drop(c.rx.get_mut());
+            drop(c.tx.get_mut());
+        }
+    }
+
+    /// Ends a [`VhostPort::hold`]: frames the guest queued meanwhile are taken
+    /// now (reported as `Frame` events on this thread); the caller should retry
+    /// the frames `deliver` refused.
+    pub fn release(&self) {
+        self.shared.held.store(false, Ordering::SeqCst);
+        if self.shared.tx_pending.swap(false, Ordering::SeqCst) {
+            let ring = {
+                let conn = self.shared.conn.lock().unwrap_or_else(|p| p.into_inner());
+                conn.as_ref().map(|c| (c.tx.clone(), c.mem.clone()))
+            };
+            if let Some((tx, mem)) = ring {
+                if let Err(e) = transmit(&self.shared, &tx, &mem) {
+                    warn!(port = %self.shared.name, error = %e, "transmit after release");
+                }
+            }
+        }
+    }
+
+    /// True while [`VhostPort::hold`] is in force.
+    pub fn is_held(&self) -> bool {
+        self.shared.held.load(Ordering::SeqCst)
     }
 
     /// True between [`PortEvent::Started`] and [`PortEvent::Stopped`].
@@ -503,7 +560,7 @@ fn serve_one(shared: &Arc<Shared>, qemu: UnixStream, socket: &Path) -> Result<()
     for (i, v) in vrings.iter().enumerate() {
         let _ = v.hook.set((i, Arc::downgrade(shared)));
     }
-    *shared.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(Conn { rx: vrings[RX].clone(), mem });
+    *shared.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(Conn { rx: vrings[RX].clone(), tx: vrings[TX].clone(), mem });
 
     let mut inner_path = socket.as_os_str().to_owned();
     inner_path.push(".backend");

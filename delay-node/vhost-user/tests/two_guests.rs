@@ -110,9 +110,20 @@ fn sequenced_udp_survives_stop_cont_and_checkpoint_restore_with_nothing_lost() {
     qmp_b.cmd(r#"{"execute":"cont"}"#);
     wait_event(&rx, Side::B, "Started after cont", Duration::from_secs(10), |e| *e == PortEvent::Started);
 
+    // Phase 1b: hold b (as for a live snapshot) for a second while it runs.
+    wait_received(&b, 350, Duration::from_secs(60));
+    bridge.hold(Side::B);
+    assert!(bridge.port(Side::B).is_running() && bridge.port(Side::B).is_held());
+    let before = bridge.port(Side::B).stats();
+    std::thread::sleep(Duration::from_secs(1));
+    let after = bridge.port(Side::B).stats();
+    assert_eq!(after.rx_frames, before.rx_frames, "a held port wrote into the guest");
+    assert!(after.rx_refused > before.rx_refused, "frames for b kept coming and were refused");
+    bridge.release(Side::B);
+
     // Phase 2: checkpoint b (stop + migrate to a file), kill it, restore it in
     // a new QEMU on the same socket, cont.
-    wait_received(&b, 500, Duration::from_secs(60));
+    wait_received(&b, 600, Duration::from_secs(60));
     let (from_send, from_reply) = stop_and_measure(&mut qmp_b, &rx, Side::B);
     eprintln!("stop marker (checkpoint): {from_send} ns after sending stop, {from_reply} ns after its reply");
     let state = dir.path().join("b.state");
