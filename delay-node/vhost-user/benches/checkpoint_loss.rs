@@ -16,17 +16,16 @@ use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{boot, last_json, wait_serial, GuestSpec, Qmp};
 use stasis_vhost_user::Bridge;
 
 /// A `-netdev stream` relay between two sockets that accepts reconnections
-/// and keeps frames for a side while it has no connection.
-struct Relay {
-    sides: [Arc<(Mutex<SideState>, Condvar)>; 2],
-}
+/// and keeps frames for a side while it has no connection. Its threads live
+/// until the process exits.
+struct Relay;
 
 #[derive(Default)]
 struct SideState {
@@ -36,7 +35,7 @@ struct SideState {
 
 impl Relay {
     fn start(a: &Path, b: &Path) -> Relay {
-        let sides = [Arc::new((Mutex::new(SideState::default()), Condvar::new())), Arc::new((Mutex::new(SideState::default()), Condvar::new()))];
+        let sides = [Arc::new(Mutex::new(SideState::default())), Arc::new(Mutex::new(SideState::default()))];
         for (i, path) in [a, b].into_iter().enumerate() {
             let l = UnixListener::bind(path).unwrap();
             let me = sides[i].clone();
@@ -45,7 +44,7 @@ impl Relay {
                 for conn in l.incoming() {
                     let Ok(conn) = conn else { return };
                     {
-                        let mut st = me.0.lock().unwrap();
+                        let mut st = me.lock().unwrap();
                         let mut w = conn.try_clone().unwrap();
                         // Flush what waited for this side.
                         while let Some(f) = st.pending.pop_front() {
@@ -63,7 +62,7 @@ impl Relay {
                         if r.read_exact(&mut f).is_err() {
                             break;
                         }
-                        let mut st = peer.0.lock().unwrap();
+                        let mut st = peer.lock().unwrap();
                         let sent = match st.conn.as_mut() {
                             Some(w) => w.write_all(&len).and_then(|_| w.write_all(&f)).is_ok(),
                             None => false,
@@ -73,11 +72,11 @@ impl Relay {
                             st.pending.push_back(f);
                         }
                     }
-                    me.0.lock().unwrap().conn = None;
+                    me.lock().unwrap().conn = None;
                 }
             });
         }
-        Relay { sides }
+        Relay
     }
 }
 

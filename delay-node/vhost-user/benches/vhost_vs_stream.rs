@@ -66,9 +66,8 @@ fn run_vhost(dir: &Path, stop_cycles: usize) -> (f64, Vec<(i64, i64)>) {
         qmp.cmd(r#"{"execute":"stop"}"#);
         let replied = mono_ns();
         let at = loop {
-            match rx.recv_timeout(Duration::from_secs(10)).expect("Stopped marker") {
-                (Side::A, PortEvent::Stopped { at }) => break at,
-                _ => {}
+            if let (Side::A, PortEvent::Stopped { at }) = rx.recv_timeout(Duration::from_secs(10)).expect("Stopped marker") {
+                break at;
             }
         };
         marks.push((at as i64 - sent as i64, at as i64 - replied as i64));

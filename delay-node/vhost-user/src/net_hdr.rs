@@ -48,6 +48,7 @@ impl HdrLayout {
     }
 
     /// Header length in bytes.
+    #[allow(clippy::len_without_is_empty)] // a header length, never empty
     pub fn len(self) -> usize {
         if self.len12 {
             12

@@ -219,7 +219,7 @@ mod tests {
         let m3 = msg(SET_VRING_ENABLE, &[1; 8]);
         qemu_side.send_with_fds(&[&m3[..]], &[file.as_raw_fd()]).unwrap();
         drop(qemu_side);
-        let mut got = vec![0u8; 60];
+        let mut got = [0u8; 60];
         let mut fds = [-1; 4];
         let mut n = 0;
         let mut nfds = 0;
