@@ -149,6 +149,18 @@ async fn main() {
         vm.cont().await.unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    for i in 0..SAVES {
+        let r = vm.save_live(&dir.path().join("live.state")).await.expect("live save");
+        println!(
+            "live save {i}: {:.1} MiB in {:.0} ms (migrate {:.0} ms, fsync {:.0} ms), guest paused {:?} by QEMU's account",
+            r.bytes as f64 / (1 << 20) as f64,
+            ms(r.total),
+            ms(r.migrate),
+            ms(r.sync),
+            r.downtime
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     vm.kill();
     tokio::time::sleep(Duration::from_millis(200)).await;
     println!("serial when killed: {:?}", last_line(&serial));

@@ -193,6 +193,9 @@ pub struct SaveReport {
     pub sync: Duration,
     /// Whole operation.
     pub total: Duration,
+    /// How long QEMU says the guest was paused by the save (ms resolution):
+    /// meaningful for [`Vm::save_live`]; a stopped save reports its final phase.
+    pub downtime: Option<Duration>,
 }
 
 /// Errors of [`Vm::launch`].
@@ -239,6 +242,8 @@ pub enum VmError {
     Qmp(#[from] QmpError),
     #[error("VM must be paused (stopped since it last ran) to save, but it is {0:?}")]
     NotStopped(RunState),
+    #[error("VM must be running for a live save, but it is {0:?}")]
+    NotRunning(RunState),
     #[error("incoming migration not finished yet; call wait_incoming first")]
     IncomingPending,
     #[error("migration failed: {0}")]
@@ -589,18 +594,45 @@ impl Vm {
         if !state.is_saveable() {
             return Err(VmError::NotStopped(state));
         }
+        self.save_checked(path, false, t0).await
+    }
+
+    /// Save the state of a RUNNING VM without stopping it for the whole save:
+    /// QEMU's background snapshot (capability `background-snapshot`) pauses
+    /// the VM only to save device state, then write-protects guest RAM and
+    /// writes it out while the guest runs; the file holds the guest as it was
+    /// at the start. The VM keeps running. Refused unless `Running`
+    /// ([`VmError::NotRunning`]). Not safe with a vhost-user backend writing
+    /// guest memory (see DESIGN.md).
+    pub async fn save_live(&mut self, path: &Path) -> Result<SaveReport, VmError> {
+        let t0 = Instant::now();
+        let state = self.status().await?;
+        if state != RunState::Running {
+            return Err(VmError::NotRunning(state));
+        }
+        self.save_checked(path, true, t0).await
+    }
+
+    async fn save_checked(&mut self, path: &Path, live: bool, t0: Instant) -> Result<SaveReport, VmError> {
         let partial = partial_path(path);
-        let result = self.save_into(path, &partial, t0).await;
+        let result = self.save_into(path, &partial, live, t0).await;
         if result.is_err() {
             let _ = std::fs::remove_file(&partial);
         }
         result
     }
 
-    async fn save_into(&mut self, path: &Path, partial: &Path, t0: Instant) -> Result<SaveReport, VmError> {
+    async fn save_into(&mut self, path: &Path, partial: &Path, live: bool, t0: Instant) -> Result<SaveReport, VmError> {
         let io_err = |what: String| move |source| VmError::Io { what, source };
         self.qmp
             .execute("migrate-set-parameters", Some(json!({"max-bandwidth": SAVE_MAX_BANDWIDTH})))
+            .await?;
+        // Set either way: the capability persists across migrations.
+        self.qmp
+            .execute(
+                "migrate-set-capabilities",
+                Some(json!({"capabilities": [{"capability": "background-snapshot", "state": live}]})),
+            )
             .await?;
         let file = OpenOptions::new()
             .write(true)
@@ -618,8 +650,9 @@ impl Vm {
             let _ = self.qmp.execute("closefd", Some(json!({"fdname": FDNAME}))).await;
             return Err(e.into());
         }
-        self.wait_migration(SAVE_TIMEOUT).await?;
+        let info = self.wait_migration(SAVE_TIMEOUT).await?;
         let migrate = t_migrate.elapsed();
+        let downtime = info.get("downtime").and_then(Value::as_u64).map(Duration::from_millis);
 
         let t_sync = Instant::now();
         file.sync_all().map_err(io_err(format!("fsync {}", partial.display())))?;
@@ -627,18 +660,20 @@ impl Vm {
         drop(file);
         std::fs::rename(partial, path).map_err(io_err(format!("rename to {}", path.display())))?;
         sync_parent_dir(path).map_err(io_err(format!("fsync directory of {}", path.display())))?;
-        let report = SaveReport { path: path.to_owned(), bytes, migrate, sync: t_sync.elapsed(), total: t0.elapsed() };
+        let report =
+            SaveReport { path: path.to_owned(), bytes, migrate, sync: t_sync.elapsed(), total: t0.elapsed(), downtime };
         tracing::info!(vm = %self.name, bytes, ms = report.total.as_millis() as u64, "state saved");
         Ok(report)
     }
 
-    /// Poll `query-migrate` until the outgoing migration ends.
-    async fn wait_migration(&mut self, timeout: Duration) -> Result<(), VmError> {
+    /// Poll `query-migrate` until the outgoing migration ends; returns QEMU's
+    /// final report (`total-time`, `downtime`, `ram` …).
+    async fn wait_migration(&mut self, timeout: Duration) -> Result<Value, VmError> {
         let deadline = Instant::now() + timeout;
         loop {
             let info = self.qmp.execute("query-migrate", None).await?;
             match info.get("status").and_then(Value::as_str).unwrap_or("none") {
-                "completed" => return Ok(()),
+                "completed" => return Ok(info),
                 "failed" | "cancelled" => {
                     let desc = info.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
                     return Err(VmError::Migration(desc.to_owned()));

@@ -342,3 +342,54 @@ fn base64_matches_reference() {
     assert_eq!(base64(b"fo"), "Zm8=");
     assert_eq!(base64(b"foobar"), "Zm9vYmFy");
 }
+
+#[tokio::test]
+async fn live_save_keeps_running_and_restores_its_start() {
+    let dir = tempdir();
+    let mut s = spec("live", &dir.path().join("run"), vec![]);
+    s.append = format!("console=ttyS0 panic=-1 stasis.node=live stasis.run={}", base64(TICKER.as_bytes()));
+    let serial = dir.path().join("serial.log");
+    let mut vm = Vm::launch(&s, &serial, None).await.expect("launch");
+    let guard = KillOnDrop::new(&vm);
+    wait_for_tick(&serial, 0, 2).await;
+
+    vm.stop().await.unwrap();
+    match vm.save_live(&dir.path().join("no.state")).await {
+        Err(VmError::NotRunning(RunState::Paused)) => {}
+        other => panic!("live save of a paused VM: {other:?}"),
+    }
+    vm.cont().await.unwrap();
+
+    let state = dir.path().join("live.state");
+    let before = *ticks(&console(&serial, 0)).last().unwrap();
+    let report = vm.save_live(&state).await.expect("live save");
+    let after = *ticks(&console(&serial, 0)).last().unwrap();
+    assert!(report.bytes > 1 << 20);
+    assert_eq!(vm.status().await.unwrap(), RunState::Running);
+    // Paused only briefly, by QEMU's own account.
+    assert!(report.downtime.is_some_and(|d| d < Duration::from_secs(2)), "{report:?}");
+    // A stopped save still works after a live one.
+    vm.stop().await.unwrap();
+    vm.save(&dir.path().join("normal.state")).await.expect("stopped save after a live one");
+    vm.cont().await.unwrap();
+    wait_for_tick(&serial, 0, after + 3).await;
+    vm.kill();
+    while vm.is_alive() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(guard);
+
+    let at_restore = std::fs::metadata(&serial).unwrap().len() as usize;
+    let mut r = Vm::launch(&s, &serial, Some(&state)).await.expect("restore");
+    let _guard = KillOnDrop::new(&r);
+    r.wait_incoming(Duration::from_secs(60)).await.expect("incoming");
+    r.cont().await.unwrap();
+    let restored = wait_for_tick(&serial, at_restore, before + 1).await;
+    let first = *ticks(&format!("\n{restored}")).first().unwrap();
+    assert!(
+        // (+2: a console line cut by the snapshot is not counted)
+        (before + 1..=after + 2).contains(&first),
+        "restored timeline starts at tick {first}, live save ran from tick {before} to {after}"
+    );
+    r.quit().await.unwrap();
+}
