@@ -263,6 +263,30 @@ fn parse_send(args: impl Iterator<Item = String>) -> Result<SendOpts, ArgsError>
     })
 }
 
+/// Without IP_RECVERR Linux reports a UDP datagram dropped by the local
+/// qdisc as sent (`ENOBUFS` is swallowed); with it, `send_to` fails and the
+/// record is retried with the same sequence number, so `missing` at the
+/// receiver never counts the sender's own drops.
+fn report_local_drops(sock: &UdpSocket, v4: bool) {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    let (level, opt) = if v4 { (libc::IPPROTO_IP, libc::IP_RECVERR) } else { (libc::IPPROTO_IPV6, libc::IPV6_RECVERR) };
+    // SAFETY: the fd is a live socket owned by `sock`; `on` outlives the call
+    // and its length is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            level,
+            opt,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        eprintln!("stasis-traffic: IP_RECVERR: {}", io::Error::last_os_error());
+    }
+}
+
 struct Dest {
     addr: SocketAddr,
     sent: u64,
@@ -326,7 +350,9 @@ fn run_send(o: SendOpts) -> io::Result<()> {
             Proto::Udp => {
                 let any: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse() } else { "[::]:0".parse() }
                     .expect("literal address");
-                d.udp = Some(UdpSocket::bind(any)?);
+                let sock = UdpSocket::bind(any)?;
+                report_local_drops(&sock, addr.is_ipv4());
+                d.udp = Some(sock);
             }
             Proto::Tcp => d.tcp = Some(connect_tcp(addr)),
         }
