@@ -22,11 +22,14 @@ pub struct FreezeConfig {
     pub hold_lead_ns: u64,
     /// Slack added to the measured save time before the common resume.
     pub resume_margin_ns: u64,
+    /// Keep everything frozen at least this long (a pause of chosen length,
+    /// e.g. to show that even a long gap stays invisible).
+    pub min_frozen_ns: u64,
 }
 
 impl Default for FreezeConfig {
     fn default() -> Self {
-        FreezeConfig { margin_ns: 300_000_000, hold_lead_ns: 20_000_000, resume_margin_ns: 100_000_000 }
+        FreezeConfig { margin_ns: 300_000_000, hold_lead_ns: 20_000_000, resume_margin_ns: 100_000_000, min_frozen_ns: 0 }
     }
 }
 
@@ -58,7 +61,7 @@ pub fn plan_freeze(now: MonoNs, cfg: &FreezeConfig) -> MonoNs {
 #[must_use]
 pub fn frozen_duration(stops: &[MonoNs], saved_at: MonoNs, cfg: &FreezeConfig) -> u64 {
     let first = stops.iter().copied().min().unwrap_or(saved_at);
-    saved_at.saturating_sub(first) + cfg.resume_margin_ns
+    (saved_at.saturating_sub(first) + cfg.resume_margin_ns).max(cfg.min_frozen_ns)
 }
 
 /// When each component must resume: its own stop instant plus `D`.
@@ -115,6 +118,13 @@ mod tests {
             assert_eq!(r - s, d);
             assert!(*r > saved_at, "every resume is in the future of the save");
         }
+    }
+
+    #[test]
+    fn a_chosen_pause_is_a_floor_not_an_addition() {
+        let cfg = FreezeConfig { min_frozen_ns: 5_000_000_000, ..FreezeConfig::default() };
+        assert_eq!(frozen_duration(&[0, 10], 1_000_000_000, &cfg), 5_000_000_000);
+        assert_eq!(frozen_duration(&[0], 9_000_000_000, &cfg), 9_000_000_000 + cfg.resume_margin_ns);
     }
 
     #[test]

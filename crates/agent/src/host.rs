@@ -29,7 +29,8 @@ use stasis_core::clock::{mono_ns, wait_until, MonoNs};
 use stasis_core::spec::{Experiment, Node};
 use stasis_qemu::accel::Accel;
 use stasis_qemu::vm::{NicSpec, Vm, VmSpec};
-use stasis_store::{Checkpoint, CheckpointInfo, ComponentRecord, FreezeRecord, ManifestDraft, Store};
+use stasis_store::manifest::{ComponentDraft, ComponentKind, ExperimentRef, FreezeReport, ManifestDraft, Timings};
+use stasis_store::{Checkpoint, CheckpointInfo, Store};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -136,6 +137,7 @@ pub struct CheckpointSummary {
     pub frozen_duration_ns: u64,
     pub max_frozen_error_ns: u64,
     pub save_ns: u64,
+    pub commit_ns: u64,
     pub frames_in_flight: u64,
     pub frames_held: u64,
     pub max_hold_lateness_ns: u64,
@@ -277,7 +279,8 @@ fn start_delay_node(layout: &Layout, tools: &Tools, exp: &Experiment, incarnatio
     cmd.stdin(std::process::Stdio::null())
         .stdout(log.try_clone().map_err(io(&log_path))?)
         .stderr(log)
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .env("NO_COLOR", "1");
     // SAFETY: setsid is async-signal-safe; it detaches the node from the CLI's
     // session so it outlives the command that started it.
     unsafe {
@@ -307,6 +310,17 @@ fn start_delay_node(layout: &Layout, tools: &Tools, exp: &Experiment, incarnatio
     Ok(DelayProc { pid, control })
 }
 
+/// The next life of the experiment's processes: 1, 2, 3 … for as long as
+/// the state dir lives (`down` does not reset it), so every incarnation's
+/// consoles and logs are kept apart.
+fn next_incarnation(layout: &Layout) -> Result<u32, UpError> {
+    let path = layout.root().join("incarnation");
+    std::fs::create_dir_all(layout.root()).map_err(io(layout.root()))?;
+    let last = std::fs::read_to_string(&path).ok().and_then(|t| t.trim().parse::<u32>().ok()).unwrap_or(0);
+    std::fs::write(&path, format!("{}\n", last + 1)).map_err(io(&path))?;
+    Ok(last + 1)
+}
+
 fn seed_of(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
 }
@@ -320,7 +334,7 @@ pub async fn up(exp: &Experiment, layout: &Layout, tools: &Tools, obs: &dyn Obse
     }
     let specs = exp.nodes.iter().map(|n| vm_spec(exp, n, layout, tools)).collect::<Result<Vec<_>, _>>()?;
     std::fs::create_dir_all(layout.root()).map_err(io(layout.root()))?;
-    let incarnation = Runtime::load(layout).map(|r| r.incarnation + 1).unwrap_or(1);
+    let incarnation = next_incarnation(layout)?;
     launch_all(exp, layout, tools, &specs, incarnation, None, obs).await
 }
 
@@ -502,116 +516,110 @@ pub async fn checkpoint(
     let mut stop_instants: Vec<MonoNs> = stamps.iter().map(|s| s.map(|s| s.instant()).unwrap_or(t)).collect();
     stop_instants.push(frozen_at);
 
-    let mut info = None;
-    if failure.is_none() {
-        // Decide D now so it can be recorded; it leaves room for the commit.
-        let saved_at = mono_ns();
-        let d = freeze::frozen_duration(&stop_instants, saved_at, cfg);
-        let (nr, node_save_ns) = node_report.as_ref().expect("saved");
-        let mut records: Vec<ComponentRecord> = a
-            .vms
-            .iter()
-            .zip(&stamps)
-            .map(|((node, _), s)| {
-                let stop = s.expect("stopped").instant();
-                let (_, bytes, save_ns) = components.iter().find(|c| &c.0 == node).cloned().expect("saved");
-                ComponentRecord {
-                    name: node.clone(),
-                    kind: "vm".into(),
-                    file: format!("vm-{node}"),
-                    bytes,
-                    stop_ns: Some(stop),
-                    resume_ns: Some(stop + d),
-                    frozen_ns: Some(d),
-                    save_ns: Some(save_ns),
-                    ..Default::default()
-                }
-            })
-            .collect();
-        records.push(ComponentRecord {
-            name: "delay-node".into(),
-            kind: "delay-node".into(),
-            file: "delay-node".into(),
-            bytes: nr.bytes,
-            stop_ns: Some(frozen_at),
-            resume_ns: Some(frozen_at + d),
-            frozen_ns: Some(d),
-            save_ns: Some(*node_save_ns),
-            ..Default::default()
-        });
-        let skew = freeze::fidelity(t, d, &stop_instants.iter().map(|s| (*s, s + d)).collect::<Vec<_>>()).stop_skew_ns;
-        let draft = ManifestDraft {
-            name: name.map(str::to_string),
-            parent: rt.restored_from.clone(),
-            experiment_name: rt.experiment.clone(),
-            experiment_digest: rt.spec_digest.clone(),
-            spec_toml: rt.spec_toml.clone(),
-            components: records,
-            freeze: FreezeRecord {
-                planned_ns: t,
-                lead_ns: cfg.hold_lead_ns,
-                stop_skew_ns: skew,
-                frozen_duration_ns: d,
-                frames_in_flight: nr.frames_in_flight,
-                frames_held: nr.frames_held,
-            },
-            total_save_ns: saved_at - t,
-        };
-        match pending.commit(draft) {
-            Ok(i) => {
-                obs.event(&Event::Committed { checkpoint: i.id.clone(), name: i.name.clone().unwrap_or_default() });
-                info = Some((i, d));
-            }
-            Err(e) => failure = Some(format!("committing the manifest: {e}")),
-        }
-    } else {
+    // Resume everything, whether the save succeeded or not: the outcome of
+    // the commit below cannot change what runs next (an aborted checkpoint
+    // resumes too), and resuming first keeps the frozen duration at the save
+    // time instead of adding the manifest's hashing and fsyncs to it.
+    let saved_at = mono_ns();
+    let d = freeze::frozen_duration(&stop_instants, saved_at, cfg);
+    let (resumed, resume_errors, hold_lateness) = resume(&mut a, &stamps, frozen_at, d, obs).await;
+    let resumed_of = |stop: MonoNs| resumed.iter().find(|m| m.0 == stop).map(|m| m.1).unwrap_or(0);
+
+    if let Some(reason) = failure {
         pending.abort();
+        obs.event(&Event::Aborted { checkpoint: id, reason: reason.clone() });
+        return Err(if resume_errors.is_empty() {
+            CheckpointError::Aborted { reason }
+        } else {
+            CheckpointError::AbortedBroken { reason, resume: resume_errors.join("; ") }
+        });
     }
 
-    // Resume everything: after the commit, or to abort.
-    let d = match &info {
-        Some((_, d)) => *d,
-        None => freeze::frozen_duration(&stop_instants, mono_ns(), &FreezeConfig { resume_margin_ns: 20_000_000, ..*cfg }),
+    let (nr, node_save_ns) = node_report.expect("saved when nothing failed");
+    let mut records: Vec<ComponentDraft> = a
+        .vms
+        .iter()
+        .zip(&stamps)
+        .map(|((node, _), s)| {
+            let stop = s.expect("stopped when nothing failed").instant();
+            let (_, _, save_ns) = components.iter().find(|c| &c.0 == node).cloned().expect("saved");
+            let resume = resumed_of(stop);
+            ComponentDraft {
+                name: node.clone(),
+                kind: ComponentKind::Vm,
+                file: format!("vm-{node}"),
+                stop_ns: stop,
+                resume_ns: resume,
+                frozen_ns: resume.saturating_sub(stop),
+                save_ns,
+            }
+        })
+        .collect();
+    let node_resume = resumed_of(frozen_at);
+    records.push(ComponentDraft {
+        name: "delay-node".into(),
+        kind: ComponentKind::DelayNode,
+        file: "delay-node".into(),
+        stop_ns: frozen_at,
+        resume_ns: node_resume,
+        frozen_ns: node_resume.saturating_sub(frozen_at),
+        save_ns: node_save_ns,
+    });
+    let f = freeze::fidelity(t, d, &resumed);
+    let commit_start = mono_ns();
+    let draft = ManifestDraft {
+        parent: rt.restored_from.clone(),
+        experiment: ExperimentRef { name: rt.experiment.clone(), digest: rt.spec_digest.clone(), spec_toml: rt.spec_toml.clone() },
+        components: records,
+        files: Vec::new(),
+        freeze: FreezeReport {
+            planned_ns: t,
+            lead_ns: cfg.hold_lead_ns,
+            stop_skew_ns: f.stop_skew_ns,
+            frozen_duration_ns: d,
+            frames_in_flight: nr.frames_in_flight,
+            frames_held: nr.frames_held,
+        },
+        timings: Timings {
+            total_save_ns: saved_at - t,
+            commit_ns: 0,
+            extra: [("max_frozen_error_ns".to_string(), f.max_frozen_error_ns), ("max_hold_lateness_ns".to_string(), hold_lateness)]
+                .into_iter()
+                .collect(),
+        },
     };
-    let (resumed, resume_errors) = resume(&mut a, &stamps, frozen_at, d, obs).await;
-
-    match (info, failure) {
-        (Some((info, d)), _) => {
-            let f = freeze::fidelity(t, d, &resumed);
-            let nr = &node_report.expect("saved").0;
-            let summary = CheckpointSummary {
-                vms: a.vms.len(),
-                bytes: components.iter().map(|c| c.1).sum::<u64>() + nr.bytes,
-                stop_skew_ns: f.stop_skew_ns,
-                frozen_duration_ns: d,
-                max_frozen_error_ns: f.max_frozen_error_ns,
-                save_ns: components.iter().map(|c| c.2).max().unwrap_or(0),
-                frames_in_flight: nr.frames_in_flight,
-                frames_held: nr.frames_held,
-                max_hold_lateness_ns: 0,
-                info,
-            };
-            write_report(store, &summary, &resumed);
-            if !resume_errors.is_empty() {
-                tracing::error!(errors = %resume_errors.join("; "), "checkpoint committed but some components did not resume");
-            }
-            Ok(summary)
-        }
-        (None, Some(reason)) => {
+    let info = match pending.commit(draft) {
+        Ok(i) => i,
+        Err(e) => {
+            let reason = format!("committing the manifest: {e}");
             obs.event(&Event::Aborted { checkpoint: id, reason: reason.clone() });
-            if resume_errors.is_empty() {
-                Err(CheckpointError::Aborted { reason })
-            } else {
-                Err(CheckpointError::AbortedBroken { reason, resume: resume_errors.join("; ") })
-            }
+            return Err(CheckpointError::Aborted { reason });
         }
-        (None, None) => unreachable!("no commit without a failure"),
+    };
+    obs.event(&Event::Committed { checkpoint: info.id.clone(), name: info.name.clone().unwrap_or_default() });
+    if !resume_errors.is_empty() {
+        tracing::error!(errors = %resume_errors.join("; "), "checkpoint committed but some components did not resume");
     }
+    let summary = CheckpointSummary {
+        vms: a.vms.len(),
+        bytes: info.bytes,
+        stop_skew_ns: f.stop_skew_ns,
+        frozen_duration_ns: d,
+        max_frozen_error_ns: f.max_frozen_error_ns,
+        save_ns: saved_at.saturating_sub(stop_instants.iter().copied().min().unwrap_or(saved_at)),
+        commit_ns: mono_ns() - commit_start,
+        frames_in_flight: nr.frames_in_flight,
+        frames_held: nr.frames_held,
+        max_hold_lateness_ns: hold_lateness,
+        info,
+    };
+    write_report(store, &summary, &resumed);
+    Ok(summary)
 }
 
 /// Resume every stopped VM at its own stop + `d` and thaw the delay node at
 /// its freeze + `d`. Returns (stop, resume) per component and the failures.
-async fn resume(a: &mut Attached, stamps: &[Option<StopStamp>], frozen_at: MonoNs, d: u64, obs: &dyn Observer) -> (Vec<(MonoNs, MonoNs)>, Vec<String>) {
+async fn resume(a: &mut Attached, stamps: &[Option<StopStamp>], frozen_at: MonoNs, d: u64, obs: &dyn Observer) -> (Vec<(MonoNs, MonoNs)>, Vec<String>, u64) {
     let mut errors = Vec::new();
     let mut measured = Vec::new();
     let vm_futs = a.vms.iter_mut().zip(stamps).filter_map(|((node, vm), s)| {
@@ -639,14 +647,16 @@ async fn resume(a: &mut Attached, stamps: &[Option<StopStamp>], frozen_at: MonoN
             Err(e) => errors.push(format!("VM {node}: {e}")),
         }
     }
+    let mut lateness = 0;
     match node_r {
         Ok(r) => {
             obs.event(&Event::Resumed { component: "delay-node".into(), at: r.thawed_at, planned: node_at });
             measured.push((frozen_at, r.thawed_at));
+            lateness = r.max_hold_lateness_ns;
         }
         Err(e) => errors.push(format!("delay node: {e}")),
     }
-    (measured, errors)
+    (measured, errors, lateness)
 }
 
 fn write_report(store: &Store, summary: &CheckpointSummary, resumed: &[(MonoNs, MonoNs)]) {
@@ -727,8 +737,8 @@ pub async fn restore(
     let specs = exp.nodes.iter().map(|n| vm_spec(&exp, n, layout, tools)).collect::<Result<Vec<_>, _>>()?;
     obs.event(&Event::Restoring { checkpoint: ckpt.info.id.clone() });
     let started = mono_ns();
-    let incarnation = Runtime::load(layout).map(|r| r.incarnation + 1).unwrap_or(1);
     let _ = down(layout).await;
+    let incarnation = next_incarnation(layout)?;
     let rt = launch_all(&exp, layout, tools, &specs, incarnation, Some(ckpt), obs).await?;
     let mut vms = Vec::new();
     for v in &rt.vms {

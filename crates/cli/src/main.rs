@@ -49,6 +49,9 @@ enum Cmd {
         /// How long before the stop the delay node holds frames for a VM, ms
         #[arg(long, default_value_t = 20)]
         hold_lead_ms: u64,
+        /// Keep the experiment frozen at least this long, ms
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
     },
     /// List the checkpoints
     List,
@@ -61,7 +64,6 @@ enum Cmd {
 }
 
 struct Ui {
-    json: bool,
     bar: Option<indicatif::ProgressBar>,
 }
 
@@ -72,7 +74,7 @@ impl Ui {
             b.enable_steady_tick(Duration::from_millis(100));
             b
         });
-        Ui { json, bar }
+        Ui { bar }
     }
     fn done(&self) {
         if let Some(b) = &self.bar {
@@ -213,12 +215,12 @@ async fn run(cli: Cli) -> Result<()> {
                 Err(e) => return Err(e.into()),
             }
         }
-        Cmd::Checkpoint { name, margin_ms, hold_lead_ms } => {
+        Cmd::Checkpoint { name, margin_ms, hold_lead_ms, pause_ms } => {
             let exp = experiment_name(&cli, &state)?;
             let layout = Layout::new(&state, &exp);
             let rt = Runtime::load(&layout)?;
             let store = Store::open(&layout.checkpoints())?;
-            let cfg = FreezeConfig { margin_ns: margin_ms * 1_000_000, hold_lead_ns: hold_lead_ms * 1_000_000, ..FreezeConfig::default() };
+            let cfg = FreezeConfig { margin_ns: margin_ms * 1_000_000, hold_lead_ns: hold_lead_ms * 1_000_000, min_frozen_ns: pause_ms * 1_000_000, ..FreezeConfig::default() };
             let log = EventLog::open(&layout.events_file(), &ui);
             let s = host::checkpoint(&rt, &store, name.as_deref(), &cfg, &log).await;
             ui.done();
@@ -313,7 +315,7 @@ fn open_checkpoint(cli: &Cli, state: &Path, which: &str) -> Result<(String, stas
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("STASIS_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).init();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     match rt.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
