@@ -143,22 +143,31 @@ pub fn deliver_frame<M: GuestMemory>(
     }
 
     let header = layout.rx_header(chains.len() as u16);
-    let mut src = header.iter().copied().chain(frame.iter().copied());
-    let mut staging = Vec::with_capacity(2048);
+    // Header and frame as one logical byte string, written segment by segment.
+    let part = |off: usize, n: usize| -> (&[u8], &[u8]) {
+        let h = &header[off.min(header.len())..(off + n).min(header.len())];
+        let f0 = off.saturating_sub(header.len());
+        let f = &frame[f0.min(frame.len())..(off + n).saturating_sub(header.len()).min(frame.len())];
+        (h, f)
+    };
     let mut elems = Vec::with_capacity(chains.len());
-    let mut left = total;
+    let mut off = 0usize;
     for c in &chains {
         let mut written = 0usize;
         for &(addr, len) in &c.segments {
-            if left == 0 {
+            if off == total {
                 break;
             }
-            let n = len.min(left);
-            staging.clear();
-            staging.extend(src.by_ref().take(n));
-            write_at(mem, addr, &staging)?;
+            let n = len.min(total - off);
+            let (h, f) = part(off, n);
+            if !h.is_empty() {
+                write_at(mem, addr, h)?;
+            }
+            if !f.is_empty() {
+                write_at(mem, addr.unchecked_add(h.len() as u64), f)?;
+            }
             written += n;
-            left -= n;
+            off += n;
         }
         elems.push((c.head, written as u32));
     }
@@ -406,5 +415,59 @@ mod tests {
             deliver_frame(&mut q, &g.mem, &vec![0u8; MAX_FRAME + 1], HdrLayout::MODERN_MRG),
             Err(RingError::FrameTooLarge(_))
         ));
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(200))]
+
+            /// Whatever buffers the guest posts, a frame is either wholly in
+            /// the used ring with its exact bytes, or nothing changed.
+            #[test]
+            fn delivery_is_all_or_nothing(
+                bufs in proptest::collection::vec(1u32..3000, 0..8),
+                len in 0usize..9000,
+                mergeable in any::<bool>(),
+            ) {
+                let layout = HdrLayout { len12: true, mergeable };
+                let (mut g, mut q) = Guest::new(16);
+                for &b in &bufs {
+                    g.post_rx(1, b);
+                }
+                let f = frame(len);
+                let total = 12 + len;
+                match deliver_frame(&mut q, &g.mem, &f, layout) {
+                    Ok(Delivery::Delivered { buffers }) => {
+                        prop_assert_eq!(g.used_idx(), buffers);
+                        let mut got = Vec::new();
+                        for i in 0..u64::from(buffers) {
+                            let (id, n) = g.used_elem(i);
+                            prop_assert_eq!(u64::from(id), i);
+                            got.extend(g.read(BUF_BASE + i * 0x1_0000, n as usize));
+                        }
+                        prop_assert_eq!(got.len(), total);
+                        prop_assert_eq!(u16::from_le_bytes([got[10], got[11]]), buffers);
+                        prop_assert_eq!(&got[12..], &f[..]);
+                        prop_assert!(mergeable || buffers == 1);
+                    }
+                    Ok(Delivery::NoBuffer) => {
+                        prop_assert_eq!(q.next_avail(), 0);
+                        prop_assert_eq!(g.used_idx(), 0);
+                        let cap: usize = bufs.iter().map(|&b| b as usize).sum();
+                        let expected = if mergeable { cap < total } else { bufs.is_empty() };
+                        prop_assert!(expected, "NoBuffer with {} bytes of buffers for {} bytes", cap, total);
+                    }
+                    Err(RingError::BufferTooSmall { .. }) => {
+                        prop_assert!(!mergeable);
+                        prop_assert_eq!(q.next_avail(), 0);
+                        prop_assert_eq!(g.used_idx(), 0);
+                    }
+                    Err(e) => prop_assert!(false, "unexpected error {}", e),
+                }
+            }
+        }
     }
 }
