@@ -172,3 +172,34 @@ async fn unknown_events_stale_replies_and_fragments_are_tolerated() {
     }
     server.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_late_reply_after_a_timeout_does_not_answer_the_next_command() {
+    let dir = common::tempdir();
+    let path = dir.path().join("slow.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let server = tokio::spawn(async move {
+        let (sock, _) = listener.accept().await.unwrap();
+        let (r, mut w) = sock.into_split();
+        let mut r = BufReader::new(r);
+        w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n").await.unwrap();
+        let (_, id) = read_command(&mut r).await;
+        w.write_all(format!("{}\n", json!({"return": {}, "id": id})).as_bytes()).await.unwrap();
+        // Sit on "slow" past the client's timeout, then answer it late.
+        let (cmd, slow_id) = read_command(&mut r).await;
+        assert_eq!(cmd, "slow");
+        let (cmd, next_id) = read_command(&mut r).await;
+        assert_eq!(cmd, "next");
+        w.write_all(format!("{}\n", json!({"return": "for slow", "id": slow_id})).as_bytes()).await.unwrap();
+        w.write_all(format!("{}\n", json!({"return": "for next", "id": next_id})).as_bytes()).await.unwrap();
+    });
+    let mut qmp = Qmp::connect(&path).await.unwrap();
+    qmp.set_command_timeout(Duration::from_millis(200));
+    match qmp.execute("slow", None).await {
+        Err(QmpError::Timeout(what)) => assert!(what.contains("slow"), "{what}"),
+        other => panic!("unanswered command: {other:?}"),
+    }
+    qmp.set_command_timeout(Duration::from_secs(5));
+    assert_eq!(qmp.execute("next", None).await.unwrap(), "for next");
+    server.await.unwrap();
+}
