@@ -77,8 +77,20 @@ pub struct ThawReport {
 pub struct Stats {
     pub frozen: bool,
     pub virtual_ns: u64,
+    /// Host lateness of releases (actual minus scheduled), filled in by the I/O layer.
+    #[serde(default)]
+    pub release_error: Option<ReleaseError>,
     pub ports: Vec<PortStats>,
     pub pipes: Vec<PipeStats>,
+}
+
+/// Distribution of release lateness since the node started, in ns (1 µs resolution).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseError {
+    pub count: u64,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub max_ns: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -630,6 +642,7 @@ impl Scheduler {
         Stats {
             frozen: self.frozen.is_some(),
             virtual_ns: self.virtual_time(now),
+            release_error: None,
             ports: self
                 .ports
                 .iter()

@@ -587,7 +587,14 @@ fn serve_one(shared: &Arc<Shared>, qemu: UnixStream, socket: &Path) -> Result<()
         .map_err(|e| e.to_string())?;
     let requests = proxy::pump_requests(qemu, backend_end, &shared.name);
     let _ = replies.join();
-    let waited = daemon.wait().map_err(|e| e.to_string());
+    let waited = match daemon.wait() {
+        // QEMU closing the socket is the normal end of a connection.
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+        )) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    };
     if let Err(e) = requests {
         debug!(port = %shared.name, error = %e, "request relay ended");
     }

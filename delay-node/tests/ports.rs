@@ -1,0 +1,113 @@
+//! Port behaviour with real sockets: bad input drops only the offending port,
+//! reconnection replaces a connection, refusals over the control socket.
+
+mod common;
+use common::*;
+use delay_node::config::{LinkConfig, PortConfig, Shaping, Topology};
+use delay_node::control::ControlError;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Duration;
+
+fn setup(dir: &Path) -> (NodeProc, std::path::PathBuf) {
+    let sh = Shaping { delay_ns: 1_000_000, ..Shaping::default() };
+    let topo = Topology {
+        ports: (0..3).map(|i| PortConfig { name: format!("vm{i}"), socket: dir.join(format!("vm{i}.sock")) }).collect(),
+        lans: vec![],
+        links: vec![LinkConfig { name: "l".into(), a: "vm0".into(), b: "vm1".into(), a_to_b: sh, b_to_a: sh }],
+        seed: 0,
+    };
+    let tp = dir.join("topo.json");
+    std::fs::write(&tp, serde_json::to_string(&topo).unwrap()).unwrap();
+    let events = dir.join("events.jsonl");
+    (NodeProc::start(&tp, &dir.join("ctl.sock"), None, &events), events)
+}
+
+fn roundtrip(a: &mut std::os::unix::net::UnixStream, b: &mut std::os::unix::net::UnixStream, seq: u32) {
+    write_frame(a, &test_frame(1, 0, 0, seq, 0, 60)).unwrap();
+    b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let f = read_frame(b).expect("frame forwarded");
+    assert_eq!(u32::from_be_bytes(f[15..19].try_into().unwrap()), seq);
+}
+
+#[test]
+fn bad_framing_drops_only_the_offending_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, events) = setup(dir.path());
+    let rt = rt();
+    let mut ctl = client(&rt, &dir.path().join("ctl.sock"));
+    let mut a = connect_retry(&dir.path().join("vm0.sock"));
+    let mut b = connect_retry(&dir.path().join("vm1.sock"));
+    roundtrip(&mut a, &mut b, 1);
+    for bad in [&b"\x00\x00\x00\x05hello"[..], &b"\xff\xff\xff\xffxx"[..], &b"GET / HTTP/1.1\r\n\r\n"[..]] {
+        let mut g = connect_retry(&dir.path().join("vm2.sock"));
+        g.write_all(bad).unwrap();
+        g.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(g.read(&mut buf).unwrap(), 0, "the node closes a port that sends {bad:?}");
+    }
+    // The other ports carry on.
+    roundtrip(&mut a, &mut b, 2);
+    let st = rt.block_on(ctl.stats()).unwrap();
+    assert_eq!(st.ports[2].counters.errors, 3);
+    assert!(!st.ports[2].connected);
+    assert!(st.ports[0].connected && st.ports[1].connected);
+    let ev = std::fs::read_to_string(events).unwrap();
+    assert_eq!(ev.matches("\"port_error\"").count(), 3, "{ev}");
+    assert!(ev.contains("runt frame"), "{ev}");
+}
+
+#[test]
+fn a_new_connection_replaces_the_old_and_unconnected_drops_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, _events) = setup(dir.path());
+    let rt = rt();
+    let mut ctl = client(&rt, &dir.path().join("ctl.sock"));
+    let mut a = connect_retry(&dir.path().join("vm0.sock"));
+    // Nobody on vm1 yet: released frames are dropped and counted.
+    write_frame(&mut a, &test_frame(1, 0, 0, 0, 0, 60)).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(rt.block_on(ctl.stats()).unwrap().ports[1].counters.dropped_unconnected, 1);
+    let mut old = connect_retry(&dir.path().join("vm1.sock"));
+    roundtrip(&mut a, &mut old, 1);
+    // A VM restarted from a checkpoint reconnects: the new connection wins.
+    let mut new = connect_retry(&dir.path().join("vm1.sock"));
+    std::thread::sleep(Duration::from_millis(50));
+    roundtrip(&mut a, &mut new, 2);
+    old.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 4];
+    assert_eq!(old.read(&mut buf).unwrap(), 0, "the replaced connection is closed");
+}
+
+#[test]
+fn control_refuses_save_and_thaw_unless_frozen_and_unknown_ports() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, _events) = setup(dir.path());
+    let rt = rt();
+    let mut ctl = client(&rt, &dir.path().join("ctl.sock"));
+    let state = dir.path().join("s.bin");
+    let e = rt.block_on(ctl.save(&state)).unwrap_err();
+    assert!(matches!(&e, ControlError::Refused(m) if m.contains("not frozen")), "{e:?}");
+    assert!(!state.exists());
+    assert!(rt.block_on(ctl.thaw_at(0)).is_err());
+    assert!(rt.block_on(ctl.pcap("nope", None)).is_err());
+    assert!(rt.block_on(ctl.freeze_port_at("nope", 0, 0)).is_err());
+    // A garbage line gets an error line, and the connection keeps working.
+    let mut raw = std::os::unix::net::UnixStream::connect(dir.path().join("ctl.sock")).unwrap();
+    raw.write_all(b"{\"cmd\":\"fly\"}\n").unwrap();
+    let mut line = String::new();
+    let mut r = std::io::BufReader::new(raw.try_clone().unwrap());
+    std::io::BufRead::read_line(&mut r, &mut line).unwrap();
+    assert!(line.starts_with("{\"error\""), "{line}");
+    // Restore refuses a foreign file while frozen.
+    let now = stasis_core::clock::mono_ns();
+    rt.block_on(ctl.freeze_at(now, 0)).unwrap();
+    std::fs::write(&state, b"not a state file").unwrap();
+    let e = rt.block_on(ctl.restore(&state)).unwrap_err();
+    assert!(matches!(&e, ControlError::Refused(m) if m.contains("bad magic")), "{e:?}");
+    let rep = rt.block_on(ctl.save(&state)).unwrap();
+    assert!(rep.bytes > 0);
+    rt.block_on(ctl.restore(&state)).unwrap();
+    rt.block_on(ctl.thaw_at(stasis_core::clock::mono_ns())).unwrap();
+    rt.block_on(ctl.shutdown()).unwrap();
+}
