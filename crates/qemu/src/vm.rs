@@ -205,6 +205,8 @@ pub enum LaunchError {
     BadPath(String),
     #[error("NIC {id}: stream socket {} {reason}; start the delay node first", path.display())]
     NicSocket { id: String, path: PathBuf, reason: String },
+    #[error("a QEMU (pid {pid}) is still running in {}", run_dir.display())]
+    AlreadyRunning { pid: u32, run_dir: PathBuf },
     #[error("cannot prepare run directory {}", path.display())]
     RunDir {
         path: PathBuf,
@@ -394,6 +396,12 @@ impl Vm {
             }
         }
 
+        // Never pull the sockets from under a QEMU still using this run directory.
+        if let Ok(pid) = read_pidfile(&spec.pid_path()) {
+            if process_matches(pid, &qmp_path.to_string_lossy()) {
+                return Err(LaunchError::AlreadyRunning { pid, run_dir: spec.run_dir.clone() });
+            }
+        }
         let run_dir_err = |source| LaunchError::RunDir { path: spec.run_dir.clone(), source };
         std::fs::create_dir_all(&spec.run_dir).map_err(run_dir_err)?;
         remove_if_exists(&qmp_path).map_err(run_dir_err)?;

@@ -236,6 +236,12 @@ async fn vm_outlives_launching_process() {
     // Another spelling of the same socket path still identifies the process.
     let mut vm = Vm::attach("daemon", &dir.path().join("run/../run/qmp.sock"), pid).await.expect("attach");
     assert!(vm.is_alive(), "QEMU died with its launcher");
+    // A second launch into the same run directory must not take it over.
+    let s = spec("daemon", &dir.path().join("run"), vec![]);
+    match Vm::launch(&s, &dir.path().join("serial2.log"), None).await {
+        Err(LaunchError::AlreadyRunning { pid: p, .. }) => assert_eq!(p, pid),
+        other => panic!("second launch in a live run dir: {other:?}"),
+    }
     assert!(dir.path().join("serial.log").exists() && dir.path().join("run/qemu.log").exists());
     assert_eq!(vm.status().await.unwrap(), RunState::Running);
     vm.stop().await.unwrap();
