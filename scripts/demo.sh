@@ -11,12 +11,14 @@ cleanup() { "$STASIS" -e lan3 down >/dev/null 2>&1 || true; rm -rf "$STATE"; }
 trap cleanup EXIT
 
 console() { cat "$STATE/lan3/run/vm/$1/serial-$2.log" 2>/dev/null || true; }
-received() { # last "received" of node $1 in incarnation $2
-  console "$1" "$2" | grep -a '"role":"recv"' | tail -n1 | sed -n 's/.*"received":\([0-9]*\).*/\1/p'
+received() { # last "received" of node $1 in incarnation $2 (0 if none yet)
+  local r
+  r=$(console "$1" "$2" | grep -a '"role":"recv"' | tail -n1 | sed -n 's/.*"received":\([0-9]*\).*/\1/p')
+  echo "${r:-0}"
 }
 wait_received() { # node incarnation at-least timeout-s
   local n=0
-  while [ "$(received "$1" "$2" || echo 0)" = "" ] || [ "$(received "$1" "$2")" -lt "$3" ]; do
+  while [ "$(received "$1" "$2")" -lt "$3" ]; do
     sleep 1; n=$((n + 1))
     if [ "$n" -ge "$4" ]; then echo "timed out waiting for $1 to receive $3 frames" >&2; exit 1; fi
   done
@@ -40,7 +42,12 @@ echo "== waiting for the restored timeline to finish its 3000 frames per receive
 wait_received b 2 3000 180
 wait_received c 2 3000 180
 for n in b c; do
-  echo "   $n: $(console "$n" 2 | grep -a '"role":"recv"' | tail -n1)"
+  line=$(console "$n" 2 | grep -a '"role":"recv"' | tail -n1)
+  echo "   $n: $line"
+  case "$line" in
+    *'"missing":0,"dups":0,'*) ;;
+    *) echo "FAILED: $n lost or duplicated frames in the restored timeline" >&2; exit 1 ;;
+  esac
 done
 echo "== clock probe, largest step per window in the restored timeline (ns):"
 for n in a b c; do
