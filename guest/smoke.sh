@@ -5,6 +5,8 @@
 # and UDP and TCP sequence-numbered flows a -> b arrive complete with
 # missing=0 and dups=0. Exits non-zero on any failure; QEMUs are killed on
 # exit. Set KEEP=1 to keep the logs (their directory is printed).
+# b's workload arrives through -fw_cfg, a's through stasis.run; when the image
+# has iperf3, a 2 s iperf3 run a -> b checks the copied shared libraries.
 # Also proves the probe on real guests: node b steps its realtime clock by
 # +10 s (date -s) and the probe must report it; node a is paused 3 s over QMP
 # in the middle of its flows, and under TCG no clock may show that pause.
@@ -44,34 +46,51 @@ fail() {
     exit 1
 }
 
-boot() { # name ip mac local-sock remote-sock script
-    local run
-    run=$(printf '%s' "$6" | base64 -w0)
+boot() { # name ip mac local-sock remote-sock script how(cmdline|fw_cfg)
+    local runarg= fwcfg=()
+    if [ "$7" = fw_cfg ]; then
+        printf '%s\n' "$6" > "$WORK/$1.run.sh"
+        fwcfg=(-fw_cfg "name=opt/stasis/run,file=$WORK/$1.run.sh")
+    else
+        runarg="stasis.run=$(printf '%s' "$6" | base64 -w0)"
+    fi
     qemu-system-x86_64 -accel tcg -cpu max -m 256 -nodefaults -no-reboot \
         -display none -monitor none -serial "file:$WORK/$1.log" \
         -qmp "unix:$WORK/$1.qmp,server=on,wait=off" \
         -kernel "$ROOT/target/guest/vmlinuz" -initrd "$ROOT/target/guest/initrd.img" \
-        -append "console=ttyS0 quiet loglevel=1 panic=-1 stasis.node=$1 stasis.ip=eth0:$2 stasis.run=$run" \
+        -append "console=ttyS0 quiet loglevel=1 panic=-1 stasis.node=$1 stasis.ip=eth0:$2 $runarg" \
+        "${fwcfg[@]}" \
         -netdev "dgram,id=n0,local.type=unix,local.path=$4,remote.type=unix,remote.path=$5" \
         -device "virtio-net-pci,netdev=n0,mac=$3,romfile=" \
         </dev/null >"$WORK/$1.qemu.out" 2>&1 &
     PIDS+=($!)
 }
 
+# iperf3 (a host program copied into the image with its libraries) runs
+# after the flows when the image has it.
+IPERF=
+grep -qx 'bin iperf3' "$ROOT/target/guest/inputs.sha256" && IPERF=1
+
+# b's script comes through fw_cfg, a's through the kernel command line.
 RECV_SCRIPT='stasis-probe --report-ms 1000 &
 stasis-traffic recv --port 5000 --proto udp &
 stasis-traffic recv --port 5001 --proto tcp &
+'"${IPERF:+iperf3 -s -1 >/dev/null 2>&1 &}"'
 sleep 3
 date -s "@$(( $(date +%s) + 10 ))" >/dev/null'
 SEND_SCRIPT="stasis-probe --report-ms 1000 &
 until ping -c1 -W1 10.1.1.2 >/dev/null 2>&1; do sleep 0.2; done
 sleep 3  # b answers pings a moment before its receivers have bound
 stasis-traffic send --to 10.1.1.2:5000 --proto udp --rate $RATE --count $COUNT --flow 7 --size 200 &
-stasis-traffic send --to 10.1.1.2:5001 --proto tcp --rate $RATE --count $COUNT --flow 8 --size 200 &"
+u=\$!
+stasis-traffic send --to 10.1.1.2:5001 --proto tcp --rate $RATE --count $COUNT --flow 8 --size 200 &
+t=\$!
+wait \$u \$t
+${IPERF:+iperf3 -c 10.1.1.2 -t 2 && echo IPERF-OK}"
 
 t0=$(date +%s%N)
-boot b 10.1.1.2/24 52:54:00:00:00:02 "$WORK/b.sock" "$WORK/a.sock" "$RECV_SCRIPT"
-boot a 10.1.1.1/24 52:54:00:00:00:01 "$WORK/a.sock" "$WORK/b.sock" "$SEND_SCRIPT"
+boot b 10.1.1.2/24 52:54:00:00:00:02 "$WORK/b.sock" "$WORK/a.sock" "$RECV_SCRIPT" fw_cfg
+boot a 10.1.1.1/24 52:54:00:00:00:01 "$WORK/a.sock" "$WORK/b.sock" "$SEND_SCRIPT" cmdline
 
 ms_since() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
 declare -A READY_MS=()
@@ -149,6 +168,13 @@ for proto in udp tcp; do
     [ "$bad" = 0 ] || fail "$proto: $bad receiver lines with missing or dups"
     echo "smoke: a send $proto: $(json a ".tool==\"traffic\" and .role==\"send\" and .proto==\"$proto\" and .done")"
 done
+if [ -n "$IPERF" ]; then
+    while ! tr -d '\r' < "$WORK/a.log" | grep -aq '^IPERF-OK'; do
+        [ "$(date +%s)" -lt "$deadline" ] || fail "iperf3 a -> b did not finish"
+        sleep 0.5
+    done
+    echo "smoke: iperf3 a -> b: $(tr -d '\r' < "$WORK/a.log" | grep -a 'receiver$' | tr -s ' ')"
+fi
 # Every console line that looks like JSON must parse: no torn lines.
 torn=$(for n in a b; do grep -a '^{' "$WORK/$n.log" | tr -d '\r' | while IFS= read -r l; do
     echo "$l" | jq -e . >/dev/null 2>&1 || echo "$l"; done; done | wc -l)
