@@ -26,6 +26,8 @@ const SPIN_NS: u64 = 200_000;
 /// dense traffic that can run into the kernel's RT throttling (950 ms/s),
 /// which `--spin-us` trades off.
 const SPIN_RT_NS: u64 = 200_000;
+/// Start offset of an output entry that is the rest of a partly written frame.
+const PARTIAL: usize = usize::MAX;
 /// Bytes read from one connection per loop iteration (fairness between ports).
 const READ_BUDGET: usize = 1 << 20;
 
@@ -45,10 +47,11 @@ pub enum NodeError {
 struct Conn {
     stream: UnixStream,
     dec: FrameDecoder,
-    /// Encoded frames not yet written, and where each ends in `out`.
+    /// Encoded frames not yet (completely) written: `(start, end, due_vt)` of
+    /// each in `out`; `start == PARTIAL` for the rest of a partly written frame.
     out: Vec<u8>,
     out_pos: usize,
-    ends: VecDeque<(usize, u64)>,
+    ends: VecDeque<(usize, usize, u64)>,
 }
 
 struct PortIo {
@@ -320,8 +323,9 @@ impl Node {
                         let _ = w.record(now, &frame);
                     }
                     if let Some(c) = &mut p.conn {
+                        let start = c.out.len();
                         encode_into(&frame, &mut c.out);
-                        c.ends.push_back((c.out.len(), due_vt));
+                        c.ends.push_back((start, c.out.len(), due_vt));
                     }
                 }
                 Action::Frozen { at } => {
@@ -352,7 +356,7 @@ impl Node {
                 }
             }
         }
-        while let Some(&(end, _)) = c.ends.front() {
+        while let Some(&(_, end, _)) = c.ends.front() {
             if end > c.out_pos {
                 break;
             }
@@ -362,6 +366,17 @@ impl Node {
             c.out.clear();
             c.out_pos = 0;
             c.ends.clear();
+        } else if c.out_pos > 1 << 20 {
+            // A slow reader: drop the written prefix so the buffer does not grow forever.
+            let shift = c.out_pos;
+            c.out.drain(..shift);
+            c.out_pos = 0;
+            for e in c.ends.iter_mut() {
+                if e.0 != PARTIAL {
+                    e.0 = e.0.saturating_sub(shift);
+                }
+                e.1 -= shift;
+            }
         }
     }
 
@@ -398,6 +413,7 @@ impl Node {
         if let Some(c) = self.ports[i].conn.take() {
             let name = self.sched.port_name(i).to_owned();
             let unsent = c.ends.len();
+            // Frames released to this VM but not written are lost with the connection.
             tracing::info!(port = %name, why, unsent, "VM disconnected");
             self.events.emit_now("port_disconnected", json!({ "port": name, "reason": why, "unsent_frames": unsent }));
         }
@@ -674,32 +690,33 @@ impl Node {
             if c.ends.is_empty() {
                 continue;
             }
-            // A frame already partly written cannot be taken back; finish it.
-            let first_start = c.out_pos;
-            let mut starts: Vec<usize> = Vec::new();
-            let mut prev = 0usize;
-            for &(end, _) in &c.ends {
-                starts.push(prev);
-                prev = end;
-            }
+            // A frame already partly written cannot be taken back: its rest stays
+            // queued for this connection (the stopped VM may never read it; then it
+            // is lost with the connection, like the bytes already in the socket).
             let mut frames: Vec<(Vec<u8>, u64)> = Vec::new();
-            for (k, &(end, due_vt)) in c.ends.iter().enumerate() {
-                if starts[k] >= first_start {
-                    frames.push((c.out[starts[k] + PREFIX..end].to_vec(), due_vt));
+            let mut partial = None;
+            for &(start, end, due_vt) in &c.ends {
+                if start != PARTIAL && start >= c.out_pos {
+                    frames.push((c.out[start + PREFIX..end].to_vec(), due_vt));
+                } else {
+                    partial = Some((end, due_vt));
                 }
             }
-            let partial_end = c.ends.front().map(|&(e, _)| e).filter(|_| starts[0] < first_start);
-            if let Some(end) = partial_end {
-                let _ = c.stream.set_nonblocking(false);
-                let _ = c.stream.set_write_timeout(Some(std::time::Duration::from_millis(200)));
-                if c.stream.write_all(&c.out[c.out_pos..end]).is_err() {
-                    tracing::warn!(port = %self.sched.port_name(i), "a partly written frame could not be completed before the save");
+            match partial {
+                Some((end, due_vt)) => {
+                    c.out.truncate(end);
+                    c.out.drain(..c.out_pos);
+                    c.out_pos = 0;
+                    c.ends.clear();
+                    c.ends.push_back((PARTIAL, c.out.len(), due_vt));
+                    tracing::warn!(port = %self.sched.port_name(i), "a frame was partly written when the VM stopped");
                 }
-                let _ = c.stream.set_nonblocking(true);
+                None => {
+                    c.out.clear();
+                    c.out_pos = 0;
+                    c.ends.clear();
+                }
             }
-            c.out.clear();
-            c.out_pos = 0;
-            c.ends.clear();
             for (f, due_vt) in frames.into_iter().rev() {
                 self.sched.unsend(i, f, due_vt);
             }

@@ -72,7 +72,7 @@ fn receiver(mut s: UnixStream, me: u8) -> std::thread::JoinHandle<Vec<Rx>> {
 }
 
 /// Send one flow's frames every `gap` ns from `start` while before `stop`; returns the next seq.
-fn sender(mut s: UnixStream, flow: u8, src: u8, dst: u8, first: u32, start: MonoNs, stop: MonoNs, gap: u64) -> std::thread::JoinHandle<u32> {
+fn sender(mut s: UnixStream, (flow, src, dst): (u8, u8, u8), first: u32, start: MonoNs, stop: MonoNs, gap: u64) -> std::thread::JoinHandle<u32> {
     std::thread::spawn(move || {
         set_fifo(0);
         let mut seq = first;
@@ -107,7 +107,7 @@ fn start_phase(sockets: &[PathBuf], first: &[u32], start: MonoNs, stop: MonoNs) 
         .map(|&(flow, src, dst, _)| {
             // Staggered so the flows' frames do not all wake the 2 cores at once.
             let start = start + flow as u64 * 80_000;
-            sender(conns[src].try_clone().unwrap(), flow, src as u8, dst as u8, first[flow as usize], start, stop, 400_000)
+            sender(conns[src].try_clone().unwrap(), (flow, src as u8, dst as u8), first[flow as usize], start, stop, 400_000)
         })
         .collect();
     Phase { rx, tx }

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 fn setup(dir: &Path) -> (NodeProc, std::path::PathBuf) {
-    let sh = Shaping { delay_ns: 1_000_000, ..Shaping::default() };
+    let sh = Shaping { delay_ns: 1_000_000, queue_packets: 10_000, ..Shaping::default() };
     let topo = Topology {
         ports: (0..3).map(|i| PortConfig { name: format!("vm{i}"), socket: dir.join(format!("vm{i}.sock")) }).collect(),
         lans: vec![],
@@ -110,4 +110,36 @@ fn control_refuses_save_and_thaw_unless_frozen_and_unknown_ports() {
     rt.block_on(ctl.restore(&state)).unwrap();
     rt.block_on(ctl.thaw_at(stasis_core::clock::mono_ns())).unwrap();
     rt.block_on(ctl.shutdown()).unwrap();
+}
+
+/// A VM that stops reading: frames pile up in the node's output buffer. A save
+/// takes back every frame not yet written (they become held frames in the
+/// state), and after the thaw the reader gets every frame exactly once, in order.
+#[test]
+fn save_takes_back_frames_a_stopped_vm_did_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, _events) = setup(dir.path());
+    let rt = rt();
+    let mut ctl = client(&rt, &dir.path().join("ctl.sock"));
+    let mut a = connect_retry(&dir.path().join("vm0.sock"));
+    let mut b = connect_retry(&dir.path().join("vm1.sock"));
+    std::thread::sleep(Duration::from_millis(50));
+    let n = 3000u32; // 4.5 MB: far more than a unix socket buffers
+    for seq in 0..n {
+        write_frame(&mut a, &test_frame(1, 0, 0, seq, 0, 1500)).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    rt.block_on(ctl.freeze_at(stasis_core::clock::mono_ns(), 0)).unwrap();
+    let rep = rt.block_on(ctl.save(&dir.path().join("s.bin"))).unwrap();
+    assert!(rep.frames_held > 100, "{rep:?}");
+    let st = delay_node::state::NodeState::read_file(&dir.path().join("s.bin")).unwrap();
+    assert_eq!(st.ports[1].held.len() as u64, rep.frames_held);
+    rt.block_on(ctl.thaw_at(stasis_core::clock::mono_ns())).unwrap();
+    b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for seq in 0..n {
+        let f = read_frame(&mut b).expect("frame");
+        assert_eq!(u32::from_be_bytes(f[15..19].try_into().unwrap()), seq);
+    }
+    let st = rt.block_on(ctl.stats()).unwrap();
+    assert_eq!(st.ports[1].counters.frames_out, n as u64);
 }
