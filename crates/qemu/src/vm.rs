@@ -124,7 +124,9 @@ pub fn qemu_args(spec: &VmSpec, serial_log: &Path, incoming: Option<&Path>) -> V
             "-netdev",
             &format!("stream,id={},server=off,addr.type=unix,addr.path={}", nic.id, p(&nic.socket)),
         ]);
-        push(&["-device", &format!("virtio-net-pci,netdev={},mac={}", nic.id, nic.mac)]);
+        // romfile= : no iPXE option ROM; the guest boots a kernel directly,
+        // and skipping the ROM roughly halves boot time under TCG.
+        push(&["-device", &format!("virtio-net-pci,netdev={},mac={},romfile=", nic.id, nic.mac)]);
     }
     // After an incoming migration QEMU announces each NIC (RARP frames, or a
     // guest gratuitous ARP) when the VM starts: a visible trace of a restore.
@@ -854,7 +856,7 @@ mod tests {
         );
         assert_eq!(
             value_after(&a, "-device"),
-            ["virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01", "virtio-net-pci,netdev=n1,mac=52:54:00:00:00:02"]
+            ["virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01,romfile=", "virtio-net-pci,netdev=n1,mac=52:54:00:00:00:02,romfile="]
         );
     }
 
