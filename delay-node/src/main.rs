@@ -26,7 +26,7 @@ struct Args {
     /// Log as JSON lines on stderr.
     #[arg(long)]
     log_json: bool,
-    /// Spin this many µs before each release instead of sleeping (default 200, or 30 under SCHED_FIFO/RR).
+    /// Spin this many µs before each release instead of sleeping (default 200).
     #[arg(long)]
     spin_us: Option<u64>,
 }
