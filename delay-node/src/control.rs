@@ -19,7 +19,7 @@
 //! {port, at}`, `stats`, `pcap {port, path|null}`, `restore {path}` (frozen
 //! only: replace the whole state), `shutdown`.
 
-use crate::sched::{Stats, ThawReport};
+pub use crate::sched::{PipeStats, PortStats, ReleaseError, Stats, ThawReport};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use stasis_core::clock::MonoNs;
 use std::path::{Path, PathBuf};

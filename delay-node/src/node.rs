@@ -154,7 +154,12 @@ impl Node {
         for p in &topology.ports {
             ports.push(PortIo { path: p.socket.clone(), listener: bind(&p.socket)?, conn: None, pcap: None });
         }
-        let events = EventLog::open(events).map_err(NodeError::Events)?;
+        let mut events = EventLog::open(events).map_err(NodeError::Events)?;
+        let (in_flight, held) = sched.frame_counts();
+        events.emit_now(
+            "started",
+            json!({ "restored": restore.is_some(), "frozen": sched.is_frozen(), "frames_in_flight": in_flight, "frames_held": held }),
+        );
         let control_l = bind(control)?;
         Ok(Node {
             sched,
