@@ -9,14 +9,19 @@
 //! ```text
 //!  agent                      delay node                 VM 1..n (QMP)
 //!    | freeze_at(T, lead) ------->|  stop delivering at T-lead
-//!    |            (at T) stop --------------------------------->|  stopped, stamps
-//!    | save(file) --------------->|  drain sockets, write state
-//!    | migrate exec:cat > file ------------------------------->|  state written
-//!    | commit manifest (fsync, rename): the checkpoint exists
+//!    |            (at T) stop --------------------------------->|  stopped: stamps s_i
+//!    | save(file) --------------->|  drain sockets, write state (frozen at F)
+//!    | migrate fd:file ------------------------------------------>|  state written
 //!    | thaw_at(F + D) ----------->|              cont at s_i + D ->|
+//!    | commit manifest (fsync, rename): the checkpoint exists
 //! ```
-//! Any failure before the commit aborts: every component is resumed (with the
-//! same equal-duration rule) and the pending checkpoint directory is removed.
+//! Every component is frozen for the same `D` (see [`crate::freeze`]). On one
+//! host the resume comes before the commit: whether the commit succeeds or
+//! not, what runs next is the same (an aborted checkpoint resumes too), and
+//! resuming first keeps the manifest's hashing and fsyncs out of the frozen
+//! duration. Any failure aborts: every component still resumes after the
+//! same `D`, and the pending checkpoint directory is removed, so no earlier
+//! checkpoint is touched and no partial one is ever listed.
 
 use crate::event::{Event, Observer};
 use crate::freeze::{self, FreezeConfig, StopStamp};
