@@ -25,6 +25,22 @@ pub struct Topology {
 pub struct PortConfig {
     pub name: String,
     pub socket: PathBuf,
+    /// How the VM's QEMU attaches (`"stream"` when absent).
+    #[serde(default)]
+    pub kind: PortKind,
+}
+
+/// How a VM NIC is attached to its port.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PortKind {
+    /// `-netdev stream`: length-prefixed frames over the unix socket; QEMU
+    /// reads ahead of the guest, so freezes need a hold lead.
+    #[default]
+    Stream,
+    /// `-netdev vhost-user`: the node writes the guest's RX ring itself;
+    /// exact at a freeze (no hold lead), stop marker in band.
+    VhostUser,
 }
 
 /// How one direction of a link or access link treats frames.
@@ -195,6 +211,19 @@ mod tests {
         assert_eq!(t.links[0].a_to_b.delay_ns, 5);
         assert_eq!(t.links[0].b_to_a, Shaping::default());
         assert_eq!(Shaping::default().queue_packets, 50);
+        assert_eq!(t.ports[0].kind, PortKind::Stream);
+    }
+
+    #[test]
+    fn port_kind_is_kebab_case_and_checked() {
+        let t: Topology = serde_json::from_str(
+            r#"{"ports":[{"name":"a","socket":"/tmp/a","kind":"vhost-user"},{"name":"b","socket":"/tmp/b","kind":"stream"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(t.ports[0].kind, PortKind::VhostUser);
+        assert_eq!(t.ports[1].kind, PortKind::Stream);
+        assert!(serde_json::to_string(&t).unwrap().contains(r#""kind":"vhost-user""#));
+        assert!(serde_json::from_str::<Topology>(r#"{"ports":[{"name":"a","socket":"/a","kind":"tap"}]}"#).is_err());
     }
 
     #[test]

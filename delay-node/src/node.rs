@@ -1,10 +1,12 @@
 //! The I/O layer: one thread, non-blocking unix sockets, `ppoll` with a
 //! nanosecond timeout, then a short spin to each deadline the scheduler core
-//! names. Ports are listening sockets a VM's QEMU (`-netdev stream`, client
-//! mode) connects to; the control socket is bound last, so its existence
-//! means "ready".
+//! names. Stream ports are listening sockets a VM's QEMU (`-netdev stream`,
+//! client mode) connects to; vhost-user ports are [`VhostPort`]s whose
+//! events (from the port's own threads) are queued and wake the loop through
+//! a socket pair. The control socket is bound last, so its existence means
+//! "ready".
 
-use crate::config::Topology;
+use crate::config::{PortKind, Topology};
 use crate::control::{PortThawReport, Request, SaveReport};
 use crate::events::EventLog;
 use crate::frame::{encode_into, FrameDecoder, FrameError, PREFIX};
@@ -18,6 +20,9 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use stasis_vhost_user::{PortEvent, VhostPort};
 
 /// Deadlines closer than this are spun for rather than slept for.
 const SPIN_NS: u64 = 200_000;
@@ -37,6 +42,10 @@ pub enum NodeError {
     Restore(#[from] crate::sched::RestoreError),
     #[error("poll failed")]
     Poll(#[source] std::io::Error),
+    #[error("cannot serve vhost-user port {path}")]
+    Vhost { path: PathBuf, #[source] source: stasis_vhost_user::VhostError },
+    #[error("cannot create the wake-up socket pair")]
+    Wake(#[source] std::io::Error),
 }
 
 struct Conn {
@@ -51,9 +60,37 @@ struct Conn {
 
 struct PortIo {
     path: PathBuf,
-    listener: UnixListener,
+    /// Stream ports only.
+    listener: Option<UnixListener>,
     conn: Option<Conn>,
     pcap: Option<PcapWriter>,
+    /// Vhost-user ports only.
+    vhost: Option<VhostIo>,
+}
+
+struct VhostIo {
+    port: VhostPort,
+    /// Between `Started` and `Stopped` (as seen by the loop).
+    running: bool,
+}
+
+/// Events of every vhost-user port, stamped when they happened, and the
+/// wake-up of the node's loop (one byte per batch).
+struct VhostEvents {
+    queue: Mutex<Vec<(PortId, PortEvent, MonoNs)>>,
+    signalled: AtomicBool,
+    wake_tx: UnixStream,
+}
+
+impl VhostEvents {
+    fn push(&self, port: PortId, ev: PortEvent) {
+        let now = mono_ns();
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).push((port, ev, now));
+        if !self.signalled.swap(true, Ordering::AcqRel) {
+            // A full socket pair already means "wake up".
+            let _ = (&self.wake_tx).write(&[1]);
+        }
+    }
 }
 
 enum Waiting {
@@ -83,6 +120,8 @@ pub struct Node {
     shutdown: bool,
     release_err: ErrHist,
     spin_ns: Option<u64>,
+    vhost_events: Arc<VhostEvents>,
+    wake_rx: UnixStream,
 }
 
 /// Release lateness histogram: 1 µs buckets up to 10 ms.
@@ -150,9 +189,37 @@ impl Node {
             Some(st) => Scheduler::restore(topology, st)?,
             None => Scheduler::new(topology, mono_ns()),
         };
+        let (wake_rx, wake_tx) = UnixStream::pair().map_err(NodeError::Wake)?;
+        wake_rx.set_nonblocking(true).map_err(NodeError::Wake)?;
+        wake_tx.set_nonblocking(true).map_err(NodeError::Wake)?;
+        let vhost_events = Arc::new(VhostEvents { queue: Mutex::new(Vec::new()), signalled: AtomicBool::new(false), wake_tx });
+        let mut sched = sched;
         let mut ports = Vec::new();
-        for p in &topology.ports {
-            ports.push(PortIo { path: p.socket.clone(), listener: bind(&p.socket)?, conn: None, pcap: None });
+        for (i, p) in topology.ports.iter().enumerate() {
+            match p.kind {
+                PortKind::Stream => ports.push(PortIo {
+                    path: p.socket.clone(),
+                    listener: Some(bind(&p.socket)?),
+                    conn: None,
+                    pcap: None,
+                    vhost: None,
+                }),
+                PortKind::VhostUser => {
+                    let ev = vhost_events.clone();
+                    let port = VhostPort::serve(&p.socket, move |e| ev.push(i, e))
+                        .map_err(|source| NodeError::Vhost { path: p.socket.clone(), source })?;
+                    // Frames wait at the port until its device runs.
+                    sched.set_connected(i, true);
+                    sched.set_blocked(i, true);
+                    ports.push(PortIo {
+                        path: p.socket.clone(),
+                        listener: None,
+                        conn: None,
+                        pcap: None,
+                        vhost: Some(VhostIo { port, running: false }),
+                    });
+                }
+            }
         }
         let mut events = EventLog::open(events).map_err(NodeError::Events)?;
         let (in_flight, held) = sched.frame_counts();
@@ -173,6 +240,8 @@ impl Node {
             shutdown: false,
             release_err: ErrHist::new(),
             spin_ns: None,
+            vhost_events,
+            wake_rx,
         })
     }
 
@@ -189,6 +258,8 @@ impl Node {
             if let Some(w) = p.pcap.take() {
                 let _ = w.finish();
             }
+            // Dropping a vhost port cuts its QEMU connection and removes the socket.
+            p.vhost = None;
             let _ = std::fs::remove_file(&p.path);
         }
         let _ = std::fs::remove_file(&self.control_path);
@@ -210,6 +281,7 @@ impl Node {
             Conn(usize),
             Control,
             Ctl(usize),
+            Wake,
         }
         let mut fds: Vec<libc::pollfd> = Vec::new();
         let mut tags: Vec<Tag> = Vec::new();
@@ -227,9 +299,13 @@ impl Node {
             };
             fds.clear();
             tags.clear();
+            fds.push(pfd(self.wake_rx.as_raw_fd(), libc::POLLIN));
+            tags.push(Tag::Wake);
             for (i, p) in self.ports.iter().enumerate() {
-                fds.push(pfd(p.listener.as_raw_fd(), libc::POLLIN));
-                tags.push(Tag::Listener(i));
+                if let Some(l) = &p.listener {
+                    fds.push(pfd(l.as_raw_fd(), libc::POLLIN));
+                    tags.push(Tag::Listener(i));
+                }
                 if let Some(c) = &p.conn {
                     let ev = if c.out_pos < c.out.len() { libc::POLLIN | libc::POLLOUT } else { libc::POLLIN };
                     fds.push(pfd(c.stream.as_raw_fd(), ev));
@@ -262,6 +338,7 @@ impl Node {
                     Tag::Conn(i) => ready.conns[i] = true,
                     Tag::Control => ready.control = true,
                     Tag::Ctl(i) => ready.ctls[i] = true,
+                    Tag::Wake => ready.wake = true,
                 }
             }
         }
@@ -305,6 +382,11 @@ impl Node {
                 self.read_port(i);
             }
         }
+        if ready.wake {
+            let mut sink = [0u8; 64];
+            while matches!((&self.wake_rx).read(&mut sink), Ok(n) if n > 0) {}
+        }
+        self.vhost_events();
         self.release(mono_ns());
         let _ = now;
     }
@@ -312,11 +394,29 @@ impl Node {
     fn release(&mut self, now: MonoNs) {
         let mut actions = std::mem::take(&mut self.actions);
         self.sched.poll(now, &mut actions);
+        // Frames a vhost port refused, in order; they go back to the scheduler.
+        let mut refused: Vec<(PortId, Vec<u8>, u64)> = Vec::new();
         for a in actions.drain(..) {
             match a {
                 Action::Deliver { port, frame, due, due_vt } => {
-                    self.release_err.record(now.saturating_sub(due));
                     let p = &mut self.ports[port];
+                    if let Some(v) = &p.vhost {
+                        // Once a port refused a frame, later ones queue behind it.
+                        let earlier = refused.iter().any(|r| r.0 == port);
+                        let ok = !earlier
+                            && match v.port.deliver(&frame) {
+                                Ok(ok) => ok,
+                                Err(e) => {
+                                    tracing::warn!(port = %self.sched.port_name(port), error = %e, "vhost delivery failed");
+                                    false
+                                }
+                            };
+                        if !ok {
+                            refused.push((port, frame, due_vt));
+                            continue;
+                        }
+                    }
+                    self.release_err.record(now.saturating_sub(due));
                     if let Some(w) = &mut p.pcap {
                         let _ = w.record(now, &frame);
                     }
@@ -336,8 +436,58 @@ impl Node {
             }
         }
         self.actions = actions;
+        for (port, frame, due_vt) in refused.into_iter().rev() {
+            self.sched.set_blocked(port, true);
+            self.sched.unsend(port, frame, due_vt);
+        }
         for i in 0..self.ports.len() {
             self.flush_port(i);
+        }
+    }
+
+    /// Apply the queued events of the vhost-user ports.
+    fn vhost_events(&mut self) {
+        self.vhost_events.signalled.store(false, Ordering::Release);
+        let evs = std::mem::take(&mut *self.vhost_events.queue.lock().unwrap_or_else(|p| p.into_inner()));
+        for (i, ev, at) in evs {
+            let name = self.sched.port_name(i).to_owned();
+            let Some(v) = self.ports[i].vhost.as_mut() else { continue };
+            match ev {
+                PortEvent::Frame(f) => {
+                    if let Some(w) = &mut self.ports[i].pcap {
+                        let _ = w.record(at, &f);
+                    }
+                    if f.len() < crate::frame::MIN_FRAME || f.len() > crate::frame::MAX_FRAME {
+                        self.sched.note_port_error(i);
+                        continue;
+                    }
+                    // Frames taken from the TX ring just before a stop arrive
+                    // after `Stopped`: they left the guest before it stopped.
+                    self.sched.ingress(at, i, f);
+                }
+                PortEvent::RxReady => {
+                    if v.running {
+                        self.sched.set_blocked(i, false);
+                    }
+                }
+                PortEvent::Started => {
+                    v.running = true;
+                    self.sched.set_blocked(i, false);
+                    tracing::info!(port = %name, "vhost device started");
+                    self.events.emit(at, "port_started", json!({ "port": name }));
+                }
+                PortEvent::Stopped { at: stop } => {
+                    v.running = false;
+                    self.sched.set_blocked(i, true);
+                    tracing::info!(port = %name, at = stop, "vhost device stopped");
+                    self.events.emit(stop, "port_stopped", json!({ "port": name, "at": stop }));
+                }
+                PortEvent::Disconnected => {
+                    v.running = false;
+                    self.sched.set_blocked(i, true);
+                    self.events.emit(at, "port_disconnected", json!({ "port": name, "reason": "vhost-user frontend closed" }));
+                }
+            }
         }
     }
 
@@ -381,7 +531,8 @@ impl Node {
     fn accept_port(&mut self, i: usize) {
         {
             loop {
-                match self.ports[i].listener.accept() {
+                let Some(l) = &self.ports[i].listener else { return };
+                match l.accept() {
                     Ok((stream, _)) => {
                         if stream.set_nonblocking(true).is_err() {
                             continue;
@@ -618,6 +769,11 @@ impl Node {
         let st = NodeState::read_file(path).map_err(|e| error_chain(&e))?;
         let mut s = Scheduler::restore(self.sched.topology(), &st).map_err(|e| error_chain(&e))?;
         for (i, p) in self.ports.iter_mut().enumerate() {
+            if let Some(v) = &p.vhost {
+                s.set_connected(i, true);
+                s.set_blocked(i, !v.running);
+                continue;
+            }
             s.set_connected(i, p.conn.is_some());
             if let Some(c) = &mut p.conn {
                 // Frames released before the restore belong to the abandoned timeline.
@@ -679,6 +835,8 @@ impl Node {
 
     /// Drain the (stopped) VMs' sockets, take back unwritten frames, write the state.
     fn save(&mut self, path: &Path) -> Result<SaveReport, String> {
+        // Frames the stopped guests sent are queued events or socket bytes.
+        self.vhost_events();
         for i in 0..self.ports.len() {
             self.read_port(i);
         }
@@ -742,6 +900,7 @@ struct Ready {
     conns: Vec<bool>,
     control: bool,
     ctls: Vec<bool>,
+    wake: bool,
 }
 
 impl Ready {
@@ -751,6 +910,7 @@ impl Ready {
         self.conns.clear();
         self.conns.resize(ports, false);
         self.control = false;
+        self.wake = false;
         self.ctls.clear();
         self.ctls.resize(ctls, false);
     }

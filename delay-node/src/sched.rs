@@ -203,6 +203,12 @@ struct Port {
     name: String,
     attach: Attach,
     connected: bool,
+    /// The I/O layer knows exactly which frames reached the guest (vhost-user):
+    /// freezes ignore the hold lead for this port.
+    exact: bool,
+    /// The port cannot take frames now (vhost-user device stopped, or no
+    /// free receive buffer): due frames wait in `held` until unblocked.
+    blocked: bool,
     freeze: Option<PortFreeze>,
     held: VecDeque<Held>,
     counters: PortCounters,
@@ -255,6 +261,8 @@ impl Scheduler {
                 name: p.name.clone(),
                 attach: Attach::None,
                 connected: false,
+                exact: p.kind == crate::config::PortKind::VhostUser,
+                blocked: false,
                 freeze: None,
                 held: VecDeque::new(),
                 counters: PortCounters::default(),
@@ -359,6 +367,17 @@ impl Scheduler {
     /// Tell the core whether a VM is connected to `port`.
     pub fn set_connected(&mut self, port: PortId, connected: bool) {
         self.ports[port].connected = connected;
+    }
+
+    /// Block or unblock delivery to `port` (vhost-user: the device stopped or
+    /// has no free buffer; it started or posted buffers). While blocked, due
+    /// frames wait at the port, in order, and are handed over once unblocked.
+    pub fn set_blocked(&mut self, port: PortId, blocked: bool) {
+        self.ports[port].blocked = blocked;
+    }
+
+    pub fn is_blocked(&self, port: PortId) -> bool {
+        self.ports[port].blocked
     }
 
     /// The I/O layer dropped `port`'s connection for bad framing.
@@ -496,9 +515,9 @@ impl Scheduler {
     }
 
     fn port_held_now(&self, p: &Port) -> bool {
-        // Held frames exist only because of a freeze (scheduled or done); they
-        // stay until that freeze is thawed.
-        self.frozen.is_some() || self.plan.is_some() || p.freeze.is_some()
+        // Held frames exist because of a freeze (scheduled or done; they stay
+        // until that freeze is thawed) or because the port is blocked.
+        p.blocked || self.frozen.is_some() || self.plan.is_some() || p.freeze.is_some()
     }
 
     /// Do everything due by host instant `now`.
@@ -589,18 +608,28 @@ impl Scheduler {
     }
 
     fn deliver(&mut self, port: PortId, frame: Vec<u8>, due_vt: u64, out: &mut Vec<Action>) {
+        // An exact port delivers right up to the freeze instant: a frame it
+        // cannot put into the guest any more comes back through `unsend`.
+        let exact = self.ports[port].exact;
         let held = match (self.frozen, self.plan) {
             (Some(_), _) => true,
-            (None, Some(plan)) => due_vt >= self.vt_of(plan.hold_from),
+            (None, Some(plan)) => due_vt >= self.vt_of(if exact { plan.at } else { plan.hold_from }),
             (None, None) => false,
         };
         let port_held = match self.ports[port].freeze {
-            Some(f) => f.reached || due_vt >= self.vt_of(f.hold_from),
+            Some(f) => f.reached || due_vt >= self.vt_of(if exact { f.at } else { f.hold_from }),
             None => false,
         };
         let due = self.host_of(due_vt);
+        let frozen_or_planned = self.frozen.is_some() || self.plan.is_some() || self.ports[port].freeze.is_some();
         let p = &mut self.ports[port];
-        if held || port_held || !p.held.is_empty() {
+        if held || port_held || p.blocked || !p.held.is_empty() {
+            // A port blocked outside any freeze (a VM that stays stopped or
+            // never starts) keeps a bounded backlog, like a drop-tail queue.
+            if p.blocked && !frozen_or_planned && p.held.len() >= BLOCKED_BACKLOG {
+                p.counters.dropped_unconnected += 1;
+                return;
+            }
             p.held.push_back(Held { frame, due_vt });
             return;
         }
@@ -777,6 +806,9 @@ impl Scheduler {
         Ok(s)
     }
 }
+
+/// Frames a blocked port keeps outside a freeze before dropping new ones.
+pub const BLOCKED_BACKLOG: usize = 4096;
 
 /// Virtual time of a restored node at its freeze (room for held frames' lateness below it).
 const VT_BASE: u64 = 1 << 50;

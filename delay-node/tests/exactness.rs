@@ -32,7 +32,7 @@ fn flows() -> Vec<(u8, usize, usize, u64)> {
 fn topology(dir: &Path) -> Topology {
     let sh = |d: u64| Shaping { bandwidth_bps: BW, delay_ns: d, queue_packets: 1000, ..Shaping::default() };
     Topology {
-        ports: (0..5).map(|i| PortConfig { name: format!("vm{i}"), socket: dir.join(format!("vm{i}.sock")) }).collect(),
+        ports: (0..5).map(|i| PortConfig { name: format!("vm{i}"), socket: dir.join(format!("vm{i}.sock")), kind: Default::default() }).collect(),
         lans: vec![LanConfig {
             name: "lan0".into(),
             members: (0..3).map(|i| LanMember { port: format!("vm{i}"), to_lan: sh(2 * MS), from_lan: sh(3 * MS) }).collect(),

@@ -12,7 +12,7 @@ use std::time::Duration;
 fn setup(dir: &Path) -> (NodeProc, std::path::PathBuf) {
     let sh = Shaping { delay_ns: 1_000_000, queue_packets: 10_000, ..Shaping::default() };
     let topo = Topology {
-        ports: (0..3).map(|i| PortConfig { name: format!("vm{i}"), socket: dir.join(format!("vm{i}.sock")) }).collect(),
+        ports: (0..3).map(|i| PortConfig { name: format!("vm{i}"), socket: dir.join(format!("vm{i}.sock")), kind: Default::default() }).collect(),
         lans: vec![],
         links: vec![LinkConfig { name: "l".into(), a: "vm0".into(), b: "vm1".into(), a_to_b: sh, b_to_a: sh }],
         seed: 0,

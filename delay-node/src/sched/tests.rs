@@ -4,7 +4,7 @@ use crate::config::{LanConfig, LanMember, LinkConfig, PortConfig};
 const MS: u64 = 1_000_000;
 
 fn ports(n: usize) -> Vec<PortConfig> {
-    (0..n).map(|i| PortConfig { name: format!("p{i}"), socket: format!("/nonexistent/p{i}").into() }).collect()
+    (0..n).map(|i| PortConfig { name: format!("p{i}"), socket: format!("/nonexistent/p{i}").into(), kind: Default::default() }).collect()
 }
 
 fn link(s: Shaping) -> Topology {
@@ -311,7 +311,7 @@ fn lan_access_links_shape_each_direction() {
 fn unconnected_and_unattached_ports_drop_and_count() {
     let sh = Shaping { bandwidth_bps: 0, ..Shaping::default() };
     let mut t = link(sh);
-    t.ports.push(PortConfig { name: "lonely".into(), socket: "/nonexistent/l".into() });
+    t.ports.push(PortConfig { name: "lonely".into(), socket: "/nonexistent/l".into(), kind: Default::default() });
     let mut s = Scheduler::new(&t, 0);
     s.set_connected(0, true);
     s.ingress(0, 0, frame(1, 0, 1, 64));
@@ -342,7 +342,7 @@ fn save_is_refused_unless_frozen_and_thaw_unless_frozen() {
 fn restore_continues_exactly_like_the_original() {
     let sh = Shaping { bandwidth_bps: 50_000_000, delay_ns: 3 * MS, jitter_ns: 100_000, loss: 0.05, ..Shaping::default() };
     let mut t = lan(3, sh);
-    t.ports.extend((3..5).map(|i| PortConfig { name: format!("p{i}"), socket: format!("/nonexistent/p{i}").into() }));
+    t.ports.extend((3..5).map(|i| PortConfig { name: format!("p{i}"), socket: format!("/nonexistent/p{i}").into(), kind: Default::default() }));
     t.links.push(LinkConfig { name: "l".into(), a: "p3".into(), b: "p4".into(), a_to_b: sh, b_to_a: sh });
     let traffic = |s: &mut Scheduler, from: u64, to: u64| {
         let mut out = Vec::new();
@@ -464,4 +464,70 @@ mod fuzz {
             }
         }
     }
+}
+
+fn vhost_link(sh: Shaping) -> Topology {
+    let mut t = link(sh);
+    for p in &mut t.ports {
+        p.kind = crate::config::PortKind::VhostUser;
+    }
+    t
+}
+
+#[test]
+fn vhost_ports_ignore_the_hold_lead() {
+    let sh = Shaping { bandwidth_bps: 0, delay_ns: 10 * MS, ..Shaping::default() };
+    let mut s = connected(&vhost_link(sh), 0);
+    for q in 0..10u32 {
+        s.ingress(q as u64 * MS, 0, frame(1, 0, q, 64)); // due at 10, 11, ..., 19 ms
+    }
+    s.schedule_freeze(0, 15 * MS, 2 * MS).unwrap(); // the lead would hold from 13 ms
+    let before = run(&mut s, 0, 15 * MS);
+    assert_eq!(before.iter().map(|d| d.1).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+    assert_eq!(s.frame_counts(), (4, 1)); // only the frame due at the freeze instant waits
+    let rep = s.thaw(100 * MS).unwrap();
+    assert_eq!((rep.held_frames, rep.max_hold_lateness_ns), (1, 0));
+}
+
+#[test]
+fn a_blocked_port_keeps_its_frames_in_order_and_releases_them_when_unblocked() {
+    let sh = Shaping { bandwidth_bps: 0, delay_ns: MS, ..Shaping::default() };
+    let mut s = connected(&vhost_link(sh), 0);
+    for q in 0..3u32 {
+        s.ingress(0, 0, frame(1, 0, q, 64));
+    }
+    let mut out = Vec::new();
+    s.poll(MS, &mut out);
+    let got = deliveries(&mut out);
+    assert_eq!(got.len(), 3);
+    // The I/O layer delivered frame 0 and could not deliver 1 and 2 (no buffer).
+    s.unsend(1, frame(1, 0, 2, 64), MS);
+    s.unsend(1, frame(1, 0, 1, 64), MS);
+    s.set_blocked(1, true);
+    s.ingress(MS, 0, frame(1, 0, 3, 64));
+    let later = run(&mut s, MS, 10 * MS);
+    assert!(later.is_empty(), "nothing is handed over while blocked: {later:?}");
+    assert_eq!(s.frame_counts(), (0, 3));
+    assert_eq!(s.next_deadline(), None, "a blocked port does not spin the loop");
+    s.set_blocked(1, false);
+    assert_eq!(s.next_deadline(), Some(0));
+    s.poll(10 * MS, &mut out);
+    assert_eq!(deliveries(&mut out).iter().map(|d| d.1).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(s.stats(10 * MS).ports[1].counters.frames_out, 4);
+}
+
+#[test]
+fn a_blocked_port_outside_a_freeze_has_a_bounded_backlog() {
+    let sh = Shaping { bandwidth_bps: 0, delay_ns: 0, queue_packets: 1_000_000, ..Shaping::default() };
+    let mut s = connected(&vhost_link(sh), 0);
+    s.set_blocked(1, true);
+    let n = BLOCKED_BACKLOG as u32 + 10;
+    for q in 0..n {
+        s.ingress(0, 0, frame(1, 0, q, 64));
+    }
+    let mut out = Vec::new();
+    s.poll(MS, &mut out);
+    assert!(out.is_empty());
+    assert_eq!(s.frame_counts(), (0, BLOCKED_BACKLOG as u64));
+    assert_eq!(s.stats(MS).ports[1].counters.dropped_unconnected, 10);
 }
