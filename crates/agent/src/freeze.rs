@@ -40,12 +40,23 @@ pub struct StopStamp {
     pub sent: MonoNs,
     /// The component confirmed it had stopped at or before this instant.
     pub replied: MonoNs,
+    /// The component's own report of the instant (QEMU's STOP/RESUME event
+    /// timestamp mapped onto the monotonic clock), if it gave one.
+    pub reported: Option<MonoNs>,
 }
 
 impl StopStamp {
-    /// Best estimate of the stop instant: the middle of the bracket.
+    /// Slack allowed around the bracket for a reported instant (clock
+    /// mapping and timestamp resolution).
+    const SLACK: u64 = 100_000;
+
+    /// Best estimate of the instant: the component's own report when it lies
+    /// inside the bracket, else the middle of the bracket.
     pub fn instant(&self) -> MonoNs {
-        self.sent + (self.replied.saturating_sub(self.sent)) / 2
+        match self.reported {
+            Some(r) if r + Self::SLACK >= self.sent && r <= self.replied + Self::SLACK => r.clamp(self.sent, self.replied),
+            _ => self.sent + (self.replied.saturating_sub(self.sent)) / 2,
+        }
     }
 }
 
@@ -99,9 +110,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stop_instant_is_middle_of_bracket() {
-        assert_eq!(StopStamp { sent: 100, replied: 300 }.instant(), 200);
-        assert_eq!(StopStamp { sent: 100, replied: 100 }.instant(), 100);
+    fn stop_instant_is_the_report_inside_the_bracket_else_its_middle() {
+        assert_eq!(StopStamp { sent: 100, replied: 300, reported: None }.instant(), 200);
+        assert_eq!(StopStamp { sent: 100, replied: 100, reported: None }.instant(), 100);
+        assert_eq!(StopStamp { sent: 100, replied: 300, reported: Some(290) }.instant(), 290);
+        // A report far outside the bracket is not believed.
+        assert_eq!(StopStamp { sent: 1_000_000, replied: 1_000_300, reported: Some(5_000_000) }.instant(), 1_000_150);
     }
 
     #[test]

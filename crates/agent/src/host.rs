@@ -253,7 +253,15 @@ fn vm_spec(exp: &Experiment, node: &Node, layout: &Layout, tools: &Tools) -> Res
         nics: node
             .ifaces
             .iter()
-            .map(|i| NicSpec { id: i.name.clone(), mac: i.mac.clone(), socket: layout.port_socket(&node.name, &i.name) })
+            .map(|i| NicSpec {
+                id: i.name.clone(),
+                mac: i.mac.clone(),
+                socket: layout.port_socket(&node.name, &i.name),
+                backend: match node.nic {
+                    stasis_core::spec::NicMode::Stream => stasis_qemu::NicBackend::Stream,
+                    stasis_core::spec::NicMode::VhostUser => stasis_qemu::NicBackend::VhostUser,
+                },
+            })
             .collect(),
         accel: tools.accel,
         run_dir: layout.node_dir(&node.name),
@@ -409,6 +417,14 @@ pub async fn wait_ready(rt: &Runtime, timeout: Duration, obs: &dyn Observer) -> 
     Ok(())
 }
 
+/// The instant QEMU itself stamped on the last `event` (STOP, RESUME) it
+/// sent, on the monotonic clock: better than the QMP round trip's middle,
+/// which includes however long QEMU's main loop took to pick the command up.
+fn reported_instant(vm: &mut Vm, event: &str) -> Option<MonoNs> {
+    let ev = vm.qmp().drain_events().into_iter().filter(|e| e.name == event).last()?;
+    ev.qemu_time_us.map(|us| stasis_core::clock::wall_to_mono(us * 1_000))
+}
+
 async fn sleep_until(deadline: MonoNs) -> MonoNs {
     const SPIN: u64 = 1_000_000;
     let now = mono_ns();
@@ -463,11 +479,12 @@ pub async fn checkpoint(
     let stops: Vec<_> = join_all(a.vms.iter_mut().map(|(_, vm)| vm.stop())).await;
     let mut stamps: Vec<Option<StopStamp>> = Vec::new();
     let mut failure: Option<String> = None;
-    for ((node, _), r) in a.vms.iter().zip(stops) {
+    for ((node, vm), r) in a.vms.iter_mut().zip(stops) {
         match r {
             Ok(s) => {
                 obs.event(&Event::Stopped { component: node.clone(), sent: s.sent, replied: s.replied });
-                stamps.push(Some(StopStamp { sent: s.sent, replied: s.replied }));
+                let reported = reported_instant(vm, "STOP");
+                stamps.push(Some(StopStamp { sent: s.sent, replied: s.replied, reported }));
             }
             Err(e) => {
                 failure.get_or_insert(format!("stopping VM {node}: {e}"));
@@ -632,7 +649,7 @@ async fn resume(a: &mut Attached, stamps: &[Option<StopStamp>], frozen_at: MonoN
         let at = s.instant() + d;
         Some(async move {
             sleep_until(at).await;
-            let r = vm.cont().await;
+            let r = vm.cont().await.map(|c| StopStamp { sent: c.sent, replied: c.replied, reported: reported_instant(vm, "RESUME") });
             (node.clone(), s.instant(), at, r)
         })
     });
@@ -645,7 +662,7 @@ async fn resume(a: &mut Attached, stamps: &[Option<StopStamp>], frozen_at: MonoN
     for (node, stop, planned, r) in vm_results {
         match r {
             Ok(stamp) => {
-                let at = stamp.sent + (stamp.replied - stamp.sent) / 2;
+                let at = stamp.instant();
                 obs.event(&Event::Resumed { component: node, at, planned });
                 measured.push((stop, at));
             }
@@ -759,14 +776,15 @@ pub async fn restore(
     let at = mono_ns() + margin_ns;
     let vm_futs = vms.iter_mut().map(|(node, vm)| async move {
         sleep_until(at).await;
-        (node.clone(), vm.cont().await)
+        let r = vm.cont().await.map(|c| StopStamp { sent: c.sent, replied: c.replied, reported: reported_instant(vm, "RESUME") });
+        (node.clone(), r)
     });
     let (results, thaw) = futures::join!(join_all(vm_futs), delay.thaw_at(at));
     let thaw = thaw?;
     let mut resumed = vec![thaw.thawed_at];
     for (node, r) in results {
         let s = r.map_err(|source| UpError::Resume { node: node.clone(), source })?;
-        resumed.push(s.sent + (s.replied - s.sent) / 2);
+        resumed.push(s.instant());
     }
     let skew = resumed.iter().max().unwrap_or(&0) - resumed.iter().min().unwrap_or(&0);
     obs.event(&Event::Restored { checkpoint: ckpt.info.id.clone(), resumed_at: at });

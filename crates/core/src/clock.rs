@@ -19,6 +19,27 @@ pub fn mono_ns() -> MonoNs {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Now on the host's wall clock (`CLOCK_REALTIME`), in ns since the epoch.
+pub fn realtime_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_REALTIME always exists.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    debug_assert_eq!(rc, 0);
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Map a recent wall-clock instant (e.g. a QMP event's timestamp) onto the
+/// monotonic clock, assuming the wall clock was not stepped in between.
+/// The offset is read between two monotonic reads, so it is exact to well
+/// under a microsecond.
+pub fn wall_to_mono(wall_ns: u64) -> MonoNs {
+    let before = mono_ns();
+    let wall = realtime_ns();
+    let after = mono_ns();
+    let mono_at_wall = before + (after - before) / 2;
+    (wall_ns as i128 - wall as i128 + mono_at_wall as i128).max(0) as u64
+}
+
 /// Block the calling thread until `deadline`: sleep until shortly before it,
 /// then spin, so the wake-up error is a few microseconds rather than the
 /// scheduler's tick. Returns the instant actually reached.
@@ -47,6 +68,15 @@ mod tests {
         let a = mono_ns();
         let b = mono_ns();
         assert!(b >= a);
+    }
+
+    #[test]
+    fn wall_instants_map_onto_the_monotonic_clock() {
+        let mono = mono_ns();
+        let wall = realtime_ns();
+        let mapped = wall_to_mono(wall);
+        assert!(mapped.abs_diff(mono) < 1_000_000, "{mapped} vs {mono}");
+        assert!(wall_to_mono(wall - 5_000_000_000).abs_diff(mono - 5_000_000_000) < 1_000_000);
     }
 
     #[test]
