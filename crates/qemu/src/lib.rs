@@ -13,4 +13,4 @@ pub mod vm;
 
 pub use accel::{Accel, AccelChoice};
 pub use qmp::{Qmp, QmpError, QmpEvent, Stamp};
-pub use vm::{LaunchError, NicSpec, RunState, SaveReport, Vm, VmError, VmSpec};
+pub use vm::{LaunchError, NicBackend, NicSpec, RunState, SaveReport, Vm, VmError, VmSpec};

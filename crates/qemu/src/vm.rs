@@ -52,8 +52,8 @@ pub fn qemu_binary() -> String {
     std::env::var(ENV_QEMU).unwrap_or_else(|_| "qemu-system-x86_64".to_owned())
 }
 
-/// A NIC attached to a `-netdev stream` unix socket that someone else (the
-/// delay node) listens on.
+/// A NIC attached to a unix socket that someone else (the delay node)
+/// listens on, as a `-netdev stream` client or a vhost-user frontend.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NicSpec {
     /// Netdev id, unique within the VM (e.g. `n0`).
@@ -62,6 +62,21 @@ pub struct NicSpec {
     pub mac: String,
     /// The listening socket QEMU connects to.
     pub socket: PathBuf,
+    /// How QEMU talks to the socket (`stream` when absent).
+    #[serde(default)]
+    pub backend: NicBackend,
+}
+
+/// The netdev kind of a [`NicSpec`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NicBackend {
+    /// `-netdev stream`: QEMU moves the frames (and reads ahead of the guest).
+    #[default]
+    Stream,
+    /// `-netdev vhost-user`: the listener is the vhost-user backend and reads
+    /// and writes the guest's rings itself; needs shared guest RAM.
+    VhostUser,
 }
 
 /// Everything needed to start (or restore) one VM.
@@ -108,7 +123,14 @@ pub fn qemu_args(spec: &VmSpec, serial_log: &Path, incoming: Option<&Path>) -> V
     let mut a: Vec<String> = Vec::with_capacity(48);
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     push(&["-name", &format!("guest={}", spec.name)]);
-    push(&["-machine", "pc"]);
+    // A vhost-user backend maps guest RAM: it must be a shared memfd.
+    let vhost = spec.nics.iter().any(|n| n.backend == NicBackend::VhostUser);
+    if vhost {
+        push(&["-object", &format!("memory-backend-memfd,id=mem,size={}M,share=on", spec.memory_mib)]);
+        push(&["-machine", "pc,memory-backend=mem"]);
+    } else {
+        push(&["-machine", "pc"]);
+    }
     match spec.accel {
         Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host,-arch-capabilities"]),
@@ -119,14 +141,24 @@ pub fn qemu_args(spec: &VmSpec, serial_log: &Path, incoming: Option<&Path>) -> V
     // append=on: a restored VM continues the same console log instead of truncating it.
     push(&["-chardev", &format!("file,id=serial0,path={},append=on", p(serial_log))]);
     push(&["-serial", "chardev:serial0"]);
-    for nic in &spec.nics {
-        push(&[
-            "-netdev",
-            &format!("stream,id={},server=off,addr.type=unix,addr.path={}", nic.id, p(&nic.socket)),
-        ]);
-        // romfile= : no iPXE option ROM; the guest boots a kernel directly,
-        // and skipping the ROM roughly halves boot time under TCG.
-        push(&["-device", &format!("virtio-net-pci,netdev={},mac={},romfile=", nic.id, nic.mac)]);
+    for (i, nic) in spec.nics.iter().enumerate() {
+        match nic.backend {
+            NicBackend::Stream => {
+                push(&[
+                    "-netdev",
+                    &format!("stream,id={},server=off,addr.type=unix,addr.path={}", nic.id, p(&nic.socket)),
+                ]);
+                // romfile= : no iPXE option ROM; the guest boots a kernel directly,
+                // and skipping the ROM roughly halves boot time under TCG.
+                push(&["-device", &format!("virtio-net-pci,netdev={},mac={},romfile=", nic.id, nic.mac)]);
+            }
+            NicBackend::VhostUser => {
+                push(&["-chardev", &format!("socket,id=c{i},path={}", p(&nic.socket))]);
+                push(&["-netdev", &format!("vhost-user,id={},chardev=c{i}", nic.id)]);
+                // vectors=0 (no MSI-X): QEMU 7.2 segfaults starting vhost under TCG otherwise.
+                push(&["-device", &format!("virtio-net-pci,netdev={},mac={},vectors=0,romfile=", nic.id, nic.mac)]);
+            }
+        }
     }
     // After an incoming migration QEMU announces each NIC (RARP frames, or a
     // guest gratuitous ARP) when the VM starts: a visible trace of a restore.
@@ -367,7 +399,9 @@ fn process_matches(pid: u32, needle: &str) -> bool {
 impl Vm {
     /// Start QEMU daemonized and connect to its QMP socket. Returns once QEMU
     /// has initialised, written its pidfile, answers QMP and every NIC is
-    /// connected to its stream socket. QEMU's own error text is in the error.
+    /// connected to its socket (a vhost-user netdev connects and negotiates
+    /// during QEMU's start-up, before it daemonizes). QEMU's own error text is
+    /// in the error.
     ///
     /// Relative paths are made absolute first: the daemon changes its working
     /// directory to `/`.
@@ -507,8 +541,13 @@ impl Vm {
                     .find(|(id, _)| id == &nic.id)
                     .map(|(_, s)| s.clone())
                     .unwrap_or_else(|| "absent".to_owned());
-                let expect = format!("unix:{}", nic.socket.display());
-                if state.contains(&expect) {
+                let connected = match nic.backend {
+                    NicBackend::Stream => state.contains(&format!("unix:{}", nic.socket.display())),
+                    // `type=vhost-user,vhost-user0 to c0`: QEMU only gets this
+                    // far once the backend answered.
+                    NicBackend::VhostUser => state.starts_with("type=vhost-user") && !state.contains("error"),
+                };
+                if connected {
                     continue;
                 }
                 if state.contains("error") || state == "absent" || Instant::now() > deadline {
@@ -822,8 +861,8 @@ mod tests {
             initrd: "/img/initrd.img".into(),
             append: "console=ttyS0 quiet".into(),
             nics: vec![
-                NicSpec { id: "n0".into(), mac: "52:54:00:00:00:01".into(), socket: "/run/dn/a.sock".into() },
-                NicSpec { id: "n1".into(), mac: "52:54:00:00:00:02".into(), socket: "/run/dn/b.sock".into() },
+                NicSpec { id: "n0".into(), mac: "52:54:00:00:00:01".into(), socket: "/run/dn/a.sock".into(), backend: NicBackend::Stream },
+                NicSpec { id: "n1".into(), mac: "52:54:00:00:00:02".into(), socket: "/run/dn/b.sock".into(), backend: NicBackend::Stream },
             ],
             accel,
             run_dir: "/run/vm1".into(),
@@ -858,6 +897,36 @@ mod tests {
             value_after(&a, "-device"),
             ["virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01,romfile=", "virtio-net-pci,netdev=n1,mac=52:54:00:00:00:02,romfile="]
         );
+    }
+
+    #[test]
+    fn vhost_user_nics_share_guest_ram() {
+        let mut s = spec(Accel::Tcg);
+        s.nics[1].backend = NicBackend::VhostUser;
+        let a = qemu_args(&s, Path::new("/l"), None);
+        assert_eq!(value_after(&a, "-object"), ["memory-backend-memfd,id=mem,size=256M,share=on"]);
+        assert_eq!(value_after(&a, "-machine"), ["pc,memory-backend=mem"]);
+        assert_eq!(value_after(&a, "-m"), ["256M"]);
+        assert_eq!(
+            value_after(&a, "-netdev"),
+            ["stream,id=n0,server=off,addr.type=unix,addr.path=/run/dn/a.sock", "vhost-user,id=n1,chardev=c1"]
+        );
+        assert_eq!(value_after(&a, "-chardev")[1..], ["socket,id=c1,path=/run/dn/b.sock"]);
+        assert_eq!(
+            value_after(&a, "-device")[1],
+            "virtio-net-pci,netdev=n1,mac=52:54:00:00:00:02,vectors=0,romfile="
+        );
+        // A restore launches the same devices.
+        let restore = qemu_args(&s, Path::new("/l"), Some(Path::new("/ck/x")));
+        assert_eq!(&restore[..a.len()], &a[..]);
+        // Stream-only VMs keep private RAM.
+        let plain = qemu_args(&spec(Accel::Tcg), Path::new("/l"), None);
+        assert!(value_after(&plain, "-object").is_empty());
+        assert_eq!(value_after(&plain, "-machine"), ["pc"]);
+        let json = serde_json::to_string(&s.nics[1]).unwrap();
+        assert!(json.contains(r#""backend":"vhost-user""#), "{json}");
+        let old: NicSpec = serde_json::from_str(r#"{"id":"n0","mac":"52:54:00:00:00:01","socket":"/a"}"#).unwrap();
+        assert_eq!(old.backend, NicBackend::Stream);
     }
 
     #[test]

@@ -161,6 +161,7 @@ async fn missing_nic_socket_refused_before_spawn() {
         id: "n0".into(),
         mac: "52:54:00:00:00:09".into(),
         socket: dir.path().join("absent.sock"),
+        backend: Default::default(),
     };
     let s = spec("nonic", &dir.path().join("run"), vec![nic]);
     match Vm::launch(&s, &dir.path().join("serial.log"), None).await {

@@ -37,7 +37,7 @@ pub fn guest_image() -> (PathBuf, PathBuf) {
 pub fn nic_listener(dir: &Path, id: &str, mac: &str) -> (UnixListener, NicSpec) {
     let socket = dir.join(format!("{id}.sock"));
     let listener = UnixListener::bind(&socket).expect("bind NIC listener");
-    (listener, NicSpec { id: id.into(), mac: mac.into(), socket })
+    (listener, NicSpec { id: id.into(), mac: mac.into(), socket, backend: Default::default() })
 }
 
 pub fn spec(name: &str, run_dir: &Path, nics: Vec<NicSpec>) -> VmSpec {
