@@ -75,6 +75,32 @@ pub struct Node {
     pub run: Vec<String>,
     /// Network interfaces, `eth0`, `eth1` … in order of attachment.
     pub ifaces: Vec<Iface>,
+    /// How the node's NICs attach to the delay node.
+    #[serde(default)]
+    pub nic: NicMode,
+}
+
+/// How a node's NICs attach to the delay node (`nic = "stream" | "vhost-user"`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NicMode {
+    /// QEMU `-netdev stream`: frames cross a unix socket; QEMU reads ahead of
+    /// the guest, so a checkpoint stops delivery a little early.
+    #[default]
+    Stream,
+    /// QEMU `-netdev vhost-user`: the delay node writes the guest's receive
+    /// ring itself; exact at a checkpoint. Guest RAM becomes a shared memfd.
+    VhostUser,
+}
+
+impl NicMode {
+    /// The spelling in a spec.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NicMode::Stream => "stream",
+            NicMode::VhostUser => "vhost-user",
+        }
+    }
 }
 
 /// One network interface of a node.
@@ -237,6 +263,7 @@ type Quantity = Option<Spanned<toml::Value>>;
 struct RawSpec {
     name: Option<Spanned<String>>,
     defaults: Option<RawDefaults>,
+    nic: Option<Spanned<String>>,
     #[serde(default)]
     node: Vec<RawNode>,
     #[serde(default)]
@@ -264,6 +291,7 @@ struct RawNode {
     kernel: Option<Spanned<String>>,
     initrd: Option<Spanned<String>>,
     kernel_args: Option<Spanned<String>>,
+    nic: Option<Spanned<String>>,
     #[serde(default)]
     run: Vec<Spanned<String>>,
 }
@@ -473,6 +501,20 @@ impl Resolver<'_> {
             ));
         }
         Ok(mib as u32)
+    }
+
+    fn nic(&self, value: &Spanned<String>, subject: &Option<String>) -> Result<NicMode, SpecError> {
+        match value.get_ref().as_str() {
+            "stream" => Ok(NicMode::Stream),
+            "vhost-user" => Ok(NicMode::VhostUser),
+            other => Err(self.src.error(
+                SpecErrorKind::OutOfRange,
+                value.span(),
+                subject.clone(),
+                Some("nic"),
+                format!("unknown NIC mode \"{other}\" (expected \"stream\" or \"vhost-user\")"),
+            )),
+        }
     }
 
     fn vcpus(&self, value: &Spanned<i64>, subject: &Option<String>) -> Result<u32, SpecError> {
@@ -815,6 +857,10 @@ impl Experiment {
             if !n.kernel_args.is_empty() {
                 out += &format!("kernel_args = {}\n", q(&n.kernel_args));
             }
+            // Written only when not the default, so stream experiments keep their digest.
+            if n.nic != NicMode::Stream {
+                out += &format!("nic = {}\n", q(n.nic.as_str()));
+            }
             if !n.run.is_empty() {
                 out += &format!("run = {}\n", list(&n.run));
             }
@@ -1000,6 +1046,10 @@ impl Resolver<'_> {
             }
         }
 
+        let def_nic = match &raw.nic {
+            Some(v) => self.nic(v, &None)?,
+            None => NicMode::Stream,
+        };
         let mut nodes = Vec::new();
         for n in &raw.node {
             let subject = Some(format!("node \"{}\"", n.name.get_ref()));
@@ -1041,6 +1091,10 @@ impl Resolver<'_> {
                 },
                 run,
                 ifaces: Vec::new(),
+                nic: match &n.nic {
+                    Some(v) => self.nic(v, &subject)?,
+                    None => def_nic,
+                },
             });
         }
         let known: HashSet<&str> = raw.node.iter().map(|n| n.name.get_ref().as_str()).collect();

@@ -257,6 +257,7 @@ pub(super) fn parse(text: &str, src: &Source, name: String) -> Result<RawSpec, S
                             kernel: None,
                             initrd: None,
                             kernel_args: None,
+                            nic: None,
                             run: Vec::new(),
                         });
                     }
@@ -446,6 +447,7 @@ pub(super) fn parse(text: &str, src: &Source, name: String) -> Result<RawSpec, S
     Ok(RawSpec {
         name: Some(Spanned::new(0..0, name)),
         defaults: None,
+        nic: None,
         node: nodes,
         lan,
         link,

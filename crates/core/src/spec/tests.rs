@@ -591,3 +591,31 @@ fn documented_example_parses() {
     assert_eq!(e.links[0].b_to_a.delay_ns, 7_000_000);
     assert_eq!(e.links[0].a_to_b.delay_ns, 5_000_000);
 }
+
+#[test]
+fn nic_mode_defaults_to_stream_and_nodes_override_it() {
+    let e = parse(TWO).unwrap();
+    assert!(e.nodes.iter().all(|n| n.nic == NicMode::Stream));
+    let text = "name = \"x\"\nnic = \"vhost-user\"\n[[node]]\nname = \"a\"\n[[node]]\nname = \"b\"\nnic = \"stream\"\n";
+    let e = parse(text).unwrap();
+    assert_eq!(e.nodes[0].nic, NicMode::VhostUser);
+    assert_eq!(e.nodes[1].nic, NicMode::Stream);
+    let canon = e.to_toml();
+    assert_eq!(canon.matches("nic = \"vhost-user\"").count(), 1, "{canon}");
+    assert_eq!(parse(&canon).unwrap(), e, "round trip:\n{canon}");
+    assert_ne!(e.digest(), parse(TWO).unwrap().digest());
+    // Stream-only experiments keep their canonical form (and digest).
+    assert!(!parse(TWO).unwrap().to_toml().contains("nic"));
+}
+
+#[test]
+fn refuses_unknown_nic_modes_with_their_place() {
+    refused("name = \"x\"\nnic = \"tap\"\n[[node]]\nname = \"a\"\n", SpecErrorKind::OutOfRange, 2, &["\"tap\"", "vhost-user", "nic"]);
+    refused(
+        "name = \"x\"\n[[node]]\nname = \"a\"\nnic = \"vhost\"\n",
+        SpecErrorKind::OutOfRange,
+        4,
+        &["node \"a\"", "\"vhost\""],
+    );
+    refused("name = \"x\"\n[[node]]\nname = \"a\"\nnic = 3\n", SpecErrorKind::Syntax, 4, &["nic"]);
+}
