@@ -7,8 +7,8 @@
 //! probability, not twice it).
 
 use crate::layout::Layout;
-use delay_node::config::{LanConfig, LanMember, LinkConfig, PortConfig, Shaping, Topology};
-use stasis_core::spec::{Experiment, LinkParams};
+use delay_node::config::{LanConfig, LanMember, LinkConfig, PortConfig, PortKind, Shaping, Topology};
+use stasis_core::spec::{Experiment, LinkParams, NicMode};
 
 fn shaping(p: &LinkParams, delay_ns: u64, loss: f64) -> Shaping {
     Shaping {
@@ -26,7 +26,11 @@ pub fn topology_for(exp: &Experiment, layout: &Layout, seed: u64) -> Topology {
     let mut ports = Vec::new();
     for node in &exp.nodes {
         for iface in &node.ifaces {
-            ports.push(PortConfig { name: port_name(&node.name, &iface.name), socket: layout.port_socket(&node.name, &iface.name) });
+            ports.push(PortConfig {
+                name: port_name(&node.name, &iface.name),
+                socket: layout.port_socket(&node.name, &iface.name),
+                kind: port_kind(node.nic),
+            });
         }
     }
     let port_on = |node: &str, network: &str| -> String {
@@ -67,6 +71,16 @@ pub fn topology_for(exp: &Experiment, layout: &Layout, seed: u64) -> Topology {
     Topology { ports, lans, links, seed }
 }
 
+/// The delay-node port kind serving a node's NICs. The agent's freeze still
+/// sends one hold lead for the whole node; the delay node ignores it for
+/// vhost-user ports, which it delivers to right up to the freeze instant.
+pub fn port_kind(nic: NicMode) -> PortKind {
+    match nic {
+        NicMode::Stream => PortKind::Stream,
+        NicMode::VhostUser => PortKind::VhostUser,
+    }
+}
+
 /// The delay-node port name of a VM NIC.
 pub fn port_name(node: &str, iface: &str) -> String {
     format!("{node}.{iface}")
@@ -104,5 +118,18 @@ loss = 0.01
         assert_eq!(m.to_lan.loss, 0.01);
         assert_eq!(m.from_lan.loss, 0.0);
         assert_eq!(topo.lans[0].members[1].port, "b.eth0");
+        assert!(topo.ports.iter().all(|p| p.kind == PortKind::Stream));
+    }
+
+    #[test]
+    fn vhost_user_nodes_get_vhost_user_ports() {
+        let exp = Experiment::from_toml_str(
+            "name = \"t\"\nnic = \"vhost-user\"\n[[node]]\nname = \"a\"\n[[node]]\nname = \"b\"\nnic = \"stream\"\n[[link]]\nname = \"l\"\na = \"a\"\nb = \"b\"\n",
+            None,
+        )
+        .unwrap();
+        let topo = topology_for(&exp, &Layout::new(std::path::Path::new("/state"), "t"), 7);
+        let kinds: Vec<_> = topo.ports.iter().map(|p| (p.name.as_str(), p.kind)).collect();
+        assert_eq!(kinds, [("a.eth0", PortKind::VhostUser), ("b.eth0", PortKind::Stream)]);
     }
 }
