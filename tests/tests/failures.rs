@@ -32,6 +32,18 @@ fn killing_a_vm_during_save_aborts_and_earlier_checkpoints_survive() {
     exp.wait_for("b", 1, Duration::from_secs(60), "traffic", |r| !last_recv(r).is_empty());
     let good = exp.json(&["checkpoint", "--name", "good"]);
     assert_eq!(good["vms"], 2);
+    // Its fidelity report names every component with its frozen duration.
+    let show = exp.run(&["show", "good"]);
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(show.status.success() && text.contains("stop skew") && text.contains("delay-node"), "{text}");
+    let shown = exp.json(&["show", "good"]);
+    let comps = shown["manifest"]["components"].as_array().unwrap();
+    assert_eq!(comps.len(), 3, "2 VMs and the delay node");
+    let d = shown["manifest"]["freeze"]["frozen_duration_ns"].as_u64().unwrap();
+    for c in comps {
+        let frozen = c["frozen_ns"].as_u64().unwrap();
+        assert!(frozen.abs_diff(d) < 50_000_000, "{} frozen {frozen} ns, D {d} ns", c["name"]);
+    }
 
     // Start a checkpoint and kill VM b as soon as its state is being saved.
     let pid_b = exp.pids().into_iter().find(|p| p.0 == "b").expect("b runs").1;

@@ -257,10 +257,7 @@ async fn run(cli: Cli) -> Result<()> {
             if cli.json {
                 print_json(&serde_json::json!({"manifest": ckpt.manifest, "report": report}));
             } else {
-                println!("{}", serde_json::to_string_pretty(&ckpt.manifest)?);
-                if let Some(r) = report {
-                    println!("{}", serde_json::to_string_pretty(&r)?);
-                }
+                print_show(&ckpt);
             }
         }
         Cmd::Restore { checkpoint } => {
@@ -292,6 +289,45 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The human form of `stasis show`: what was saved and how faithful the
+/// checkpoint was.
+fn print_show(ckpt: &stasis_store::Checkpoint) {
+    let m = &ckpt.manifest;
+    let f = &m.freeze;
+    println!("checkpoint {} ({}) of experiment {}", m.index, ckpt.info.label(), m.experiment.name);
+    if let Some(p) = &m.parent {
+        println!("  restored-from  {p}");
+    }
+    println!("  size           {}", mib(ckpt.info.bytes));
+    println!("  stop skew      {}   (spread of the stop instants of all components)", ms(f.stop_skew_ns));
+    println!("  frozen D       {}", ms(f.frozen_duration_ns));
+    if let Some(e) = m.timings.extra.get("max_frozen_error_ns") {
+        println!("  D error        {}   (largest |frozen − D| of any component)", ms(*e));
+    }
+    println!("  in flight      {} frames in the delay node, {} held back from VMs before their stop", f.frames_in_flight, f.frames_held);
+    if let Some(l) = m.timings.extra.get("max_hold_lateness_ns") {
+        println!("  hold lateness  {}   (largest delay a held frame paid)", ms(*l));
+    }
+    println!("  save           {}", ms(m.timings.total_save_ns));
+    println!("  {:<12} {:<10} {:>11} {:>12} {:>12} {:>12}", "component", "kind", "size", "stop", "frozen", "error vs D");
+    let first = m.components.iter().map(|c| c.stop_ns).min().unwrap_or(0);
+    for c in &m.components {
+        let kind = match c.kind {
+            stasis_store::manifest::ComponentKind::Vm => "vm",
+            stasis_store::manifest::ComponentKind::DelayNode => "delay-node",
+        };
+        println!(
+            "  {:<12} {:<10} {:>11} {:>12} {:>12} {:>12}",
+            c.name,
+            kind,
+            mib(c.bytes),
+            format!("+{}", ms(c.stop_ns - first)),
+            ms(c.frozen_ns),
+            ms(c.frozen_ns.abs_diff(f.frozen_duration_ns))
+        );
+    }
 }
 
 /// A checkpoint by name/id/index/latest in the current experiment, or by the
