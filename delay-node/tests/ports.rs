@@ -179,3 +179,40 @@ fn per_port_freeze_holds_one_port_and_releases_in_order() {
     let ev = std::fs::read_to_string(events).unwrap();
     assert!(ev.contains("\"port_freeze\"") && ev.contains("\"port_thaw\""), "{ev}");
 }
+
+/// A vhost-user port with no QEMU behind it: the node serves its socket,
+/// frames for it wait at the port (nothing was written into a guest ring),
+/// and a save puts every one of them in the state.
+#[test]
+fn frames_for_a_vhost_port_without_a_running_device_are_kept_and_saved() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let topo = Topology {
+        ports: vec![
+            PortConfig { name: "s".into(), socket: d.join("s.sock"), kind: delay_node::config::PortKind::Stream },
+            PortConfig { name: "v".into(), socket: d.join("v.sock"), kind: delay_node::config::PortKind::VhostUser },
+        ],
+        lans: vec![],
+        links: vec![LinkConfig { name: "l".into(), a: "s".into(), b: "v".into(), a_to_b: Shaping::default(), b_to_a: Shaping::default() }],
+        seed: 0,
+    };
+    let tp = d.join("topo.json");
+    std::fs::write(&tp, serde_json::to_string(&topo).unwrap()).unwrap();
+    let _node = NodeProc::start(&tp, &d.join("ctl.sock"), None, &d.join("events.jsonl"));
+    let rt = rt();
+    let mut ctl = client(&rt, &d.join("ctl.sock"));
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::metadata(d.join("v.sock")).unwrap().file_type().is_socket(), "the vhost-user socket is served");
+    let mut s = connect_retry(&d.join("s.sock"));
+    for q in 0..5 {
+        write_frame(&mut s, &test_frame(1, 0, 0, q, 0, 60)).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let st = rt.block_on(ctl.stats()).unwrap();
+    assert_eq!(st.ports[1].held_frames, 5, "{st:?}");
+    assert_eq!(st.ports[1].counters.dropped_unconnected, 0);
+    let now = stasis_core::clock::mono_ns();
+    rt.block_on(ctl.freeze_at(now + 10_000_000, 20_000_000)).unwrap();
+    let rep = rt.block_on(ctl.save(&d.join("dn.state"))).unwrap();
+    assert_eq!((rep.frames_held, rep.frames_in_flight), (5, 0), "{rep:?}");
+}
