@@ -21,7 +21,7 @@ demo: setup guest build
 # real VMs (they run one at a time: each uses both cores).
 test: setup guest build
 	$(CARGO) test --workspace --exclude stasis-system-tests
-	$(CARGO) test -p stasis-system-tests -- --test-threads=1
+	$(CARGO) test -p stasis-system-tests -- --test-threads=1 --nocapture
 
 bench: setup guest build
 	$(CARGO) bench -p delay-node
