@@ -33,8 +33,8 @@ struct Args {
     /// PTP domain.
     #[arg(long, default_value_t = 0)]
     domain: u8,
-    /// log2 of the sync interval in seconds (-3 = 8 per second).
-    #[arg(long, default_value_t = -3, allow_hyphen_values = true)]
+    /// log2 of the sync and delay-request intervals in seconds (-4 = 16 per second).
+    #[arg(long, default_value_t = -4, allow_hyphen_values = true)]
     log_sync_interval: i8,
 }
 

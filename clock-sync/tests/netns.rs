@@ -15,6 +15,7 @@ use stasis_clock_sync::{Convergence, Metrics, SyncState};
 const BOUND_NS: f64 = 10_000.0;
 const CONVERGE_DEADLINE: Duration = Duration::from_secs(40);
 const STEADY_WINDOW: Duration = Duration::from_secs(10);
+const SETTLE: Duration = Duration::from_secs(3);
 const METRICS_MS: u64 = 100;
 
 /// Namespaces and processes of one test run; dropping it removes them all.
@@ -26,6 +27,7 @@ struct Lab {
 
 impl Lab {
     fn new() -> Self {
+        remove_stale_namespaces();
         Lab { prefix: format!("stasis-cs-{}", std::process::id()), namespaces: vec![], children: vec![] }
     }
 
@@ -47,6 +49,20 @@ impl Drop for Lab {
         // deleting a namespace also deletes the veth ends inside it
         for ns in self.namespaces.iter().rev() {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Namespaces left by an earlier run that was killed before its guard ran
+/// (SIGKILL): `stasis-cs-<pid>-*` whose pid no longer exists.
+fn remove_stale_namespaces() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix("stasis-cs-") else { continue };
+        let Some(pid) = rest.split('-').next() else { continue };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
         }
     }
 }
@@ -140,7 +156,11 @@ fn three_skewed_slaves_converge_under_10us() {
             conv[i].observe(m.mono_ns, err);
         }
     }
-    // steady state
+    // let the filter settle, then measure the steady state
+    let settle_start = Instant::now();
+    while settle_start.elapsed() < SETTLE {
+        rx.recv_timeout(Duration::from_secs(5)).expect("metrics stream ended");
+    }
     let steady_start = Instant::now();
     let mut steady: Vec<Vec<f64>> = vec![vec![]; nodes.len()];
     while steady_start.elapsed() < STEADY_WINDOW {
@@ -156,13 +176,14 @@ fn three_skewed_slaves_converge_under_10us() {
         s.sort_by(f64::total_cmp);
         assert!(s.len() > 50, "too few samples for {}: {}", node.name, s.len());
         println!(
-            "{}: injected {:+} ns {:+} ppm, initial error {:.0} ns, converged (<10 us) after {:.1} s from start; steady {} s: |err| p50 {:.0} ns, p99 {:.0} ns, max {:.0} ns ({} samples)",
+            "{}: injected {:+} ns {:+} ppm, initial error {:.0} ns, converged (<10 us) after {:.1} s from start; steady {} s (after {} s settling): |err| p50 {:.0} ns, p99 {:.0} ns, max {:.0} ns ({} samples)",
             node.name,
             node.offset_ns,
             node.drift_ppm,
             initial[i].unwrap_or(f64::NAN),
             conv_s,
             STEADY_WINDOW.as_secs(),
+            SETTLE.as_secs(),
             percentile(&s, 0.5),
             percentile(&s, 0.99),
             s[s.len() - 1],
