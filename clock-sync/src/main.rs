@@ -68,6 +68,7 @@ fn real_main() -> anyhow::Result<()> {
         let service = start(config).await?;
         let mut task = service.task;
         let mut tick = tokio::time::interval(Duration::from_millis(args.metrics_ms.max(1)));
+        let mut last_state = None;
         loop {
             tokio::select! {
                 r = &mut task => {
@@ -76,6 +77,18 @@ fn real_main() -> anyhow::Result<()> {
                 }
                 _ = tick.tick() => {
                     let m = service.clock.metrics();
+                    if last_state != Some(m.state) {
+                        last_state = Some(m.state);
+                        let event = serde_json::json!({
+                            "event": "clock_state", "mono_ns": m.mono_ns, "state": m.state,
+                            "true_error_ns": m.true_error_ns,
+                        });
+                        if args.json {
+                            println!("{event}");
+                        } else {
+                            eprintln!("state -> {:?}", m.state);
+                        }
+                    }
                     if args.json {
                         println!("{}", m.to_json_line());
                     } else {

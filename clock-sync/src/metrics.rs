@@ -82,7 +82,13 @@ pub struct Convergence {
 impl Convergence {
     /// Converged after `needed` consecutive samples with |error| < `bound_ns`.
     pub fn new(bound_ns: f64, needed: usize) -> Self {
-        Convergence { bound_ns, needed: needed.max(1), run_start: None, run_len: 0, converged_at: None }
+        Convergence {
+            bound_ns,
+            needed: needed.max(1),
+            run_start: None,
+            run_len: 0,
+            converged_at: None,
+        }
     }
 
     /// Feed one sample taken at `at_ns` with error `error_ns`; returns the

@@ -225,7 +225,11 @@ pub async fn start(config: ServiceConfig) -> Result<Service, StartError> {
                 s.join_multicast(SocketAddrV4::new(PTP_PRIMARY_MULTICAST, 0), interface)?;
                 Ok(s)
             })
-            .map_err(|source| StartError::Socket { which, interface: config.interface.clone(), source })?;
+            .map_err(|source| StartError::Socket {
+                which,
+                interface: config.interface.clone(),
+                source,
+            })?;
         Ok::<_, StartError>(sock)
     };
     let event = open(EVENT_PORT, InterfaceTimestampMode::SoftwareAll, "event")?;
@@ -319,7 +323,14 @@ async fn run(
     let (mut port, actions) = in_bmca.end_bmca();
     let mut pending = handle(actions, &mut event, &mut general, &mut timers, &clock).await?;
     while let Some((ctx, t)) = pending {
-        pending = handle(port.handle_send_timestamp(ctx, t), &mut event, &mut general, &mut timers, &clock).await?;
+        pending = handle(
+            port.handle_send_timestamp(ctx, t),
+            &mut event,
+            &mut general,
+            &mut timers,
+            &clock,
+        )
+        .await?;
     }
     let mut bmca_at = Instant::now() + instance.bmca_interval();
     let mut event_buf = [0u8; MAX_DATA_LEN];
@@ -387,19 +398,35 @@ async fn run(
                 let mut pending =
                     handle(actions, &mut event, &mut general, &mut timers, &clock).await?;
                 while let Some((ctx, t)) = pending {
-                    pending = handle(port.handle_send_timestamp(ctx, t), &mut event, &mut general, &mut timers, &clock).await?;
+                    pending = handle(
+                        port.handle_send_timestamp(ctx, t),
+                        &mut event,
+                        &mut general,
+                        &mut timers,
+                        &clock,
+                    )
+                    .await?;
                 }
                 PortActionIterator::empty()
             }
         };
         let mut pending = handle(actions, &mut event, &mut general, &mut timers, &clock).await?;
         while let Some((ctx, t)) = pending {
-            pending = handle(port.handle_send_timestamp(ctx, t), &mut event, &mut general, &mut timers, &clock).await?;
+            pending = handle(
+                port.handle_send_timestamp(ctx, t),
+                &mut event,
+                &mut general,
+                &mut timers,
+                &clock,
+            )
+            .await?;
         }
         let estimate = port.port_current_ds_contribution();
         clock.set_status(Status {
             state: port.port_ds().port_state.into(),
-            offset_ns: estimate.as_ref().map(|e| e.offset_from_master.nanos_lossy()),
+            offset_ns: estimate
+                .as_ref()
+                .map(|e| e.offset_from_master.nanos_lossy()),
             delay_ns: estimate.as_ref().map(|e| e.mean_delay.nanos_lossy()),
         });
     }
@@ -454,6 +481,24 @@ mod tests {
     use super::*;
     use statime::Clock;
 
+    #[tokio::test]
+    async fn start_refuses_a_bad_interface_name() {
+        let err = start(ServiceConfig::new("this-name-is-far-too-long"))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, StartError::InterfaceName(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn start_refuses_a_missing_interface() {
+        let err = start(ServiceConfig::new("nosuchif0")).await.err().unwrap();
+        assert!(
+            matches!(err, StartError::Socket { which: "event", .. }),
+            "{err}"
+        );
+    }
+
     #[test]
     fn unsteered_synced_clock_has_exactly_the_injected_error() {
         let c = SyncedClock::new(3_000_000, 50.0);
@@ -488,9 +533,15 @@ mod tests {
         assert!((c.synced_at_host(h) - target).abs() <= 1);
         // about 1 s from now on the host clock (the rate error is a few ppm)
         let from_now = h as i128 - HostClock::Realtime.now_ns() as i128;
-        assert!((999_000_000..1_000_100_000).contains(&from_now), "{from_now}");
+        assert!(
+            (999_000_000..1_000_100_000).contains(&from_now),
+            "{from_now}"
+        );
         let mono_from_now = c.mono_at(target) as i128 - stasis_core::clock::mono_ns() as i128;
-        assert!((999_000_000..1_000_100_000).contains(&mono_from_now), "{mono_from_now}");
+        assert!(
+            (999_000_000..1_000_100_000).contains(&mono_from_now),
+            "{mono_from_now}"
+        );
     }
 
     #[test]

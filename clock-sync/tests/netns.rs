@@ -28,7 +28,11 @@ struct Lab {
 impl Lab {
     fn new() -> Self {
         remove_stale_namespaces();
-        Lab { prefix: format!("stasis-cs-{}", std::process::id()), namespaces: vec![], children: vec![] }
+        Lab {
+            prefix: format!("stasis-cs-{}", std::process::id()),
+            namespaces: vec![],
+            children: vec![],
+        }
     }
 
     fn add_ns(&mut self, suffix: &str) -> String {
@@ -56,11 +60,17 @@ impl Drop for Lab {
 /// Namespaces left by an earlier run that was killed before its guard ran
 /// (SIGKILL): `stasis-cs-<pid>-*` whose pid no longer exists.
 fn remove_stale_namespaces() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
-        let Some(rest) = name.strip_prefix("stasis-cs-") else { continue };
-        let Some(pid) = rest.split('-').next() else { continue };
+        let Some(rest) = name.strip_prefix("stasis-cs-") else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next() else {
+            continue;
+        };
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             let _ = Command::new("ip").args(["netns", "del", name]).status();
         }
@@ -69,7 +79,11 @@ fn remove_stale_namespaces() {
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 struct Node {
@@ -91,31 +105,79 @@ fn three_skewed_slaves_converge_under_10us() {
         return;
     }
     let nodes = [
-        Node { name: "gm", gm: true, offset_ns: 0, drift_ppm: 0.0 },
-        Node { name: "s1", gm: false, offset_ns: 3_000_000, drift_ppm: 50.0 },
-        Node { name: "s2", gm: false, offset_ns: -2_000_000, drift_ppm: -30.0 },
-        Node { name: "s3", gm: false, offset_ns: 0, drift_ppm: 0.0 },
+        Node {
+            name: "gm",
+            gm: true,
+            offset_ns: 0,
+            drift_ppm: 0.0,
+        },
+        Node {
+            name: "s1",
+            gm: false,
+            offset_ns: 3_000_000,
+            drift_ppm: 50.0,
+        },
+        Node {
+            name: "s2",
+            gm: false,
+            offset_ns: -2_000_000,
+            drift_ppm: -30.0,
+        },
+        Node {
+            name: "s3",
+            gm: false,
+            offset_ns: 0,
+            drift_ppm: 0.0,
+        },
     ];
     let mut lab = Lab::new();
     let br = lab.add_ns("br");
-    ip(&["-n", &br, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0"]);
+    ip(&[
+        "-n",
+        &br,
+        "link",
+        "add",
+        "br0",
+        "type",
+        "bridge",
+        "mcast_snooping",
+        "0",
+    ]);
     ip(&["-n", &br, "link", "set", "br0", "up"]);
     let (tx, rx) = mpsc::channel::<(usize, Metrics)>();
     for (i, node) in nodes.iter().enumerate() {
         let ns = lab.add_ns(node.name);
         let port = format!("p{i}");
-        ip(&["-n", &br, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+        ip(&[
+            "-n", &br, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ]);
         ip(&["-n", &br, "link", "set", &port, "master", "br0", "up"]);
         // a private address inside our own namespaces only; nothing leaves them
-        ip(&["-n", &ns, "addr", "add", &format!("10.251.0.{}/24", i + 1), "dev", "eth0"]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("10.251.0.{}/24", i + 1),
+            "dev",
+            "eth0",
+        ]);
         ip(&["-n", &ns, "link", "set", "eth0", "up"]);
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_clock-sync"), "--iface", "eth0", "--json"])
-            .arg(format!("--metrics-ms={METRICS_MS}"))
-            .arg(format!("--offset-ns={}", node.offset_ns))
-            .arg(format!("--drift-ppm={}", node.drift_ppm))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.args([
+            "netns",
+            "exec",
+            &ns,
+            env!("CARGO_BIN_EXE_clock-sync"),
+            "--iface",
+            "eth0",
+            "--json",
+        ])
+        .arg(format!("--metrics-ms={METRICS_MS}"))
+        .arg(format!("--offset-ns={}", node.offset_ns))
+        .arg(format!("--drift-ppm={}", node.drift_ppm))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
         if node.gm {
             cmd.arg("--gm");
         }
@@ -138,19 +200,37 @@ fn three_skewed_slaves_converge_under_10us() {
 
     let start = Instant::now();
     let start_mono = stasis_core::clock::mono_ns();
-    let mut conv: Vec<Convergence> = nodes.iter().map(|_| Convergence::new(BOUND_NS, 10)).collect();
+    let mut conv: Vec<Convergence> = nodes
+        .iter()
+        .map(|_| Convergence::new(BOUND_NS, 10))
+        .collect();
     let mut initial: Vec<Option<f64>> = vec![None; nodes.len()];
     // converge
-    while nodes.iter().enumerate().any(|(i, n)| !n.gm && conv[i].converged_at().is_none()) {
-        let left = CONVERGE_DEADLINE.checked_sub(start.elapsed()).unwrap_or_else(|| {
-            panic!("not converged within {CONVERGE_DEADLINE:?}: {:?}", conv.iter().map(|c| c.converged_at()).collect::<Vec<_>>())
-        });
+    while nodes
+        .iter()
+        .enumerate()
+        .any(|(i, n)| !n.gm && conv[i].converged_at().is_none())
+    {
+        let left = CONVERGE_DEADLINE
+            .checked_sub(start.elapsed())
+            .unwrap_or_else(|| {
+                panic!(
+                    "not converged within {CONVERGE_DEADLINE:?}: {:?}",
+                    conv.iter().map(|c| c.converged_at()).collect::<Vec<_>>()
+                )
+            });
         let (i, m) = rx.recv_timeout(left).expect("metrics stream ended");
         if nodes[i].gm {
-            assert_ne!(m.state, SyncState::Slave, "the grandmaster must not follow anyone");
+            assert_ne!(
+                m.state,
+                SyncState::Slave,
+                "the grandmaster must not follow anyone"
+            );
             continue;
         }
-        let err = m.true_error_ns.expect("true error is known for skewed clocks");
+        let err = m
+            .true_error_ns
+            .expect("true error is known for skewed clocks");
         initial[i].get_or_insert(err);
         if m.state == SyncState::Slave {
             conv[i].observe(m.mono_ns, err);
@@ -159,14 +239,22 @@ fn three_skewed_slaves_converge_under_10us() {
     // let the filter settle, then measure the steady state
     let settle_start = Instant::now();
     while settle_start.elapsed() < SETTLE {
-        rx.recv_timeout(Duration::from_secs(5)).expect("metrics stream ended");
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("metrics stream ended");
     }
     let steady_start = Instant::now();
     let mut steady: Vec<Vec<f64>> = vec![vec![]; nodes.len()];
     while steady_start.elapsed() < STEADY_WINDOW {
-        let (i, m) = rx.recv_timeout(Duration::from_secs(5)).expect("metrics stream ended");
+        let (i, m) = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("metrics stream ended");
         if !nodes[i].gm {
-            assert_eq!(m.state, SyncState::Slave, "{} left the slave state", nodes[i].name);
+            assert_eq!(
+                m.state,
+                SyncState::Slave,
+                "{} left the slave state",
+                nodes[i].name
+            );
             steady[i].push(m.true_error_ns.unwrap().abs());
         }
     }
@@ -174,7 +262,12 @@ fn three_skewed_slaves_converge_under_10us() {
         let conv_s = (conv[i].converged_at().unwrap() - start_mono) as f64 / 1e9;
         let mut s = steady[i].clone();
         s.sort_by(f64::total_cmp);
-        assert!(s.len() > 50, "too few samples for {}: {}", node.name, s.len());
+        assert!(
+            s.len() > 50,
+            "too few samples for {}: {}",
+            node.name,
+            s.len()
+        );
         println!(
             "{}: injected {:+} ns {:+} ppm, initial error {:.0} ns, converged (<10 us) after {:.1} s from start; steady {} s (after {} s settling): |err| p50 {:.0} ns, p99 {:.0} ns, max {:.0} ns ({} samples)",
             node.name,
@@ -192,7 +285,11 @@ fn three_skewed_slaves_converge_under_10us() {
     }
     for (i, node) in nodes.iter().enumerate().filter(|(_, n)| !n.gm) {
         let max = steady[i].iter().cloned().fold(0.0, f64::max);
-        assert!(max < BOUND_NS, "{}: steady-state true error reached {max:.0} ns", node.name);
+        assert!(
+            max < BOUND_NS,
+            "{}: steady-state true error reached {max:.0} ns",
+            node.name
+        );
     }
 }
 
