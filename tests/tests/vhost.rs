@@ -107,6 +107,20 @@ fn vhost_user_checkpoint_kill_restore_is_exact() {
     let events = delay_node_events(&exp.root());
     let stops = count_events(&events, "port_stopped");
     assert!(stops >= 6, "{stops} port_stopped events, expected 3 per checkpoint");
+    // Each VM's device stop relative to the node's freeze instant T (the
+    // agent stops the VMs at T): the in-band marker says when each really stopped.
+    let freezes: Vec<i64> = events.iter().filter(|e| e["event"] == "freeze").filter_map(|e| e["mono_ns"].as_i64()).collect();
+    let offsets: Vec<i64> = events
+        .iter()
+        .filter(|e| e["event"] == "port_stopped")
+        .filter_map(|e| e["mono_ns"].as_i64())
+        .filter_map(|at| freezes.iter().map(|t| at - t).min_by_key(|d| d.abs()))
+        .collect();
+    eprintln!("port stop - freeze instant (ns): {offsets:?}");
+    assert_eq!(freezes.len(), 2, "two freezes in the delay node's events");
+    for d in &offsets {
+        assert!(d.abs() < 1_000_000_000, "a device stopped {d} ns from the freeze instant");
+    }
     let before = received(&exp.reports("b", 1));
     exp.wait_for("b", 1, Duration::from_secs(30), "traffic after checkpoints", |r| received(r) > before + 200);
 

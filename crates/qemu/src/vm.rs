@@ -543,7 +543,7 @@ impl Vm {
                     .unwrap_or_else(|| "absent".to_owned());
                 let connected = match nic.backend {
                     NicBackend::Stream => state.contains(&format!("unix:{}", nic.socket.display())),
-                    // `type=vhost-user,vhost-user0 to c0`: QEMU only gets this
+                    // `type=vhost-user,…`: QEMU only gets this
                     // far once the backend answered.
                     NicBackend::VhostUser => state.starts_with("type=vhost-user") && !state.contains("error"),
                 };
