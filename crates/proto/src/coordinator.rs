@@ -102,6 +102,8 @@ pub enum CoordRefusal {
     WrongCheckpoint { agent: AgentIdx, current: CkptId, got: CkptId },
     #[error("no agent {0}")]
     NoSuchAgent(AgentIdx),
+    #[error("agent {0} was already given up as lost")]
+    Lost(AgentIdx),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,6 +216,9 @@ impl CoordinatorCore {
     pub fn on_message(&mut self, now: u64, from: AgentIdx, msg: Message) -> Result<Vec<CoordAction>, CoordRefusal> {
         if from >= self.slots.len() {
             return Err(CoordRefusal::NoSuchAgent(from));
+        }
+        if self.lost[from] {
+            return Err(CoordRefusal::Lost(from));
         }
         let ckpt = match &msg {
             Message::Saved(m) => Some(m.ckpt),
@@ -469,6 +474,7 @@ mod tests {
         let o = done(&c.on_message(200, 2, resumed()).unwrap()).unwrap();
         assert_eq!(o.abort, Some(AbortReason::Lost { agent: 1 }));
         assert_eq!(o.lost, vec![1]);
+        assert_eq!(c.on_message(300, 1, resumed()), Err(CoordRefusal::Lost(1)), "a lost agent stays lost");
     }
 
     #[test]
