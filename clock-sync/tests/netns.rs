@@ -72,6 +72,15 @@ fn remove_stale_namespaces() {
             continue;
         };
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            // its clock-sync processes outlived it: end them first
+            if let Ok(pids) = Command::new("ip").args(["netns", "pids", name]).output() {
+                for p in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                    if let Ok(p) = p.parse::<i32>() {
+                        // SAFETY: kill has no memory-safety preconditions.
+                        unsafe { libc::kill(p, libc::SIGKILL) };
+                    }
+                }
+            }
             let _ = Command::new("ip").args(["netns", "del", name]).status();
         }
     }
