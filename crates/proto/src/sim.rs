@@ -137,6 +137,7 @@ impl SimReport {
 enum Ev {
     ToAgent { i: usize, msg: Message },
     ToCoord { i: usize, msg: Message },
+    CoordHandle { i: usize, msg: Message },
     AgentTimer { i: usize },
     CoordTimer,
     Frozen { i: usize, epoch: u32 },
@@ -339,13 +340,21 @@ fn run_round(cfg: &SimConfig, ckpt: CkptId, seed: u64, report: &mut SimReport) -
     while let Some(Reverse(Item { at: now, ev, .. })) = w.queue.pop() {
         match ev {
             Ev::ToCoord { i, msg } => {
-                if w.coord_busy > now {
-                    // The coordinator is busy: handle it when it is free.
-                    let t = w.coord_busy;
-                    w.at(t, Ev::ToCoord { i, msg });
+                // The coordinator works through its inbox in arrival order:
+                // reserve its CPU now and handle the message when it gets there.
+                let t = w.coord_busy.max(now);
+                w.coord_busy = t + cfg.coord_msg_ns;
+                if t > now {
+                    w.at(t, Ev::CoordHandle { i, msg });
                     continue;
                 }
-                w.coord_busy = now + cfg.coord_msg_ns;
+                if let Ok(acts) = coord.on_message(now, i, msg) {
+                    if let Some(o) = w.coord_actions(now, acts) {
+                        return o;
+                    }
+                }
+            }
+            Ev::CoordHandle { i, msg } => {
                 if let Ok(acts) = coord.on_message(now, i, msg) {
                     if let Some(o) = w.coord_actions(now, acts) {
                         return o;
