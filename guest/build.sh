@@ -4,7 +4,7 @@
 # only when an input changed; prints one line saying "built" or "cached".
 #
 # Inputs: the Debian kernel unpacked by scripts/setup.sh in .cache/kernel/,
-# the host's static busybox, guest/init, this script, and the static guest
+# guest-kmod/ (built against .cache/headers/), the host's static busybox, guest/init, this script, and the static guest
 # tools (guest/tools, built here with crt-static into target/guest-tools).
 #
 # Environment:
@@ -53,6 +53,27 @@ for t in "${TOOLS[@]}"; do
         || die "$t is not statically linked: $(file -L "$TOOLS_DIR/$t")"
 done
 
+# --- guest-kmod: stasis_fw.ko against the headers in .cache/headers ------------
+# Built from a copy under target/guest-kmod/ (kbuild writes next to the
+# sources); cp -p keeps mtimes so make stays incremental.
+HSTAMP="$ROOT/.cache/headers/.stasis-headers"
+[ -f "$HSTAMP" ] || "$ROOT/scripts/setup.sh" || die "scripts/setup.sh failed"
+[ -f "$HSTAMP" ] || die "$HSTAMP missing: run scripts/setup.sh"
+HDIR="$ROOT/.cache/headers/usr/src/linux-headers-$KREL"
+KMOD_SRC="$ROOT/guest-kmod"
+KMOD_OUT="$ROOT/target/guest-kmod"
+KMOD_FILES=(Kbuild stasis_fw.c)
+mkdir -p "$KMOD_OUT"
+for f in "${KMOD_FILES[@]}"; do
+    cmp -s "$KMOD_SRC/$f" "$KMOD_OUT/$f" || cp -p "$KMOD_SRC/$f" "$KMOD_OUT/$f"
+done
+kmod_log=$(make -s -C "$HDIR" M="$KMOD_OUT" modules 2>&1) || die "guest-kmod build failed:
+$kmod_log"
+# Compiler warnings are errors here: this is kernel code.
+if echo "$kmod_log" | grep -q 'warning:'; then die "guest-kmod build warns:
+$kmod_log"; fi
+KMOD="$KMOD_OUT/stasis_fw.ko"
+
 # --- modules: name -> file, dependencies from each module's depends= field ----
 declare -A MODPATH=()
 while IFS=$'\t' read -r n f; do
@@ -70,6 +91,12 @@ ko_cat() { # decompressed bytes of a module file
     esac
 }
 mod_deps() { ko_cat "${MODPATH[$1]}" | tr '\0' '\n' | sed -n 's/^depends=//p' | tr ',' ' '; }
+
+# The module must carry exactly the kernel's vermagic, or insmod refuses it.
+kmod_magic=$(tr '\0' '\n' < "$KMOD" | sed -n 's/^vermagic=//p')
+kernel_magic=$(ko_cat "${MODPATH[sch_netem]}" | tr '\0' '\n' | sed -n 's/^vermagic=//p')
+[ -n "$kmod_magic" ] && [ "$kmod_magic" = "$kernel_magic" ] \
+    || die "stasis_fw.ko vermagic '$kmod_magic' differs from the kernel's '$kernel_magic'"
 
 ORDER=()
 declare -A VISITED=()
@@ -100,6 +127,8 @@ inputs=$(
     sha256sum "$BUSYBOX" | sed "s|  .*|  busybox|"
     sha256sum "$ROOT/guest/init" | sed "s|  .*|  init|"
     sha256sum "$ROOT/guest/build.sh" | sed "s|  .*|  build.sh|"
+    echo "headers $(cat "$HSTAMP")"
+    for f in "${KMOD_FILES[@]}"; do sha256sum "$KMOD_SRC/$f" | sed "s|  .*|  guest-kmod/$f|"; done
     for t in "${TOOLS[@]}"; do sha256sum "$TOOLS_DIR/$t" | sed "s|  .*|  $t|"; done
     for m in "${ORDER[@]}"; do sha256sum "${MODPATH[$m]}" | sed "s|  .*|  module:$m|"; done
     for b in "${HOST_BINS[@]}"; do echo "bin $b"; done
@@ -146,6 +175,8 @@ for m in "${ORDER[@]}"; do
     ko_cat "${MODPATH[$m]}" > "$STAGE/lib/modules/$m.ko"
     echo "$m" >> "$STAGE/lib/modules/load-order"
 done
+# Loaded by /init after load-order (not listed there: it is ours, not Debian's).
+cp "$KMOD" "$STAGE/lib/modules/stasis_fw.ko"
 
 (cd "$STAGE" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc -R 0:0 --quiet) \
     | gzip -9n > "$OUT/initrd.img.tmp" || die "cpio/gzip failed"
@@ -154,4 +185,4 @@ mv "$OUT/initrd.img.tmp" "$OUT/initrd.img"
 mv "$OUT/vmlinuz.tmp" "$OUT/vmlinuz"
 rm -rf "$STAGE"
 echo "$inputs" > "$OUT/inputs.sha256"
-echo "guest image: built (kernel $KREL, initrd $(( $(stat -c %s "$OUT/initrd.img") / 1024 )) KiB, modules: ${ORDER[*]}; host programs: ${HOST_BINS[*]:-none})"
+echo "guest image: built (kernel $KREL, initrd $(( $(stat -c %s "$OUT/initrd.img") / 1024 )) KiB, modules: ${ORDER[*]} stasis_fw; host programs: ${HOST_BINS[*]:-none})"

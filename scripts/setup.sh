@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent machine set-up for stasis on Debian 12: installs the host
-# packages that are missing and unpacks the guest kernel into .cache/kernel/.
+# packages that are missing, unpacks the guest kernel into .cache/kernel/ and
+# its headers (for guest-kmod/) into .cache/headers/.
 # The guest kernel is never installed into the host: it is downloaded with
 # `apt-get download` and extracted with `dpkg-deb -x`.
 #
@@ -39,7 +40,10 @@ apt_update_once() {
 # image build (modules may be compressed); file: checks the tools are static;
 # jq: guest/smoke.sh reads the JSON lines; socat, iproute2, iperf3: the eval and tests.
 # libc6-dev, binutils: static (crt-static) linking and stripping of the guest tools.
-PKGS=(qemu-system-x86 qemu-utils busybox-static cpio gzip xz-utils zstd file libc6-dev binutils jq socat iproute2 iperf3)
+# make, gcc-12 (the compiler Debian's kernel headers name), libelf1, libssl3
+# (linked by kbuild's prebuilt modpost): guest-kmod/ against .cache/headers.
+PKGS=(qemu-system-x86 qemu-utils busybox-static cpio gzip xz-utils zstd file libc6-dev binutils jq socat iproute2 iperf3
+      make gcc-12 libelf1 libssl3)
 missing=()
 for p in "${PKGS[@]}"; do
     if ! dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed'; then
@@ -58,11 +62,12 @@ fi
 # --- guest kernel ------------------------------------------------------------
 # The kernel is pinned once unpacked: later apt updates do not change the
 # guest under existing experiments. STASIS_KERNEL_UPDATE=1 re-resolves it.
+setup_kernel() {
 STAMP="$CACHE/kernel/.stasis-kernel"
 if [ -z "${STASIS_KERNEL_PKG:-}" ] && [ -z "${STASIS_KERNEL_UPDATE:-}" ] && [ -f "$STAMP" ]; then
     pinned=$(cat "$STAMP")
     if [ -f "$CACHE/kernel/boot/vmlinuz-${pinned#linux-image-}" ]; then
-        exit 0
+        return 0
     fi
 fi
 kernel_pkg() {
@@ -80,7 +85,7 @@ KREL=${KPKG#linux-image-}
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KPKG" ] \
     && [ -f "$CACHE/kernel/boot/vmlinuz-$KREL" ] && [ -d "$CACHE/kernel/lib/modules/$KREL" ]; then
-    exit 0
+    return 0
 fi
 
 mkdir -p "$CACHE/debs"
@@ -109,3 +114,70 @@ echo "$KPKG" > "$CACHE/kernel.tmp/.stasis-kernel"
 rm -rf "$CACHE/kernel"
 mv "$CACHE/kernel.tmp" "$CACHE/kernel"
 say "guest kernel $KREL ready"
+}
+
+# --- guest kernel headers (for guest-kmod/) -------------------------------------
+# The Debian headers of exactly the pinned kernel's version, split by Debian
+# into linux-headers-KREL (arch: .config, Module.symvers, generated headers),
+# linux-headers-KREL-common (the source headers and top Makefile) and
+# linux-kbuild-X.Y (scripts, prebuilt fixdep/modpost), are downloaded and
+# unpacked side by side into .cache/headers/usr/{src,lib}/, never installed.
+# The arch tree's Makefile includes /usr/src/linux-headers-*-common/Makefile
+# by absolute path: it is rewritten to the relative sibling, so
+# `make -C .cache/headers/usr/src/linux-headers-KREL M=DIR modules` works.
+setup_headers() {
+    local kpkg krel deb ver hstamp hdir pkgs p
+    kpkg=$(cat "$CACHE/kernel/.stasis-kernel")
+    krel=${kpkg#linux-image-}
+    deb=$(ls "$CACHE/debs/${kpkg}_"*.deb 2>/dev/null | sort -V | tail -n1 || true)
+    [ -n "$deb" ] || die "no .deb of $kpkg in .cache/debs (needed to pin the headers' version)"
+    ver=$(dpkg-deb -f "$deb" Version)
+    hstamp="$CACHE/headers/.stasis-headers"
+    hdir="$CACHE/headers/usr/src/linux-headers-$krel"
+    if [ -f "$hstamp" ] && [ "$(cat "$hstamp")" = "$kpkg=$ver" ] && [ -f "$hdir/Module.symvers" ]; then
+        return 0
+    fi
+    # linux-headers-KREL depends on the -common tree and the kbuild package.
+    headers_deps() {
+        apt-cache depends "linux-headers-$krel=$ver" 2>/dev/null \
+            | awk '/^ *Depends: linux-(headers|kbuild)-/ { print $2 }'
+    }
+    pkgs=$(headers_deps)
+    if [ -z "$pkgs" ]; then
+        apt_update_once
+        pkgs=$(headers_deps)
+    fi
+    [ -n "$pkgs" ] || die "cannot resolve the dependencies of linux-headers-$krel=$ver"
+    mkdir -p "$CACHE/debs"
+    rm -rf "$CACHE/headers.tmp"
+    mkdir -p "$CACHE/headers.tmp"
+    for p in "linux-headers-$krel" $pkgs; do
+        deb=$(ls "$CACHE/debs/${p}_${ver}_"*.deb 2>/dev/null | tail -n1 || true)
+        if [ -z "$deb" ]; then
+            say "downloading $p $ver (guest kernel headers, not installed on the host)"
+            if ! (cd "$CACHE/debs" && apt-get download -qq "$p=$ver" 2>/dev/null); then
+                apt_update_once
+                (cd "$CACHE/debs" && apt-get download -qq "$p=$ver") || die "apt-get download $p=$ver failed"
+            fi
+            deb=$(ls "$CACHE/debs/${p}_${ver}_"*.deb 2>/dev/null | tail -n1 || true)
+            [ -n "$deb" ] || die "download of $p=$ver produced no .deb"
+        fi
+        dpkg-deb -x "$deb" "$CACHE/headers.tmp" || die "dpkg-deb -x $deb failed"
+    done
+    local mk="$CACHE/headers.tmp/usr/src/linux-headers-$krel/Makefile"
+    [ -f "$mk" ] || die "linux-headers-$krel has no Makefile"
+    sed -i 's|^include /usr/src/\(linux-headers-[^/]*\)/Makefile$|include ../\1/Makefile|' "$mk"
+    grep -q '^include \.\./linux-headers-.*-common/Makefile$' "$mk" \
+        || die "unexpected top Makefile in linux-headers-$krel: $(head -n3 "$mk")"
+    # Kbuild's host programs are prebuilt: check they can run here.
+    if ldd "$CACHE/headers.tmp/usr/src/linux-headers-$krel/scripts/mod/modpost" 2>&1 | grep -q 'not found'; then
+        die "kbuild's modpost misses libraries: $(ldd "$CACHE/headers.tmp/usr/src/linux-headers-$krel/scripts/mod/modpost" | grep 'not found')"
+    fi
+    echo "$kpkg=$ver" > "$CACHE/headers.tmp/.stasis-headers"
+    rm -rf "$CACHE/headers"
+    mv "$CACHE/headers.tmp" "$CACHE/headers"
+    say "guest kernel headers $krel ($ver) ready in .cache/headers/"
+}
+
+setup_kernel
+setup_headers

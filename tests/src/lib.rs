@@ -172,3 +172,34 @@ pub fn max_steps(reports: &[Value]) -> [(String, u64); 3] {
     }
     m
 }
+
+/// The guest-kmod counters (`/proc/stasis_fw`, see docs/guest-kmod.md) that
+/// `stasis-probe --kmod` embedded in its reports, oldest first; reports whose
+/// `kmod` is `null` (the file could not be read) are skipped.
+pub fn kmod_counters(reports: &[Value]) -> Vec<Value> {
+    reports.iter().filter(|r| r["tool"] == "probe" && r["kmod"].is_object()).map(|r| r["kmod"].clone()).collect()
+}
+
+/// What in one `/proc/stasis_fw` snapshot exceeds the bounds: every clock's
+/// largest step above `step_bound_ns`, every clock pair's largest
+/// disagreement change above `dis_bound_ns`, and any KVM pause detected.
+/// Empty when the snapshot is within bounds.
+pub fn kmod_violations(kmod: &Value, step_bound_ns: u64, dis_bound_ns: u64) -> Vec<String> {
+    let mut out = Vec::new();
+    for clock in ["mono", "real", "boot", "tsc"] {
+        match kmod["max_step_ns"][clock].as_u64() {
+            Some(s) if s <= step_bound_ns => {}
+            s => out.push(format!("max_step_ns.{clock} = {s:?} > {step_bound_ns}")),
+        }
+    }
+    for pair in ["real_mono", "boot_mono", "tsc_mono"] {
+        match kmod["max_dis_ns"][pair].as_u64() {
+            Some(d) if d <= dis_bound_ns => {}
+            d => out.push(format!("max_dis_ns.{pair} = {d:?} > {dis_bound_ns}")),
+        }
+    }
+    if kmod["kvm"]["pauses"].as_u64() != Some(0) {
+        out.push(format!("kvm.pauses = {}", kmod["kvm"]["pauses"]));
+    }
+    out
+}

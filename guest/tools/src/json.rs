@@ -86,6 +86,19 @@ impl JsonLine {
         self
     }
 
+    /// Adds a field whose value is already a JSON object (e.g. the one line
+    /// of `/proc/stasis_fw`); anything not shaped like one object (`{…}`
+    /// without a line break) is written as `null`, so the line stays one
+    /// JSON object.
+    pub fn raw_object(mut self, k: &str, v: Option<&str>) -> Self {
+        self.key(k);
+        match v.map(str::trim) {
+            Some(v) if v.starts_with('{') && v.ends_with('}') && !v.contains('\n') => self.buf.push_str(v),
+            _ => self.buf.push_str("null"),
+        }
+        self
+    }
+
     /// Adds a nested object.
     pub fn object(mut self, k: &str, v: JsonLine) -> Self {
         self.key(k);
@@ -180,5 +193,20 @@ mod tests {
             JsonLine::new().object("o", JsonLine::new()).finish(),
             "{\"o\":{}}\n"
         );
+    }
+
+    #[test]
+    fn raw_object_embeds_one_object_or_null() {
+        let line = JsonLine::new()
+            .raw_object("kmod", Some("{\"version\":1,\"m\":{\"a\":2}}\n"))
+            .raw_object("missing", None)
+            .raw_object("garbage", Some("oops"))
+            .raw_object("two_lines", Some("{\"a\":1}\n{\"b\":2}"))
+            .finish();
+        let v: serde_json::Value = serde_json::from_str(line.trim_end()).unwrap();
+        assert_eq!(v["kmod"]["m"]["a"], 2);
+        assert!(v["missing"].is_null());
+        assert!(v["garbage"].is_null());
+        assert!(v["two_lines"].is_null());
     }
 }

@@ -1,12 +1,15 @@
-//! `stasis-probe [--interval-ms 10] [--report-ms 1000] [--node NAME]`:
+//! `stasis-probe [--interval-ms 10] [--report-ms 1000] [--node NAME] [--kmod PATH]`:
 //! samples the guest clocks and prints one JSON line per report window.
+//! With `--kmod PATH` (normally `/proc/stasis_fw`, see guest-kmod/) each line
+//! also carries the kernel module's counters as field `"kmod"` (`null` when
+//! the file cannot be read).
 
 use stasis_guest_tools::args::Flags;
 use stasis_guest_tools::clocks::{boot_ns, default_node, mono_ns, real_ns, sleep_until, tsc};
 use stasis_guest_tools::lines::probe_line;
 use stasis_guest_tools::probe::{ProbeCore, Sample};
 
-const USAGE: &str = "usage: stasis-probe [--interval-ms 10] [--report-ms 1000] [--node NAME]";
+const USAGE: &str = "usage: stasis-probe [--interval-ms 10] [--report-ms 1000] [--node NAME] [--kmod /proc/stasis_fw]";
 
 fn sample() -> Sample {
     let mono_ns = mono_ns();
@@ -24,16 +27,17 @@ fn sample() -> Sample {
 fn main() {
     let parsed = Flags::parse(
         std::env::args().skip(1),
-        &["--interval-ms", "--report-ms", "--node"],
+        &["--interval-ms", "--report-ms", "--node", "--kmod"],
     )
     .and_then(|f| {
         Ok((
             f.get::<u64>("--interval-ms", 10)?,
             f.get::<u64>("--report-ms", 1000)?,
             f.opt::<String>("--node")?,
+            f.opt::<String>("--kmod")?,
         ))
     });
-    let (interval_ms, report_ms, node) = match parsed {
+    let (interval_ms, report_ms, node, kmod) = match parsed {
         Ok(v) if v.0 > 0 && v.1 > 0 => v,
         Ok(_) => {
             eprintln!("stasis-probe: intervals must be > 0\n{USAGE}");
@@ -65,7 +69,14 @@ fn main() {
         }
         if s.mono_ns >= next_report {
             if let Some(r) = core.close_window() {
-                probe_line(&node, interval_ns, &r).emit();
+                let line = probe_line(&node, interval_ns, &r);
+                match &kmod {
+                    Some(path) => {
+                        let counters = std::fs::read_to_string(path).ok();
+                        line.raw_object("kmod", counters.as_deref()).emit();
+                    }
+                    None => line.emit(),
+                }
             }
             next_report += report_ns;
             if s.mono_ns >= next_report {
