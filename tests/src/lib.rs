@@ -126,11 +126,45 @@ impl Experiment {
     }
 }
 
+impl Experiment {
+    /// A failed test keeps what explains it: consoles, delay-node and QEMU
+    /// logs, events and checkpoint reports (not the bulky state files), in
+    /// `/tmp/stasis-failed-<name>-<pid>`, and prints a digest of them.
+    fn keep_evidence(&self) {
+        let dest = PathBuf::from(format!("/tmp/stasis-failed-{}-{}", self.name, std::process::id()));
+        let _ = std::fs::create_dir_all(&dest);
+        let mut stack = vec![self.root()];
+        while let Some(dir) = stack.pop() {
+            let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                    continue;
+                }
+                let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let wanted = [".log", ".json", ".jsonl", ".toml", ".1"].iter().any(|x| name.ends_with(x));
+                if wanted && p.metadata().map(|m| m.len() < 8 << 20).unwrap_or(false) {
+                    let rel = p.strip_prefix(self.root()).unwrap_or(&p).to_string_lossy().replace('/', "__");
+                    let _ = std::fs::copy(&p, dest.join(rel));
+                }
+            }
+        }
+        eprintln!("evidence of the failed test kept in {}", dest.display());
+        let events = std::fs::read_to_string(self.root().join("run/delay/events.jsonl")).unwrap_or_default();
+        let interesting: Vec<&str> = events.lines().filter(|l| !l.contains("port_connected")).collect();
+        eprintln!("delay-node events (last 40):\n{}", interesting[interesting.len().saturating_sub(40)..].join("\n"));
+    }
+}
+
 impl Drop for Experiment {
     fn drop(&mut self) {
         // Tear down through the CLI, then make sure: kill anything still
         // holding a file under our state dir.
         let _ = Command::new(target_dir().join("debug").join("stasis")).arg("--state-dir").arg(self.state()).args(["-e", &self.name, "down"]).output();
+        if std::thread::panicking() {
+            self.keep_evidence();
+        }
         let needle = self.dir.path().to_string_lossy().into_owned();
         if let Ok(rd) = std::fs::read_dir("/proc") {
             for e in rd.flatten() {
