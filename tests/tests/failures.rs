@@ -77,7 +77,7 @@ fn killing_a_vm_during_save_aborts_and_earlier_checkpoints_survive() {
     let list = exp.json(&["list"]);
     let names: Vec<_> = list.as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap_or("").to_string()).collect();
     assert_eq!(names, ["good"]);
-    let leftovers: Vec<_> = std::fs::read_dir(exp.root().join("checkpoints")).unwrap().flatten().map(|e| e.file_name()).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(exp.root().join("checkpoints")).unwrap().flatten().map(|e| e.file_name()).filter(|n| n != "chunks").collect();
     assert_eq!(leftovers.len(), 1, "only the good checkpoint is on disk: {leftovers:?}");
     let procs = exp.pids();
     assert!(procs.iter().any(|p| p.0 == "a" && p.2), "VM a keeps running: {procs:?}");
@@ -114,26 +114,68 @@ fn killing_a_vm_during_save_aborts_and_earlier_checkpoints_survive() {
     let dir = exp.root().join("checkpoints");
     let good_dir = dir.join(good["info"]["id"].as_str().unwrap());
     let second_dir = dir.join(second["info"]["id"].as_str().unwrap());
-    // Flip a byte in VM a's state of "good".
-    let f = good_dir.join("vm-a");
+    // State files are kept as chunks (crates/store): damage a chunk that
+    // only this checkpoint's component uses, so the other stays intact.
+    // Flip a byte in a chunk of VM a's state of "good".
+    let f = unique_chunk(&dir, &good_dir, "vm-a");
     let mut bytes = std::fs::read(&f).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;
     std::fs::write(&f, &bytes).unwrap();
     let o = exp.run(&["restore", "good"]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("vm-a"), "the error names the damaged file: {}", stderr(&o));
-    // Truncate the delay-node state of "second".
-    let f = second_dir.join("delay-node");
+    assert!(stderr(&o).contains("vm-a"), "the error names the damaged component: {}", stderr(&o));
+    let chunk_id = format!("{}{}", f.parent().unwrap().file_name().unwrap().to_string_lossy(), f.file_name().unwrap().to_string_lossy());
+    assert!(stderr(&o).contains(&chunk_id), "the error names the damaged chunk: {}", stderr(&o));
+    // fsck names it too.
+    let o = exp.run(&["fsck"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains(&chunk_id), "{}", String::from_utf8_lossy(&o.stdout));
+    // Truncate a chunk of the delay-node state of "second".
+    let f = unique_chunk(&dir, &second_dir, "delay-node");
     let len = std::fs::metadata(&f).unwrap().len();
     std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len / 2).unwrap();
     let o = exp.run(&["restore", "second"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("delay-node"), "{}", stderr(&o));
     // Nothing was deleted, and the experiment still runs.
-    assert!(good_dir.join("vm-a").exists() && second_dir.join("delay-node").exists());
+    assert!(good_dir.join("manifest.json").exists() && second_dir.join("manifest.json").exists());
     assert!(exp.pids().iter().all(|p| p.2), "the running experiment is untouched");
     let _ = std::io::stderr().flush();
+}
+
+/// The file of a chunk of the component whose state file is `component` in
+/// checkpoint `ckpt` that no other component of any checkpoint in `store`
+/// references.
+fn unique_chunk(store: &std::path::Path, ckpt: &std::path::Path, component: &str) -> std::path::PathBuf {
+    let chunks_of = |manifest: &std::path::Path| -> Vec<(String, String)> {
+        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(manifest).unwrap()).unwrap();
+        let mut out = Vec::new();
+        for c in m["components"].as_array().unwrap() {
+            for r in c["chunks"].as_array().into_iter().flatten() {
+                out.push((c["file"].as_str().unwrap().to_string(), r["id"].as_str().unwrap().to_string()));
+            }
+        }
+        out
+    };
+    let mine = chunks_of(&ckpt.join("manifest.json"));
+    let mut others = std::collections::HashSet::new();
+    for e in std::fs::read_dir(store).unwrap().flatten() {
+        let m = e.path().join("manifest.json");
+        if m.exists() {
+            for (name, id) in chunks_of(&m) {
+                if e.path() != ckpt || name != component {
+                    others.insert(id);
+                }
+            }
+        }
+    }
+    let id = mine
+        .iter()
+        .find(|(name, id)| name == component && !others.contains(id))
+        .map(|(_, id)| id.clone())
+        .unwrap_or_else(|| panic!("{component} of {} has no chunk of its own", ckpt.display()));
+    store.join("chunks").join(&id[..2]).join(&id[2..])
 }
 
 #[test]

@@ -360,6 +360,9 @@ async fn launch_all(
     from: Option<&Checkpoint>,
     obs: &dyn Observer,
 ) -> Result<Runtime, UpError> {
+    // stasis-store: chunked components are reassembled (every chunk verified) into real files for QEMU and the delay node.
+    let from = from.map(|c| c.materialized(&layout.root().join("restore"))).transpose().map_err(|e| UpError::Io { path: layout.root().join("restore"), source: std::io::Error::other(e) })?;
+    let from = from.as_ref();
     let delay_state = from.map(|c| c.file("delay-node"));
     let delay = start_delay_node(layout, tools, exp, incarnation, delay_state.as_deref())?;
     obs.event(&Event::DelayNodeStarted { pid: delay.pid });

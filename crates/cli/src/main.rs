@@ -61,6 +61,10 @@ enum Cmd {
     Restore { checkpoint: String },
     /// Stop every process of the experiment (checkpoints stay)
     Down,
+    /// Check the checkpoint store: every manifest, file and chunk (exit 1 if anything is wrong)
+    Fsck,
+    /// Remove chunks that no checkpoint references
+    Gc,
 }
 
 struct Ui {
@@ -249,6 +253,48 @@ async fn run(cli: Cli) -> Result<()> {
                 for c in &list {
                     println!("{:>3}  {:<24} {:<16} {:>12}", c.index, c.id, c.name.as_deref().unwrap_or("-"), mib(c.bytes));
                 }
+            }
+        }
+        Cmd::Fsck => {
+            let exp = experiment_name(&cli, &state)?;
+            let store = Store::open(&Layout::new(&state, &exp).checkpoints())?;
+            let report = store.fsck()?;
+            if cli.json {
+                print_json(&report);
+            } else {
+                println!(
+                    "{} checkpoints ({} logical), {} chunks referenced, {} stored ({}), {} orphan ({})",
+                    report.checkpoints,
+                    mib(report.logical_bytes),
+                    report.chunks_referenced,
+                    report.chunks_stored,
+                    mib(report.stored_bytes),
+                    report.orphan_chunks,
+                    mib(report.orphan_bytes)
+                );
+                for p in &report.problems {
+                    println!("PROBLEM: {}", p.message);
+                }
+            }
+            if !report.is_clean() {
+                bail!("fsck: {} problem(s) in {}", report.problems.len(), store.root().display());
+            }
+        }
+        Cmd::Gc => {
+            let exp = experiment_name(&cli, &state)?;
+            let store = Store::open(&Layout::new(&state, &exp).checkpoints())?;
+            let report = store.gc()?;
+            if cli.json {
+                print_json(&report);
+            } else {
+                println!(
+                    "removed {} chunks ({}), kept {} of {} checkpoints, removed {} unpublished",
+                    report.chunks_removed,
+                    mib(report.bytes_removed),
+                    report.chunks_kept,
+                    report.checkpoints,
+                    report.unpublished_removed
+                );
             }
         }
         Cmd::Show { checkpoint } => {

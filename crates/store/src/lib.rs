@@ -10,13 +10,22 @@
 //! listed and is removed once its owning process is gone. Opening a
 //! checkpoint verifies the manifest and every file. Layout and format are
 //! documented in `docs/checkpoint-format.md`.
+//!
+//! Since manifest 1.1, commit cuts every component file into
+//! content-defined chunks ([`chunk`]) kept once in `<store>/chunks/`
+//! however many checkpoints use them, and removes the whole file; a restore
+//! reassembles it with [`Checkpoint::materialized`], verifying every chunk.
+//! [`Store::fsck`] checks everything; [`Store::gc`] removes chunks no
+//! manifest reaches.
 
+pub mod chunk;
 pub mod manifest;
 mod owner;
 
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
@@ -26,10 +35,14 @@ pub use manifest::{
     Component, ComponentDraft, ComponentKind, ExperimentRef, FileEntry, FreezeReport, Manifest,
     ManifestDraft, ManifestVersion, Timings, FORMAT, MANIFEST_FILE, VERSION,
 };
+pub use chunk::{ChunkDamage, ChunkId, ChunkStorage, Chunking, LocalChunks};
+use manifest::ChunkRef;
 use owner::{Owner, StoreLock};
 
 const TMP_PREFIX: &str = ".tmp-";
 const OWNER_FILE: &str = ".owner";
+/// The chunk directory inside the store (never a checkpoint id).
+pub const CHUNKS_DIR: &str = "chunks";
 /// A pending directory without a readable owner is removed once this old.
 const STALE_AGE: Duration = Duration::from_secs(60);
 
@@ -100,6 +113,44 @@ pub enum StoreError {
         path: PathBuf,
         recorded: String,
         actual: String,
+    },
+    #[error("checkpoint {checkpoint}: {component}: file {file}: chunk {chunk} is missing")]
+    ChunkMissing {
+        checkpoint: String,
+        component: String,
+        file: String,
+        chunk: String,
+    },
+    #[error("checkpoint {checkpoint}: {component}: file {file}: chunk {chunk} is damaged: {problem}")]
+    ChunkDamaged {
+        checkpoint: String,
+        component: String,
+        file: String,
+        chunk: String,
+        problem: String,
+    },
+    #[error("checkpoint {checkpoint}: {component}: file {file}: reassembled {bytes} bytes with BLAKE3 {actual}, the manifest records {recorded_bytes} bytes with {recorded}")]
+    Reassembly {
+        checkpoint: String,
+        component: String,
+        file: String,
+        bytes: u64,
+        actual: String,
+        recorded_bytes: u64,
+        recorded: String,
+    },
+    #[error("chunk store {}: {op}", path.display())]
+    ChunkIo {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("gc refused: the manifest of {checkpoint} does not read, so its chunks are unknown (repair or remove it first)")]
+    GcUnreadableManifest {
+        checkpoint: String,
+        #[source]
+        source: Box<StoreError>,
     },
     #[error("no checkpoint {which:?}; known: {known}")]
     UnknownCheckpoint { which: String, known: String },
@@ -173,6 +224,8 @@ pub struct Checkpoint {
     pub info: CheckpointInfo,
     pub manifest: Manifest,
     pub dir: PathBuf,
+    #[serde(skip)]
+    chunks: Arc<dyn ChunkStorage>,
 }
 
 impl Checkpoint {
@@ -183,6 +236,75 @@ impl Checkpoint {
             Some(c) => self.dir.join(&c.file),
             None => self.dir.join(component),
         }
+    }
+
+    /// Whether component `component` is kept as chunks (manifest ≥ 1.1)
+    /// rather than as a whole file in [`Checkpoint::dir`].
+    pub fn is_chunked(&self, component: &str) -> bool {
+        self.manifest
+            .component(component)
+            .is_some_and(|c| c.chunks.is_some())
+    }
+
+    /// Reassembles component `component` into `<dir>/<file>` (tmp, then
+    /// rename), verifying every chunk's hash and the whole file's size and
+    /// BLAKE3; refuses, naming the checkpoint, component and chunk, if
+    /// anything is missing or damaged. A whole-file component is returned
+    /// where it is (it was verified on open).
+    pub fn materialize(&self, component: &str, dir: &Path) -> Result<PathBuf, StoreError> {
+        let Some(c) = self.manifest.component(component) else {
+            return Ok(self.file(component));
+        };
+        let Some(chunks) = &c.chunks else {
+            return Ok(self.dir.join(&c.file));
+        };
+        fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
+        let target = dir.join(&c.file);
+        let tmp = dir.join(format!(".{}.tmp", c.file));
+        let mut out = io::BufWriter::with_capacity(
+            1 << 20,
+            File::create(&tmp).map_err(io_err("cannot create", &tmp))?,
+        );
+        let label = self.info.label();
+        let result = reassemble(&*self.chunks, &label, c, chunks, |data| {
+            out.write_all(data).map_err(io_err("cannot write", &tmp))
+        })
+        .and_then(|()| out.flush().map_err(io_err("cannot write", &tmp)));
+        drop(out);
+        if let Err(e) = result {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        fs::rename(&tmp, &target).map_err(io_err("cannot rename into place", &tmp))?;
+        debug!(checkpoint = %label, component, path = %target.display(), "materialized");
+        Ok(target)
+    }
+
+    /// This checkpoint with every chunked component reassembled under `dir`
+    /// (several at a time, see [`Checkpoint::materialize`]); whole-file
+    /// components are symlinked there. [`Checkpoint::file`] of the result
+    /// names real files, e.g. for QEMU's `-incoming exec:cat <file>`. The
+    /// files stay until the caller removes `dir`.
+    pub fn materialized(&self, dir: &Path) -> Result<Checkpoint, StoreError> {
+        fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
+        let names: Vec<&str> = self
+            .manifest
+            .components
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        for r in par_map(&names, |name| self.materialize(name, dir)) {
+            r?;
+        }
+        for c in self.manifest.components.iter().filter(|c| c.chunks.is_none()) {
+            let link = dir.join(&c.file);
+            let _ = fs::remove_file(&link);
+            std::os::unix::fs::symlink(self.dir.join(&c.file), &link)
+                .map_err(io_err("cannot link", &link))?;
+        }
+        let mut out = self.clone();
+        out.dir = dir.to_path_buf();
+        Ok(out)
     }
 
     /// Refuses a checkpoint of another experiment (compares the digests).
@@ -205,6 +327,7 @@ impl Checkpoint {
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    chunks: Arc<dyn ChunkStorage>,
 }
 
 /// A checkpoint being written: components write their files under
@@ -213,6 +336,7 @@ pub struct Store {
 #[derive(Debug)]
 pub struct Pending {
     root: PathBuf,
+    chunks: Arc<dyn ChunkStorage>,
     dir: PathBuf,
     id: String,
     name: Option<String>,
@@ -369,39 +493,176 @@ fn measure(path: &Path, sync: bool) -> io::Result<(u64, String)> {
     Ok((bytes, hasher.finalize().to_hex().to_string()))
 }
 
-/// [`measure`] of every path, several files at a time (one thread per
-/// core): hashing is CPU-bound and concurrent fsyncs share journal commits.
-fn measure_all(paths: &[PathBuf], sync: bool) -> Vec<io::Result<(u64, String)>> {
+/// `f` of every item, several at a time (one thread per core): hashing and
+/// compressing are CPU-bound and concurrent fsyncs share journal commits.
+fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
-        .min(paths.len());
+        .min(items.len());
     if threads <= 1 {
-        return paths.iter().map(|p| measure(p, sync)).collect();
+        return items.iter().map(f).collect();
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut results: Vec<Option<io::Result<(u64, String)>>> = paths.iter().map(|_| None).collect();
+    let mut results: Vec<Option<R>> = items.iter().map(|_| None).collect();
     let done = std::sync::Mutex::new(&mut results);
     std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(path) = paths.get(i) else { break };
-                let r = measure(path, sync);
+                let Some(item) = items.get(i) else { break };
+                let r = f(item);
                 done.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
             });
         }
     });
     results
         .into_iter()
-        .map(|r| r.expect("every index measured"))
+        .map(|r| r.expect("every index mapped"))
         .collect()
 }
 
+/// [`measure`] of every path, several files at a time.
+fn measure_all(paths: &[PathBuf], sync: bool) -> Vec<io::Result<(u64, String)>> {
+    par_map(paths, |p| measure(p, sync))
+}
+
+/// Aborts the process at a named point when `STASIS_STORE_FAILPOINT` says
+/// so: the crash tests kill a commit or a gc exactly there.
+fn failpoint(name: &str) {
+    if std::env::var("STASIS_STORE_FAILPOINT").is_ok_and(|v| v == name) {
+        warn!(name, "failpoint reached: aborting the process");
+        std::process::abort();
+    }
+}
+
+/// Reads, decodes and checks chunk `r` of component `component`.
+fn read_chunk(
+    storage: &dyn ChunkStorage,
+    label: &str,
+    (component, file): (&str, &str),
+    r: &ChunkRef,
+) -> Result<Vec<u8>, StoreError> {
+    let damaged = |problem: String| StoreError::ChunkDamaged {
+        checkpoint: label.to_owned(),
+        component: component.to_owned(),
+        file: file.to_owned(),
+        chunk: r.id.clone(),
+        problem,
+    };
+    let id = ChunkId::from_hex(&r.id).ok_or_else(|| damaged("not a chunk id".into()))?;
+    let stored = match storage.get(&id) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(StoreError::ChunkMissing {
+                checkpoint: label.to_owned(),
+                component: component.to_owned(),
+                file: file.to_owned(),
+                chunk: r.id.clone(),
+            })
+        }
+        Err(e) => return Err(damaged(format!("cannot read: {e}"))),
+    };
+    let data = chunk::decode(&id, &stored).map_err(|e| damaged(e.to_string()))?;
+    if data.len() as u64 != r.len {
+        return Err(damaged(format!(
+            "{} bytes, the manifest records {}",
+            data.len(),
+            r.len
+        )));
+    }
+    Ok(data)
+}
+
+/// Streams a chunked component's bytes into `sink`, verifying every chunk
+/// and then the whole file's size and BLAKE3.
+fn reassemble(
+    storage: &dyn ChunkStorage,
+    label: &str,
+    c: &Component,
+    chunks: &[ChunkRef],
+    mut sink: impl FnMut(&[u8]) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut hasher = blake3::Hasher::new();
+    let mut total = 0u64;
+    for r in chunks {
+        let data = read_chunk(storage, label, (&c.name, &c.file), r)?;
+        hasher.update(&data);
+        total += data.len() as u64;
+        sink(&data)?;
+    }
+    let actual = hasher.finalize().to_hex().to_string();
+    if total != c.bytes || actual != c.blake3 {
+        return Err(StoreError::Reassembly {
+            checkpoint: label.to_owned(),
+            component: c.name.clone(),
+            file: c.file.clone(),
+            bytes: total,
+            actual,
+            recorded_bytes: c.bytes,
+            recorded: c.blake3.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// Cuts `path` into chunks, putting the new ones into `storage` under
+/// transaction `txn`: `(bytes, blake3 of the file, chunk list)`.
+fn chunk_file(
+    storage: &dyn ChunkStorage,
+    txn: &str,
+    path: &Path,
+) -> io::Result<(u64, String, Vec<ChunkRef>)> {
+    let file = File::open(path)?;
+    let mut whole = blake3::Hasher::new();
+    let mut total = 0u64;
+    let mut refs = Vec::new();
+    chunk::split(file, chunk::DEFAULT_CHUNKING, |data| {
+        whole.update(data);
+        total += data.len() as u64;
+        let id = ChunkId::of(data);
+        if !storage.has(&id)? {
+            storage.put(txn, &id, &chunk::encode(data))?;
+        }
+        refs.push(ChunkRef {
+            id: id.to_hex(),
+            len: data.len() as u64,
+        });
+        Ok(())
+    })?;
+    Ok((total, whole.finalize().to_hex().to_string(), refs))
+}
+
 /// Verifies every file a manifest records.
-fn verify_files(dir: &Path, manifest: &Manifest, label: &str) -> Result<(), StoreError> {
+fn verify_files(
+    dir: &Path,
+    manifest: &Manifest,
+    label: &str,
+    storage: &dyn ChunkStorage,
+) -> Result<(), StoreError> {
+    let chunked: std::collections::HashSet<&str> = manifest
+        .components
+        .iter()
+        .filter(|c| c.chunks.is_some())
+        .map(|c| c.name.as_str())
+        .collect();
+    let whole = || {
+        manifest
+            .recorded_files()
+            .filter(|(owner, file, _, _)| !(chunked.contains(owner) && manifest.component(owner).is_some_and(|c| c.file == *file)))
+    };
+    // Every name must be plain, chunked or not: restore writes it under a directory.
+    for (owner, file, _, _) in manifest.recorded_files() {
+        if !manifest::is_plain_file_name(file) {
+            return Err(StoreError::BadManifest {
+                checkpoint: label.to_owned(),
+                path: dir.join(MANIFEST_FILE),
+                message: format!("{owner}: file {file:?} is not a plain file name"),
+            });
+        }
+    }
     // Names and sizes first (cheap), then all digests in parallel.
     let mut paths = Vec::new();
-    for (owner, file, bytes, _) in manifest.recorded_files() {
+    for (owner, file, bytes, _) in whole() {
         let path = dir.join(file);
         if !manifest::is_plain_file_name(file) {
             return Err(StoreError::BadManifest {
@@ -433,10 +694,7 @@ fn verify_files(dir: &Path, manifest: &Manifest, label: &str) -> Result<(), Stor
         paths.push(path);
     }
     let digests = measure_all(&paths, false);
-    for ((owner, _, _, digest), (path, measured)) in manifest
-        .recorded_files()
-        .zip(paths.into_iter().zip(digests))
-    {
+    for ((owner, _, _, digest), (path, measured)) in whole().zip(paths.into_iter().zip(digests)) {
         let (_, actual) = measured.map_err(io_err("cannot read", &path))?;
         if actual != digest {
             return Err(StoreError::FileDigest {
@@ -448,19 +706,223 @@ fn verify_files(dir: &Path, manifest: &Manifest, label: &str) -> Result<(), Stor
             });
         }
     }
+    // Chunked components: every chunk and the reassembled digest.
+    let chunked: Vec<(&Component, &Vec<ChunkRef>)> = manifest
+        .components
+        .iter()
+        .filter_map(|c| c.chunks.as_ref().map(|ch| (c, ch)))
+        .collect();
+    for r in par_map(&chunked, |(c, ch)| reassemble(storage, label, c, ch, |_| Ok(()))) {
+        r?;
+    }
     Ok(())
+}
+
+/// One thing `fsck` found wrong.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FsckProblem {
+    /// The checkpoint directory's name.
+    pub checkpoint: String,
+    pub component: Option<String>,
+    pub chunk: Option<String>,
+    pub message: String,
+}
+
+/// What [`Store::fsck`] checked and found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FsckReport {
+    pub checkpoints: usize,
+    /// Sum of the checkpoints' logical (whole-file) sizes.
+    pub logical_bytes: u64,
+    /// Distinct chunks the manifests reference, all read and hash-checked.
+    pub chunks_referenced: usize,
+    /// Chunks in the chunk store, and their stored (compressed) bytes.
+    pub chunks_stored: usize,
+    pub stored_bytes: u64,
+    /// Stored chunks no manifest references (`stasis gc` removes them).
+    pub orphan_chunks: usize,
+    pub orphan_bytes: u64,
+    pub problems: Vec<FsckProblem>,
+}
+
+impl FsckReport {
+    /// Whether nothing is wrong (orphans are not a fault).
+    pub fn is_clean(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// What [`Store::gc`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GcReport {
+    pub checkpoints: usize,
+    pub chunks_kept: usize,
+    pub chunks_removed: usize,
+    /// Stored bytes freed.
+    pub bytes_removed: u64,
+    /// Leftovers of commits that died before publishing their chunks.
+    pub unpublished_removed: usize,
 }
 
 impl Store {
     /// Opens (creating if missing) the store at `root` and removes pending
     /// directories left by processes that are gone.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
-        fs::create_dir_all(root).map_err(io_err("cannot create the store", root))?;
+        let dir = root.join(CHUNKS_DIR);
+        let local = LocalChunks::open(&dir).map_err(io_err("cannot create the chunk store", &dir))?;
+        Store::open_with(root, Arc::new(local))
+    }
+
+    /// [`Store::open`] with chunks kept in `chunks` instead of the local
+    /// `<root>/chunks/`. The commit/gc lock is still the flock of
+    /// `<root>/chunks/`, so gc is safe against commits of this host only.
+    pub fn open_with(root: &Path, chunks: Arc<dyn ChunkStorage>) -> Result<Store, StoreError> {
+        let dir = root.join(CHUNKS_DIR);
+        fs::create_dir_all(&dir).map_err(io_err("cannot create the store", &dir))?;
         let store = Store {
             root: root.to_path_buf(),
+            chunks,
         };
         store.remove_stale()?;
         Ok(store)
+    }
+
+    /// The chunk storage.
+    pub fn chunks(&self) -> &Arc<dyn ChunkStorage> {
+        &self.chunks
+    }
+
+    fn chunk_lock(&self, exclusive: bool) -> Result<StoreLock, StoreError> {
+        let dir = self.root.join(CHUNKS_DIR);
+        let lock = if exclusive {
+            StoreLock::acquire(&dir)
+        } else {
+            StoreLock::acquire_shared(&dir)
+        };
+        lock.map_err(io_err("cannot lock the chunk store", &dir))
+    }
+
+    /// Checks everything: every committed manifest (format, version,
+    /// checksum), every whole file, every referenced chunk (present,
+    /// decodes, hashes to its id, has the recorded length) once however
+    /// many checkpoints share it, and counts chunks nothing references.
+    /// Reports every problem instead of stopping at the first.
+    pub fn fsck(&self) -> Result<FsckReport, StoreError> {
+        let _lock = self.chunk_lock(false)?;
+        let mut report = FsckReport::default();
+        let mut users: std::collections::BTreeMap<ChunkId, (u64, Vec<(String, String, String)>)> =
+            Default::default();
+        let mut bad_ids = Vec::new();
+        for dir in self.committed_dirs()? {
+            let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            report.checkpoints += 1;
+            let manifest = match load_manifest(&dir) {
+                Ok(m) => m,
+                Err(e) => {
+                    report.problems.push(FsckProblem { checkpoint: name, component: None, chunk: None, message: e.to_string() });
+                    continue;
+                }
+            };
+            report.logical_bytes += manifest.total_bytes();
+            let mut whole_only = manifest.clone();
+            for c in &mut whole_only.components {
+                if let Some(chunks) = c.chunks.take() {
+                    c.file.clear();
+                    let sum: u64 = chunks.iter().map(|r| r.len).sum();
+                    if sum != c.bytes {
+                        report.problems.push(FsckProblem { checkpoint: name.clone(), component: Some(c.name.clone()), chunk: None,
+                            message: format!("checkpoint {name}: {}: chunks add up to {sum} bytes, the manifest records {}", c.name, c.bytes) });
+                    }
+                    for r in chunks {
+                        match ChunkId::from_hex(&r.id) {
+                            Some(id) => users.entry(id).or_insert((r.len, Vec::new())).1.push((name.clone(), c.name.clone(), c.file.clone())),
+                            None => bad_ids.push(FsckProblem { checkpoint: name.clone(), component: Some(c.name.clone()), chunk: Some(r.id.clone()),
+                                message: format!("checkpoint {name}: {}: {:?} is not a chunk id", c.name, r.id) }),
+                        }
+                    }
+                }
+            }
+            whole_only.components.retain(|c| !c.file.is_empty());
+            if let Err(e) = verify_files(&dir, &whole_only, &name, &*self.chunks) {
+                report.problems.push(FsckProblem { checkpoint: name, component: None, chunk: None, message: e.to_string() });
+            }
+        }
+        report.problems.extend(bad_ids);
+        report.chunks_referenced = users.len();
+        let entries: Vec<(&ChunkId, &(u64, Vec<(String, String, String)>))> = users.iter().collect();
+        let checked = par_map(&entries, |(id, (len, who))| {
+            let (checkpoint, component, file) = &who[0];
+            let r = ChunkRef { id: id.to_hex(), len: *len };
+            read_chunk(&*self.chunks, checkpoint, (component, file), &r).err()
+        });
+        for ((id, (_, who)), err) in entries.iter().zip(checked) {
+            let Some(err) = err else { continue };
+            let what = match &err {
+                StoreError::ChunkMissing { .. } => "is missing".to_owned(),
+                StoreError::ChunkDamaged { problem, .. } => format!("is damaged: {problem}"),
+                other => other.to_string(),
+            };
+            for (checkpoint, component, file) in who {
+                report.problems.push(FsckProblem {
+                    checkpoint: checkpoint.clone(),
+                    component: Some(component.clone()),
+                    chunk: Some(id.to_hex()),
+                    message: format!("checkpoint {checkpoint}: {component}: file {file}: chunk {id} {what}"),
+                });
+            }
+        }
+        let dir = self.root.join(CHUNKS_DIR);
+        let stored = self.chunks.list().map_err(|source| StoreError::ChunkIo { op: "cannot list chunks", path: dir.clone(), source })?;
+        report.chunks_stored = stored.len();
+        for (id, size) in stored {
+            report.stored_bytes += size;
+            if !users.contains_key(&id) {
+                report.orphan_chunks += 1;
+                report.orphan_bytes += size;
+            }
+        }
+        info!(checkpoints = report.checkpoints, problems = report.problems.len(), orphans = report.orphan_chunks, "fsck done");
+        Ok(report)
+    }
+
+    /// Removes every chunk no committed manifest references, and what dead
+    /// commits left unpublished. Holds the chunk store's exclusive lock
+    /// throughout, while a commit holds it shared from its first chunk to
+    /// its manifest being in place: so a chunk a running checkpoint has
+    /// put or deduplicated against is never removed. Refuses to run if
+    /// any committed manifest does not read. Killing it midway leaves only
+    /// unreferenced chunks behind.
+    pub fn gc(&self) -> Result<GcReport, StoreError> {
+        let _lock = self.chunk_lock(true)?;
+        let mut report = GcReport::default();
+        let mut live = std::collections::HashSet::new();
+        for dir in self.committed_dirs()? {
+            let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let manifest = load_manifest(&dir).map_err(|e| StoreError::GcUnreadableManifest { checkpoint: name, source: Box::new(e) })?;
+            report.checkpoints += 1;
+            for c in &manifest.components {
+                for r in c.chunks.iter().flatten() {
+                    if let Some(id) = ChunkId::from_hex(&r.id) {
+                        live.insert(id);
+                    }
+                }
+            }
+        }
+        let dir = self.root.join(CHUNKS_DIR);
+        let cio = |op| { let path = dir.clone(); move |source| StoreError::ChunkIo { op, path, source } };
+        report.unpublished_removed = self.chunks.remove_unpublished().map_err(cio("cannot remove unpublished chunks"))?;
+        for (id, size) in self.chunks.list().map_err(cio("cannot list chunks"))? {
+            if live.contains(&id) {
+                report.chunks_kept += 1;
+                continue;
+            }
+            self.chunks.delete(&id).map_err(cio("cannot delete a chunk"))?;
+            report.chunks_removed += 1;
+            report.bytes_removed += size;
+            failpoint("gc-after-first-delete");
+        }
+        info!(removed = report.chunks_removed, bytes = report.bytes_removed, kept = report.chunks_kept, "gc done");
+        Ok(report)
     }
 
     /// The store's directory.
@@ -523,7 +985,7 @@ impl Store {
             let entry = entry.map_err(io_err("cannot list the store", &self.root))?;
             let name = entry.file_name();
             let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
-            if is_dir && !name.to_string_lossy().starts_with('.') {
+            if is_dir && !name.to_string_lossy().starts_with('.') && name != CHUNKS_DIR {
                 dirs.push(entry.path());
             }
         }
@@ -602,6 +1064,7 @@ impl Store {
         let owner_path = dir.join(OWNER_FILE);
         let pending = Pending {
             root: self.root.clone(),
+            chunks: self.chunks.clone(),
             dir,
             id,
             name: name.map(str::to_owned),
@@ -665,6 +1128,7 @@ impl Store {
                     .ok_or_else(unknown)?,
             }
         } else if !which.is_empty()
+            && which != CHUNKS_DIR
             && !which.starts_with('.')
             && !which.contains('/')
             && self.root.join(which).is_dir()
@@ -679,11 +1143,12 @@ impl Store {
         };
         let manifest = load_manifest(&dir)?;
         let info = CheckpointInfo::of(&manifest, dir.clone());
-        verify_files(&dir, &manifest, &info.label())?;
+        verify_files(&dir, &manifest, &info.label(), &*self.chunks)?;
         Ok(Checkpoint {
             info,
             manifest,
             dir,
+            chunks: self.chunks.clone(),
         })
     }
 }
@@ -736,36 +1201,50 @@ impl Pending {
         Ok(())
     }
 
-    /// Makes the checkpoint durable: fsyncs and measures every listed file,
-    /// writes `manifest.json` (tmp, fsync, rename), renames the directory to
-    /// its id and fsyncs the store. On error nothing is committed and the
-    /// pending directory is removed.
+    /// Makes the checkpoint durable: cuts every component file into chunks
+    /// and puts the new ones into the chunk store (published: durable and
+    /// visible), fsyncs and measures every further file, removes the whole
+    /// component files, writes `manifest.json` (tmp, fsync, rename), renames
+    /// the directory to its id and fsyncs the store. On error nothing is
+    /// committed and the pending directory is removed; chunks already put
+    /// are unreferenced until `gc` removes them.
     pub fn commit(mut self, draft: ManifestDraft) -> Result<CheckpointInfo, StoreError> {
         self.check_draft(&draft)?;
         let started = Instant::now();
-        // Every listed file, components first, fsynced and hashed in parallel.
-        let owners: Vec<(&str, &str)> = draft
-            .components
-            .iter()
-            .map(|c| (c.name.as_str(), c.file.as_str()))
-            .chain(draft.files.iter().map(|f| (f.as_str(), f.as_str())))
-            .collect();
-        let paths: Vec<PathBuf> = owners.iter().map(|(_, f)| self.dir.join(f)).collect();
-        let mut measured = Vec::new();
-        for (((owner, _), path), r) in owners.iter().zip(&paths).zip(measure_all(&paths, true)) {
-            measured.push(r.map_err(|e| match e.kind() {
+        let chunk_dir = self.root.join(CHUNKS_DIR);
+        // Held shared until the manifest is in place, so gc (exclusive)
+        // cannot remove a chunk this commit put or deduplicated against.
+        let chunk_lock = StoreLock::acquire_shared(&chunk_dir)
+            .map_err(io_err("cannot lock the chunk store", &chunk_dir))?;
+        let file_paths: Vec<PathBuf> = draft.files.iter().map(|f| self.dir.join(f)).collect();
+        let mut file_measures = Vec::new();
+        for ((file, path), r) in draft.files.iter().zip(&file_paths).zip(measure_all(&file_paths, true)) {
+            file_measures.push(r.map_err(|e| match e.kind() {
                 io::ErrorKind::NotFound => StoreError::FileMissing {
                     checkpoint: self.id.clone(),
-                    component: (*owner).to_owned(),
+                    component: file.clone(),
                     path: path.clone(),
                 },
                 _ => io_err("cannot fsync and hash", path)(e),
             })?);
         }
-        let mut measured = measured.into_iter();
+        let comp_paths: Vec<PathBuf> = draft.components.iter().map(|c| self.dir.join(&c.file)).collect();
+        let txn = self.id.clone();
+        let chunked = par_map(&comp_paths, |p| chunk_file(&*self.chunks, &txn, p));
         let mut components = Vec::new();
-        for c in &draft.components {
-            let (bytes, blake3) = measured.next().expect("one per component");
+        for ((c, path), r) in draft.components.iter().zip(&comp_paths).zip(chunked) {
+            let (bytes, blake3, chunks) = r.map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => StoreError::FileMissing {
+                    checkpoint: self.id.clone(),
+                    component: c.name.clone(),
+                    path: path.clone(),
+                },
+                _ => StoreError::ChunkIo {
+                    op: "cannot chunk a component file into",
+                    path: chunk_dir.clone(),
+                    source: e,
+                },
+            })?;
             components.push(Component {
                 name: c.name.clone(),
                 kind: c.kind,
@@ -776,12 +1255,22 @@ impl Pending {
                 resume_ns: c.resume_ns,
                 frozen_ns: c.frozen_ns,
                 save_ns: c.save_ns,
+                chunks: Some(chunks),
             });
+        }
+        self.chunks.publish(&txn).map_err(|source| StoreError::ChunkIo {
+            op: "cannot publish chunks",
+            path: chunk_dir.clone(),
+            source,
+        })?;
+        failpoint("commit-after-chunks");
+        for path in &comp_paths {
+            fs::remove_file(path).map_err(io_err("cannot remove the chunked file", path))?;
         }
         let files: Vec<FileEntry> = draft
             .files
             .iter()
-            .zip(measured)
+            .zip(file_measures)
             .map(|(f, (bytes, blake3))| FileEntry {
                 file: f.clone(),
                 bytes,
@@ -830,6 +1319,7 @@ impl Pending {
         }
         self.finished = true;
         sync_dir(&self.root)?;
+        drop(chunk_lock);
         let info = CheckpointInfo::of(&manifest, target);
         info!(id = %info.id, name = ?info.name, bytes = info.bytes, commit_ns = manifest.timings.commit_ns, "checkpoint committed");
         Ok(info)

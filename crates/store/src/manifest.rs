@@ -12,7 +12,11 @@ use serde_json::Value;
 pub const FORMAT: &str = "stasis-checkpoint";
 /// The manifest version this code writes; it reads the same major and any
 /// minor up to this one.
-pub const VERSION: ManifestVersion = ManifestVersion { major: 1, minor: 0 };
+///
+/// 1.1 added `components[].chunks`: the file is kept as chunks in the
+/// store's chunk directory instead of a whole file. 1.0 manifests (whole
+/// files) still read.
+pub const VERSION: ManifestVersion = ManifestVersion { major: 1, minor: 1 };
 /// The manifest's file name inside a checkpoint directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 
@@ -77,6 +81,18 @@ pub struct Component {
     pub resume_ns: u64,
     pub frozen_ns: u64,
     pub save_ns: u64,
+    /// Since 1.1: the file's chunks in order (absent: a whole file in the
+    /// checkpoint directory). `bytes` and `blake3` are of the whole file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<Vec<ChunkRef>>,
+}
+
+/// One chunk of a chunked file: its id (BLAKE3 of the plain bytes, hex) and
+/// plain length.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    pub id: String,
+    pub len: u64,
 }
 
 /// A component as the caller describes it before commit: the store fills in

@@ -54,11 +54,20 @@ pub struct StoreLock {
 
 impl StoreLock {
     pub fn acquire(dir: &Path) -> io::Result<StoreLock> {
+        StoreLock::acquire_mode(dir, libc::LOCK_EX)
+    }
+
+    /// A shared lock (several holders at once, none while an exclusive one is held).
+    pub fn acquire_shared(dir: &Path) -> io::Result<StoreLock> {
+        StoreLock::acquire_mode(dir, libc::LOCK_SH)
+    }
+
+    fn acquire_mode(dir: &Path, mode: libc::c_int) -> io::Result<StoreLock> {
         let dir = File::open(dir)?;
         loop {
             // SAFETY: flock on a file descriptor we own and keep open for
             // the lifetime of the returned guard; no memory is involved.
-            let rc = unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX) };
+            let rc = unsafe { libc::flock(dir.as_raw_fd(), mode) };
             if rc == 0 {
                 return Ok(StoreLock { _dir: dir });
             }

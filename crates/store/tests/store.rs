@@ -52,11 +52,13 @@ fn commit(store: &Store, name: Option<&str>, seed: u8) -> CheckpointInfo {
     .unwrap()
 }
 
-/// Entries of the store dir (there is no lock file: the dir itself is locked).
+/// Entries of the store dir but the chunk dir (there is no lock file: the
+/// dir itself is locked).
 fn entries(root: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(root)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != CHUNKS_DIR)
         .collect();
     names.sort();
     names
@@ -105,8 +107,12 @@ fn commit_then_list_and_open() {
         c.manifest.component("net").unwrap().kind,
         ComponentKind::DelayNode
     );
-    assert_eq!(fs::read(c.file("a")).unwrap(), vec![1u8; 100_000]);
-    assert_eq!(c.file("net"), c.dir.join("net.state"));
+    assert!(c.is_chunked("a") && !c.dir.join("a.vmstate").exists(), "kept as chunks only");
+    let restore = _tmp.path().join("restore");
+    let m = c.materialized(&restore).unwrap();
+    assert_eq!(fs::read(m.file("a")).unwrap(), vec![1u8; 100_000]);
+    assert_eq!(m.file("net"), restore.join("net.state"));
+    assert_eq!(fs::read(m.file("net")).unwrap(), b"delay node 1");
 
     // The manifest is plain JSON with the documented fields.
     let json: serde_json::Value =
@@ -273,10 +279,21 @@ fn crash_before_rename_is_not_listed_and_cleaned_later() {
     );
 }
 
+/// Commits a checkpoint with a component and a whole further file
+/// `a.vmstate` (further files are not chunked).
+fn commit_whole(store: &Store, name: &str) -> CheckpointInfo {
+    let p = store.begin(Some(name)).unwrap();
+    fs::write(p.path("a.vmstate"), vec![1u8; 100_000]).unwrap();
+    fs::write(p.path("net.state"), "delay node 1").unwrap();
+    let mut d = draft(&[("net", ComponentKind::DelayNode, "net.state")]);
+    d.files.push("a.vmstate".into());
+    p.commit(d).unwrap()
+}
+
 #[test]
 fn truncated_file_is_refused() {
     let (_tmp, store) = setup();
-    let info = commit(&store, Some("c"), 1);
+    let info = commit_whole(&store, "c");
     let f = fs::OpenOptions::new()
         .write(true)
         .open(info.dir.join("a.vmstate"))
@@ -295,7 +312,7 @@ fn truncated_file_is_refused() {
         "{msg}"
     );
     assert!(
-        msg.contains(&info.id) && msg.contains("a.vmstate") && msg.contains("a: file"),
+        msg.contains(&info.id) && msg.contains("a.vmstate") && msg.contains("a.vmstate: file"),
         "{msg}"
     );
 }
@@ -303,7 +320,7 @@ fn truncated_file_is_refused() {
 #[test]
 fn flipped_byte_is_refused() {
     let (_tmp, store) = setup();
-    let info = commit(&store, Some("c"), 1);
+    let info = commit_whole(&store, "c");
     let path = info.dir.join("a.vmstate");
     let mut bytes = fs::read(&path).unwrap();
     bytes[4242] ^= 0x01;
@@ -319,12 +336,12 @@ fn flipped_byte_is_refused() {
 #[test]
 fn missing_file_is_refused() {
     let (_tmp, store) = setup();
-    let info = commit(&store, Some("c"), 1);
-    fs::remove_file(info.dir.join("net.state")).unwrap();
+    let info = commit_whole(&store, "c");
+    fs::remove_file(info.dir.join("a.vmstate")).unwrap();
     let (e, msg) = err_of(&store, "latest");
     assert!(matches!(e, StoreError::FileMissing { .. }), "{msg}");
     assert!(
-        msg.contains("net: file") && msg.contains("net.state") && msg.contains("missing"),
+        msg.contains("a.vmstate: file") && msg.contains("missing"),
         "{msg}"
     );
 }
@@ -411,7 +428,7 @@ fn wrong_format_and_versions_are_refused() {
     assert!(matches!(e, StoreError::WrongFormat { .. }), "{msg}");
     assert!(msg.contains("something-else"), "{msg}");
 
-    for (major, minor, ok) in [(2, 0, false), (1, 1, false), (0, 9, false), (1, 0, true)] {
+    for (major, minor, ok) in [(2, 0, false), (1, 2, false), (0, 9, false), (1, 0, true), (1, 1, true)] {
         edit_manifest(&info.dir, |v| {
             v["format"] = FORMAT.into();
             v["version"] = serde_json::json!({"major": major, "minor": minor});

@@ -1,0 +1,402 @@
+//! Content-addressed chunks: how state files are cut (FastCDC or fixed
+//! size), named (BLAKE3 of the plain bytes), encoded (zstd or raw, with a
+//! small header) and kept ([`ChunkStorage`], a local directory by default).
+//! A chunk is stored once however many checkpoints, VMs or branches use it.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// A chunk's id: BLAKE3 of its plain (decoded) bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkId(pub [u8; 32]);
+
+impl ChunkId {
+    /// The id of `data`.
+    pub fn of(data: &[u8]) -> ChunkId {
+        ChunkId(*blake3::hash(data).as_bytes())
+    }
+
+    /// Lowercase hex, 64 characters.
+    pub fn to_hex(&self) -> String {
+        blake3::Hash::from(self.0).to_hex().to_string()
+    }
+
+    /// Parses 64 hex digits.
+    pub fn from_hex(hex: &str) -> Option<ChunkId> {
+        blake3::Hash::from_hex(hex).ok().map(|h| ChunkId(*h.as_bytes()))
+    }
+}
+
+impl fmt::Display for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkId({})", self.to_hex())
+    }
+}
+
+/// How files are cut into chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunking {
+    /// FastCDC (2020) with these minimum, average and maximum sizes.
+    FastCdc { min: u32, avg: u32, max: u32 },
+    /// Fixed-size chunks (the last one shorter).
+    Fixed(u32),
+}
+
+/// FastCDC 16/64/256 KiB: what commit uses (see the benchmark in
+/// `docs/checkpoint-format.md` for why not fixed-size chunks).
+pub const DEFAULT_CHUNKING: Chunking = Chunking::FastCdc {
+    min: 16 << 10,
+    avg: 64 << 10,
+    max: 256 << 10,
+};
+
+/// zstd level used for chunks.
+pub const ZSTD_LEVEL: i32 = 1;
+
+const MAGIC: &[u8; 3] = b"SC1";
+const CODEC_RAW: u8 = 0;
+const CODEC_ZSTD: u8 = 1;
+const HEADER: usize = 8;
+/// No chunk is larger than this (a damaged header cannot make us allocate more).
+pub const MAX_CHUNK: usize = 16 << 20;
+
+/// Cuts `reader` into chunks and calls `each` with every chunk's bytes, in order.
+pub fn split<R: Read>(
+    reader: R,
+    chunking: Chunking,
+    mut each: impl FnMut(&[u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    match chunking {
+        Chunking::FastCdc { min, avg, max } => {
+            // The whole input in memory, cut in place: `StreamCDC` copies
+            // every chunk out of a sliding buffer, several times slower
+            // (and ~6x slower in unoptimised builds, which the system tests use).
+            let mut data = Vec::new();
+            let mut reader = reader;
+            reader.read_to_end(&mut data)?;
+            for chunk in fastcdc::v2020::FastCDC::new(&data, min, avg, max) {
+                each(&data[chunk.offset..chunk.offset + chunk.length])?;
+            }
+            Ok(())
+        }
+        Chunking::Fixed(size) => {
+            let mut reader = reader;
+            let mut buf = vec![0u8; size as usize];
+            loop {
+                let mut filled = 0;
+                while filled < buf.len() {
+                    match reader.read(&mut buf[filled..]) {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                if filled == 0 {
+                    return Ok(());
+                }
+                each(&buf[..filled])?;
+                if filled < buf.len() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Encodes a chunk for storage: `SC1`, codec, plain length (u32 LE), then
+/// the zstd frame or, when zstd does not make it smaller, the plain bytes.
+pub fn encode(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + data.len() / 2);
+    out.extend_from_slice(MAGIC);
+    out.push(CODEC_ZSTD);
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    let compressed = zstd::bulk::compress(data, ZSTD_LEVEL).ok();
+    match compressed {
+        Some(c) if c.len() < data.len() => out.extend_from_slice(&c),
+        _ => {
+            out[3] = CODEC_RAW;
+            out.extend_from_slice(data);
+        }
+    }
+    out
+}
+
+/// Why a stored chunk does not decode to its id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChunkDamage {
+    #[error("bad header")]
+    Header,
+    #[error("does not decompress: {0}")]
+    Decompress(String),
+    #[error("decodes to {actual} bytes, its header says {expected}")]
+    Length { expected: usize, actual: usize },
+    #[error("its content hashes to {0}")]
+    Hash(ChunkId),
+}
+
+/// Decodes a stored chunk and checks that its plain bytes hash to `id`.
+pub fn decode(id: &ChunkId, stored: &[u8]) -> Result<Vec<u8>, ChunkDamage> {
+    if stored.len() < HEADER || &stored[..3] != MAGIC {
+        return Err(ChunkDamage::Header);
+    }
+    let len = u32::from_le_bytes(stored[4..8].try_into().expect("4 bytes")) as usize;
+    if len > MAX_CHUNK {
+        return Err(ChunkDamage::Header);
+    }
+    let payload = &stored[HEADER..];
+    let data = match stored[3] {
+        CODEC_RAW => payload.to_vec(),
+        CODEC_ZSTD => zstd::bulk::decompress(payload, len)
+            .map_err(|e| ChunkDamage::Decompress(e.to_string()))?,
+        _ => return Err(ChunkDamage::Header),
+    };
+    if data.len() != len {
+        return Err(ChunkDamage::Length {
+            expected: len,
+            actual: data.len(),
+        });
+    }
+    let actual = ChunkId::of(&data);
+    if actual != *id {
+        return Err(ChunkDamage::Hash(actual));
+    }
+    Ok(data)
+}
+
+/// Where chunks live. Shaped so an object store (S3 via `object_store`)
+/// can implement it: whole-object put/get/head/list/delete, plus
+/// [`ChunkStorage::publish`] for stores where a put is not durable on its own.
+///
+/// `put` stores *encoded* bytes (see [`encode`]); callers verify on read.
+pub trait ChunkStorage: fmt::Debug + Send + Sync {
+    /// Stores `encoded` as chunk `id` for transaction `txn` unless the
+    /// chunk exists; returns whether it wrote anything. The chunk need not
+    /// be durable or visible to `has`/`get` before [`ChunkStorage::publish`].
+    fn put(&self, txn: &str, id: &ChunkId, encoded: &[u8]) -> io::Result<bool>;
+    /// Makes every chunk `txn` put durable and visible.
+    fn publish(&self, txn: &str) -> io::Result<()>;
+    /// The encoded bytes of chunk `id` (`NotFound` if absent).
+    fn get(&self, id: &ChunkId) -> io::Result<Vec<u8>>;
+    /// Whether chunk `id` exists (published).
+    fn has(&self, id: &ChunkId) -> io::Result<bool>;
+    /// Every published chunk with its stored size.
+    fn list(&self) -> io::Result<Vec<(ChunkId, u64)>>;
+    /// Removes chunk `id` (absent is fine).
+    fn delete(&self, id: &ChunkId) -> io::Result<()>;
+    /// Removes what unpublished transactions left behind; only called
+    /// while no transaction runs. Returns how many objects it removed.
+    fn remove_unpublished(&self) -> io::Result<usize>;
+}
+
+/// Chunks in a local directory: `<dir>/ab/cdef…` (the id's first two hex
+/// digits, then the other 62). A put writes `<dir>/.incoming/<id>.<txn>`;
+/// publish fsyncs the file system once (`syncfs`), renames them into place
+/// and syncs again, so a visible chunk is always complete and durable
+/// without an fsync per chunk.
+#[derive(Debug)]
+pub struct LocalChunks {
+    dir: PathBuf,
+    staged: Mutex<HashSet<(String, ChunkId)>>,
+}
+
+const INCOMING: &str = ".incoming";
+
+impl LocalChunks {
+    /// The chunk directory `dir` (created if missing).
+    pub fn open(dir: &Path) -> io::Result<LocalChunks> {
+        fs::create_dir_all(dir.join(INCOMING))?;
+        Ok(LocalChunks {
+            dir: dir.to_path_buf(),
+            staged: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where chunk `id` lives.
+    pub fn path(&self, id: &ChunkId) -> PathBuf {
+        let hex = id.to_hex();
+        self.dir.join(&hex[..2]).join(&hex[2..])
+    }
+
+    fn incoming(&self, txn: &str, id: &ChunkId) -> PathBuf {
+        self.dir.join(INCOMING).join(format!("{}.{txn}", id.to_hex()))
+    }
+
+    fn syncfs(&self) -> io::Result<()> {
+        let dir = File::open(&self.dir)?;
+        // SAFETY: syncfs on a descriptor we own and keep open for the call.
+        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl ChunkStorage for LocalChunks {
+    fn put(&self, txn: &str, id: &ChunkId, encoded: &[u8]) -> io::Result<bool> {
+        if self.has(id)? {
+            return Ok(false);
+        }
+        // Claim it first, so a chunk repeated within the transaction (by
+        // this thread or another) is written once.
+        if !self
+            .staged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((txn.to_owned(), *id))
+        {
+            return Ok(false);
+        }
+        let path = self.incoming(txn, id);
+        let mut f = File::create(&path)?;
+        f.write_all(encoded)?;
+        Ok(true)
+    }
+
+    fn publish(&self, txn: &str) -> io::Result<()> {
+        let mine: Vec<ChunkId> = {
+            let mut staged = self.staged.lock().unwrap_or_else(|e| e.into_inner());
+            let (mine, rest): (HashSet<_>, HashSet<_>) =
+                staged.drain().partition(|(t, _)| t == txn);
+            *staged = rest;
+            mine.into_iter().map(|(_, id)| id).collect()
+        };
+        if mine.is_empty() {
+            return Ok(());
+        }
+        self.syncfs()?;
+        let mut dirs = HashSet::new();
+        for id in &mine {
+            let target = self.path(id);
+            let parent = target.parent().expect("chunk paths have a parent");
+            if dirs.insert(parent.to_path_buf()) {
+                fs::create_dir_all(parent)?;
+            }
+            fs::rename(self.incoming(txn, id), &target)?;
+        }
+        self.syncfs()
+    }
+
+    fn get(&self, id: &ChunkId) -> io::Result<Vec<u8>> {
+        fs::read(self.path(id))
+    }
+
+    fn has(&self, id: &ChunkId) -> io::Result<bool> {
+        match fs::symlink_metadata(self.path(id)) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn list(&self) -> io::Result<Vec<(ChunkId, u64)>> {
+        let mut out = Vec::new();
+        for top in fs::read_dir(&self.dir)? {
+            let top = top?;
+            let prefix = top.file_name().to_string_lossy().into_owned();
+            if prefix.len() != 2 || !top.file_type()?.is_dir() {
+                continue;
+            }
+            for entry in fs::read_dir(top.path())? {
+                let entry = entry?;
+                let rest = entry.file_name().to_string_lossy().into_owned();
+                if let Some(id) = ChunkId::from_hex(&format!("{prefix}{rest}")) {
+                    out.push((id, entry.metadata()?.len()));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn delete(&self, id: &ChunkId) -> io::Result<()> {
+        match fs::remove_file(self.path(id)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    fn remove_unpublished(&self) -> io::Result<usize> {
+        let mut n = 0;
+        let incoming = self.dir.join(INCOMING);
+        for entry in fs::read_dir(&incoming)? {
+            fs::remove_file(entry?.path())?;
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encode_decode_round_trip_and_damage_is_caught() {
+        let zeros = vec![0u8; 100_000];
+        let enc = encode(&zeros);
+        assert!(enc.len() < 1000, "zeros compress");
+        let id = ChunkId::of(&zeros);
+        assert_eq!(decode(&id, &enc).unwrap(), zeros);
+        let noise: Vec<u8> = (0..5000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let enc2 = encode(&noise);
+        assert_eq!(decode(&ChunkId::of(&noise), &enc2).unwrap(), noise);
+        let mut bad = enc.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(decode(&id, &bad).is_err());
+        assert_eq!(decode(&id, &enc[..5]), Err(ChunkDamage::Header));
+        assert!(matches!(decode(&ChunkId::of(b"x"), &enc), Err(ChunkDamage::Hash(_))));
+    }
+
+    #[test]
+    fn split_covers_the_input_in_order() {
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 7) as u8).collect();
+        for chunking in [DEFAULT_CHUNKING, Chunking::Fixed(4096 * 16)] {
+            let mut out = Vec::new();
+            let mut sizes = Vec::new();
+            split(&data[..], chunking, |c| {
+                out.extend_from_slice(c);
+                sizes.push(c.len());
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(out, data);
+            assert!(sizes.len() > 3 && sizes.iter().all(|&s| s <= 256 << 10), "{sizes:?}");
+        }
+    }
+
+    #[test]
+    fn local_put_is_invisible_until_published_and_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalChunks::open(dir.path()).unwrap();
+        let id = ChunkId::of(b"hello");
+        assert!(store.put("t1", &id, &encode(b"hello")).unwrap());
+        assert!(!store.has(&id).unwrap());
+        store.publish("t1").unwrap();
+        assert!(store.has(&id).unwrap());
+        assert!(!store.put("t2", &id, &encode(b"hello")).unwrap(), "not rewritten");
+        assert_eq!(decode(&id, &store.get(&id).unwrap()).unwrap(), b"hello");
+        assert_eq!(store.list().unwrap().len(), 1);
+        store.delete(&id).unwrap();
+        assert!(store.list().unwrap().is_empty());
+        assert!(store.put("t3", &id, &encode(b"hello")).unwrap());
+        assert_eq!(store.remove_unpublished().unwrap(), 1);
+    }
+}
