@@ -331,7 +331,7 @@ impl VhostUserBackend for NetBackend {
 /// Takes every frame the guest queued on its TX ring (unless the port is
 /// held) and reports them.
 fn transmit(shared: &Shared, vring: &NetVring, mem: &Mem) -> io::Result<()> {
-    let frames = {
+    {
         let mut st = vring.get_mut();
         // Checked under the ring lock, so `hold()` waits for a drain in progress.
         if shared.held.load(Ordering::SeqCst) {
@@ -343,15 +343,20 @@ fn transmit(shared: &Shared, vring: &NetVring, mem: &Mem) -> io::Result<()> {
         }
         let m = mem.memory();
         let frames = drain_tx(st.get_queue_mut(), &*m, shared.layout()).map_err(io::Error::other)?;
-        if !frames.is_empty() {
+        // Report the frames before the ring lock is released: QEMU's stop
+        // (GET_VRING_BASE) takes the same lock, so by the time QMP `stop`
+        // returns, every frame the guest sees as sent is already in the
+        // caller's queue — a save right after the stop cannot miss one, however
+        // late this thread is scheduled.
+        shared.tx_frames.fetch_add(frames.len() as u64, Ordering::Relaxed);
+        let any = !frames.is_empty();
+        for f in frames {
+            shared.emit(PortEvent::Frame(f));
+        }
+        if any {
             st.signal_used_queue()?;
         }
-        frames
     };
-    shared.tx_frames.fetch_add(frames.len() as u64, Ordering::Relaxed);
-    for f in frames {
-        shared.emit(PortEvent::Frame(f));
-    }
     Ok(())
 }
 
