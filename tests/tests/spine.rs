@@ -63,7 +63,10 @@ fn checkpoint_kill_restore_loses_and_duplicates_nothing() {
     }
     // Traffic goes on after the checkpoints in the original timeline.
     let before = received(&exp.reports("b", 1));
-    exp.wait_for("b", 1, Duration::from_secs(30), "traffic after checkpoints", |r| received(r) > before + 200);
+    // (or it has already finished: the sender may outrun a slow host)
+    exp.wait_for("b", 1, Duration::from_secs(30), "traffic after checkpoints", |r| {
+        received(r) > before + 200 || received(r) == PER_FLOW
+    });
     let steps_1: Vec<_> = ["a", "b", "c"].iter().map(|n| (n.to_string(), max_steps(&exp.reports(n, 1)))).collect();
 
     // Kill everything, then travel back to the first checkpoint.

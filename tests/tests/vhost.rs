@@ -122,7 +122,10 @@ fn vhost_user_checkpoint_kill_restore_is_exact() {
         assert!(d.abs() < 1_000_000_000, "a device stopped {d} ns from the freeze instant");
     }
     let before = received(&exp.reports("b", 1));
-    exp.wait_for("b", 1, Duration::from_secs(30), "traffic after checkpoints", |r| received(r) > before + 200);
+    // (or it has already finished: the sender may outrun a slow host)
+    exp.wait_for("b", 1, Duration::from_secs(30), "traffic after checkpoints", |r| {
+        received(r) > before + 200 || received(r) == PER_FLOW
+    });
 
     let down = exp.json(&["down"]);
     assert!(down["stopped"].as_u64().unwrap() >= 4, "{down}");
