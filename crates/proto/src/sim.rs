@@ -117,6 +117,8 @@ pub struct SimReport {
     pub orphan_resumes: u64,
     /// Largest |actual frozen duration − D| over resumes told by the coordinator.
     pub max_frozen_err_ns: u64,
+    /// Latest arrival of a Saved after its freeze instant, over all rounds.
+    pub max_saved_after_freeze_ns: u64,
 }
 
 /// The `q` quantile of sorted values.
@@ -340,6 +342,10 @@ fn run_round(cfg: &SimConfig, ckpt: CkptId, seed: u64, report: &mut SimReport) -
     while let Some(Reverse(Item { at: now, ev, .. })) = w.queue.pop() {
         match ev {
             Ev::ToCoord { i, msg } => {
+                if matches!(msg, Message::Saved(_)) {
+                    let late = now.saturating_sub(coord.freeze_at());
+                    w.report.max_saved_after_freeze_ns = w.report.max_saved_after_freeze_ns.max(late);
+                }
                 // The coordinator works through its inbox in arrival order:
                 // reserve its CPU now and handle the message when it gets there.
                 let t = w.coord_busy.max(now);

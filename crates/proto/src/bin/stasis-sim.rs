@@ -25,7 +25,7 @@ fn ms(ns: Option<u64>) -> String {
 
 fn row(model: &str, p: f64, r: &SimReport) -> String {
     format!(
-        "| {} | {} | {:e} | {} | {:.1} % | {}/{}/{} | {} | {} | {} | {} | {} | {:.0} | {} | {} |",
+        "| {} | {} | {:e} | {} | {:.1} % | {}/{}/{} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} |",
         r.agents,
         model,
         p,
@@ -39,6 +39,7 @@ fn row(model: &str, p: f64, r: &SimReport) -> String {
         ms(quantile(&r.round_ns, 0.5)),
         ms(quantile(&r.round_ns, 0.99)),
         ms(quantile(&r.d_ns, 0.5)),
+        ms(Some(r.max_saved_after_freeze_ns)),
         r.messages as f64 / r.rounds.max(1) as f64,
         r.late_prepares + r.late_resumes,
         r.orphan_resumes,
@@ -97,8 +98,8 @@ fn main() -> ExitCode {
         base.coord.resume_margin_ns / 1_000_000,
         base.detect_ns / 1_000_000
     );
-    println!("| agents | failure model | p | rounds | abort rate | aborts deadline/failed/lost | commit p50 ms | commit p99 ms | round p50 ms | round p99 ms | D p50 ms | msgs/round | late prepare+resume | orphan resumes |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| agents | failure model | p | rounds | abort rate | aborts deadline/failed/lost | commit p50 ms | commit p99 ms | round p50 ms | round p99 ms | D p50 ms | latest Saved after T ms | msgs/round | late prepare+resume | orphan resumes |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &n in &agents {
         let cfg = SimConfig { agents: n, rounds, seed, ..SimConfig::default() };
         for &p in &crash {
