@@ -285,3 +285,16 @@ fn probe_prints_windows_in_the_documented_format() {
     }
     assert!(second["mono_ns"].as_u64() > first["mono_ns"].as_u64());
 }
+
+#[test]
+fn a_sender_started_before_its_receiver_loses_nothing() {
+    // The sender's start barrier: it numbers no record until the receiver
+    // answers its hello, so a receiver that comes up late still gets all.
+    let port = free_port();
+    let to = format!("127.0.0.1:{port}");
+    let (_send, _send_rx) = spawn(TRAFFIC, &["send", "--to", &to, "--rate", "500", "--count", "300", "--node", "s"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_recv, rx) = spawn(TRAFFIC, &["recv", "--port", &port.to_string(), "--report-ms", "200", "--node", "r"]);
+    let done = wait_for(&rx, "the whole flow", |v| v["received"].as_u64() == Some(300));
+    assert_clean(&done, 300);
+}

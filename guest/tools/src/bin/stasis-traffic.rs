@@ -114,6 +114,40 @@ fn account(o: &RecvOpts, table: &mut FlowTable, from: IpAddr, bytes: &[u8], bad:
     }
 }
 
+/// Sequence number of the start handshake's hello (never a record's).
+const HELLO_SEQ: u64 = u64::MAX;
+
+fn is_hello(bytes: &[u8]) -> bool {
+    Record::decode(bytes).map(|r| r.seq == HELLO_SEQ).unwrap_or(false)
+}
+
+/// UDP start barrier: send hellos until the receiver echoes one, so that no
+/// numbered record is lost to a receiver that has not bound its port yet
+/// (a guest that boots later than the sender). Gives up after `limit` and
+/// starts anyway, saying so.
+fn await_receiver(o: &SendOpts, sock: &UdpSocket, addr: SocketAddr, limit: Duration) -> io::Result<()> {
+    let hello = Record { flow: o.flow, seq: HELLO_SEQ, total: o.count, send_mono_ns: mono_ns() };
+    let mut out = vec![0u8; o.size.max(64)];
+    hello.encode_into(&mut out);
+    let mut back = vec![0u8; 65536];
+    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let deadline = mono_ns() + limit.as_nanos() as u64;
+    while mono_ns() < deadline {
+        let _ = sock.send_to(&out, addr); // ECONNREFUSED from an earlier hello: just try again
+        match sock.recv_from(&mut back) {
+            Ok((n, from)) if from == addr && is_hello(&back[..n]) => {
+                sock.set_read_timeout(None)?;
+                return Ok(());
+            }
+            Ok(_) => {}
+            Err(_) => {} // timeout or refused: the receiver is not there yet
+        }
+    }
+    sock.set_read_timeout(None)?;
+    eprintln!("stasis-traffic: no answer from a receiver at {addr} after {limit:?}; sending anyway");
+    Ok(())
+}
+
 fn run_recv(o: RecvOpts) -> io::Result<()> {
     match o.proto {
         Proto::Udp => recv_udp(o),
@@ -162,6 +196,11 @@ fn recv_udp(o: RecvOpts) -> io::Result<()> {
         let wait = (next_report.saturating_sub(now)).max(1_000_000);
         sock.set_read_timeout(Some(Duration::from_nanos(wait)))?;
         match sock.recv_from(&mut buf) {
+            Ok((n, from)) if is_hello(&buf[..n]) => {
+                // A sender asks whether we listen before it numbers records:
+                // answer with the same bytes. Not a record of any flow.
+                let _ = sock.send_to(&buf[..n], from);
+            }
             Ok((n, from)) => account(&o, &mut table, from.ip(), &buf[..n], &mut bad),
             Err(e)
                 if matches!(
@@ -404,6 +443,7 @@ fn run_send(o: SendOpts) -> io::Result<()> {
                 }
                 .expect("literal address");
                 let sock = UdpSocket::bind(any)?;
+                await_receiver(&o, &sock, addr, Duration::from_secs(120))?;
                 report_local_drops(&sock, addr.is_ipv4());
                 d.udp = Some(sock);
             }
