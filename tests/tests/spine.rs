@@ -1,4 +1,4 @@
-//! The spine end to end: three real VMs on a LAN through the delay node,
+//! The spine end to end, in stream mode: three real VMs on a LAN through the delay node,
 //! sequence-numbered traffic, two checkpoints under load, everything killed,
 //! the first checkpoint restored — and the receivers' own reports must show
 //! every frame exactly once, and the probes no clock step.
@@ -15,6 +15,9 @@ fn spec() -> String {
     format!(
         r#"
 name = "spine"
+# Stream mode here (vhost-user, the default, has tests/tests/vhost.rs): the
+# fallback keeps its own end-to-end proof.
+nic = "stream"
 [defaults]
 memory = "256M"
 

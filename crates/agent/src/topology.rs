@@ -118,7 +118,7 @@ loss = 0.01
         assert_eq!(m.to_lan.loss, 0.01);
         assert_eq!(m.from_lan.loss, 0.0);
         assert_eq!(topo.lans[0].members[1].port, "b.eth0");
-        assert!(topo.ports.iter().all(|p| p.kind == PortKind::Stream));
+        assert!(topo.ports.iter().all(|p| p.kind == PortKind::VhostUser), "vhost-user is the default");
     }
 
     #[test]

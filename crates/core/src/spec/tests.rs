@@ -593,18 +593,18 @@ fn documented_example_parses() {
 }
 
 #[test]
-fn nic_mode_defaults_to_stream_and_nodes_override_it() {
+fn nic_mode_defaults_to_vhost_user_and_nodes_override_it() {
     let e = parse(TWO).unwrap();
-    assert!(e.nodes.iter().all(|n| n.nic == NicMode::Stream));
-    let text = "name = \"x\"\nnic = \"vhost-user\"\n[[node]]\nname = \"a\"\n[[node]]\nname = \"b\"\nnic = \"stream\"\n";
+    assert!(e.nodes.iter().all(|n| n.nic == NicMode::VhostUser));
+    let text = "name = \"x\"\nnic = \"stream\"\n[[node]]\nname = \"a\"\n[[node]]\nname = \"b\"\nnic = \"vhost-user\"\n";
     let e = parse(text).unwrap();
-    assert_eq!(e.nodes[0].nic, NicMode::VhostUser);
-    assert_eq!(e.nodes[1].nic, NicMode::Stream);
+    assert_eq!(e.nodes[0].nic, NicMode::Stream);
+    assert_eq!(e.nodes[1].nic, NicMode::VhostUser);
     let canon = e.to_toml();
-    assert_eq!(canon.matches("nic = \"vhost-user\"").count(), 1, "{canon}");
+    assert_eq!(canon.matches("nic = \"stream\"").count(), 1, "{canon}");
     assert_eq!(parse(&canon).unwrap(), e, "round trip:\n{canon}");
     assert_ne!(e.digest(), parse(TWO).unwrap().digest());
-    // Stream-only experiments keep their canonical form (and digest).
+    // The default is not spelled out in the canonical form.
     assert!(!parse(TWO).unwrap().to_toml().contains("nic"));
 }
 
