@@ -35,7 +35,8 @@ impl Rng {
             if text {
                 // Compressible: few distinct byte values.
                 for (b, x) in w.iter_mut().zip(v) {
-                    *b = b"etaoin shrdlu\n\0\0\0"[(x % 18) as usize];
+                    const LETTERS: &[u8] = b"etaoin shrdlu\n\0\0\0";
+                    *b = LETTERS[x as usize % LETTERS.len()];
                 }
             } else {
                 w.copy_from_slice(&v[..w.len()]);
@@ -170,8 +171,8 @@ fn main() {
     println!("\nchunking             1 ckpt stored   10 ckpts stored   ratio 10/1   chunks");
     let refs: Vec<&[u8]> = streams.iter().map(Vec::as_slice).collect();
     for (label, c) in [
-        ("fastcdc 16/64/256K", DEFAULT_CHUNKING),
-        ("fastcdc 8/32/128K", Chunking::FastCdc { min: 8 << 10, avg: 32 << 10, max: 128 << 10 }),
+        ("fastcdc 16/64/256K", Chunking::FastCdc { min: 16 << 10, avg: 64 << 10, max: 256 << 10 }),
+        ("fastcdc 8/32/128K *", DEFAULT_CHUNKING),
         ("fastcdc 4/16/64K", Chunking::FastCdc { min: 4 << 10, avg: 16 << 10, max: 64 << 10 }),
         ("fixed 4K", Chunking::Fixed(4096)),
         ("fixed 64K", Chunking::Fixed(64 << 10)),

@@ -584,11 +584,23 @@ fn reassemble(
 ) -> Result<(), StoreError> {
     let mut hasher = blake3::Hasher::new();
     let mut total = 0u64;
-    for r in chunks {
-        let data = read_chunk(storage, label, (&c.name, &c.file), r)?;
-        hasher.update(&data);
-        total += data.len() as u64;
-        sink(&data)?;
+    // Windows of chunks read and checked several at a time, then consumed in order.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for window in chunks.chunks(16 * threads) {
+        let batches: Vec<&[ChunkRef]> = window.chunks(16).collect();
+        let decoded = par_map(&batches, |batch| {
+            batch
+                .iter()
+                .map(|r| read_chunk(storage, label, (&c.name, &c.file), r))
+                .collect::<Result<Vec<_>, _>>()
+        });
+        for batch in decoded {
+            for data in batch? {
+                hasher.update(&data);
+                total += data.len() as u64;
+                sink(&data)?;
+            }
+        }
     }
     let actual = hasher.finalize().to_hex().to_string();
     if total != c.bytes || actual != c.blake3 {
@@ -606,30 +618,43 @@ fn reassemble(
 }
 
 /// Cuts `path` into chunks, putting the new ones into `storage` under
-/// transaction `txn`: `(bytes, blake3 of the file, chunk list)`.
+/// transaction `txn`: `(bytes, blake3 of the file, chunk list)`. The file is
+/// read whole, cut, then its chunks are hashed, compressed and written
+/// several at a time.
 fn chunk_file(
     storage: &dyn ChunkStorage,
     txn: &str,
     path: &Path,
 ) -> io::Result<(u64, String, Vec<ChunkRef>)> {
-    let file = File::open(path)?;
-    let mut whole = blake3::Hasher::new();
-    let mut total = 0u64;
-    let mut refs = Vec::new();
-    chunk::split(file, chunk::DEFAULT_CHUNKING, |data| {
-        whole.update(data);
-        total += data.len() as u64;
-        let id = ChunkId::of(data);
-        if !storage.has(&id)? {
-            storage.put(txn, &id, &chunk::encode(data))?;
-        }
-        refs.push(ChunkRef {
-            id: id.to_hex(),
-            len: data.len() as u64,
+    let data = fs::read(path)?;
+    let cuts = chunk::cut(&data, chunk::DEFAULT_CHUNKING);
+    // Batches of chunks per task, so threads are not handed 64 KiB at a time.
+    let batches: Vec<&[(usize, usize)]> = cuts.chunks(64).collect();
+    let whole = std::thread::scope(|s| {
+        let whole = s.spawn(|| blake3::hash(&data).to_hex().to_string());
+        let ids = par_map(&batches, |batch| -> io::Result<Vec<ChunkRef>> {
+            let mut refs = Vec::with_capacity(batch.len());
+            for &(at, len) in *batch {
+                let piece = &data[at..at + len];
+                let id = ChunkId::of(piece);
+                if !storage.has(&id)? {
+                    storage.put(txn, &id, &chunk::encode(piece))?;
+                }
+                refs.push(ChunkRef {
+                    id: id.to_hex(),
+                    len: len as u64,
+                });
+            }
+            Ok(refs)
         });
-        Ok(())
-    })?;
-    Ok((total, whole.finalize().to_hex().to_string(), refs))
+        (whole.join().expect("hashing does not panic"), ids)
+    });
+    let (digest, ids) = whole;
+    let mut refs = Vec::with_capacity(cuts.len());
+    for batch in ids {
+        refs.extend(batch?);
+    }
+    Ok((data.len() as u64, digest, refs))
 }
 
 /// Verifies every file a manifest records.
