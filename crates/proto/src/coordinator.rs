@@ -47,6 +47,15 @@ impl Default for CoordConfig {
     }
 }
 
+/// A freeze margin from measured Ping/Pong round trips: the last Prepare
+/// leaves after `agents × per_message_ns` of fan-out and arrives within the
+/// largest RTT (a one-way trip, with slack); the agents' clocks may disagree
+/// by `clock_err_ns` either way. Doubled for safety.
+#[must_use]
+pub fn margin_for(max_rtt_ns: u64, agents: u64, per_message_ns: u64, clock_err_ns: u64) -> u64 {
+    2 * (agents * per_message_ns + max_rtt_ns + 2 * clock_err_ns)
+}
+
 /// Which agent (index given to [`CoordinatorCore::new`]'s agent count).
 pub type AgentIdx = usize;
 
@@ -500,6 +509,14 @@ mod tests {
         let acts = c.manifest_failed(160, "ENOSPC".into());
         assert!(matches!(&sends(&acts)[0].1, Message::Abort(_)));
         assert!(acts.contains(&CoordAction::RemovePartial { ckpt: id() }));
+    }
+
+    #[test]
+    fn margin_grows_with_fan_out_rtt_and_clock_error() {
+        assert_eq!(margin_for(2_000_000, 10_000, 5_000, 10_000), 2 * (50_000_000 + 2_000_000 + 20_000));
+        assert!(margin_for(0, 1, 0, 0) < margin_for(0, 2, 1, 0));
+        // The default covers 10 000 agents at 5 us per message with a 2 ms RTT.
+        assert!(margin_for(2_000_000, 10_000, 5_000, 10_000) < CoordConfig::default().margin_ns);
     }
 
     #[test]
