@@ -21,6 +21,9 @@ use tokio::sync::mpsc;
 
 /// How long a peer has to complete the handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Handshakes in progress at once; further connections wait in the kernel's
+/// backlog, so a flood of idle connections cannot exhaust the agent.
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
 
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -292,8 +295,10 @@ impl Listener {
         let l = TcpListener::bind(addr).await.map_err(|e| BindError::Io(addr, e))?;
         let local = l.local_addr().map_err(|e| BindError::Io(addr, e))?;
         let (tx, rx) = mpsc::channel(64);
+        let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
         let task = tokio::spawn(async move {
             loop {
+                let Ok(permit) = permits.clone().acquire_owned().await else { return };
                 let (stream, peer) = match l.accept().await {
                     Ok(x) => x,
                     Err(e) => {
@@ -304,6 +309,7 @@ impl Listener {
                 };
                 let (tx, key) = (tx.clone(), key.clone());
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let r = match tokio::time::timeout(HANDSHAKE_TIMEOUT, Connection::server_handshake(stream, &key)).await {
                         Ok(Ok(c)) => Ok(c),
                         Ok(Err(error)) => Err(Refused { peer, error }),

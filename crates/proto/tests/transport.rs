@@ -327,3 +327,19 @@ async fn silent_agent_aborts_at_the_deadline() {
     assert!(r.outcome.decided_at >= r.outcome.freeze_at + 500_000_000);
     assert_aborted_and_others_resumed(&r, 99);
 }
+
+#[tokio::test]
+async fn a_stalled_client_does_not_block_others() {
+    let mut l = listener().await;
+    let addr = l.local_addr();
+    // Connected first, never says anything (its refusal comes at the handshake timeout).
+    let mut stalled: Vec<TcpStream> = Vec::new();
+    for _ in 0..3 {
+        stalled.push(TcpStream::connect(addr).await.unwrap());
+    }
+    let ok = tokio::spawn(async move { Connection::connect(addr, &key()).await });
+    let c = tokio::time::timeout(Duration::from_secs(2), l.accept()).await.expect("served before the stalled ones time out");
+    assert!(c.is_ok());
+    assert!(ok.await.unwrap().is_ok());
+    drop(stalled);
+}
