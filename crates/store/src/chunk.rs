@@ -28,7 +28,9 @@ impl ChunkId {
 
     /// Parses 64 hex digits.
     pub fn from_hex(hex: &str) -> Option<ChunkId> {
-        blake3::Hash::from_hex(hex).ok().map(|h| ChunkId(*h.as_bytes()))
+        blake3::Hash::from_hex(hex)
+            .ok()
+            .map(|h| ChunkId(*h.as_bytes()))
     }
 }
 
@@ -251,7 +253,9 @@ impl LocalChunks {
     }
 
     fn incoming(&self, txn: &str, id: &ChunkId) -> PathBuf {
-        self.dir.join(INCOMING).join(format!("{}.{txn}", id.to_hex()))
+        self.dir
+            .join(INCOMING)
+            .join(format!("{}.{txn}", id.to_hex()))
     }
 
     fn syncfs(&self) -> io::Result<()> {
@@ -370,7 +374,9 @@ mod tests {
         assert!(enc.len() < 1000, "zeros compress");
         let id = ChunkId::of(&zeros);
         assert_eq!(decode(&id, &enc).unwrap(), zeros);
-        let noise: Vec<u8> = (0..5000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let noise: Vec<u8> = (0..5000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         let enc2 = encode(&noise);
         assert_eq!(decode(&ChunkId::of(&noise), &enc2).unwrap(), noise);
         let mut bad = enc.clone();
@@ -378,12 +384,17 @@ mod tests {
         bad[last] ^= 1;
         assert!(decode(&id, &bad).is_err());
         assert_eq!(decode(&id, &enc[..5]), Err(ChunkDamage::Header));
-        assert!(matches!(decode(&ChunkId::of(b"x"), &enc), Err(ChunkDamage::Hash(_))));
+        assert!(matches!(
+            decode(&ChunkId::of(b"x"), &enc),
+            Err(ChunkDamage::Hash(_))
+        ));
     }
 
     #[test]
     fn split_covers_the_input_in_order() {
-        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 7) as u8).collect();
+        let data: Vec<u8> = (0..1_000_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8)
+            .collect();
         for chunking in [DEFAULT_CHUNKING, Chunking::Fixed(4096 * 16)] {
             let mut out = Vec::new();
             let mut sizes = Vec::new();
@@ -394,7 +405,10 @@ mod tests {
             })
             .unwrap();
             assert_eq!(out, data);
-            assert!(sizes.len() > 3 && sizes.iter().all(|&s| s <= 256 << 10), "{sizes:?}");
+            assert!(
+                sizes.len() > 3 && sizes.iter().all(|&s| s <= 256 << 10),
+                "{sizes:?}"
+            );
         }
     }
 
@@ -407,7 +421,10 @@ mod tests {
         assert!(!store.has(&id).unwrap());
         store.publish("t1").unwrap();
         assert!(store.has(&id).unwrap());
-        assert!(!store.put("t2", &id, &encode(b"hello")).unwrap(), "not rewritten");
+        assert!(
+            !store.put("t2", &id, &encode(b"hello")).unwrap(),
+            "not rewritten"
+        );
         assert_eq!(decode(&id, &store.get(&id).unwrap()).unwrap(), b"hello");
         assert_eq!(store.list().unwrap().len(), 1);
         store.delete(&id).unwrap();

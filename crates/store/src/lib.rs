@@ -31,12 +31,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 use tracing::{debug, info, warn};
 
+pub use chunk::{ChunkDamage, ChunkId, ChunkStorage, Chunking, LocalChunks};
+use manifest::ChunkRef;
 pub use manifest::{
     Component, ComponentDraft, ComponentKind, ExperimentRef, FileEntry, FreezeReport, Manifest,
     ManifestDraft, ManifestVersion, Timings, FORMAT, MANIFEST_FILE, VERSION,
 };
-pub use chunk::{ChunkDamage, ChunkId, ChunkStorage, Chunking, LocalChunks};
-use manifest::ChunkRef;
 use owner::{Owner, StoreLock};
 
 const TMP_PREFIX: &str = ".tmp-";
@@ -121,7 +121,9 @@ pub enum StoreError {
         file: String,
         chunk: String,
     },
-    #[error("checkpoint {checkpoint}: {component}: file {file}: chunk {chunk} is damaged: {problem}")]
+    #[error(
+        "checkpoint {checkpoint}: {component}: file {file}: chunk {chunk} is damaged: {problem}"
+    )]
     ChunkDamaged {
         checkpoint: String,
         component: String,
@@ -129,14 +131,13 @@ pub enum StoreError {
         chunk: String,
         problem: String,
     },
-    #[error("checkpoint {checkpoint}: {component}: file {file}: reassembled {bytes} bytes with BLAKE3 {actual}, the manifest records {recorded_bytes} bytes with {recorded}")]
+    #[error("checkpoint {checkpoint}: {component}: file {file}: the chunks reassemble to {found}, the manifest records {recorded}")]
     Reassembly {
         checkpoint: String,
         component: String,
         file: String,
-        bytes: u64,
-        actual: String,
-        recorded_bytes: u64,
+        /// `<bytes> bytes with BLAKE3 <hex>` of what the chunks gave.
+        found: String,
         recorded: String,
     },
     #[error("chunk store {}: {op}", path.display())]
@@ -296,7 +297,12 @@ impl Checkpoint {
         for r in par_map(&names, |name| self.materialize(name, dir)) {
             r?;
         }
-        for c in self.manifest.components.iter().filter(|c| c.chunks.is_none()) {
+        for c in self
+            .manifest
+            .components
+            .iter()
+            .filter(|c| c.chunks.is_none())
+        {
             let link = dir.join(&c.file);
             let _ = fs::remove_file(&link);
             std::os::unix::fs::symlink(self.dir.join(&c.file), &link)
@@ -608,10 +614,8 @@ fn reassemble(
             checkpoint: label.to_owned(),
             component: c.name.clone(),
             file: c.file.clone(),
-            bytes: total,
-            actual,
-            recorded_bytes: c.bytes,
-            recorded: c.blake3.clone(),
+            found: format!("{total} bytes with BLAKE3 {actual}"),
+            recorded: format!("{} bytes with BLAKE3 {}", c.bytes, c.blake3),
         });
     }
     Ok(())
@@ -671,9 +675,9 @@ fn verify_files(
         .map(|c| c.name.as_str())
         .collect();
     let whole = || {
-        manifest
-            .recorded_files()
-            .filter(|(owner, file, _, _)| !(chunked.contains(owner) && manifest.component(owner).is_some_and(|c| c.file == *file)))
+        manifest.recorded_files().filter(|(owner, file, _, _)| {
+            !(chunked.contains(owner) && manifest.component(owner).is_some_and(|c| c.file == *file))
+        })
     };
     // Every name must be plain, chunked or not: restore writes it under a directory.
     for (owner, file, _, _) in manifest.recorded_files() {
@@ -737,11 +741,16 @@ fn verify_files(
         .iter()
         .filter_map(|c| c.chunks.as_ref().map(|ch| (c, ch)))
         .collect();
-    for r in par_map(&chunked, |(c, ch)| reassemble(storage, label, c, ch, |_| Ok(()))) {
+    for r in par_map(&chunked, |(c, ch)| {
+        reassemble(storage, label, c, ch, |_| Ok(()))
+    }) {
         r?;
     }
     Ok(())
 }
+
+/// Who references a chunk: (checkpoint, component, file).
+type ChunkUser = (String, String, String);
 
 /// One thing `fsck` found wrong.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -794,7 +803,8 @@ impl Store {
     /// directories left by processes that are gone.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
         let dir = root.join(CHUNKS_DIR);
-        let local = LocalChunks::open(&dir).map_err(io_err("cannot create the chunk store", &dir))?;
+        let local =
+            LocalChunks::open(&dir).map_err(io_err("cannot create the chunk store", &dir))?;
         Store::open_with(root, Arc::new(local))
     }
 
@@ -835,16 +845,24 @@ impl Store {
     pub fn fsck(&self) -> Result<FsckReport, StoreError> {
         let _lock = self.chunk_lock(false)?;
         let mut report = FsckReport::default();
-        let mut users: std::collections::BTreeMap<ChunkId, (u64, Vec<(String, String, String)>)> =
+        let mut users: std::collections::BTreeMap<ChunkId, (u64, Vec<ChunkUser>)> =
             Default::default();
         let mut bad_ids = Vec::new();
         for dir in self.committed_dirs()? {
-            let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             report.checkpoints += 1;
             let manifest = match load_manifest(&dir) {
                 Ok(m) => m,
                 Err(e) => {
-                    report.problems.push(FsckProblem { checkpoint: name, component: None, chunk: None, message: e.to_string() });
+                    report.problems.push(FsckProblem {
+                        checkpoint: name,
+                        component: None,
+                        chunk: None,
+                        message: e.to_string(),
+                    });
                     continue;
                 }
             };
@@ -860,24 +878,43 @@ impl Store {
                     }
                     for r in chunks {
                         match ChunkId::from_hex(&r.id) {
-                            Some(id) => users.entry(id).or_insert((r.len, Vec::new())).1.push((name.clone(), c.name.clone(), c.file.clone())),
-                            None => bad_ids.push(FsckProblem { checkpoint: name.clone(), component: Some(c.name.clone()), chunk: Some(r.id.clone()),
-                                message: format!("checkpoint {name}: {}: {:?} is not a chunk id", c.name, r.id) }),
+                            Some(id) => users.entry(id).or_insert((r.len, Vec::new())).1.push((
+                                name.clone(),
+                                c.name.clone(),
+                                c.file.clone(),
+                            )),
+                            None => bad_ids.push(FsckProblem {
+                                checkpoint: name.clone(),
+                                component: Some(c.name.clone()),
+                                chunk: Some(r.id.clone()),
+                                message: format!(
+                                    "checkpoint {name}: {}: {:?} is not a chunk id",
+                                    c.name, r.id
+                                ),
+                            }),
                         }
                     }
                 }
             }
             whole_only.components.retain(|c| !c.file.is_empty());
             if let Err(e) = verify_files(&dir, &whole_only, &name, &*self.chunks) {
-                report.problems.push(FsckProblem { checkpoint: name, component: None, chunk: None, message: e.to_string() });
+                report.problems.push(FsckProblem {
+                    checkpoint: name,
+                    component: None,
+                    chunk: None,
+                    message: e.to_string(),
+                });
             }
         }
         report.problems.extend(bad_ids);
         report.chunks_referenced = users.len();
-        let entries: Vec<(&ChunkId, &(u64, Vec<(String, String, String)>))> = users.iter().collect();
+        let entries: Vec<(&ChunkId, &(u64, Vec<ChunkUser>))> = users.iter().collect();
         let checked = par_map(&entries, |(id, (len, who))| {
             let (checkpoint, component, file) = &who[0];
-            let r = ChunkRef { id: id.to_hex(), len: *len };
+            let r = ChunkRef {
+                id: id.to_hex(),
+                len: *len,
+            };
             read_chunk(&*self.chunks, checkpoint, (component, file), &r).err()
         });
         for ((id, (_, who)), err) in entries.iter().zip(checked) {
@@ -892,12 +929,18 @@ impl Store {
                     checkpoint: checkpoint.clone(),
                     component: Some(component.clone()),
                     chunk: Some(id.to_hex()),
-                    message: format!("checkpoint {checkpoint}: {component}: file {file}: chunk {id} {what}"),
+                    message: format!(
+                        "checkpoint {checkpoint}: {component}: file {file}: chunk {id} {what}"
+                    ),
                 });
             }
         }
         let dir = self.root.join(CHUNKS_DIR);
-        let stored = self.chunks.list().map_err(|source| StoreError::ChunkIo { op: "cannot list chunks", path: dir.clone(), source })?;
+        let stored = self.chunks.list().map_err(|source| StoreError::ChunkIo {
+            op: "cannot list chunks",
+            path: dir.clone(),
+            source,
+        })?;
         report.chunks_stored = stored.len();
         for (id, size) in stored {
             report.stored_bytes += size;
@@ -906,7 +949,12 @@ impl Store {
                 report.orphan_bytes += size;
             }
         }
-        info!(checkpoints = report.checkpoints, problems = report.problems.len(), orphans = report.orphan_chunks, "fsck done");
+        info!(
+            checkpoints = report.checkpoints,
+            problems = report.problems.len(),
+            orphans = report.orphan_chunks,
+            "fsck done"
+        );
         Ok(report)
     }
 
@@ -922,8 +970,14 @@ impl Store {
         let mut report = GcReport::default();
         let mut live = std::collections::HashSet::new();
         for dir in self.committed_dirs()? {
-            let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let manifest = load_manifest(&dir).map_err(|e| StoreError::GcUnreadableManifest { checkpoint: name, source: Box::new(e) })?;
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let manifest = load_manifest(&dir).map_err(|e| StoreError::GcUnreadableManifest {
+                checkpoint: name,
+                source: Box::new(e),
+            })?;
             report.checkpoints += 1;
             for c in &manifest.components {
                 for r in c.chunks.iter().flatten() {
@@ -934,19 +988,32 @@ impl Store {
             }
         }
         let dir = self.root.join(CHUNKS_DIR);
-        let cio = |op| { let path = dir.clone(); move |source| StoreError::ChunkIo { op, path, source } };
-        report.unpublished_removed = self.chunks.remove_unpublished().map_err(cio("cannot remove unpublished chunks"))?;
+        let cio = |op| {
+            let path = dir.clone();
+            move |source| StoreError::ChunkIo { op, path, source }
+        };
+        report.unpublished_removed = self
+            .chunks
+            .remove_unpublished()
+            .map_err(cio("cannot remove unpublished chunks"))?;
         for (id, size) in self.chunks.list().map_err(cio("cannot list chunks"))? {
             if live.contains(&id) {
                 report.chunks_kept += 1;
                 continue;
             }
-            self.chunks.delete(&id).map_err(cio("cannot delete a chunk"))?;
+            self.chunks
+                .delete(&id)
+                .map_err(cio("cannot delete a chunk"))?;
             report.chunks_removed += 1;
             report.bytes_removed += size;
             failpoint("gc-after-first-delete");
         }
-        info!(removed = report.chunks_removed, bytes = report.bytes_removed, kept = report.chunks_kept, "gc done");
+        info!(
+            removed = report.chunks_removed,
+            bytes = report.bytes_removed,
+            kept = report.chunks_kept,
+            "gc done"
+        );
         Ok(report)
     }
 
@@ -1243,7 +1310,12 @@ impl Pending {
             .map_err(io_err("cannot lock the chunk store", &chunk_dir))?;
         let file_paths: Vec<PathBuf> = draft.files.iter().map(|f| self.dir.join(f)).collect();
         let mut file_measures = Vec::new();
-        for ((file, path), r) in draft.files.iter().zip(&file_paths).zip(measure_all(&file_paths, true)) {
+        for ((file, path), r) in draft
+            .files
+            .iter()
+            .zip(&file_paths)
+            .zip(measure_all(&file_paths, true))
+        {
             file_measures.push(r.map_err(|e| match e.kind() {
                 io::ErrorKind::NotFound => StoreError::FileMissing {
                     checkpoint: self.id.clone(),
@@ -1253,7 +1325,11 @@ impl Pending {
                 _ => io_err("cannot fsync and hash", path)(e),
             })?);
         }
-        let comp_paths: Vec<PathBuf> = draft.components.iter().map(|c| self.dir.join(&c.file)).collect();
+        let comp_paths: Vec<PathBuf> = draft
+            .components
+            .iter()
+            .map(|c| self.dir.join(&c.file))
+            .collect();
         let txn = self.id.clone();
         let chunked = par_map(&comp_paths, |p| chunk_file(&*self.chunks, &txn, p));
         let mut components = Vec::new();
@@ -1283,11 +1359,13 @@ impl Pending {
                 chunks: Some(chunks),
             });
         }
-        self.chunks.publish(&txn).map_err(|source| StoreError::ChunkIo {
-            op: "cannot publish chunks",
-            path: chunk_dir.clone(),
-            source,
-        })?;
+        self.chunks
+            .publish(&txn)
+            .map_err(|source| StoreError::ChunkIo {
+                op: "cannot publish chunks",
+                path: chunk_dir.clone(),
+                source,
+            })?;
         failpoint("commit-after-chunks");
         for path in &comp_paths {
             fs::remove_file(path).map_err(io_err("cannot remove the chunked file", path))?;

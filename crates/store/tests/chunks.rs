@@ -86,7 +86,10 @@ fn own_chunk(store: &Store, which: &str, component: &str) -> String {
     let manifest_of = |dir: &Path| -> Manifest {
         serde_json::from_slice(&fs::read(dir.join(MANIFEST_FILE)).unwrap()).unwrap()
     };
-    let mine_info = infos.iter().find(|i| i.name.as_deref() == Some(which)).unwrap();
+    let mine_info = infos
+        .iter()
+        .find(|i| i.name.as_deref() == Some(which))
+        .unwrap();
     let mine = manifest_of(&mine_info.dir);
     let mut others = std::collections::HashSet::new();
     for info in &infos {
@@ -119,21 +122,37 @@ fn identical_files_and_unchanged_data_are_stored_once() {
     commit(
         &store,
         "one",
-        &[("vm-a", a.clone()), ("vm-b", a.clone()), ("delay-node", b"net".to_vec())],
+        &[
+            ("vm-a", a.clone()),
+            ("vm-b", a.clone()),
+            ("delay-node", b"net".to_vec()),
+        ],
     );
     let (n1, bytes1) = stored(&store);
     let c = store.open_checkpoint("one").unwrap();
     let ids = |n: &str| c.manifest.component(n).unwrap().chunks.clone().unwrap();
     assert_eq!(ids("vm-a"), ids("vm-b"));
     let distinct: std::collections::HashSet<_> = ids("vm-a").into_iter().map(|r| r.id).collect();
-    assert_eq!(n1, distinct.len() + 1, "vm-b adds nothing, the delay node one chunk");
+    assert_eq!(
+        n1,
+        distinct.len() + 1,
+        "vm-b adds nothing, the delay node one chunk"
+    );
     // Random pages are a quarter of 4 MiB; zeros compress to nothing.
     assert!(bytes1 < 1_300_000, "stored {bytes1} bytes");
 
     // Nine more checkpoints, each with a few changed pages.
     for k in 1..10u64 {
         let s = vm_state(k);
-        commit(&store, &format!("c{k}"), &[("vm-a", s.clone()), ("vm-b", s), ("delay-node", b"net".to_vec())]);
+        commit(
+            &store,
+            &format!("c{k}"),
+            &[
+                ("vm-a", s.clone()),
+                ("vm-b", s),
+                ("delay-node", b"net".to_vec()),
+            ],
+        );
     }
     let (_, bytes10) = stored(&store);
     // Without dedup: 10 × bytes1. Each changed page costs a whole chunk
@@ -159,8 +178,16 @@ fn identical_files_and_unchanged_data_are_stored_once() {
 #[test]
 fn a_damaged_chunk_is_named_by_fsck_open_and_materialize() {
     let (tmp, store) = setup();
-    commit(&store, "one", &[("vm-a", vm_state(0)), ("delay-node", noise(5, 3000))]);
-    commit(&store, "two", &[("vm-a", vm_state(3)), ("delay-node", noise(6, 3000))]);
+    commit(
+        &store,
+        "one",
+        &[("vm-a", vm_state(0)), ("delay-node", noise(5, 3000))],
+    );
+    commit(
+        &store,
+        "two",
+        &[("vm-a", vm_state(3)), ("delay-node", noise(6, 3000))],
+    );
     let before = store.open_checkpoint("two").unwrap();
     let id = own_chunk(&store, "two", "vm-a");
     let path = chunk_path(&store, &id);
@@ -174,16 +201,26 @@ fn a_damaged_chunk_is_named_by_fsck_open_and_materialize() {
     let p = &report.problems[0];
     assert_eq!(p.chunk.as_deref(), Some(id.as_str()));
     assert_eq!(p.component.as_deref(), Some("vm-a"));
-    assert!(p.message.contains(&before.info.id) && p.message.contains("damaged"), "{}", p.message);
+    assert!(
+        p.message.contains(&before.info.id) && p.message.contains("damaged"),
+        "{}",
+        p.message
+    );
 
     let e = store.open_checkpoint("two").unwrap_err();
     assert!(matches!(e, StoreError::ChunkDamaged { .. }), "{e}");
     let msg = e.to_string();
-    assert!(msg.contains("vm-a") && msg.contains(&id) && msg.contains("two ("), "{msg}");
+    assert!(
+        msg.contains("vm-a") && msg.contains(&id) && msg.contains("two ("),
+        "{msg}"
+    );
     // Damaged after open: materialize refuses too, and leaves no file.
     let out = tmp.path().join("restore");
     let e = before.materialize("vm-a", &out).unwrap_err();
-    assert!(e.to_string().contains(&id) && e.to_string().contains("vm-a"), "{e}");
+    assert!(
+        e.to_string().contains(&id) && e.to_string().contains("vm-a"),
+        "{e}"
+    );
     assert!(!out.join("vm-a").exists());
     // The other checkpoint is untouched.
     store.open_checkpoint("one").unwrap();
@@ -193,10 +230,16 @@ fn a_damaged_chunk_is_named_by_fsck_open_and_materialize() {
     fs::remove_file(chunk_path(&store, &id)).unwrap();
     let e = store.open_checkpoint("one").unwrap_err();
     assert!(matches!(e, StoreError::ChunkMissing { .. }), "{e}");
-    assert!(e.to_string().contains("delay-node") && e.to_string().contains(&id), "{e}");
+    assert!(
+        e.to_string().contains("delay-node") && e.to_string().contains(&id),
+        "{e}"
+    );
     let report = store.fsck().unwrap();
     assert_eq!(report.problems.len(), 2, "{report:?}");
-    assert!(report.problems.iter().any(|p| p.chunk.as_deref() == Some(&id) && p.message.contains("missing")));
+    assert!(report
+        .problems
+        .iter()
+        .any(|p| p.chunk.as_deref() == Some(&id) && p.message.contains("missing")));
 }
 
 #[test]
@@ -212,7 +255,10 @@ fn old_whole_file_checkpoints_still_read() {
     v["checksum"] = manifest::checksum_of(&v).into();
     fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
     store.gc().unwrap();
-    assert!(stored(&store).0 == 0, "gc drops chunks only the chunk list referenced");
+    assert!(
+        stored(&store).0 == 0,
+        "gc drops chunks only the chunk list referenced"
+    );
     let c = store.open_checkpoint("old").unwrap();
     assert!(!c.is_chunked("vm-a"));
     let m = c.materialized(&tmp.path().join("r")).unwrap();
@@ -224,7 +270,11 @@ fn old_whole_file_checkpoints_still_read() {
 fn gc_removes_only_unreachable_chunks() {
     let (_tmp, store) = setup();
     commit(&store, "keep", &[("vm-a", vm_state(0))]);
-    let gone = commit(&store, "gone", &[("vm-a", vm_state(7)), ("delay-node", noise(9, 50_000))]);
+    let gone = commit(
+        &store,
+        "gone",
+        &[("vm-a", vm_state(7)), ("delay-node", noise(9, 50_000))],
+    );
     let (n_both, _) = stored(&store);
     let r = store.gc().unwrap();
     assert_eq!((r.chunks_removed, r.chunks_kept), (0, n_both));
@@ -267,7 +317,8 @@ fn gc_running_alongside_commits_never_takes_their_chunks() {
             fs::write(p.path("vm-a"), vm_state(k * 3)).unwrap();
             fs::write(p.path("delay-node"), noise(k, 70_000)).unwrap();
             std::thread::yield_now();
-            p.commit(draft(&[("vm-a", "vm-a"), ("delay-node", "delay-node")])).unwrap();
+            p.commit(draft(&[("vm-a", "vm-a"), ("delay-node", "delay-node")]))
+                .unwrap();
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         assert!(gc.join().unwrap() > 0);
@@ -284,7 +335,13 @@ fn gc_running_alongside_commits_never_takes_their_chunks() {
 /// `STASIS_STORE_FAILPOINT=failpoint`; returns whether the child succeeded.
 fn run_child(name: &str, root: &Path, failpoint: &str) -> bool {
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", name, "--nocapture", "--test-threads=1"])
+        .args([
+            "--ignored",
+            "--exact",
+            name,
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("STASIS_STORE_FAILPOINT", failpoint)
         .env("STASIS_TEST_STORE", root)
         .output()
@@ -295,35 +352,64 @@ fn run_child(name: &str, root: &Path, failpoint: &str) -> bool {
 #[test]
 #[ignore = "run by the crash tests in a child process"]
 fn child_commit() {
-    let Some(root) = std::env::var_os("STASIS_TEST_STORE") else { return };
+    let Some(root) = std::env::var_os("STASIS_TEST_STORE") else {
+        return;
+    };
     let store = Store::open(Path::new(&root)).unwrap();
-    commit(&store, "crashed", &[("vm-a", vm_state(11)), ("delay-node", noise(11, 40_000))]);
+    commit(
+        &store,
+        "crashed",
+        &[("vm-a", vm_state(11)), ("delay-node", noise(11, 40_000))],
+    );
 }
 
 #[test]
 #[ignore = "run by the crash tests in a child process"]
 fn child_gc() {
-    let Some(root) = std::env::var_os("STASIS_TEST_STORE") else { return };
+    let Some(root) = std::env::var_os("STASIS_TEST_STORE") else {
+        return;
+    };
     Store::open(Path::new(&root)).unwrap().gc().unwrap();
 }
 
 #[test]
 fn crash_after_chunks_before_manifest_leaves_orphans_that_gc_removes() {
     let (tmp, store) = setup();
-    commit(&store, "good", &[("vm-a", vm_state(0)), ("delay-node", noise(1, 40_000))]);
+    commit(
+        &store,
+        "good",
+        &[("vm-a", vm_state(0)), ("delay-node", noise(1, 40_000))],
+    );
     let (n_good, _) = stored(&store);
-    assert!(!run_child("child_commit", store.root(), "commit-after-chunks"), "the child must die");
+    assert!(
+        !run_child("child_commit", store.root(), "commit-after-chunks"),
+        "the child must die"
+    );
     // Its pending dir remains until a store is opened.
-    let pending: Vec<_> = fs::read_dir(store.root()).unwrap().flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-")).collect();
+    let pending: Vec<_> = fs::read_dir(store.root())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+        .collect();
     assert_eq!(pending.len(), 1);
     let store = Store::open(store.root()).unwrap();
-    assert_eq!(store.list().unwrap().len(), 1, "the crashed checkpoint is not listed");
+    assert_eq!(
+        store.list().unwrap().len(),
+        1,
+        "the crashed checkpoint is not listed"
+    );
     let report = store.fsck().unwrap();
     assert!(report.is_clean(), "{report:?}");
-    assert!(report.orphan_chunks > 0, "its chunks were published: {report:?}");
+    assert!(
+        report.orphan_chunks > 0,
+        "its chunks were published: {report:?}"
+    );
     assert_eq!(stored(&store).0, n_good + report.orphan_chunks);
-    store.open_checkpoint("good").unwrap().materialized(&tmp.path().join("r")).unwrap();
+    store
+        .open_checkpoint("good")
+        .unwrap()
+        .materialized(&tmp.path().join("r"))
+        .unwrap();
     let r = store.gc().unwrap();
     assert_eq!(r.chunks_removed, report.orphan_chunks);
     assert_eq!(store.fsck().unwrap().orphan_chunks, 0);
@@ -336,14 +422,25 @@ fn crash_after_chunks_before_manifest_leaves_orphans_that_gc_removes() {
 fn killed_gc_leaves_the_store_consistent() {
     let (_tmp, store) = setup();
     commit(&store, "keep", &[("vm-a", vm_state(0))]);
-    let gone = commit(&store, "gone", &[("vm-a", vm_state(9)), ("delay-node", noise(2, 100_000))]);
+    let gone = commit(
+        &store,
+        "gone",
+        &[("vm-a", vm_state(9)), ("delay-node", noise(2, 100_000))],
+    );
     fs::remove_dir_all(&gone.dir).unwrap();
     let orphans = store.fsck().unwrap().orphan_chunks;
     assert!(orphans >= 2);
-    assert!(!run_child("child_gc", store.root(), "gc-after-first-delete"), "the child must die");
+    assert!(
+        !run_child("child_gc", store.root(), "gc-after-first-delete"),
+        "the child must die"
+    );
     let report = store.fsck().unwrap();
     assert!(report.is_clean(), "{report:?}");
-    assert_eq!(report.orphan_chunks, orphans - 1, "exactly one removed before the kill");
+    assert_eq!(
+        report.orphan_chunks,
+        orphans - 1,
+        "exactly one removed before the kill"
+    );
     store.open_checkpoint("keep").unwrap();
     // A later gc finishes the job.
     assert_eq!(store.gc().unwrap().chunks_removed, orphans - 1);

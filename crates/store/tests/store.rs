@@ -107,7 +107,10 @@ fn commit_then_list_and_open() {
         c.manifest.component("net").unwrap().kind,
         ComponentKind::DelayNode
     );
-    assert!(c.is_chunked("a") && !c.dir.join("a.vmstate").exists(), "kept as chunks only");
+    assert!(
+        c.is_chunked("a") && !c.dir.join("a.vmstate").exists(),
+        "kept as chunks only"
+    );
     let restore = _tmp.path().join("restore");
     let m = c.materialized(&restore).unwrap();
     assert_eq!(fs::read(m.file("a")).unwrap(), vec![1u8; 100_000]);
@@ -428,7 +431,13 @@ fn wrong_format_and_versions_are_refused() {
     assert!(matches!(e, StoreError::WrongFormat { .. }), "{msg}");
     assert!(msg.contains("something-else"), "{msg}");
 
-    for (major, minor, ok) in [(2, 0, false), (1, 2, false), (0, 9, false), (1, 0, true), (1, 1, true)] {
+    for (major, minor, ok) in [
+        (2, 0, false),
+        (1, 2, false),
+        (0, 9, false),
+        (1, 0, true),
+        (1, 1, true),
+    ] {
         edit_manifest(&info.dir, |v| {
             v["format"] = FORMAT.into();
             v["version"] = serde_json::json!({"major": major, "minor": minor});
