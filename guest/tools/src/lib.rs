@@ -13,6 +13,7 @@
 
 pub mod args;
 pub mod clocks;
+pub mod clockx;
 pub mod json;
 pub mod lines;
 pub mod pace;

@@ -58,6 +58,8 @@ fn main() {
     let result = match sub.as_str() {
         "recv" => parse_recv(args).map(run_recv),
         "send" => parse_send(args).map(run_send),
+        "clockx" => parse_clockx(args).map(run_clockx),
+        "work" => parse_work(args).map(run_work),
         _ => fail(USAGE, 2),
     };
     match result {
@@ -501,6 +503,159 @@ fn run_send(o: SendOpts) -> io::Result<()> {
                     return Ok(());
                 }
             }
+        }
+    }
+}
+
+// ------------------------------------------------- clock exchange, work rate
+
+const USAGE_X: &str = "usage (time eval, docs/guest.md):
+  stasis-traffic clockx --serve PORT [--node NAME]
+  stasis-traffic clockx --peer IP:PORT [--interval-ms 100] [--node NAME]
+  stasis-traffic work [--window-ms 100] [--kmod /proc/stasis_fw] [--kmod-ms 1000] [--nice 19] [--node NAME]";
+
+struct ClockxOpts {
+    serve: Option<u16>,
+    peer: Option<SocketAddr>,
+    interval_ns: u64,
+    node: String,
+}
+
+fn parse_clockx(args: impl Iterator<Item = String>) -> Result<ClockxOpts, ArgsError> {
+    let f = Flags::parse(args, &["--serve", "--peer", "--interval-ms", "--node"])?;
+    let o = ClockxOpts {
+        serve: f.opt("--serve")?,
+        peer: f.opt("--peer")?,
+        interval_ns: f.get("--interval-ms", 100u64)?.max(1) * 1_000_000,
+        node: f.get("--node", default_node())?,
+    };
+    if o.serve.is_some() == o.peer.is_some() {
+        eprintln!("{USAGE_X}");
+        return Err(ArgsError::Required("exactly one of --serve/--peer"));
+    }
+    Ok(o)
+}
+
+/// Server: stamps t2 on receipt and t3 just before the reply. Client: one
+/// exchange per interval, one JSON line per answered exchange.
+fn run_clockx(o: ClockxOpts) -> io::Result<()> {
+    use stasis_guest_tools::clockx::{decode, encode, Exchange, PACKET_LEN};
+    let mut buf = [0u8; 256];
+    if let Some(port) = o.serve {
+        let sock = UdpSocket::bind(("0.0.0.0", port))?;
+        loop {
+            let (n, from) = sock.recv_from(&mut buf)?;
+            let t2 = mono_ns();
+            if let Some((seq, t1, _, _)) = decode(&buf[..n]) {
+                let t3 = mono_ns();
+                let _ = sock.send_to(&encode(seq, t1, t2, t3), from);
+            }
+        }
+    }
+    let Some(peer) = o.peer else { return Ok(()) };
+    let sock = UdpSocket::bind(("0.0.0.0", 0))?;
+    let mut seq = 0u64;
+    let mut next = mono_ns();
+    loop {
+        sleep_until(next);
+        next = (next + o.interval_ns).max(mono_ns());
+        seq += 1;
+        sock.set_read_timeout(Some(Duration::from_nanos(o.interval_ns.max(20_000_000))))?;
+        let t1 = mono_ns();
+        if sock.send_to(&encode(seq, t1, 0, 0), peer).is_err() {
+            continue;
+        }
+        // Wait for this exchange's answer; late answers of older ones are dropped.
+        loop {
+            match sock.recv_from(&mut buf) {
+                Ok((n, _)) => {
+                    let t4 = mono_ns();
+                    match decode(&buf[..n]) {
+                        Some((s, _, t2, t3)) if s == seq && n == PACKET_LEN => {
+                            let x = Exchange { t1, t2, t3, t4 };
+                            JsonLine::new()
+                                .str("tool", "clockx")
+                                .str("node", &o.node)
+                                .u64("seq", seq)
+                                .u64("t1", t1)
+                                .u64("t2", t2)
+                                .u64("t3", t3)
+                                .u64("t4", t4)
+                                .i64("theta_ns", x.offset_ns())
+                                .i64("delta_ns", x.delay_ns())
+                                .emit();
+                            break;
+                        }
+                        _ => continue,
+                    }
+                }
+                Err(_) => break, // lost or late: the next interval tries again
+            }
+        }
+    }
+}
+
+struct WorkOpts {
+    window_ns: u64,
+    kmod: Option<String>,
+    kmod_ns: u64,
+    nice: i32,
+    node: String,
+}
+
+fn parse_work(args: impl Iterator<Item = String>) -> Result<WorkOpts, ArgsError> {
+    let f = Flags::parse(args, &["--window-ms", "--kmod", "--kmod-ms", "--nice", "--node"])?;
+    Ok(WorkOpts {
+        window_ns: f.get("--window-ms", 100u64)?.max(1) * 1_000_000,
+        kmod: f.opt("--kmod")?,
+        kmod_ns: f.get("--kmod-ms", 1000u64)?.max(1) * 1_000_000,
+        nice: f.get("--nice", 0i32)?,
+        node: f.get("--node", default_node())?,
+    })
+}
+
+/// Busy loop counting iterations per window of CLOCK_MONOTONIC (the guest's
+/// CPU allocation as it sees it). With `--kmod`, every `--kmod-ms` it also
+/// reads the guest-kmod's counters, prints them and writes `reset`, so that
+/// each `kmodw` line holds the largest steps of that window alone.
+fn run_work(o: WorkOpts) -> io::Result<()> {
+    use stasis_guest_tools::clockx::WorkWindows;
+    const CHUNK: u64 = 20_000;
+    if o.nice != 0 {
+        // SAFETY: nice(2) only changes this process's scheduling priority.
+        unsafe { libc::nice(o.nice) };
+    }
+    let start = mono_ns();
+    let mut windows = WorkWindows::new(o.window_ns, start);
+    let mut next_kmod = start + o.kmod_ns;
+    let mut acc = 0u64;
+    if let Some(p) = &o.kmod {
+        let _ = std::fs::write(p, "reset");
+    }
+    loop {
+        for i in 0..CHUNK {
+            acc = std::hint::black_box(acc.wrapping_mul(6364136223846793005).wrapping_add(i));
+        }
+        let now = mono_ns();
+        if let Some(w) = windows.add(CHUNK, now) {
+            JsonLine::new()
+                .str("tool", "work")
+                .str("node", &o.node)
+                .u64("mono_ns", w.end_ns)
+                .u64("len_ns", w.len_ns)
+                .u64("iters", w.iters)
+                .emit();
+        }
+        if let (Some(p), true) = (&o.kmod, now >= next_kmod) {
+            let text = std::fs::read_to_string(p).ok();
+            let _ = std::fs::write(p, "reset");
+            JsonLine::new()
+                .str("tool", "kmodw")
+                .str("node", &o.node)
+                .u64("mono_ns", now)
+                .raw_object("kmod", text.as_deref())
+                .emit();
+            next_kmod = (next_kmod + o.kmod_ns).max(now + 1);
         }
     }
 }

@@ -1,0 +1,290 @@
+//! `stasis-eval`: evaluations of stasis on real VMs.
+//!
+//! `stasis-eval time [--pauses 1,10,60] [--checkpoints-per-pause N] [--out DIR] [--quick]`
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use stasis_core::clock::mono_ns;
+use stasis_eval::plot::{line_plot, Axes, Series};
+use stasis_eval::run::{Experiment, Line};
+use stasis_eval::time::{analyse, spec, steady, summarise, table, CheckpointRecord, Summary, Windows, CLOCKS, NODES};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "stasis-eval", about = "Evaluations of stasis on real VMs")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Clock steps, inter-VM skew and CPU allocation across checkpoints with pauses
+    Time {
+        /// Pauses, seconds
+        #[arg(long, value_delimiter = ',', default_value = "1,10,60")]
+        pauses: Vec<u64>,
+        #[arg(long, default_value_t = 3)]
+        checkpoints_per_pause: usize,
+        /// Output directory (raw data, report, plots)
+        #[arg(long, default_value = "eval-out/time")]
+        out: PathBuf,
+        /// 1 s pauses only, 2 checkpoints, short windows (a system test)
+        #[arg(long)]
+        quick: bool,
+        /// The stasis binary [default: target/debug/stasis next to this one]
+        #[arg(long)]
+        stasis: Option<PathBuf>,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+    ).init();
+    match Cli::parse().cmd {
+        Cmd::Time { mut pauses, mut checkpoints_per_pause, out, quick, stasis } => {
+            if quick {
+                pauses = vec![1];
+                checkpoints_per_pause = 2;
+            }
+            let bin = match stasis {
+                Some(b) => b,
+                None => std::env::current_exe()?.parent().context("exe dir")?.join("stasis"),
+            };
+            if !bin.exists() {
+                bail!("{} is missing: cargo build --bins", bin.display());
+            }
+            time_eval(&bin, &pauses, checkpoints_per_pause.max(1), &out, quick)
+        }
+    }
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s)
+}
+
+fn time_eval(bin: &Path, pauses: &[u64], per_pause: usize, out: &Path, quick: bool) -> Result<()> {
+    std::fs::create_dir_all(out)?;
+    let (steady_s, gap_s) = if quick { (5.0, 6.0) } else { (20.0, 8.0) };
+    let w = Windows::default();
+    let name = "timeeval";
+    let t0 = mono_ns();
+    eprintln!("stasis-eval time: pauses {pauses:?} s × {per_pause} checkpoints; booting 2 VMs");
+    let exp = Experiment::up(bin, name, &spec(name), &NODES)?;
+    let ready = exp.wait_for(secs(120.0), |l| {
+        l.iter().filter(|x| x.v["tool"] == "clockx").count() >= 10
+            && NODES.iter().all(|n| l.iter().any(|x| x.node == *n && x.v["tool"] == "kmodw"))
+    });
+    if !ready {
+        bail!("the guests' workloads did not report within 120 s (clockx from b, kmodw from both)");
+    }
+    let steady_from = mono_ns();
+    std::thread::sleep(secs(steady_s));
+    let steady_to = mono_ns();
+    let mut spans = Vec::new();
+    for &p in pauses {
+        for i in 1..=per_pause {
+            eprintln!("checkpoint {i}/{per_pause} with a {p} s pause");
+            let start = mono_ns();
+            let ck = exp.json(&["checkpoint", "--pause-ms", &(p * 1000).to_string()])?;
+            let end = mono_ns();
+            spans.push((p, i, start, end, ck));
+            std::thread::sleep(secs(gap_s));
+        }
+    }
+    let lines = exp.lines();
+    drop(exp); // tear down before the analysis
+    let st = steady(&lines, steady_from, steady_to);
+    let recs: Vec<CheckpointRecord> = spans
+        .into_iter()
+        .map(|(pause_s, index, s, e, checkpoint)| {
+            let (nodes, theta) = analyse(&lines, s, e, &w);
+            CheckpointRecord { pause_s, index, host_start_ns: s, host_end_ns: e, checkpoint, nodes, theta }
+        })
+        .collect();
+    let sums: Vec<Summary> = pauses
+        .iter()
+        .map(|&p| summarise(p, &recs.iter().filter(|r| r.pause_s == p).collect::<Vec<_>>()))
+        .collect();
+
+    let raw = serde_json::json!({
+        "eval": "time", "quick": quick, "pauses_s": pauses, "checkpoints_per_pause": per_pause,
+        "windows": w, "steady": st, "checkpoints": recs, "summary": sums,
+        "spec": spec(name), "wall_s": (mono_ns() - t0) as f64 / 1e9,
+    });
+    std::fs::write(out.join("time-eval.json"), serde_json::to_string_pretty(&raw)?)?;
+    write_csv(&out.join("time-eval.csv"), &recs)?;
+    write_lines(&out.join("console-lines.jsonl"), &lines)?;
+    let plots = plots(out, &lines, &recs, pauses)?;
+    let tbl = table(&sums);
+    let report = report_md(&tbl, &st, &recs, &plots, pauses, per_pause, quick);
+    std::fs::write(out.join("report.md"), &report)?;
+    println!("{tbl}");
+    println!(
+        "steady state: θ IQR {:.1} µs over {} exchanges (median δ {:.1} µs); per-second kmod step p50/p99 (ms): {}",
+        st.theta_iqr_ns.unwrap_or(f64::NAN) / 1e3,
+        st.theta_n,
+        st.delay_median_ns.unwrap_or(f64::NAN) / 1e3,
+        CLOCKS.iter().enumerate().map(|(i, c)| format!("{c} {}/{}", stasis_eval::time::ms(st.kmod_step_p50_ns[i].1), stasis_eval::time::ms(st.kmod_step_p99_ns[i].1))).collect::<Vec<_>>().join(", ")
+    );
+    println!("raw data and report in {}", out.display());
+    Ok(())
+}
+
+fn write_csv(path: &Path, recs: &[CheckpointRecord]) -> Result<()> {
+    let mut s = String::from("pause_s,index,node,frozen_ns,kmod_windows");
+    for c in CLOCKS {
+        s.push_str(&format!(",kmod_step_{c}_ns"));
+    }
+    for c in CLOCKS {
+        s.push_str(&format!(",probe_step_{c}_ns"));
+    }
+    s.push_str(",dtheta_ns,theta_iqr_before_ns,work_before,work_after,work_ratio\n");
+    let o = |v: Option<f64>| v.map(|x| format!("{x}")).unwrap_or_default();
+    for r in recs {
+        for n in &r.nodes {
+            s.push_str(&format!("{},{},{},{},{}", r.pause_s, r.index, n.node, r.checkpoint["frozen_duration_ns"], n.kmod_windows));
+            for c in CLOCKS {
+                s.push_str(&format!(",{}", o(n.kmod_step_ns.get(c).map(|v| v as f64))));
+            }
+            for c in CLOCKS {
+                s.push_str(&format!(",{}", o(n.probe_step_ns.get(c).map(|v| v as f64))));
+            }
+            s.push_str(&format!(
+                ",{},{},{},{},{}\n",
+                o(r.theta.delta_ns),
+                o(r.theta.iqr_before_ns),
+                o(n.work_before),
+                o(n.work_after),
+                o(n.work_ratio)
+            ));
+        }
+    }
+    std::fs::write(path, s)?;
+    Ok(())
+}
+
+fn write_lines(path: &Path, lines: &[Line]) -> Result<()> {
+    let mut s = String::new();
+    for l in lines {
+        s.push_str(&serde_json::json!({"host_ns": l.host_ns, "node": l.node, "line": l.v}).to_string());
+        s.push('\n');
+    }
+    std::fs::write(path, s)?;
+    Ok(())
+}
+
+struct Plot {
+    file: String,
+    caption: String,
+}
+
+/// Per pause, around its first checkpoint: node a's clocks minus host time,
+/// θ minus its median before, and the work rate of both nodes.
+fn plots(out: &Path, lines: &[Line], recs: &[CheckpointRecord], pauses: &[u64]) -> Result<Vec<Plot>> {
+    let mut v = Vec::new();
+    for &p in pauses {
+        let Some(r) = recs.iter().find(|r| r.pause_s == p) else { continue };
+        let (from, to) = (r.host_start_ns.saturating_sub(5_000_000_000), r.host_end_ns + 5_000_000_000);
+        let hs = |ns: u64| (ns as f64 - r.host_start_ns as f64) / 1e9;
+        let near: Vec<&Line> = lines.iter().filter(|l| l.host_ns >= from && l.host_ns <= to).collect();
+        let marks = [0.0, hs(r.host_end_ns)];
+        let caption = |a: &Axes, what: &str, unit: &str| {
+            format!(
+                "{what}. x: host time from the start of the checkpoint command, s ({:.1} … {:.1}, grid every {} s; black lines: command start and return); y: {unit} ({:.3} … {:.3}, grid every {}).",
+                a.x.0, a.x.1, a.x_step, a.y.0, a.y.1, a.y_step
+            )
+        };
+        // Guest clocks (probe lines of node a) minus host time, relative to the first line.
+        let probe: Vec<&&Line> = near.iter().filter(|l| l.node == "a" && l.v["tool"] == "probe").collect();
+        if let Some(first) = probe.first() {
+            let mut series = Vec::new();
+            for (key, color) in [("mono_ns", (200, 0, 0)), ("real_ns", (0, 120, 0)), ("boot_ns", (0, 0, 200))] {
+                let g0 = first.v[key].as_f64().unwrap_or(0.0);
+                let pts = probe
+                    .iter()
+                    .filter_map(|l| {
+                        let g = l.v[key].as_f64()? - g0;
+                        let h = (l.host_ns - first.host_ns) as f64;
+                        Some((hs(l.host_ns), (g - h) / 1e9))
+                    })
+                    .collect();
+                series.push(Series { points: pts, color });
+            }
+            let file = format!("clocks-{p}s.png");
+            if let Ok(a) = line_plot(&out.join(&file), &series, &marks) {
+                v.push(Plot { file, caption: caption(&a, &format!("Pause {p} s: node a's CLOCK_MONOTONIC (red), REALTIME (green), BOOTTIME (blue) minus host time, from the probe's 500 ms reports, timed by their arrival on the host (±10 ms poll); the step of −{p} s is the pause the guest does not see, and the lines lie on each other: no guest clock disagrees with another"), "guest clock − host time, s") });
+            }
+        }
+        let base = r.theta.before_median_ns.unwrap_or(0.0);
+        let th: Vec<(f64, f64)> = near
+            .iter()
+            .filter(|l| l.node == "b" && l.v["tool"] == "clockx")
+            .filter_map(|l| Some((hs(l.host_ns), (l.v["theta_ns"].as_f64()? - base) / 1e3)))
+            .collect();
+        let file = format!("theta-{p}s.png");
+        if let Ok(a) = line_plot(&out.join(&file), &[Series { points: th, color: (120, 0, 160) }], &marks) {
+            v.push(Plot { file, caption: caption(&a, &format!("Pause {p} s: inter-VM offset θ (b's exchanges with a, every 100 ms) minus its median in the 3 s before"), "θ − θ_before, µs") });
+        }
+        let mut series = Vec::new();
+        for (n, color) in [("a", (200, 0, 0)), ("b", (0, 0, 200))] {
+            let pts = near
+                .iter()
+                .filter(|l| l.node == n && l.v["tool"] == "work")
+                .filter_map(|l| Some((hs(l.host_ns), l.v["iters"].as_f64()? / (l.v["len_ns"].as_f64()? / 1e6))))
+                .collect();
+            series.push(Series { points: pts, color });
+        }
+        let file = format!("work-{p}s.png");
+        if let Ok(a) = line_plot(&out.join(&file), &series, &marks) {
+            v.push(Plot { file, caption: caption(&a, &format!("Pause {p} s: busy-loop iterations per guest ms, node a (red), b (blue), 100 ms windows"), "iterations / guest ms") });
+        }
+    }
+    Ok(v)
+}
+
+fn report_md(tbl: &str, st: &stasis_eval::time::Steady, recs: &[CheckpointRecord], plots: &[Plot], pauses: &[u64], per_pause: usize, quick: bool) -> String {
+    use stasis_eval::time::ms;
+    let mut s = format!(
+        "# Time eval\n\n`stasis-eval time --pauses {} --checkpoints-per-pause {per_pause}{}`: 2 TCG VMs (a, b) on one 0 ms link; per pause, {per_pause} checkpoints with `stasis checkpoint --pause-ms`.\n\n",
+        pauses.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(","),
+        if quick { " --quick" } else { "" }
+    );
+    s.push_str("## Summary (per pause, over checkpoints × nodes)\n\n");
+    s.push_str(tbl);
+    s.push_str(&format!(
+        "\nSteady state before the first checkpoint: θ IQR {:.1} µs over {} exchanges, median round trip δ {:.1} µs; per-second guest-kmod step p50/p99: {}; work rate p5/p50/p95 (iterations/ms): {}.\n\n",
+        st.theta_iqr_ns.unwrap_or(f64::NAN) / 1e3,
+        st.theta_n,
+        st.delay_median_ns.unwrap_or(f64::NAN) / 1e3,
+        CLOCKS.iter().enumerate().map(|(i, c)| format!("{c} {}/{} ms", ms(st.kmod_step_p50_ns[i].1), ms(st.kmod_step_p99_ns[i].1))).collect::<Vec<_>>().join(", "),
+        st.work_rate.iter().map(|(n, r)| format!("{n} {}", r.iter().map(|x| x.map(|v| format!("{v:.0}")).unwrap_or("-".into())).collect::<Vec<_>>().join("/"))).collect::<Vec<_>>().join(", ")
+    ));
+    s.push_str("## Per checkpoint\n\n| pause | # | frozen ms | node | kmod step ms mono/real/boot/tsc | probe step ms mono | Δθ µs | θ IQR before µs | work before → after (ratio) |\n|---|---|---|---|---|---|---|---|---|\n");
+    for r in recs {
+        for n in &r.nodes {
+            s.push_str(&format!(
+                "| {} s | {} | {} | {} | {} | {} | {} | {} | {} → {} ({}) |\n",
+                r.pause_s,
+                r.index,
+                ms(r.checkpoint["frozen_duration_ns"].as_f64()),
+                n.node,
+                CLOCKS.iter().map(|c| ms(n.kmod_step_ns.get(c).map(|v| v as f64))).collect::<Vec<_>>().join(" / "),
+                ms(n.probe_step_ns.mono.map(|v| v as f64)),
+                r.theta.delta_ns.map(|x| format!("{:.1}", x / 1e3)).unwrap_or("-".into()),
+                r.theta.iqr_before_ns.map(|x| format!("{:.1}", x / 1e3)).unwrap_or("-".into()),
+                n.work_before.map(|x| format!("{x:.0}")).unwrap_or("-".into()),
+                n.work_after.map(|x| format!("{x:.0}")).unwrap_or("-".into()),
+                n.work_ratio.map(|x| format!("{x:.3}")).unwrap_or("-".into()),
+            ));
+        }
+    }
+    s.push_str("\n## Plots\n\n");
+    for p in plots {
+        s.push_str(&format!("![{}]({})\n\n{}\n\n", p.file, p.file, p.caption));
+    }
+    s.push_str("## Method\n\n- Steps: `stasis-traffic work --kmod /proc/stasis_fw` reads the guest-kmod's counters (1 ms hrtimer samples of mono/real/boot/TSC) and writes `reset` once a guest second; a checkpoint's step is the largest over the windows whose lines reached the host between the command's start and 1.5 s after it returned. The probe's column is the userspace probe (10 ms samples) over the same span. Step = sample-to-sample delta minus the period; a leaked pause of P s would show as ≈ P.\n- Δθ: node b runs `stasis-traffic clockx --peer a` (4-timestamp UDP exchange every 100 ms, θ = ((t2−t1)+(t3−t4))/2 of the two guests' CLOCK_MONOTONIC); Δθ = median θ over the last 3 s (guest time) of exchanges seen before the command − median θ over the first 3 s of those seen after it returned.\n- Work: busy-loop iterations per 100 ms of guest CLOCK_MONOTONIC (nice 19); mean rate over the 2 s of host time before the command vs the 2 s after it returned.\n- Host time of a console line = when the host's tailer read it (10 ms poll).\n");
+    s
+}
