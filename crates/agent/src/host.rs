@@ -52,6 +52,17 @@ pub struct Runtime {
     pub restored_from: Option<String>,
     pub delay_node: DelayProc,
     pub vms: Vec<VmProc>,
+    /// Disks and history (docs/disks.md): the line of history this timeline
+    /// extends (`main` when absent) ...
+    #[serde(default)]
+    pub branch: Option<String>,
+    /// ... its latest checkpoint (the parent of the next one in `stasis log`),
+    #[serde(default)]
+    pub head: Option<String>,
+    /// ... and where this record lives, so a checkpoint can record the new
+    /// disk overlays it switched the VMs to.
+    #[serde(default)]
+    pub runtime_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,6 +77,9 @@ pub struct VmProc {
     pub pid: u32,
     pub qmp: PathBuf,
     pub serial_log: PathBuf,
+    /// The qcow2 overlay the VM's data disk writes to now (None: no disk).
+    #[serde(default)]
+    pub disk: Option<PathBuf>,
 }
 
 /// Where the programs and the guest image are.
@@ -104,6 +118,10 @@ pub enum UpError {
     IncompleteCheckpoint { checkpoint: String, component: String },
     #[error("checkpointed spec does not parse")]
     Spec(#[from] stasis_core::spec::SpecError),
+    #[error("data disk of node {node:?}")]
+    Disk { node: String, #[source] source: stasis_qemu::disk::DiskError },
+    #[error("checkpoint {checkpoint:?} has no disk image for node {node:?}: {reason}")]
+    MissingDisk { checkpoint: String, node: String, reason: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,7 +192,11 @@ impl Runtime {
     }
 
     fn store(&self, layout: &Layout) -> Result<(), UpError> {
-        let path = layout.runtime_file();
+        self.store_at(&layout.runtime_file())
+    }
+
+    fn store_at(&self, path: &Path) -> Result<(), UpError> {
+        let path = path.to_owned();
         let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_string_pretty(self).expect("runtime serialises");
         std::fs::write(&tmp, text).map_err(io(&tmp))?;
@@ -265,6 +287,8 @@ fn vm_spec(exp: &Experiment, node: &Node, layout: &Layout, tools: &Tools) -> Res
             .collect(),
         accel: tools.accel,
         run_dir: layout.node_dir(&node.name),
+        // Set by `up` (a fresh chain) or `restore` (an overlay on the checkpoint's image).
+        disk: None,
     })
 }
 
@@ -348,7 +372,67 @@ pub async fn up(exp: &Experiment, layout: &Layout, tools: &Tools, obs: &dyn Obse
     let specs = exp.nodes.iter().map(|n| vm_spec(exp, n, layout, tools)).collect::<Result<Vec<_>, _>>()?;
     std::fs::create_dir_all(layout.root()).map_err(io(layout.root()))?;
     let incarnation = next_incarnation(layout)?;
+    let mut specs = specs;
+    // Disks: a fresh empty base image per node (named by incarnation, so the
+    // chains of earlier checkpoints are never touched) and an overlay on it.
+    for (spec, node) in specs.iter_mut().zip(&exp.nodes) {
+        if let Some(bytes) = node.disk_bytes {
+            let dir = disk_dir(layout, &node.name);
+            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+            let base = dir.join(format!("base-{incarnation}.qcow2"));
+            let _ = std::fs::remove_file(&base);
+            let disk_err = |source| UpError::Disk { node: node.name.clone(), source };
+            stasis_qemu::disk::create_base(&base, bytes).map_err(disk_err)?;
+            let top = next_overlay(&dir);
+            stasis_qemu::disk::create_overlay(&top, &base).map_err(disk_err)?;
+            spec.disk = Some(top);
+        }
+    }
     launch_all(exp, layout, tools, &specs, incarnation, None, obs).await
+}
+
+/// `<state>/<experiment>/disks/<node>`: the node's images (docs/disks.md).
+pub fn disk_dir(layout: &Layout, node: &str) -> PathBuf {
+    layout.root().join("disks").join(node)
+}
+
+/// The next unused overlay name in `dir`: `ov-<N>.qcow2`, N one more than
+/// the largest there. Images are never removed, so names are never reused.
+fn next_overlay(dir: &Path) -> PathBuf {
+    let n = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str()?.strip_prefix("ov-")?.strip_suffix(".qcow2")?.parse::<u64>().ok())
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0);
+    dir.join(format!("ov-{}.qcow2", n + 1))
+}
+
+/// Per-checkpoint record of the frozen disk images (`disks.json`: node → absolute path).
+pub const DISKS_FILE: &str = "disks.json";
+/// Per-checkpoint record of its place in history (`lineage.json`: branch, previous checkpoint).
+pub const LINEAGE_FILE: &str = "lineage.json";
+/// The branch a timeline extends when none was named.
+pub const MAIN_BRANCH: &str = "main";
+
+/// Where a checkpoint sits in the history tree (its `lineage.json`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lineage {
+    pub branch: String,
+    /// The checkpoint this one follows on its timeline (the last checkpoint
+    /// taken, or the one restored); None for the first.
+    pub prev: Option<String>,
+}
+
+/// The lineage of a checkpoint: its `lineage.json`, or for checkpoints
+/// without one, `main` after the checkpoint it was restored from.
+pub fn lineage_of(ckpt: &Checkpoint) -> Lineage {
+    std::fs::read(ckpt.dir.join(LINEAGE_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| Lineage { branch: MAIN_BRANCH.into(), prev: ckpt.manifest.parent.clone() })
 }
 
 async fn launch_all(
@@ -375,6 +459,9 @@ async fn launch_all(
         restored_from: from.map(|c| c.info.id.clone()),
         delay_node: delay,
         vms: Vec::new(),
+        branch: None,
+        head: from.map(|c| c.info.id.clone()),
+        runtime_file: Some(layout.runtime_file()),
     };
     // Record as we go, so `stasis down` can clean up after a partial start.
     rt.store(layout)?;
@@ -386,7 +473,7 @@ async fn launch_all(
             .await
             .map_err(|source| UpError::Vm { node: spec.name.clone(), source })?;
         obs.event(&Event::VmLaunched { node: spec.name.clone(), pid: vm.pid, incarnation });
-        rt.vms.push(VmProc { name: spec.name.clone(), pid: vm.pid, qmp: vm.qmp_path.clone(), serial_log: serial });
+        rt.vms.push(VmProc { name: spec.name.clone(), pid: vm.pid, qmp: vm.qmp_path.clone(), serial_log: serial, disk: spec.disk.clone() });
         rt.store(layout)?;
     }
     Ok(rt)
@@ -496,6 +583,43 @@ pub async fn checkpoint(
         }
     }
 
+    // Disks: every stopped VM with a disk switches to a new overlay, so the
+    // image it wrote until now is frozen exactly as the memory saved below
+    // expects it; that image belongs to this checkpoint (disks.json). The
+    // runtime records the new overlay at once, whatever happens next.
+    let mut frozen_disks = std::collections::BTreeMap::new();
+    let mut rt_next = rt.clone();
+    let snap_start = mono_ns();
+    if failure.is_none() {
+        for ((node, vm), proc) in a.vms.iter_mut().zip(rt_next.vms.iter_mut()) {
+            let Some(current) = proc.disk.clone() else { continue };
+            let next = next_overlay(current.parent().unwrap_or(Path::new(".")));
+            match vm.snapshot_disk(&next).await {
+                Ok(()) => {
+                    frozen_disks.insert(node.clone(), current);
+                    proc.disk = Some(next);
+                }
+                Err(e) => {
+                    failure = Some(format!("switching the disk of VM {node} to a new overlay: {e}"));
+                    break;
+                }
+            }
+        }
+        if !frozen_disks.is_empty() {
+            if let Some(path) = &rt.runtime_file {
+                if let Err(e) = rt_next.store_at(path) {
+                    failure.get_or_insert(format!("recording the new disk overlays: {e}"));
+                }
+            }
+            let path = pending.path(DISKS_FILE);
+            if let Err(e) = std::fs::write(&path, serde_json::to_vec_pretty(&frozen_disks).expect("serialises")) {
+                failure.get_or_insert(format!("writing {}: {e}", path.display()));
+            }
+        }
+    }
+
+    let disk_snapshot_ns = mono_ns() - snap_start;
+
     // Save: the delay node first (it drains what the stopped VMs sent), then
     // every VM's memory and devices, concurrently.
     let mut components = Vec::new();
@@ -592,11 +716,26 @@ pub async fn checkpoint(
     });
     let f = freeze::fidelity(t, d, &resumed);
     let commit_start = mono_ns();
+    let lineage = Lineage { branch: rt.branch.clone().unwrap_or_else(|| MAIN_BRANCH.into()), prev: rt.head.clone() };
+    let mut files = vec![LINEAGE_FILE.to_string()];
+    if let Err(e) = std::fs::write(pending.path(LINEAGE_FILE), serde_json::to_vec_pretty(&lineage).expect("serialises")) {
+        let reason = format!("writing {LINEAGE_FILE}: {e}");
+        pending.abort();
+        obs.event(&Event::Aborted { checkpoint: id, reason: reason.clone() });
+        return Err(CheckpointError::Aborted { reason });
+    }
+    let mut extra: std::collections::BTreeMap<String, u64> =
+        [("max_frozen_error_ns".to_string(), f.max_frozen_error_ns), ("max_hold_lateness_ns".to_string(), hold_lateness)].into_iter().collect();
+    if !frozen_disks.is_empty() {
+        files.push(DISKS_FILE.to_string());
+        // Time the disk switches added to the frozen window (all VMs, in turn).
+        extra.insert("disk_snapshot_ns".to_string(), disk_snapshot_ns);
+    }
     let draft = ManifestDraft {
         parent: rt.restored_from.clone(),
         experiment: ExperimentRef { name: rt.experiment.clone(), digest: rt.spec_digest.clone(), spec_toml: rt.spec_toml.clone() },
         components: records,
-        files: Vec::new(),
+        files,
         freeze: FreezeReport {
             planned_ns: t,
             lead_ns: cfg.hold_lead_ns,
@@ -608,9 +747,7 @@ pub async fn checkpoint(
         timings: Timings {
             total_save_ns: saved_at - t,
             commit_ns: 0,
-            extra: [("max_frozen_error_ns".to_string(), f.max_frozen_error_ns), ("max_hold_lateness_ns".to_string(), hold_lateness)]
-                .into_iter()
-                .collect(),
+            extra: extra.into_iter().collect(),
         },
     };
     let info = match pending.commit(draft) {
@@ -622,6 +759,13 @@ pub async fn checkpoint(
         }
     };
     obs.event(&Event::Committed { checkpoint: info.id.clone(), name: info.name.clone().unwrap_or_default() });
+    // The next checkpoint of this timeline follows this one.
+    if let Some(path) = &rt.runtime_file {
+        rt_next.head = Some(info.id.clone());
+        if let Err(e) = rt_next.store_at(path) {
+            tracing::warn!(error = %e, "cannot record the new head in the runtime file");
+        }
+    }
     if !resume_errors.is_empty() {
         tracing::error!(errors = %resume_errors.join("; "), "checkpoint committed but some components did not resume");
     }
@@ -741,6 +885,7 @@ pub async fn restore(
     layout: &Layout,
     tools: &Tools,
     margin_ns: u64,
+    branch: Option<&str>,
     obs: &dyn Observer,
 ) -> Result<(Runtime, RestoreSummary), UpError> {
     let m = &ckpt.manifest;
@@ -759,12 +904,41 @@ pub async fn restore(
             return Err(UpError::IncompleteCheckpoint { checkpoint: ckpt.info.id.clone(), component: c });
         }
     }
-    let specs = exp.nodes.iter().map(|n| vm_spec(&exp, n, layout, tools)).collect::<Result<Vec<_>, _>>()?;
+    let mut specs = exp.nodes.iter().map(|n| vm_spec(&exp, n, layout, tools)).collect::<Result<Vec<_>, _>>()?;
+    // Disks: the checkpoint's frozen image of each node with a disk.
+    let frozen: std::collections::BTreeMap<String, PathBuf> = if exp.nodes.iter().any(|n| n.disk_bytes.is_some()) {
+        let path = ckpt.file(DISKS_FILE);
+        let text = std::fs::read(&path).map_err(|e| UpError::MissingDisk { checkpoint: ckpt.info.id.clone(), node: "*".into(), reason: format!("{}: {e}", path.display()) })?;
+        serde_json::from_slice(&text).map_err(|e| UpError::MissingDisk { checkpoint: ckpt.info.id.clone(), node: "*".into(), reason: format!("{}: {e}", path.display()) })?
+    } else {
+        Default::default()
+    };
     obs.event(&Event::Restoring { checkpoint: ckpt.info.id.clone() });
     let started = mono_ns();
     let _ = down(layout).await;
+    // Each disk restarts on a fresh overlay over the frozen image, which
+    // stays read-only: any number of restores and branches share it.
+    for (spec, node) in specs.iter_mut().zip(&exp.nodes) {
+        if node.disk_bytes.is_none() {
+            continue;
+        }
+        let missing = |reason: String| UpError::MissingDisk { checkpoint: ckpt.info.id.clone(), node: node.name.clone(), reason };
+        let image = frozen.get(&node.name).ok_or_else(|| missing("not in disks.json".into()))?;
+        if !image.exists() {
+            return Err(missing(format!("{} is gone", image.display())));
+        }
+        let dir = disk_dir(layout, &node.name);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let top = next_overlay(&dir);
+        stasis_qemu::disk::create_overlay(&top, image).map_err(|source| UpError::Disk { node: node.name.clone(), source })?;
+        spec.disk = Some(top);
+    }
     let incarnation = next_incarnation(layout)?;
-    let rt = launch_all(&exp, layout, tools, &specs, incarnation, Some(ckpt), obs).await?;
+    let mut rt = launch_all(&exp, layout, tools, &specs, incarnation, Some(ckpt), obs).await?;
+    // The timeline continues the named branch, or the checkpoint's own.
+    rt.branch = Some(branch.map(str::to_owned).unwrap_or_else(|| lineage_of(ckpt).branch));
+    rt.head = Some(ckpt.info.id.clone());
+    rt.store(layout)?;
     let mut vms = Vec::new();
     for v in &rt.vms {
         let mut vm = Vm::attach(&v.name, &v.qmp, v.pid)

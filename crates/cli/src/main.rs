@@ -57,8 +57,22 @@ enum Cmd {
     List,
     /// Show one checkpoint's manifest and fidelity report
     Show { checkpoint: String },
-    /// Replace what runs by a checkpoint (name, id, index, `latest`, or a checkpoint directory)
-    Restore { checkpoint: String },
+    /// Replace what runs by a checkpoint (name, id, index, `latest`, a
+    /// checkpoint directory, or a branch name: that branch's latest checkpoint)
+    Restore {
+        checkpoint: String,
+        /// Continue on this branch (created from CHECKPOINT if new); later
+        /// checkpoints belong to it
+        #[arg(long)]
+        branch: Option<String>,
+    },
+    /// Start a new line of history NAME from CHECKPOINT (no disk is copied);
+    /// `stasis restore NAME` runs it
+    Branch { checkpoint: String, name: String },
+    /// The history tree: every checkpoint with its branch, parent, time and sizes
+    Log,
+    /// What changed from checkpoint A to B: sizes, shared and new chunks per component, disks
+    Diff { a: String, b: String },
     /// Stop every process of the experiment (checkpoints stay)
     Down,
     /// Check the checkpoint store: every manifest, file and chunk (exit 1 if anything is wrong)
@@ -306,22 +320,76 @@ async fn run(cli: Cli) -> Result<()> {
                 print_show(&ckpt);
             }
         }
-        Cmd::Restore { checkpoint } => {
-            let (exp, ckpt) = open_checkpoint(&cli, &state, checkpoint)?;
+        Cmd::Restore { checkpoint, branch } => {
+            // A branch name stands for the branch's latest checkpoint.
+            let exp0 = experiment_name(&cli, &state)?;
+            let branches = read_branches(&Layout::new(&state, &exp0));
+            let (which, branch) = match branches.get(checkpoint.as_str()) {
+                Some(b) if branch.is_none() && Store::open(&Layout::new(&state, &exp0).checkpoints())?.open_checkpoint(checkpoint).is_err() => {
+                    (b.head.clone(), Some(checkpoint.clone()))
+                }
+                _ => (checkpoint.clone(), branch.clone()),
+            };
+            let (exp, ckpt) = open_checkpoint(&cli, &state, &which)?;
             let layout = Layout::new(&state, &exp);
+            if let Some(name) = &branch {
+                let mut all = read_branches(&layout);
+                all.entry(name.clone()).or_insert_with(|| BranchRec { from: ckpt.info.id.clone(), head: ckpt.info.id.clone(), created_unix_ms: now_ms() });
+                write_branches(&layout, &all)?;
+            }
             let recorded = std::fs::read_to_string(layout.root().join("experiment.toml"))
                 .ok()
                 .and_then(|t| Experiment::from_toml_str(&t, None).ok())
                 .map(|e| e.digest());
             let tools = tools()?;
             let log = EventLog::open(&layout.events_file(), &ui);
-            let r = host::restore(&exp, recorded.as_deref(), &ckpt, &layout, &tools, 200_000_000, &log).await;
+            let r = host::restore(&exp, recorded.as_deref(), &ckpt, &layout, &tools, 200_000_000, branch.as_deref(), &log).await;
             ui.done();
             let (rt, s) = r?;
             if cli.json {
                 print_json(&serde_json::json!({"summary": s, "runtime": rt}));
             } else {
                 println!("restored {} ({} VMs) in {}, resume skew {}", s.checkpoint, s.vms, ms(s.restore_ns), ms(s.resume_skew_ns));
+            }
+        }
+        Cmd::Branch { checkpoint, name } => {
+            let (exp, ckpt) = open_checkpoint(&cli, &state, checkpoint)?;
+            let layout = Layout::new(&state, &exp);
+            if name.is_empty() || name.contains(['/', ' ']) {
+                bail!("bad branch name {name:?}");
+            }
+            let mut all = read_branches(&layout);
+            if all.contains_key(name.as_str()) || name == host::MAIN_BRANCH {
+                bail!("branch {name:?} exists already");
+            }
+            let rec = BranchRec { from: ckpt.info.id.clone(), head: ckpt.info.id.clone(), created_unix_ms: now_ms() };
+            all.insert(name.clone(), rec.clone());
+            write_branches(&layout, &all)?;
+            if cli.json {
+                print_json(&serde_json::json!({"branch": name, "from": rec.from}));
+            } else {
+                println!("branch {name} starts at {} (run it with `stasis restore {name}`)", rec.from);
+            }
+        }
+        Cmd::Log => {
+            let exp = experiment_name(&cli, &state)?;
+            let layout = Layout::new(&state, &exp);
+            let store = Store::open(&layout.checkpoints())?;
+            let entries: Vec<LogEntry> = store.list()?.into_iter().map(log_entry).collect();
+            if cli.json {
+                print_json(&serde_json::json!({"checkpoints": entries, "branches": read_branches(&layout)}));
+            } else {
+                print_log(&entries, &read_branches(&layout));
+            }
+        }
+        Cmd::Diff { a, b } => {
+            let (_, ca) = open_checkpoint(&cli, &state, a)?;
+            let (_, cb) = open_checkpoint(&cli, &state, b)?;
+            let d = diff(&ca, &cb);
+            if cli.json {
+                print_json(&d);
+            } else {
+                print_diff(&d);
             }
         }
         Cmd::Down => {
@@ -405,5 +473,204 @@ fn main() -> std::process::ExitCode {
             eprintln!("stasis: error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// A named line of history (`branches.json` in the experiment's state dir).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct BranchRec {
+    /// The checkpoint it starts from.
+    from: String,
+    /// Its latest checkpoint (`from` until one is taken on it).
+    head: String,
+    created_unix_ms: u64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn branches_file(layout: &Layout) -> PathBuf {
+    layout.root().join("branches.json")
+}
+
+/// The recorded branches, heads brought up to date from the checkpoints'
+/// lineage (a checkpoint taken on a branch moves its head).
+fn read_branches(layout: &Layout) -> std::collections::BTreeMap<String, BranchRec> {
+    let mut all: std::collections::BTreeMap<String, BranchRec> =
+        std::fs::read(branches_file(layout)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    if let Ok(store) = Store::open(&layout.checkpoints()) {
+        for info in store.list().unwrap_or_default() {
+            let l = read_lineage(&info);
+            if let Some(b) = all.get_mut(&l.branch) {
+                b.head = info.id.clone();
+            }
+        }
+    }
+    all
+}
+
+fn write_branches(layout: &Layout, all: &std::collections::BTreeMap<String, BranchRec>) -> Result<()> {
+    let path = branches_file(layout);
+    std::fs::create_dir_all(layout.root())?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(all)?).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn read_lineage(info: &stasis_store::CheckpointInfo) -> host::Lineage {
+    std::fs::read(info.dir.join(host::LINEAGE_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| host::Lineage { branch: host::MAIN_BRANCH.into(), prev: info.parent.clone() })
+}
+
+/// One checkpoint in `stasis log`.
+#[derive(Debug, serde::Serialize)]
+struct LogEntry {
+    id: String,
+    index: u64,
+    name: Option<String>,
+    branch: String,
+    parent: Option<String>,
+    created_unix_ms: u64,
+    /// Recorded state (memory, devices, delay node), before deduplication.
+    bytes: u64,
+    /// The checkpoint's frozen disk image per node, and its size on disk
+    /// (only what was written since the previous checkpoint of its line).
+    disks: std::collections::BTreeMap<String, (PathBuf, u64)>,
+}
+
+fn frozen_disks(dir: &Path) -> std::collections::BTreeMap<String, (PathBuf, u64)> {
+    let map: std::collections::BTreeMap<String, PathBuf> =
+        std::fs::read(dir.join(host::DISKS_FILE)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    map.into_iter()
+        .map(|(node, path)| {
+            use std::os::unix::fs::MetadataExt;
+            let used = std::fs::metadata(&path).map(|m| m.blocks() * 512).unwrap_or(0);
+            (node, (path, used))
+        })
+        .collect()
+}
+
+fn log_entry(info: stasis_store::CheckpointInfo) -> LogEntry {
+    let l = read_lineage(&info);
+    LogEntry {
+        disks: frozen_disks(&info.dir),
+        id: info.id,
+        index: info.index,
+        name: info.name,
+        branch: l.branch,
+        parent: l.prev,
+        created_unix_ms: info.created_unix_ms,
+        bytes: info.bytes,
+    }
+}
+
+fn print_log(entries: &[LogEntry], branches: &std::collections::BTreeMap<String, BranchRec>) {
+    let ids: std::collections::HashSet<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+    let children = |p: Option<&str>| -> Vec<&LogEntry> {
+        entries.iter().filter(|e| match (e.parent.as_deref(), p) {
+            (Some(x), Some(y)) => x == y,
+            (x, None) => x.is_none_or(|x| !ids.contains(x)),
+            _ => false,
+        }).collect()
+    };
+    fn walk<'a>(e: &'a LogEntry, depth: usize, children: &dyn Fn(Option<&str>) -> Vec<&'a LogEntry>, branches: &std::collections::BTreeMap<String, BranchRec>) {
+        let t = e.created_unix_ms / 1000;
+        let disk: u64 = e.disks.values().map(|d| d.1).sum();
+        let heads: Vec<&str> = branches.iter().filter(|(_, b)| b.head == e.id).map(|(n, _)| n.as_str()).collect();
+        println!(
+            "{}* {} {:<10} [{}] t={}s state {} disk +{}{}",
+            "  ".repeat(depth),
+            e.id,
+            e.name.as_deref().unwrap_or("-"),
+            e.branch,
+            t,
+            mib(e.bytes),
+            mib(disk),
+            if heads.is_empty() { String::new() } else { format!("  <- head of {}", heads.join(", ")) }
+        );
+        for c in children(Some(&e.id)) {
+            walk(c, depth + 1, children, branches);
+        }
+    }
+    for root in children(None) {
+        walk(root, 0, &children, branches);
+    }
+}
+
+/// `stasis diff A B` for one component.
+#[derive(Debug, serde::Serialize)]
+struct ComponentDiff {
+    name: String,
+    bytes_a: u64,
+    bytes_b: u64,
+    chunks_a: usize,
+    chunks_b: usize,
+    /// Chunks of B also in A (by id), and their bytes.
+    shared_chunks: usize,
+    shared_bytes: u64,
+    /// Fraction of B's bytes in chunks A does not have: how much of the VM's state changed.
+    dirty_share: f64,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct DiffReport {
+    a: String,
+    b: String,
+    components: Vec<ComponentDiff>,
+    /// Frozen disk images of A and B per node (path, bytes on disk).
+    disks_a: std::collections::BTreeMap<String, (PathBuf, u64)>,
+    disks_b: std::collections::BTreeMap<String, (PathBuf, u64)>,
+}
+
+fn diff(a: &stasis_store::Checkpoint, b: &stasis_store::Checkpoint) -> DiffReport {
+    let mut components = Vec::new();
+    for cb in &b.manifest.components {
+        let ca = a.manifest.component(&cb.name);
+        let set_a: std::collections::HashSet<&str> =
+            ca.and_then(|c| c.chunks.as_ref()).map(|v| v.iter().map(|c| c.id.as_str()).collect()).unwrap_or_default();
+        let chunks_b = cb.chunks.as_deref().unwrap_or(&[]);
+        let shared: Vec<_> = chunks_b.iter().filter(|c| set_a.contains(c.id.as_str())).collect();
+        let shared_bytes: u64 = shared.iter().map(|c| c.len).sum();
+        components.push(ComponentDiff {
+            name: cb.name.clone(),
+            bytes_a: ca.map(|c| c.bytes).unwrap_or(0),
+            bytes_b: cb.bytes,
+            chunks_a: ca.and_then(|c| c.chunks.as_ref()).map(Vec::len).unwrap_or(0),
+            chunks_b: chunks_b.len(),
+            shared_chunks: shared.len(),
+            shared_bytes,
+            dirty_share: if cb.bytes == 0 { 0.0 } else { 1.0 - shared_bytes as f64 / cb.bytes as f64 },
+        });
+    }
+    DiffReport {
+        a: a.info.id.clone(),
+        b: b.info.id.clone(),
+        components,
+        disks_a: frozen_disks(&a.dir),
+        disks_b: frozen_disks(&b.dir),
+    }
+}
+
+fn print_diff(d: &DiffReport) {
+    println!("{} -> {}", d.a, d.b);
+    println!("  {:<12} {:>11} {:>11} {:>9} {:>9} {:>7}", "component", "size A", "size B", "chunks B", "shared", "dirty");
+    for c in &d.components {
+        println!(
+            "  {:<12} {:>11} {:>11} {:>9} {:>9} {:>6.1}%",
+            c.name,
+            mib(c.bytes_a),
+            mib(c.bytes_b),
+            c.chunks_b,
+            c.shared_chunks,
+            100.0 * c.dirty_share
+        );
+    }
+    for (node, (path, bytes)) in &d.disks_b {
+        let a = d.disks_a.get(node).map(|(p, b)| format!("{} ({})", p.display(), mib(*b))).unwrap_or_else(|| "-".into());
+        println!("  disk {node}: A {a}; B {} ({} written since its previous checkpoint)", path.display(), mib(*bytes));
     }
 }

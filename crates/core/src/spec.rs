@@ -78,6 +78,10 @@ pub struct Node {
     /// How the node's NICs attach to the delay node.
     #[serde(default)]
     pub nic: NicMode,
+    /// Size in bytes of the node's qcow2 data disk (`disk = "1G"`), checkpointed
+    /// together with memory; `None`: no disk (the VM has no block device).
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
 }
 
 /// How a node's NICs attach to the delay node (`nic = "stream" | "vhost-user"`).
@@ -293,6 +297,9 @@ struct RawNode {
     initrd: Option<Spanned<String>>,
     kernel_args: Option<Spanned<String>>,
     nic: Option<Spanned<String>>,
+    /// Size of the node's data disk; optional.
+    #[serde(default)]
+    disk: Option<Spanned<String>>,
     #[serde(default)]
     run: Vec<Spanned<String>>,
 }
@@ -862,6 +869,9 @@ impl Experiment {
             if n.nic != NicMode::default() {
                 out += &format!("nic = {}\n", q(n.nic.as_str()));
             }
+            if let Some(d) = n.disk_bytes {
+                out += &format!("disk = {}\n", q(&format_bytes(d)));
+            }
             if !n.run.is_empty() {
                 out += &format!("run = {}\n", list(&n.run));
             }
@@ -1095,6 +1105,18 @@ impl Resolver<'_> {
                 nic: match &n.nic {
                     Some(v) => self.nic(v, &subject)?,
                     None => def_nic,
+                },
+                disk_bytes: match &n.disk {
+                    Some(d) => Some(parse_bytes(d.get_ref()).ok().filter(|b| *b >= 1 << 20).ok_or_else(|| {
+                        src.error(
+                            SpecErrorKind::BadUnit,
+                            d.span(),
+                            subject.clone(),
+                            Some("disk"),
+                            format!("expected a disk size of at least 1M such as \"1G\", found \"{}\"", d.get_ref()),
+                        )
+                    })?),
+                    None => None,
                 },
             });
         }

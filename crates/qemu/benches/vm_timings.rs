@@ -108,6 +108,7 @@ async fn main() {
         append: append(env_u64("STASIS_BENCH_FILL_MIB", 0)),
         nics: vec![],
         accel: Accel::Tcg,
+        disk: None,
         run_dir: dir.path().join("run"),
     };
     let serial = dir.path().join("serial.log");

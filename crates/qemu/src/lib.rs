@@ -8,6 +8,8 @@
 //! See `docs/qemu.md` for the QEMU 7.2 behaviour this relies on and measured figures.
 
 pub mod accel;
+/// qcow2 data disks: base images and overlays made with `qemu-img`.
+pub mod disk;
 pub mod qmp;
 pub mod vm;
 

@@ -92,7 +92,14 @@ pub struct VmSpec {
     pub accel: Accel,
     /// Holds the QMP socket, the pidfile and QEMU's log.
     pub run_dir: PathBuf,
+    /// The qcow2 image the VM's data disk (virtio-blk, drive id [`DISK_ID`])
+    /// writes to: the top of a backing chain (see docs/disks.md). `None`: no disk.
+    #[serde(default)]
+    pub disk: Option<PathBuf>,
 }
+
+/// The `-drive` id of a VM's data disk; QMP's `blockdev-snapshot-sync` names it.
+pub const DISK_ID: &str = "disk0";
 
 impl VmSpec {
     pub fn qmp_path(&self) -> PathBuf {
@@ -159,6 +166,14 @@ pub fn qemu_args(spec: &VmSpec, serial_log: &Path, incoming: Option<&Path>) -> V
                 push(&["-device", &format!("virtio-net-pci,netdev={},mac={},vectors=0,romfile=", nic.id, nic.mac)]);
             }
         }
+    }
+    // The data disk comes after the NICs, so VMs without one keep the exact
+    // device set (and PCI addresses) they had before disks existed. A restore
+    // passes a fresh overlay here: the device (id vd0) is what the migration
+    // stream names, the image file may differ.
+    if let Some(disk) = &spec.disk {
+        push(&["-drive", &format!("file={},format=qcow2,if=none,id={DISK_ID},cache=writeback", p(disk))]);
+        push(&["-device", &format!("virtio-blk-pci,drive={DISK_ID},id=vd0,romfile=")]);
     }
     // After an incoming migration QEMU announces each NIC (RARP frames, or a
     // guest gratuitous ARP) when the VM starts: a visible trace of a restore.
@@ -327,6 +342,9 @@ pub fn absolutize(
     for nic in &mut s.nics {
         nic.socket = abs(&nic.socket)?;
     }
+    if let Some(d) = &spec.disk {
+        s.disk = Some(abs(d)?);
+    }
     Ok((s, abs(serial_log)?, incoming.map(abs).transpose()?))
 }
 
@@ -415,6 +433,9 @@ impl Vm {
         }
         validate_path("serial log", serial_log)?;
         validate_path("run directory", &spec.run_dir)?;
+        if let Some(disk) = &spec.disk {
+            validate_path("disk", disk)?;
+        }
         if let Some(state) = incoming {
             validate_path("state file", state)?;
         }
@@ -620,6 +641,27 @@ impl Vm {
         let (_, stamp) = self.qmp.execute_timed("cont", None).await?;
         tracing::debug!(vm = %self.name, rtt_us = stamp.round_trip_ns() / 1000, "continued");
         Ok(stamp)
+    }
+
+    /// Switch the data disk of a STOPPED VM to a new qcow2 overlay `overlay`
+    /// (created by QEMU, backing = the current image): from now on the guest
+    /// writes there and the previous image is never written again, so it is
+    /// the disk as of this instant. QEMU flushes the old image first; a
+    /// stopped VM has no request in flight (`stop` drains them).
+    pub async fn snapshot_disk(&mut self, overlay: &Path) -> Result<(), VmError> {
+        let state = self.status().await?;
+        if !state.is_saveable() {
+            return Err(VmError::NotStopped(state));
+        }
+        let overlay = std::path::absolute(overlay).map_err(|source| VmError::Io { what: format!("{}", overlay.display()), source })?;
+        self.qmp
+            .execute(
+                "blockdev-snapshot-sync",
+                Some(json!({"device": DISK_ID, "snapshot-file": overlay.to_string_lossy(), "format": "qcow2", "mode": "absolute-paths"})),
+            )
+            .await?;
+        tracing::info!(vm = %self.name, overlay = %overlay.display(), "disk switched to a new overlay");
+        Ok(())
     }
 
     /// `query-status`.
@@ -866,6 +908,7 @@ mod tests {
             ],
             accel,
             run_dir: "/run/vm1".into(),
+            disk: None,
         }
     }
 
@@ -960,6 +1003,27 @@ mod tests {
             &restore[plain.len()..],
             ["-S", "-incoming", r"exec:cat -- '/ck/it'\''s here.vmstate'"]
         );
+    }
+
+    #[test]
+    fn disk_is_a_qcow2_virtio_blk_after_the_nics() {
+        let plain = qemu_args(&spec(Accel::Tcg), Path::new("/l"), None);
+        assert!(!plain.iter().any(|a| a == "-drive"), "no disk, no drive");
+        let mut s = spec(Accel::Tcg);
+        s.disk = Some("/st/disks/node1/ov-1.qcow2".into());
+        let a = qemu_args(&s, Path::new("/l"), None);
+        assert_eq!(value_after(&a, "-drive"), ["file=/st/disks/node1/ov-1.qcow2,format=qcow2,if=none,id=disk0,cache=writeback"]);
+        let devs = value_after(&a, "-device");
+        assert_eq!(devs.len(), 3);
+        assert_eq!(devs[2], "virtio-blk-pci,drive=disk0,id=vd0,romfile=");
+        // The NICs keep their place (and PCI slots): the disk is added last.
+        assert_eq!(&devs[..2], &value_after(&plain, "-device")[..]);
+        // A restore onto another overlay launches the same devices.
+        s.disk = Some("/st/disks/node1/ov-2.qcow2".into());
+        let r = qemu_args(&s, Path::new("/l"), Some(Path::new("/ck/x")));
+        assert_eq!(value_after(&r, "-device"), devs);
+        let old: VmSpec = serde_json::from_value(serde_json::json!({"name":"a","memory_mib":64,"vcpus":1,"kernel":"/k","initrd":"/i","append":"","nics":[],"accel":"tcg","run_dir":"/r"})).unwrap();
+        assert_eq!(old.disk, None);
     }
 
     #[test]

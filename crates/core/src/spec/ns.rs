@@ -258,6 +258,7 @@ pub(super) fn parse(text: &str, src: &Source, name: String) -> Result<RawSpec, S
                             initrd: None,
                             kernel_args: None,
                             nic: None,
+                            disk: None,
                             run: Vec::new(),
                         });
                     }

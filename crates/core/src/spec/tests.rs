@@ -619,3 +619,19 @@ fn refuses_unknown_nic_modes_with_their_place() {
     );
     refused("name = \"x\"\n[[node]]\nname = \"a\"\nnic = 3\n", SpecErrorKind::Syntax, 4, &["nic"]);
 }
+
+#[test]
+fn disk_is_optional_round_trips_and_is_checked() {
+    let e = parse("name = \"d\"\n[[node]]\nname = \"a\"\ndisk = \"1G\"\n[[node]]\nname = \"b\"\n").unwrap();
+    assert_eq!(e.nodes[0].disk_bytes, Some(1 << 30));
+    assert_eq!(e.nodes[1].disk_bytes, None);
+    let canon = e.to_toml();
+    assert!(canon.contains("disk = \"1G\""), "{canon}");
+    assert_eq!(canon.matches("disk =").count(), 1, "no disk line for a node without one: {canon}");
+    assert_eq!(parse(&canon).unwrap().nodes, e.nodes);
+    // A spec without disks keeps its canonical form (and digest).
+    let plain = parse("name = \"d\"\n[[node]]\nname = \"b\"\n").unwrap();
+    assert!(!plain.to_toml().contains("disk"));
+    refused("name = \"d\"\n[[node]]\nname = \"a\"\ndisk = \"12Q\"\n", SpecErrorKind::BadUnit, 4, &["disk"]);
+    refused("name = \"d\"\n[[node]]\nname = \"a\"\ndisk = \"4K\"\n", SpecErrorKind::BadUnit, 4, &["at least 1M"]);
+}

@@ -51,6 +51,7 @@ pub fn spec(name: &str, run_dir: &Path, nics: Vec<NicSpec>) -> VmSpec {
         append: "console=ttyS0 panic=-1".into(),
         nics,
         accel: Accel::Tcg,
+        disk: None,
         run_dir: run_dir.to_owned(),
     }
 }
