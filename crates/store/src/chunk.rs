@@ -213,6 +213,8 @@ pub trait ChunkStorage: fmt::Debug + Send + Sync {
     fn list(&self) -> io::Result<Vec<(ChunkId, u64)>>;
     /// Removes chunk `id` (absent is fine).
     fn delete(&self, id: &ChunkId) -> io::Result<()>;
+    /// Drops what `txn` put and did not publish (a failed commit).
+    fn discard(&self, txn: &str) -> io::Result<()>;
     /// Removes what unpublished transactions left behind; only called
     /// while no transaction runs. Returns how many objects it removed.
     fn remove_unpublished(&self) -> io::Result<usize>;
@@ -311,6 +313,23 @@ impl ChunkStorage for LocalChunks {
             fs::rename(self.incoming(txn, id), &target)?;
         }
         self.syncfs()
+    }
+
+    fn discard(&self, txn: &str) -> io::Result<()> {
+        let mine: Vec<ChunkId> = {
+            let mut staged = self.staged.lock().unwrap_or_else(|e| e.into_inner());
+            let (mine, rest): (HashSet<_>, HashSet<_>) =
+                staged.drain().partition(|(t, _)| t == txn);
+            *staged = rest;
+            mine.into_iter().map(|(_, id)| id).collect()
+        };
+        for id in &mine {
+            match fs::remove_file(self.incoming(txn, id)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     fn get(&self, id: &ChunkId) -> io::Result<Vec<u8>> {

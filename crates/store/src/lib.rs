@@ -283,9 +283,10 @@ impl Checkpoint {
 
     /// This checkpoint with every chunked component reassembled under `dir`
     /// (several at a time, see [`Checkpoint::materialize`]); whole-file
-    /// components are symlinked there. [`Checkpoint::file`] of the result
-    /// names real files, e.g. for QEMU's `-incoming exec:cat <file>`. The
-    /// files stay until the caller removes `dir`.
+    /// components and further files (`files[]`) are symlinked there.
+    /// [`Checkpoint::file`] of the result names real files, e.g. for QEMU's
+    /// `-incoming exec:cat <file>`. The files stay until the caller removes
+    /// `dir`.
     pub fn materialized(&self, dir: &Path) -> Result<Checkpoint, StoreError> {
         fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
         let names: Vec<&str> = self
@@ -297,15 +298,17 @@ impl Checkpoint {
         for r in par_map(&names, |name| self.materialize(name, dir)) {
             r?;
         }
-        for c in self
+        let whole = self
             .manifest
             .components
             .iter()
             .filter(|c| c.chunks.is_none())
-        {
-            let link = dir.join(&c.file);
+            .map(|c| &c.file)
+            .chain(self.manifest.files.iter().map(|f| &f.file));
+        for file in whole {
+            let link = dir.join(file);
             let _ = fs::remove_file(&link);
-            std::os::unix::fs::symlink(self.dir.join(&c.file), &link)
+            std::os::unix::fs::symlink(self.dir.join(file), &link)
                 .map_err(io_err("cannot link", &link))?;
         }
         let mut out = self.clone();
@@ -1438,6 +1441,10 @@ impl Pending {
             return;
         }
         self.finished = true;
+        // A failed commit may have put chunks it never published.
+        if let Err(e) = self.chunks.discard(&self.id) {
+            warn!(id = %self.id, error = %e, "cannot discard unpublished chunks (gc removes them)");
+        }
         match fs::remove_dir_all(&self.dir) {
             Ok(()) => debug!(id = %self.id, "pending checkpoint removed"),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -264,6 +264,20 @@ fn old_whole_file_checkpoints_still_read() {
     let m = c.materialized(&tmp.path().join("r")).unwrap();
     assert_eq!(fs::read(m.file("vm-a")).unwrap(), vm_state(1));
     assert!(store.fsck().unwrap().is_clean());
+    // Further files are reachable through the materialized checkpoint too.
+    let p = store.begin(Some("with-file")).unwrap();
+    fs::write(p.path("vm-a"), vm_state(2)).unwrap();
+    fs::write(p.path("disks.json"), b"{}").unwrap();
+    let mut d = draft(&[("vm-a", "vm-a")]);
+    d.files.push("disks.json".into());
+    p.commit(d).unwrap();
+    let m = store
+        .open_checkpoint("with-file")
+        .unwrap()
+        .materialized(&tmp.path().join("r2"))
+        .unwrap();
+    assert_eq!(fs::read(m.file("disks.json")).unwrap(), b"{}");
+    assert_eq!(fs::read(m.file("vm-a")).unwrap(), vm_state(2));
 }
 
 #[test]
@@ -457,4 +471,19 @@ fn a_manifest_path_outside_the_restore_dir_is_refused() {
     fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
     let e = store.open_checkpoint("c").unwrap_err();
     assert!(matches!(e, StoreError::BadManifest { .. }), "{e}");
+}
+
+#[test]
+fn a_failed_commit_leaves_no_unpublished_chunks() {
+    let (_tmp, store) = setup();
+    let p = store.begin(Some("bad")).unwrap();
+    fs::write(p.path("vm-a"), vm_state(4)).unwrap();
+    let e = p
+        .commit(draft(&[("vm-a", "vm-a"), ("vm-b", "vm-b")]))
+        .unwrap_err();
+    assert!(matches!(e, StoreError::FileMissing { .. }), "{e}");
+    let incoming = store.root().join(CHUNKS_DIR).join(".incoming");
+    assert_eq!(fs::read_dir(&incoming).unwrap().count(), 0);
+    assert_eq!(stored(&store).0, 0, "nothing was published");
+    assert!(store.list().unwrap().is_empty());
 }
