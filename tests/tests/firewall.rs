@@ -137,7 +137,9 @@ fn kmod_catches_a_deliberate_realtime_step() {
     assert!(v.iter().any(|s| s.starts_with("max_dis_ns.real_mono")), "the realtime step is caught: {v:?}");
     assert!(v.iter().any(|s| s.starts_with("max_step_ns.real")), "{v:?}");
     let dis = ka["max_dis_ns"]["real_mono"].as_u64().unwrap();
-    assert!((4_000_000_000..=5_100_000_000).contains(&dis), "a +5 s step of whole seconds shows as 4–5 s: {dis}");
+    // +5 s to a whole second, minus however long the guest's shell took
+    // between reading the clock and setting it (over a second on a busy host).
+    assert!((2_500_000_000..=5_100_000_000).contains(&dis), "a +5 s step of whole seconds shows as ~4–5 s: {dis}");
     // Only realtime moved: monotonic and boottime stay within their bounds.
     assert!(ka["max_step_ns"]["mono"].as_u64().unwrap() <= STEP_BOUND_NS, "{ka}");
     assert!(ka["max_dis_ns"]["boot_mono"].as_u64().unwrap() <= DIS_BOUND_NS, "{ka}");
