@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use stasis_core::clock::mono_ns;
 use stasis_eval::plot::{line_plot, Axes, Series};
 use stasis_eval::run::{Experiment, Line};
-use stasis_eval::time::{analyse, spec, steady, summarise, table, CheckpointRecord, Summary, Windows, CLOCKS, NODES};
+use stasis_eval::time::{analyse, host_frozen, spec, steady, summarise, table, CheckpointRecord, Summary, Windows, CLOCKS, NODES};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -90,7 +90,9 @@ fn time_eval(bin: &Path, pauses: &[u64], per_pause: usize, out: &Path, quick: bo
             let start = mono_ns();
             let ck = exp.json(&["checkpoint", "--pause-ms", &(p * 1000).to_string()])?;
             let end = mono_ns();
-            spans.push((p, i, start, end, ck));
+            let id = ck["info"]["id"].as_str().unwrap_or("latest").to_string();
+            let show = exp.json(&["show", &id]).unwrap_or_default();
+            spans.push((p, i, start, end, ck, show));
             std::thread::sleep(secs(gap_s));
         }
     }
@@ -99,9 +101,10 @@ fn time_eval(bin: &Path, pauses: &[u64], per_pause: usize, out: &Path, quick: bo
     let st = steady(&lines, steady_from, steady_to);
     let recs: Vec<CheckpointRecord> = spans
         .into_iter()
-        .map(|(pause_s, index, s, e, checkpoint)| {
+        .map(|(pause_s, index, s, e, checkpoint, show)| {
             let (nodes, theta) = analyse(&lines, s, e, &w);
-            CheckpointRecord { pause_s, index, host_start_ns: s, host_end_ns: e, checkpoint, nodes, theta }
+            let (host_frozen_ns, predicted_dtheta_ns) = host_frozen(&show);
+            CheckpointRecord { pause_s, index, host_start_ns: s, host_end_ns: e, checkpoint, nodes, theta, host_frozen_ns, predicted_dtheta_ns }
         })
         .collect();
     let sums: Vec<Summary> = pauses
@@ -123,8 +126,9 @@ fn time_eval(bin: &Path, pauses: &[u64], per_pause: usize, out: &Path, quick: bo
     std::fs::write(out.join("report.md"), &report)?;
     println!("{tbl}");
     println!(
-        "steady state: θ IQR {:.1} µs over {} exchanges (median δ {:.1} µs); per-second kmod step p50/p99 (ms): {}",
+        "steady state: θ IQR {:.1} µs (min-δ quarter {:.1} µs) over {} exchanges (median δ {:.1} µs); per-second kmod step p50/p99 (ms): {}",
         st.theta_iqr_ns.unwrap_or(f64::NAN) / 1e3,
+        st.theta_fast_iqr_ns.unwrap_or(f64::NAN) / 1e3,
         st.theta_n,
         st.delay_median_ns.unwrap_or(f64::NAN) / 1e3,
         CLOCKS.iter().enumerate().map(|(i, c)| format!("{c} {}/{}", stasis_eval::time::ms(st.kmod_step_p50_ns[i].1), stasis_eval::time::ms(st.kmod_step_p99_ns[i].1))).collect::<Vec<_>>().join(", ")
@@ -141,7 +145,7 @@ fn write_csv(path: &Path, recs: &[CheckpointRecord]) -> Result<()> {
     for c in CLOCKS {
         s.push_str(&format!(",probe_step_{c}_ns"));
     }
-    s.push_str(",dtheta_ns,theta_iqr_before_ns,work_before,work_after,work_ratio\n");
+    s.push_str(",dtheta_ns,dtheta_fast_ns,theta_iqr_before_ns,work_before,work_after,work_ratio\n");
     let o = |v: Option<f64>| v.map(|x| format!("{x}")).unwrap_or_default();
     for r in recs {
         for n in &r.nodes {
@@ -153,8 +157,9 @@ fn write_csv(path: &Path, recs: &[CheckpointRecord]) -> Result<()> {
                 s.push_str(&format!(",{}", o(n.probe_step_ns.get(c).map(|v| v as f64))));
             }
             s.push_str(&format!(
-                ",{},{},{},{},{}\n",
+                ",{},{},{},{},{},{}\n",
                 o(r.theta.delta_ns),
+                o(r.theta.delta_fast_ns),
                 o(r.theta.iqr_before_ns),
                 o(n.work_before),
                 o(n.work_after),
@@ -255,18 +260,19 @@ fn report_md(tbl: &str, st: &stasis_eval::time::Steady, recs: &[CheckpointRecord
     s.push_str("## Summary (per pause, over checkpoints × nodes)\n\n");
     s.push_str(tbl);
     s.push_str(&format!(
-        "\nSteady state before the first checkpoint: θ IQR {:.1} µs over {} exchanges, median round trip δ {:.1} µs; per-second guest-kmod step p50/p99: {}; work rate p5/p50/p95 (iterations/ms): {}.\n\n",
+        "\nSteady state before the first checkpoint: θ IQR {:.1} µs (min-δ quarter: {:.1} µs) over {} exchanges, median round trip δ {:.1} µs; per-second guest-kmod step p50/p99: {}; work rate p5/p50/p95 (iterations/ms): {}.\n\n",
         st.theta_iqr_ns.unwrap_or(f64::NAN) / 1e3,
+        st.theta_fast_iqr_ns.unwrap_or(f64::NAN) / 1e3,
         st.theta_n,
         st.delay_median_ns.unwrap_or(f64::NAN) / 1e3,
         CLOCKS.iter().enumerate().map(|(i, c)| format!("{c} {}/{} ms", ms(st.kmod_step_p50_ns[i].1), ms(st.kmod_step_p99_ns[i].1))).collect::<Vec<_>>().join(", "),
         st.work_rate.iter().map(|(n, r)| format!("{n} {}", r.iter().map(|x| x.map(|v| format!("{v:.0}")).unwrap_or("-".into())).collect::<Vec<_>>().join("/"))).collect::<Vec<_>>().join(", ")
     ));
-    s.push_str("## Per checkpoint\n\n| pause | # | frozen ms | node | kmod step ms mono/real/boot/tsc | probe step ms mono | Δθ µs | θ IQR before µs | work before → after (ratio) |\n|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("## Per checkpoint\n\n| pause | # | frozen ms | node | kmod step ms mono/real/boot/tsc | probe step ms mono | Δθ µs | min-δ Δθ µs | host-predicted Δθ µs | θ IQR before µs | work before → after (ratio) |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in recs {
         for n in &r.nodes {
             s.push_str(&format!(
-                "| {} s | {} | {} | {} | {} | {} | {} | {} | {} → {} ({}) |\n",
+                "| {} s | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} → {} ({}) |\n",
                 r.pause_s,
                 r.index,
                 ms(r.checkpoint["frozen_duration_ns"].as_f64()),
@@ -274,6 +280,8 @@ fn report_md(tbl: &str, st: &stasis_eval::time::Steady, recs: &[CheckpointRecord
                 CLOCKS.iter().map(|c| ms(n.kmod_step_ns.get(c).map(|v| v as f64))).collect::<Vec<_>>().join(" / "),
                 ms(n.probe_step_ns.mono.map(|v| v as f64)),
                 r.theta.delta_ns.map(|x| format!("{:.1}", x / 1e3)).unwrap_or("-".into()),
+                r.theta.delta_fast_ns.map(|x| format!("{:.1}", x / 1e3)).unwrap_or("-".into()),
+                r.predicted_dtheta_ns.map(|x| format!("{:.1}", x / 1e3)).unwrap_or("-".into()),
                 r.theta.iqr_before_ns.map(|x| format!("{:.1}", x / 1e3)).unwrap_or("-".into()),
                 n.work_before.map(|x| format!("{x:.0}")).unwrap_or("-".into()),
                 n.work_after.map(|x| format!("{x:.0}")).unwrap_or("-".into()),
@@ -285,6 +293,6 @@ fn report_md(tbl: &str, st: &stasis_eval::time::Steady, recs: &[CheckpointRecord
     for p in plots {
         s.push_str(&format!("![{}]({})\n\n{}\n\n", p.file, p.file, p.caption));
     }
-    s.push_str("## Method\n\n- Steps: `stasis-traffic work --kmod /proc/stasis_fw` reads the guest-kmod's counters (1 ms hrtimer samples of mono/real/boot/TSC) and writes `reset` once a guest second; a checkpoint's step is the largest over the windows whose lines reached the host between the command's start and 1.5 s after it returned. The probe's column is the userspace probe (10 ms samples) over the same span. Step = sample-to-sample delta minus the period; a leaked pause of P s would show as ≈ P.\n- Δθ: node b runs `stasis-traffic clockx --peer a` (4-timestamp UDP exchange every 100 ms, θ = ((t2−t1)+(t3−t4))/2 of the two guests' CLOCK_MONOTONIC); Δθ = median θ over the last 3 s (guest time) of exchanges seen before the command − median θ over the first 3 s of those seen after it returned.\n- Work: busy-loop iterations per 100 ms of guest CLOCK_MONOTONIC (nice 19); mean rate over the 2 s of host time before the command vs the 2 s after it returned.\n- Host time of a console line = when the host's tailer read it (10 ms poll).\n");
+    s.push_str("## Method\n\n- Steps: `stasis-traffic work --kmod /proc/stasis_fw` reads the guest-kmod's counters (1 ms hrtimer samples of mono/real/boot/TSC) and writes `reset` once a guest second; a checkpoint's step is the largest over the windows whose lines reached the host between the command's start and 1.5 s after it returned. The probe's column is the userspace probe (10 ms samples) over the same span. Step = sample-to-sample delta minus the period; a leaked pause of P s would show as ≈ P.\n- Δθ: node b runs `stasis-traffic clockx --peer a` (4-timestamp UDP exchange every 100 ms, θ = ((t2−t1)+(t3−t4))/2 of the two guests' CLOCK_MONOTONIC); Δθ = median θ over the last 3 s (guest time) of exchanges seen before the command − median θ over the first 3 s of those seen after it returned. The min-δ Δθ takes, in each window, only the quarter of exchanges with the shortest round trip δ (NTP's filter: a long δ means queueing or a descheduled vCPU, which biases θ). Host-predicted Δθ = frozen_b − frozen_a, each VM's frozen time as the host measured it (the checkpoint manifest's `frozen_ns`, `stasis show --json`): what the guests should see if the exchange were exact.\n- Work: busy-loop iterations per 100 ms of guest CLOCK_MONOTONIC (nice 19); mean rate over the 2 s of host time before the command vs the 2 s after it returned.\n- Host time of a console line = when the host's tailer read it (10 ms poll).\n");
     s
 }

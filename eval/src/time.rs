@@ -110,6 +110,10 @@ pub struct Theta {
     pub n_after: usize,
     pub iqr_before_ns: Option<f64>,
     pub iqr_after_ns: Option<f64>,
+    /// Δθ from the quarter of each window's exchanges with the shortest
+    /// round trip δ (NTP's minimum-delay filter: queueing and descheduling
+    /// lengthen δ and bias θ).
+    pub delta_fast_ns: Option<f64>,
 }
 
 /// Everything measured about one checkpoint.
@@ -125,6 +129,26 @@ pub struct CheckpointRecord {
     pub checkpoint: Value,
     pub nodes: Vec<NodeFigures>,
     pub theta: Theta,
+    /// Each VM's frozen time as the host measured it (manifest `frozen_ns`).
+    pub host_frozen_ns: Vec<(String, u64)>,
+    /// The Δθ those predict: θ = a − b, so frozen_b − frozen_a.
+    pub predicted_dtheta_ns: Option<f64>,
+}
+
+/// Each VM's `frozen_ns` from `stasis show --json`, and the Δθ they predict.
+pub fn host_frozen(show: &Value) -> (Vec<(String, u64)>, Option<f64>) {
+    let v: Vec<(String, u64)> = show["manifest"]["components"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|c| c["kind"] == "Vm" || c["kind"] == "vm")
+                .filter_map(|c| Some((c["name"].as_str()?.to_string(), c["frozen_ns"].as_u64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let get = |n: &str| v.iter().find(|x| x.0 == n).map(|x| x.1 as f64);
+    let pred = get("a").zip(get("b")).map(|(a, b)| b - a);
+    (v, pred)
 }
 
 /// Steady-state noise, measured before the first checkpoint.
@@ -134,6 +158,8 @@ pub struct Steady {
     pub host_to_ns: u64,
     /// IQR of θ: the exchange's own noise.
     pub theta_iqr_ns: Option<f64>,
+    /// IQR of θ over the quarter of exchanges with the shortest δ.
+    pub theta_fast_iqr_ns: Option<f64>,
     pub theta_n: usize,
     /// Median round-trip delay δ.
     pub delay_median_ns: Option<f64>,
@@ -154,12 +180,19 @@ fn work_rate(l: &Line) -> Option<f64> {
     (len > 0.0).then(|| iters / (len / 1e6))
 }
 
-/// θ samples (ns) of node b's exchanges arriving in `[from, to)` host ns.
-fn thetas(lines: &[Line], from: u64, to: u64) -> Vec<(u64, f64)> {
+/// (t1, θ, δ) of node b's exchanges arriving in `[from, to)` host ns.
+fn exchanges(lines: &[Line], from: u64, to: u64) -> Vec<(u64, f64, f64)> {
     tool(lines, "b", "clockx")
         .filter(|l| l.host_ns >= from && l.host_ns < to)
-        .filter_map(|l| Some((l.v["t1"].as_u64()?, l.v["theta_ns"].as_f64()?)))
+        .filter_map(|l| Some((l.v["t1"].as_u64()?, l.v["theta_ns"].as_f64()?, l.v["delta_ns"].as_f64()?)))
         .collect()
+}
+
+/// Median θ of the exchanges whose δ is at most the window's 25th percentile.
+pub fn fast_median(xs: &[(u64, f64, f64)]) -> Option<f64> {
+    let d: Vec<f64> = xs.iter().map(|x| x.2).collect();
+    let cut = percentile(&d, 25.0)?;
+    median(&xs.iter().filter(|x| x.2 <= cut).map(|x| x.1).collect::<Vec<_>>())
 }
 
 /// The figures of one checkpoint whose command ran over `[start, end]` host ns.
@@ -198,12 +231,14 @@ pub fn analyse(lines: &[Line], start: u64, end: u64, w: &Windows) -> (Vec<NodeFi
     }
     // θ: the last theta_ns (guest time) of exchanges seen before the command,
     // the first theta_ns of those seen after it returned.
-    let before_all = thetas(lines, 0, start);
-    let after_all = thetas(lines, end + 1, u64::MAX);
+    let before_all = exchanges(lines, 0, start);
+    let after_all = exchanges(lines, end + 1, u64::MAX);
     let last_t1 = before_all.iter().map(|x| x.0).max().unwrap_or(0);
     let first_t1 = after_all.iter().map(|x| x.0).min().unwrap_or(0);
-    let before: Vec<f64> = before_all.iter().filter(|x| x.0 + w.theta_ns >= last_t1).map(|x| x.1).collect();
-    let after: Vec<f64> = after_all.iter().filter(|x| x.0 <= first_t1 + w.theta_ns).map(|x| x.1).collect();
+    let before_x: Vec<(u64, f64, f64)> = before_all.into_iter().filter(|x| x.0 + w.theta_ns >= last_t1).collect();
+    let after_x: Vec<(u64, f64, f64)> = after_all.into_iter().filter(|x| x.0 <= first_t1 + w.theta_ns).collect();
+    let before: Vec<f64> = before_x.iter().map(|x| x.1).collect();
+    let after: Vec<f64> = after_x.iter().map(|x| x.1).collect();
     let (bm, am) = (median(&before), median(&after));
     let theta = Theta {
         before_median_ns: bm,
@@ -213,6 +248,7 @@ pub fn analyse(lines: &[Line], start: u64, end: u64, w: &Windows) -> (Vec<NodeFi
         n_after: after.len(),
         iqr_before_ns: iqr(&before),
         iqr_after_ns: iqr(&after),
+        delta_fast_ns: fast_median(&before_x).zip(fast_median(&after_x)).map(|(b, a)| a - b),
     };
     (nodes, theta)
 }
@@ -220,7 +256,10 @@ pub fn analyse(lines: &[Line], start: u64, end: u64, w: &Windows) -> (Vec<NodeFi
 /// Steady-state noise over lines arriving in `[from, to)` host ns.
 pub fn steady(lines: &[Line], from: u64, to: u64) -> Steady {
     let inside = |l: &&Line| l.host_ns >= from && l.host_ns < to;
-    let th: Vec<f64> = thetas(lines, from, to).into_iter().map(|x| x.1).collect();
+    let xs = exchanges(lines, from, to);
+    let th: Vec<f64> = xs.iter().map(|x| x.1).collect();
+    let cut = percentile(&xs.iter().map(|x| x.2).collect::<Vec<_>>(), 25.0).unwrap_or(f64::MAX);
+    let fast: Vec<f64> = xs.iter().filter(|x| x.2 <= cut).map(|x| x.1).collect();
     let delays: Vec<f64> = tool(lines, "b", "clockx").filter(inside).filter_map(|l| l.v["delta_ns"].as_f64()).collect();
     let mut p50 = Vec::new();
     let mut p99 = Vec::new();
@@ -245,6 +284,7 @@ pub fn steady(lines: &[Line], from: u64, to: u64) -> Steady {
         host_from_ns: from,
         host_to_ns: to,
         theta_iqr_ns: iqr(&th),
+        theta_fast_iqr_ns: iqr(&fast),
         theta_n: th.len(),
         delay_median_ns: median(&delays),
         kmod_step_p50_ns: p50,
@@ -265,6 +305,11 @@ pub struct Summary {
     /// Δθ p50 and p99 of |Δθ|, ns.
     pub dtheta_p50_ns: Option<f64>,
     pub abs_dtheta_p99_ns: Option<f64>,
+    /// The same from the minimum-delay quarter of the exchanges.
+    pub dtheta_fast_p50_ns: Option<f64>,
+    pub abs_dtheta_fast_p99_ns: Option<f64>,
+    /// p50 of |Δθ − predicted Δθ| (host-measured frozen times), ns.
+    pub abs_dtheta_vs_host_p50_ns: Option<f64>,
     /// Work ratio after/before over checkpoints × nodes: p50, min, max.
     pub work_ratio: [Option<f64>; 3],
     /// Median time frozen as the CLI reports it, ms.
@@ -285,6 +330,9 @@ pub fn summarise(pause_s: u64, recs: &[&CheckpointRecord]) -> Summary {
     };
     let dth: Vec<f64> = recs.iter().filter_map(|r| r.theta.delta_ns).collect();
     let abs: Vec<f64> = dth.iter().map(|x| x.abs()).collect();
+    let fast: Vec<f64> = recs.iter().filter_map(|r| r.theta.delta_fast_ns).collect();
+    let fast_abs: Vec<f64> = fast.iter().map(|x| x.abs()).collect();
+    let vs_host: Vec<f64> = recs.iter().filter_map(|r| Some((r.theta.delta_ns? - r.predicted_dtheta_ns?).abs())).collect();
     let ratios = col(&|n| n.work_ratio);
     let frozen: Vec<f64> = recs.iter().filter_map(|r| r.checkpoint["frozen_duration_ns"].as_f64()).map(|x| x / 1e6).collect();
     Summary {
@@ -294,6 +342,9 @@ pub fn summarise(pause_s: u64, recs: &[&CheckpointRecord]) -> Summary {
         probe_step_ns: per_clock(true),
         dtheta_p50_ns: median(&dth),
         abs_dtheta_p99_ns: percentile(&abs, 99.0),
+        abs_dtheta_vs_host_p50_ns: median(&vs_host),
+        dtheta_fast_p50_ns: median(&fast),
+        abs_dtheta_fast_p99_ns: percentile(&fast_abs, 99.0),
         work_ratio: [median(&ratios), percentile(&ratios, 0.0), percentile(&ratios, 100.0)],
         frozen_ms_p50: median(&frozen),
     }
@@ -307,14 +358,14 @@ pub fn ms(v: Option<f64>) -> String {
 /// The summary table in Markdown.
 pub fn table(sums: &[Summary]) -> String {
     let mut s = String::from(
-        "| pause | ckpts | frozen ms p50 | kmod step ms p50/p99: mono | real | boot | tsc | probe step ms p50/p99: mono | Δθ µs p50 | \\|Δθ\\| µs p99 | work after/before p50 [min, max] |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| pause | ckpts | frozen ms p50 | kmod step ms p50/p99: mono | real | boot | tsc | probe step ms p50/p99: mono | Δθ µs p50 | \\|Δθ\\| µs p99 | min-δ Δθ µs p50 / \\|·\\| p99 | \\|Δθ − host-predicted\\| µs p50 | work after/before p50 [min, max] |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let us = |v: Option<f64>| v.map(|x| format!("{:.1}", x / 1e3)).unwrap_or_else(|| "-".into());
     let r = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
     for m in sums {
         let k = |i: usize| format!("{} / {}", ms(m.kmod_step_ns[i].1), ms(m.kmod_step_ns[i].2));
         s.push_str(&format!(
-            "| {} s | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} [{}, {}] |\n",
+            "| {} s | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} / {} | {} | {} [{}, {}] |\n",
             m.pause_s,
             m.checkpoints,
             m.frozen_ms_p50.map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into()),
@@ -326,6 +377,9 @@ pub fn table(sums: &[Summary]) -> String {
             ms(m.probe_step_ns[0].2),
             us(m.dtheta_p50_ns),
             us(m.abs_dtheta_p99_ns),
+            us(m.dtheta_fast_p50_ns),
+            us(m.abs_dtheta_fast_p99_ns),
+            us(m.abs_dtheta_vs_host_p50_ns),
             r(m.work_ratio[0]),
             r(m.work_ratio[1]),
             r(m.work_ratio[2]),
@@ -377,6 +431,7 @@ mod tests {
         assert!((d - 200e3).abs() < 1.0, "Δθ {d}");
         assert_eq!(theta.n_before, 31); // t1 within the last 3 s of guest time: 7.0..=9.9
         assert!(theta.iqr_before_ns.expect("iqr") <= 20e3);
+        assert!((theta.delta_fast_ns.expect("fast") - 200e3).abs() < 20e3 + 1.0);
         for n in &nodes {
             assert_eq!(n.kmod_step_ns.mono, Some(5_000_000), "{}", n.node);
             assert_eq!(n.probe_step_ns.mono, Some(10_000_000));
@@ -408,10 +463,17 @@ mod tests {
             checkpoint: json!({"frozen_duration_ns": 1_500_000_000u64}),
             nodes,
             theta,
+            host_frozen_ns: vec![],
+            predicted_dtheta_ns: Some(200e3),
         };
         let s = summarise(1, &[&rec, &rec]);
         assert_eq!(s.kmod_step_ns[0].1, Some(5e6));
         assert_eq!(s.frozen_ms_p50, Some(1500.0));
+        assert!(s.abs_dtheta_vs_host_p50_ns.expect("vs host") < 1.0);
         assert!(table(&[s]).contains("| 1 s | 2 | 1500 | 5.000 / 5.000"));
+        let show = json!({"manifest":{"components":[{"name":"a","kind":"Vm","frozen_ns":1_000_000_000u64},{"name":"b","kind":"Vm","frozen_ns":1_000_300_000u64},{"name":"delay-node","kind":"DelayNode","frozen_ns":1u64}]}});
+        let (v, pred) = host_frozen(&show);
+        assert_eq!(v.len(), 2);
+        assert_eq!(pred, Some(300_000.0));
     }
 }
