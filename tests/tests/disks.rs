@@ -140,7 +140,8 @@ fn each_checkpoint_and_branch_sees_exactly_its_own_disk() {
     let snap = show["manifest"]["timings"]["extra"]["disk_snapshot_ns"].as_u64().expect("disk_snapshot_ns recorded");
     assert!(snap > 0, "{show}");
     let text = exp.run(&["log"]);
-    assert!(text.status.success());
+    let shown = String::from_utf8_lossy(&text.stdout);
+    assert!(text.status.success() && shown.contains("head of b1") && shown.contains("[b2]"), "{shown}");
     let diff_text = exp.run(&["diff", "c1", "c2"]);
     assert!(diff_text.status.success());
     eprintln!("disk snapshot {snap} ns\nlog: {log}\ndiff c1 c2: {d}");

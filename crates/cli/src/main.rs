@@ -578,11 +578,11 @@ fn print_log(entries: &[LogEntry], branches: &std::collections::BTreeMap<String,
         }).collect()
     };
     fn walk<'a>(e: &'a LogEntry, depth: usize, children: &dyn Fn(Option<&str>) -> Vec<&'a LogEntry>, branches: &std::collections::BTreeMap<String, BranchRec>) {
-        let t = e.created_unix_ms / 1000;
+        let t = utc(e.created_unix_ms / 1000);
         let disk: u64 = e.disks.values().map(|d| d.1).sum();
         let heads: Vec<&str> = branches.iter().filter(|(_, b)| b.head == e.id).map(|(n, _)| n.as_str()).collect();
         println!(
-            "{}* {} {:<10} [{}] t={}s state {} disk +{}{}",
+            "{}* {} {:<10} [{}] {} state {} disk +{}{}",
             "  ".repeat(depth),
             e.id,
             e.name.as_deref().unwrap_or("-"),
@@ -672,5 +672,31 @@ fn print_diff(d: &DiffReport) {
     for (node, (path, bytes)) in &d.disks_b {
         let a = d.disks_a.get(node).map(|(p, b)| format!("{} ({})", p.display(), mib(*b))).unwrap_or_else(|| "-".into());
         println!("  disk {node}: A {a}; B {} ({} written since its previous checkpoint)", path.display(), mib(*bytes));
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SSZ` of a Unix time (proleptic Gregorian, UTC).
+fn utc(secs: u64) -> String {
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_formats_known_instants() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00Z");
+        assert_eq!(super::utc(951_782_400), "2000-02-29 00:00:00Z");
+        assert_eq!(super::utc(1_795_312_637), "2026-11-22 01:57:17Z");
     }
 }
