@@ -36,6 +36,9 @@ enum Cmd {
         /// The stasis binary [default: target/debug/stasis next to this one]
         #[arg(long)]
         stasis: Option<PathBuf>,
+        /// Run nothing: redraw the PNGs of --out from its time-eval.json and console-lines.jsonl
+        #[arg(long)]
+        replot: bool,
     },
 }
 
@@ -44,7 +47,8 @@ fn main() -> Result<()> {
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
     ).init();
     match Cli::parse().cmd {
-        Cmd::Time { mut pauses, mut checkpoints_per_pause, out, quick, stasis } => {
+        Cmd::Time { replot: true, out, .. } => replot(&out),
+        Cmd::Time { mut pauses, mut checkpoints_per_pause, out, quick, stasis, .. } => {
             if quick {
                 pauses = vec![1];
                 checkpoints_per_pause = 2;
@@ -120,7 +124,8 @@ fn time_eval(bin: &Path, pauses: &[u64], per_pause: usize, out: &Path, quick: bo
     std::fs::write(out.join("time-eval.json"), serde_json::to_string_pretty(&raw)?)?;
     write_csv(&out.join("time-eval.csv"), &recs)?;
     write_lines(&out.join("console-lines.jsonl"), &lines)?;
-    let plots = plots(out, &lines, &recs, pauses)?;
+    let spans: Vec<Span> = recs.iter().map(|r| Span { pause_s: r.pause_s, start: r.host_start_ns, end: r.host_end_ns, theta_base: r.theta.before_median_ns }).collect();
+    let plots = plots(out, &lines, &spans, pauses)?;
     let tbl = table(&sums);
     let report = report_md(&tbl, &st, &recs, &plots, pauses, per_pause, quick);
     std::fs::write(out.join("report.md"), &report)?;
@@ -181,6 +186,41 @@ fn write_lines(path: &Path, lines: &[Line]) -> Result<()> {
     Ok(())
 }
 
+/// What a plot needs of a checkpoint.
+struct Span {
+    pause_s: u64,
+    start: u64,
+    end: u64,
+    theta_base: Option<f64>,
+}
+
+fn replot(out: &Path) -> Result<()> {
+    let raw: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("time-eval.json"))?)?;
+    let spans: Vec<Span> = raw["checkpoints"]
+        .as_array()
+        .context("no checkpoints")?
+        .iter()
+        .map(|r| Span {
+            pause_s: r["pause_s"].as_u64().unwrap_or(0),
+            start: r["host_start_ns"].as_u64().unwrap_or(0),
+            end: r["host_end_ns"].as_u64().unwrap_or(0),
+            theta_base: r["theta"]["before_median_ns"].as_f64(),
+        })
+        .collect();
+    let pauses: Vec<u64> = raw["pauses_s"].as_array().context("pauses")?.iter().filter_map(|p| p.as_u64()).collect();
+    let lines: Vec<Line> = std::fs::read_to_string(out.join("console-lines.jsonl"))?
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            Some(Line { host_ns: v["host_ns"].as_u64()?, node: v["node"].as_str()?.to_string(), v: v["line"].clone() })
+        })
+        .collect();
+    for p in plots(out, &lines, &spans, &pauses)? {
+        println!("{}: {}", p.file, p.caption);
+    }
+    Ok(())
+}
+
 struct Plot {
     file: String,
     caption: String,
@@ -188,14 +228,14 @@ struct Plot {
 
 /// Per pause, around its first checkpoint: node a's clocks minus host time,
 /// θ minus its median before, and the work rate of both nodes.
-fn plots(out: &Path, lines: &[Line], recs: &[CheckpointRecord], pauses: &[u64]) -> Result<Vec<Plot>> {
+fn plots(out: &Path, lines: &[Line], recs: &[Span], pauses: &[u64]) -> Result<Vec<Plot>> {
     let mut v = Vec::new();
     for &p in pauses {
         let Some(r) = recs.iter().find(|r| r.pause_s == p) else { continue };
-        let (from, to) = (r.host_start_ns.saturating_sub(5_000_000_000), r.host_end_ns + 5_000_000_000);
-        let hs = |ns: u64| (ns as f64 - r.host_start_ns as f64) / 1e9;
+        let (from, to) = (r.start.saturating_sub(5_000_000_000), r.end + 5_000_000_000);
+        let hs = |ns: u64| (ns as f64 - r.start as f64) / 1e9;
         let near: Vec<&Line> = lines.iter().filter(|l| l.host_ns >= from && l.host_ns <= to).collect();
-        let marks = [0.0, hs(r.host_end_ns)];
+        let marks = [0.0, hs(r.end)];
         let caption = |a: &Axes, what: &str, unit: &str| {
             format!(
                 "{what}. x: host time from the start of the checkpoint command, s ({:.1} … {:.1}, grid every {} s; black lines: command start and return); y: {unit} ({:.3} … {:.3}, grid every {}).",
@@ -223,7 +263,7 @@ fn plots(out: &Path, lines: &[Line], recs: &[CheckpointRecord], pauses: &[u64]) 
                 v.push(Plot { file, caption: caption(&a, &format!("Pause {p} s: node a's CLOCK_MONOTONIC (red), REALTIME (green), BOOTTIME (blue) minus host time, from the probe's 500 ms reports, timed by their arrival on the host (±10 ms poll); the step of −{p} s is the pause the guest does not see, and the lines lie on each other: no guest clock disagrees with another"), "guest clock − host time, s") });
             }
         }
-        let base = r.theta.before_median_ns.unwrap_or(0.0);
+        let base = r.theta_base.unwrap_or(0.0);
         let th: Vec<(f64, f64)> = near
             .iter()
             .filter(|l| l.node == "b" && l.v["tool"] == "clockx")

@@ -89,15 +89,44 @@ pub fn line_plot(path: &Path, series: &[Series], marks: &[f64]) -> Result<Axes, 
     for s in series {
         let c = RGBColor(s.color.0, s.color.1, s.color.2);
         let p: Vec<(f64, f64)> = s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
-        chart.draw_series(LineSeries::new(p, c.stroke_width(2))).map_err(|e| err(&e))?;
+        for seg in segments(&p) {
+            chart.draw_series(LineSeries::new(seg.iter().copied(), c.stroke_width(2))).map_err(|e| err(&e))?;
+        }
     }
     root.present().map_err(|e| err(&e))?;
     Ok(Axes { x: (x0, x1), y: (y0, y1), x_step: xs, y_step: ys })
 }
 
+/// Splits points where x jumps by more than 10 × the median step (a gap in
+/// the data, e.g. a frozen guest printing nothing, is not drawn as a line).
+pub fn segments(p: &[(f64, f64)]) -> Vec<&[(f64, f64)]> {
+    let mut dx: Vec<f64> = p.windows(2).map(|w| w[1].0 - w[0].0).filter(|d| *d > 0.0).collect();
+    dx.sort_by(|a, b| a.total_cmp(b));
+    let Some(&med) = dx.get(dx.len() / 2) else { return vec![p] };
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 1..p.len() {
+        if p[i].0 - p[i - 1].0 > 10.0 * med {
+            out.push(&p[start..i]);
+            start = i;
+        }
+    }
+    out.push(&p[start..]);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gaps_split_series() {
+        let p = [(0.0, 0.0), (1.0, 0.0), (2.0, 0.0), (30.0, 1.0), (31.0, 1.0)];
+        let s = segments(&p);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[1], &p[3..]);
+        assert_eq!(segments(&p[..1]).len(), 1);
+    }
 
     #[test]
     fn nice_steps_are_round() {
