@@ -16,12 +16,26 @@ const STEP_BOUND_NS: f64 = 500e6;
 /// leaked into one guest would be the whole 1 s.
 const DTHETA_BOUND_NS: f64 = 250e6;
 
+/// Removes the eval's output when the test passes; keeps it (raw console
+/// lines, JSON, report) when it fails, for diagnosis.
+struct KeepOnFailure(tempfile::TempDir);
+
+impl Drop for KeepOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let kept = std::mem::replace(&mut self.0, tempfile::tempdir().expect("tempdir")).keep();
+            eprintln!("time eval output kept in {}", kept.display());
+        }
+    }
+}
+
 #[test]
 fn quick_time_eval_writes_plausible_figures() {
     let _ = stasis_bin(); // asserts the binaries and the guest image exist
     let eval = target_dir().join("debug").join("stasis-eval");
     assert!(eval.exists(), "{} is missing: cargo build --bins", eval.display());
-    let out = tempfile::Builder::new().prefix("stasis-time-eval").tempdir_in("/tmp").expect("tempdir");
+    let out = KeepOnFailure(tempfile::Builder::new().prefix("stasis-time-eval").tempdir_in("/tmp").expect("tempdir"));
+    let out = &out.0;
     let res = Command::new(&eval).args(["time", "--quick", "--out"]).arg(out.path()).output().expect("run stasis-eval");
     let stdout = String::from_utf8_lossy(&res.stdout);
     eprintln!("stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&res.stderr));

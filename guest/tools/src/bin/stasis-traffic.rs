@@ -565,31 +565,26 @@ fn run_clockx(o: ClockxOpts) -> io::Result<()> {
         if sock.send_to(&encode(seq, t1, 0, 0), peer).is_err() {
             continue;
         }
-        // Wait for this exchange's answer; late answers of older ones are dropped.
-        loop {
-            match sock.recv_from(&mut buf) {
-                Ok((n, _)) => {
-                    let t4 = mono_ns();
-                    match decode(&buf[..n]) {
-                        Some((s, _, t2, t3)) if s == seq && n == PACKET_LEN => {
-                            let x = Exchange { t1, t2, t3, t4 };
-                            JsonLine::new()
-                                .str("tool", "clockx")
-                                .str("node", &o.node)
-                                .u64("seq", seq)
-                                .u64("t1", t1)
-                                .u64("t2", t2)
-                                .u64("t3", t3)
-                                .u64("t4", t4)
-                                .i64("theta_ns", x.offset_ns())
-                                .i64("delta_ns", x.delay_ns())
-                                .emit();
-                            break;
-                        }
-                        _ => continue,
-                    }
+        // Wait for this exchange's answer; late answers of older ones are
+        // dropped; a timeout (lost or late) leaves it to the next interval.
+        while let Ok((n, _)) = sock.recv_from(&mut buf) {
+            let t4 = mono_ns();
+            if let Some((s, _, t2, t3)) = decode(&buf[..n]) {
+                if s == seq && n == PACKET_LEN {
+                    let x = Exchange { t1, t2, t3, t4 };
+                    JsonLine::new()
+                        .str("tool", "clockx")
+                        .str("node", &o.node)
+                        .u64("seq", seq)
+                        .u64("t1", t1)
+                        .u64("t2", t2)
+                        .u64("t3", t3)
+                        .u64("t4", t4)
+                        .i64("theta_ns", x.offset_ns())
+                        .i64("delta_ns", x.delay_ns())
+                        .emit();
+                    break;
                 }
-                Err(_) => break, // lost or late: the next interval tries again
             }
         }
     }
