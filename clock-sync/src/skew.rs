@@ -24,18 +24,10 @@ pub enum HostClock {
 impl HostClock {
     /// Nanoseconds now on this host clock.
     pub fn now_ns(self) -> u64 {
-        let id = match self {
-            HostClock::Realtime => libc::CLOCK_REALTIME,
-            HostClock::Monotonic => libc::CLOCK_MONOTONIC,
-        };
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: `ts` is a valid, writable timespec and both clock ids exist on Linux.
-        let rc = unsafe { libc::clock_gettime(id, &mut ts) };
-        debug_assert_eq!(rc, 0);
-        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+        match self {
+            HostClock::Realtime => stasis_core::clock::realtime_ns(),
+            HostClock::Monotonic => stasis_core::clock::mono_ns(),
+        }
     }
 }
 
