@@ -118,6 +118,8 @@ pub enum UpError {
     IncompleteCheckpoint { checkpoint: String, component: String },
     #[error("checkpointed spec does not parse")]
     Spec(#[from] stasis_core::spec::SpecError),
+    #[error("checkpoint store")]
+    Store(#[from] stasis_store::StoreError),
     #[error("data disk of node {node:?}")]
     Disk { node: String, #[source] source: stasis_qemu::disk::DiskError },
     #[error("checkpoint {checkpoint:?} has no disk image for node {node:?}: {reason}")]
@@ -388,7 +390,7 @@ pub async fn up(exp: &Experiment, layout: &Layout, tools: &Tools, obs: &dyn Obse
             spec.disk = Some(top);
         }
     }
-    launch_all(exp, layout, tools, &specs, incarnation, None, obs).await
+    launch_all(exp, layout, tools, &specs, incarnation, None, obs).await.map(|(rt, _)| rt)
 }
 
 /// `<state>/<experiment>/disks/<node>`: the node's images (docs/disks.md).
@@ -443,9 +445,9 @@ async fn launch_all(
     incarnation: u32,
     from: Option<&Checkpoint>,
     obs: &dyn Observer,
-) -> Result<Runtime, UpError> {
+) -> Result<(Runtime, Vec<(String, Vm)>), UpError> {
     // stasis-store: chunked components are reassembled (every chunk verified) into real files for QEMU and the delay node.
-    let from = from.map(|c| c.materialized(&layout.root().join("restore"))).transpose().map_err(|e| UpError::Io { path: layout.root().join("restore"), source: std::io::Error::other(e) })?;
+    let from = from.map(|c| c.materialized(&layout.root().join("restore"))).transpose()?;
     let from = from.as_ref();
     let delay_state = from.map(|c| c.file("delay-node"));
     let delay = start_delay_node(layout, tools, exp, incarnation, delay_state.as_deref())?;
@@ -465,6 +467,7 @@ async fn launch_all(
     };
     // Record as we go, so `stasis down` can clean up after a partial start.
     rt.store(layout)?;
+    let mut vms = Vec::new();
     for spec in specs {
         std::fs::create_dir_all(&spec.run_dir).map_err(io(&spec.run_dir))?;
         let serial = layout.serial_log(&spec.name, incarnation);
@@ -475,8 +478,9 @@ async fn launch_all(
         obs.event(&Event::VmLaunched { node: spec.name.clone(), pid: vm.pid, incarnation });
         rt.vms.push(VmProc { name: spec.name.clone(), pid: vm.pid, qmp: vm.qmp_path.clone(), serial_log: serial, disk: spec.disk.clone() });
         rt.store(layout)?;
+        vms.push((spec.name.clone(), vm));
     }
-    Ok(rt)
+    Ok((rt, vms))
 }
 
 /// Wait until every guest has printed its ready line on its console.
@@ -940,20 +944,15 @@ pub async fn restore(
         spec.disk = Some(top);
     }
     let incarnation = next_incarnation(layout)?;
-    let mut rt = launch_all(&exp, layout, tools, &specs, incarnation, Some(ckpt), obs).await?;
+    let (mut rt, mut vms) = launch_all(&exp, layout, tools, &specs, incarnation, Some(ckpt), obs).await?;
     // The timeline continues the named branch, or the checkpoint's own.
     rt.branch = Some(branch.map(str::to_owned).unwrap_or_else(|| lineage_of(ckpt).branch));
     rt.head = Some(ckpt.info.id.clone());
     rt.store(layout)?;
-    let mut vms = Vec::new();
-    for v in &rt.vms {
-        let mut vm = Vm::attach(&v.name, &v.qmp, v.pid)
-            .await
-            .map_err(|e| UpError::DelayNode(format!("re-attaching VM {}: {e}", v.name)))?;
+    for (node, vm) in &mut vms {
         vm.wait_incoming(Duration::from_secs(120))
             .await
-            .map_err(|source| UpError::Incoming { node: v.name.clone(), source })?;
-        vms.push((v.name.clone(), vm));
+            .map_err(|source| UpError::Incoming { node: node.clone(), source })?;
     }
     let mut delay = DelayClient::connect(&rt.delay_node.control).await?;
     let at = mono_ns() + margin_ns;
