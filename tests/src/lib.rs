@@ -194,6 +194,30 @@ pub fn last_recv(reports: &[Value]) -> Vec<Value> {
     by_flow.into_iter().map(|(_, v)| v).collect()
 }
 
+/// Frames received so far by a node, over all its flows.
+pub fn received(reports: &[Value]) -> u64 {
+    last_recv(reports).iter().map(|f| f["received"].as_u64().unwrap_or(0)).sum()
+}
+
+/// In `incarnation`, every receiver gets all `per_flow` frames of its one
+/// flow exactly once, and the sender finishes: the restored timeline lost
+/// and duplicated nothing.
+pub fn assert_every_frame_once(exp: &Experiment, sender: &str, receivers: &[&str], incarnation: u32, per_flow: u64) {
+    for n in receivers {
+        let r = exp.wait_for(n, incarnation, Duration::from_secs(150), "all frames", |r| {
+            last_recv(r).iter().any(|f| f["received"].as_u64() == Some(per_flow))
+        });
+        let flows = last_recv(&r);
+        assert_eq!(flows.len(), 1, "one flow per receiver: {flows:?}");
+        let f = &flows[0];
+        assert_eq!(f["received"].as_u64(), Some(per_flow), "{f}");
+        assert_eq!(f["missing"].as_u64(), Some(0), "frames lost in the restored timeline: {f}");
+        assert_eq!(f["dups"].as_u64(), Some(0), "frames duplicated in the restored timeline: {f}");
+    }
+    let sent = exp.reports(sender, incarnation);
+    assert!(sent.iter().any(|s| s["role"] == "send" && s["done"] == true), "sender finished in the restored timeline");
+}
+
 /// Largest probe step per clock over the given reports, in ns.
 pub fn max_steps(reports: &[Value]) -> [(String, u64); 3] {
     let mut m = [("mono".to_string(), 0u64), ("real".to_string(), 0), ("boot".to_string(), 0)];

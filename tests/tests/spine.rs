@@ -3,7 +3,7 @@
 //! the first checkpoint restored — and the receivers' own reports must show
 //! every frame exactly once, and the probes no clock step.
 
-use stasis_system_tests::{last_recv, max_steps, Experiment};
+use stasis_system_tests::{assert_every_frame_once, max_steps, received, Experiment};
 use std::time::Duration;
 
 /// Frames per flow (rate and count are per destination): 100/s for 30 s.
@@ -38,10 +38,6 @@ bandwidth = "100Mb"
 delay = "20ms"
 "#
     )
-}
-
-fn received(r: &[serde_json::Value]) -> u64 {
-    last_recv(r).iter().map(|f| f["received"].as_u64().unwrap_or(0)).sum()
 }
 
 #[test]
@@ -86,19 +82,7 @@ fn checkpoint_kill_restore_loses_and_duplicates_nothing() {
 
     // In the restored timeline both receivers get every frame of the sender,
     // exactly once.
-    for n in ["b", "c"] {
-        let r = exp.wait_for(n, 2, Duration::from_secs(150), "all frames", |r| {
-            last_recv(r).iter().any(|f| f["received"].as_u64() == Some(PER_FLOW))
-        });
-        let flows = last_recv(&r);
-        assert_eq!(flows.len(), 1, "one flow per receiver: {flows:?}");
-        let f = &flows[0];
-        assert_eq!(f["received"].as_u64(), Some(PER_FLOW), "{f}");
-        assert_eq!(f["missing"].as_u64(), Some(0), "frames lost in the restored timeline: {f}");
-        assert_eq!(f["dups"].as_u64(), Some(0), "frames duplicated in the restored timeline: {f}");
-    }
-    let sent = exp.reports("a", 2);
-    assert!(sent.iter().any(|s| s["role"] == "send" && s["done"] == true), "sender finished in the restored timeline");
+    assert_every_frame_once(&exp, "a", &["b", "c"], 2, PER_FLOW);
 
     // No clock in any guest stepped across the checkpoints or the restore by
     // more than sampling noise (on 2 cores, 3 TCG guests see up to a few

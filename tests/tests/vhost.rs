@@ -6,7 +6,7 @@
 //! hold lead (the node delivers right up to the freeze instant) and an
 //! in-band device-stop marker for every port.
 
-use stasis_system_tests::{last_recv, Experiment};
+use stasis_system_tests::{assert_every_frame_once, received, Experiment};
 use std::path::Path;
 use std::time::Duration;
 
@@ -40,10 +40,6 @@ bandwidth = "100Mb"
 delay = "50ms"
 "#
     )
-}
-
-fn received(r: &[serde_json::Value]) -> u64 {
-    last_recv(r).iter().map(|f| f["received"].as_u64().unwrap_or(0)).sum()
 }
 
 /// Every JSON line of every `*events*` file under `dir`.
@@ -133,17 +129,5 @@ fn vhost_user_checkpoint_kill_restore_is_exact() {
     assert_eq!(restored["summary"]["vms"], 3);
     assert_eq!(restored["runtime"]["incarnation"], 2);
 
-    for n in ["b", "c"] {
-        let r = exp.wait_for(n, 2, Duration::from_secs(150), "all frames", |r| {
-            last_recv(r).iter().any(|f| f["received"].as_u64() == Some(PER_FLOW))
-        });
-        let flows = last_recv(&r);
-        assert_eq!(flows.len(), 1, "one flow per receiver: {flows:?}");
-        let f = &flows[0];
-        assert_eq!(f["received"].as_u64(), Some(PER_FLOW), "{f}");
-        assert_eq!(f["missing"].as_u64(), Some(0), "frames lost in the restored timeline: {f}");
-        assert_eq!(f["dups"].as_u64(), Some(0), "frames duplicated in the restored timeline: {f}");
-    }
-    let sent = exp.reports("a", 2);
-    assert!(sent.iter().any(|s| s["role"] == "send" && s["done"] == true), "sender finished in the restored timeline");
+    assert_every_frame_once(&exp, "a", &["b", "c"], 2, PER_FLOW);
 }
