@@ -7,5 +7,7 @@ pub mod stats;
 pub mod run;
 /// The time eval: clock steps, inter-VM skew and CPU allocation across checkpoints.
 pub mod time;
+/// The iperf3 transparency eval: parsing, per-run metrics, arm comparisons (I/O-free).
+pub mod iperf;
 /// PNG line plots (plotters, bitmap backend, no text).
 pub mod plot;

@@ -1,6 +1,9 @@
 //! `stasis-eval`: evaluations of stasis on real VMs.
 //!
 //! `stasis-eval time [--pauses 1,10,60] [--checkpoints-per-pause N] [--out DIR] [--quick]`
+//! `stasis-eval iperf [--runs N] [--duration S] [--quick] [--out DIR] [--replot]`
+
+mod iperf_cmd;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -40,6 +43,51 @@ enum Cmd {
         #[arg(long)]
         replot: bool,
     },
+    /// iperf3 transparency: throughput with and without checkpoints, and a non-transparent control arm
+    Iperf {
+        /// Runs per arm
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Length of one iperf3 test, guest seconds
+        #[arg(long, default_value_t = 40)]
+        duration: u64,
+        /// Events (checkpoints / network freezes) per run, evenly spaced
+        #[arg(long, default_value_t = 2)]
+        events: usize,
+        /// Link bandwidth (spec syntax)
+        #[arg(long, default_value = "10Mb")]
+        bandwidth: String,
+        /// Link one-way delay (spec syntax)
+        #[arg(long, default_value = "10ms")]
+        delay: String,
+        /// The control arm's network freeze, ms
+        #[arg(long, default_value_t = 2000)]
+        freeze_ms: u64,
+        /// Pause between tests, s (must cover a checkpoint's commit)
+        #[arg(long, default_value_t = 5)]
+        gap: u64,
+        /// TOST margin on whole-run mean throughput (relative)
+        #[arg(long, default_value_t = 0.02)]
+        margin: f64,
+        /// TOST margin on throughput in the windows after events (relative)
+        #[arg(long, default_value_t = 0.05)]
+        window_margin: f64,
+        /// Arms besides the baseline `none` [default: all available: control, ckpt, live if `stasis checkpoint --live` exists]
+        #[arg(long, value_delimiter = ',')]
+        arms: Option<Vec<String>>,
+        /// 1 run per arm of 14 s with one event (a system test)
+        #[arg(long)]
+        quick: bool,
+        /// Output directory (raw data, report, plots)
+        #[arg(long, default_value = "eval-out/iperf")]
+        out: PathBuf,
+        /// The stasis binary [default: target/debug/stasis next to this one]
+        #[arg(long)]
+        stasis: Option<PathBuf>,
+        /// Run nothing: recompute the summary, report and PNGs of --out from its iperf-eval.json
+        #[arg(long)]
+        replot: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -61,6 +109,9 @@ fn main() -> Result<()> {
                 bail!("{} is missing: cargo build --bins", bin.display());
             }
             time_eval(&bin, &pauses, checkpoints_per_pause.max(1), &out, quick)
+        }
+        Cmd::Iperf { runs, duration, events, bandwidth, delay, freeze_ms, gap, margin, window_margin, arms, quick, out, stasis, replot } => {
+            iperf_cmd::main(iperf_cmd::Options { runs, duration, events, bandwidth, delay, freeze_ms, gap, margin, window_margin, arms, quick, out, stasis, replot })
         }
     }
 }

@@ -105,6 +105,17 @@ impl Experiment {
         self.lines.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
+    /// The arrival instant (host ns) of the first line satisfying `pred`,
+    /// searched in place (no copy of the lines).
+    pub fn first_line(&self, pred: impl Fn(&Line) -> bool) -> Option<u64> {
+        self.lines.lock().ok()?.iter().find(|l| pred(l)).map(|l| l.host_ns)
+    }
+
+    /// A copy of the first line satisfying `pred`.
+    pub fn find_line(&self, pred: impl Fn(&Line) -> bool) -> Option<Line> {
+        self.lines.lock().ok()?.iter().find(|l| pred(l)).cloned()
+    }
+
     /// Waits up to `timeout` for `pred` over the lines; returns whether it held.
     pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&[Line]) -> bool) -> bool {
         let deadline = mono_ns() + timeout.as_nanos() as u64;
