@@ -8,7 +8,7 @@
 //! its windows are comparable.
 
 use crate::stats::{
-    anderson_darling_2, bootstrap_ci_mean_diff, ks_two_sample, max_curve_gap, mean, tost_relative, variance, verdict,
+    anderson_darling_2, bootstrap_ci_mean_diff, cluster_permutation_p, ks_stat, ks_two_sample, max_curve_gap, mean, tost_relative, variance, verdict,
     welch_t, Tost, TwoSample, Verdict,
 };
 use serde::{Deserialize, Serialize};
@@ -272,9 +272,16 @@ pub struct Comparison {
     pub welch: Option<TwoSample>,
     /// Bootstrap (resampling runs) 95 % CI of the mean throughput difference, relative to the baseline mean.
     pub boot_ci_rel: Option<(f64, f64)>,
-    /// KS and Anderson–Darling on all per-interval throughputs, pooled over runs.
+    /// KS and Anderson–Darling on all per-interval throughputs, pooled over
+    /// runs, with their textbook p-values (which assume independent intervals).
     pub ks: Option<TwoSample>,
     pub ad: Option<TwoSample>,
+    /// The same statistics' p-values by permuting whole runs between the
+    /// arms ([`PERM_REPS`] relabellings): valid with correlated intervals.
+    #[serde(default)]
+    pub ks_perm_p: Option<f64>,
+    #[serde(default)]
+    pub ad_perm_p: Option<f64>,
     pub verdict: Verdict,
     /// The same around the events.
     pub window_tost: Option<Tost>,
@@ -282,6 +289,10 @@ pub struct Comparison {
     pub window_welch: Option<TwoSample>,
     pub window_ks: Option<TwoSample>,
     pub window_ad: Option<TwoSample>,
+    #[serde(default)]
+    pub window_ks_perm_p: Option<f64>,
+    #[serde(default)]
+    pub window_ad_perm_p: Option<f64>,
     /// Largest gap between the arm's and the baseline's mean throughput
     /// curve around the events (aligned on the event, 0.5 s bins), relative
     /// to the baseline's mean throughput.
@@ -295,6 +306,8 @@ pub struct Comparison {
 pub const ALPHA: f64 = 0.05;
 /// Bootstrap replicates.
 pub const BOOT_REPS: usize = 10_000;
+/// Relabellings of the run-permutation tests.
+pub const PERM_REPS: usize = 2_000;
 
 /// Mean receiver throughput around the events, aligned on each event
 /// (x = interval midpoint − event instant, binned to `bin_s`), averaged over
@@ -341,9 +354,21 @@ pub fn summarise(runs: &[RunRecord], arms: &[String], baseline: &str, margin: f6
     let base = of(baseline);
     let means = |rs: &[&RunRecord]| rs.iter().map(|r| r.metrics.mean_mbps).collect::<Vec<_>>();
     let windows = |rs: &[&RunRecord]| rs.iter().filter_map(|r| r.metrics.window_mbps).collect::<Vec<_>>();
-    let intervals = |rs: &[&RunRecord]| rs.iter().flat_map(|r| r.result.received.iter().map(|iv| iv.bps / 1e6)).collect::<Vec<_>>();
-    let win_intervals = |rs: &[&RunRecord]| {
-        rs.iter().flat_map(|r| window_intervals(&r.result, &r.events, w).into_iter().map(|iv| iv.bps / 1e6)).collect::<Vec<_>>()
+    let per_run = |rs: &[&RunRecord]| rs.iter().map(|r| r.result.received.iter().map(|iv| iv.bps / 1e6).collect()).collect::<Vec<Vec<f64>>>();
+    let per_run_win = |rs: &[&RunRecord]| {
+        rs.iter()
+            .map(|r| window_intervals(&r.result, &r.events, w).into_iter().map(|iv| iv.bps / 1e6).collect())
+            .collect::<Vec<Vec<f64>>>()
+    };
+    let intervals = |rs: &[&RunRecord]| per_run(rs).concat();
+    let win_intervals = |rs: &[&RunRecord]| per_run_win(rs).concat();
+    let ad_stat = |x: &[f64], y: &[f64]| anderson_darling_2(x, y).map(|t| t.stat);
+    let perm = |a: &[Vec<f64>], b: &[Vec<f64>], ad: bool| {
+        if ad {
+            cluster_permutation_p(a, b, ad_stat, PERM_REPS, 11)
+        } else {
+            cluster_permutation_p(a, b, ks_stat, PERM_REPS, 11)
+        }
     };
     let (bm, bw) = (means(&base), windows(&base));
     let (bi, bwi) = (intervals(&base), win_intervals(&base));
@@ -366,18 +391,21 @@ pub fn summarise(runs: &[RunRecord], arms: &[String], baseline: &str, margin: f6
                 let wi = win_intervals(&rs);
                 let window_ks = ks_two_sample(&bwi, &wi);
                 let window_ad = anderson_darling_2(&bwi, &wi);
+                let (pb, pa, pbw, paw) = (per_run(&base), per_run(&rs), per_run_win(&base), per_run_win(&rs));
+                let (ks_perm_p, ad_perm_p) = (perm(&pb, &pa, false), perm(&pb, &pa, true));
+                let (window_ks_perm_p, window_ad_perm_p) = (perm(&pbw, &paw, false), perm(&pbw, &paw, true));
                 let curve = aligned_curve(&rs, -w.before_s.max(2.0), w.after_s + 3.0, 0.5);
                 let bw_mean = mean(&bw);
                 let window_curve_gap_rel =
                     max_curve_gap(&base_curve, &curve).and_then(|g| bmean.filter(|b| *b > 0.0).map(|b| g / b));
                 let window_ratio = mean(&wm).and_then(|a| bw_mean.filter(|b| *b > 0.0).map(|b| a / b));
                 Comparison {
-                    verdict: verdict(tost.as_ref(), &[welch.map(|t| t.p), ks.map(|t| t.p), ad.map(|t| t.p)], ALPHA),
-                    window_verdict: verdict(
-                        window_tost.as_ref(),
-                        &[window_welch.map(|t| t.p), window_ks.map(|t| t.p), window_ad.map(|t| t.p)],
-                        ALPHA,
-                    ),
+                    verdict: verdict(tost.as_ref(), &[welch.map(|t| t.p), ks_perm_p, ad_perm_p], ALPHA),
+                    window_verdict: verdict(window_tost.as_ref(), &[window_welch.map(|t| t.p), window_ks_perm_p, window_ad_perm_p], ALPHA),
+                    ks_perm_p,
+                    ad_perm_p,
+                    window_ks_perm_p,
+                    window_ad_perm_p,
                     tost,
                     margin,
                     welch,
@@ -410,6 +438,25 @@ pub fn summarise(runs: &[RunRecord], arms: &[String], baseline: &str, margin: f6
         .collect()
 }
 
+/// The instruments' A/A check: the baseline's runs of even rounds against
+/// those of odd rounds (round = the baseline's k-th run), under the same
+/// tests. Both halves had no treatment, so anything but "equivalent" or
+/// "not shown equivalent" is a false alarm of the instruments. `None` below
+/// 4 baseline runs.
+pub fn aa_check(runs: &[RunRecord], baseline: &str, margin: f64, window_margin: f64, w: &Window) -> Option<ArmSummary> {
+    let base: Vec<&RunRecord> = runs.iter().filter(|r| r.arm == baseline).collect();
+    if base.len() < 4 {
+        return None;
+    }
+    let (even, odd) = (format!("{baseline} (even rounds)"), format!("{baseline} (odd rounds) vs even"));
+    let split: Vec<RunRecord> = base
+        .iter()
+        .enumerate()
+        .map(|(i, r)| RunRecord { arm: if i % 2 == 0 { even.clone() } else { odd.clone() }, ..(*r).clone() })
+        .collect();
+    summarise(&split, &[odd], &even, margin, window_margin, w).pop()
+}
+
 fn num(v: Option<f64>, prec: usize) -> String {
     v.filter(|x| x.is_finite()).map(|x| format!("{x:.prec$}")).unwrap_or_else(|| "–".into())
 }
@@ -419,13 +466,29 @@ fn pct(v: Option<f64>) -> String {
 }
 
 fn p(t: Option<TwoSample>) -> String {
-    t.map(|t| if t.p < 0.001 { "<0.001".to_string() } else { format!("{:.3}", t.p) }).unwrap_or_else(|| "–".into())
+    t.map(|t| pval(t.p)).unwrap_or_else(|| "–".into())
+}
+
+fn pval(x: f64) -> String {
+    if x < 0.001 {
+        "<0.001".into()
+    } else {
+        format!("{x:.3}")
+    }
+}
+
+/// "perm (pooled)" p-values.
+fn pp(perm: Option<f64>, pooled: Option<TwoSample>) -> String {
+    match (perm, pooled) {
+        (None, None) => "–".into(),
+        (a, b) => format!("{} ({})", a.map(pval).unwrap_or("–".into()), b.map(|t| pval(t.p)).unwrap_or("–".into())),
+    }
 }
 
 /// The summary table (Markdown), one row per arm.
 pub fn table(sums: &[ArmSummary]) -> String {
     let mut s = String::from(
-        "| arm | runs | Mbit/s mean ± sd | Δ vs none [TOST 90 % CI] | TOST p | boot 95 % CI Δ | Welch p | KS p | AD p | **verdict (whole run)** | window Mbit/s (ratio) | window Δ [90 % CI] | window KS p / AD p | curve gap | stall s mean/max | **verdict (around events)** | retrans/run | RTT ms | frozen ms/event |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| arm | runs | Mbit/s mean ± sd | Δ vs none [TOST 90 % CI] | TOST p | boot 95 % CI Δ | Welch p | KS p perm (pooled) | AD p perm (pooled) | **verdict (whole run)** | window Mbit/s (ratio) | window Δ [90 % CI] | window KS / AD p perm (pooled) | curve gap | stall s mean/max | **verdict (around events)** | retrans/run | RTT ms | frozen ms/event |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for a in sums {
         let c = a.vs_baseline.as_ref();
@@ -442,14 +505,14 @@ pub fn table(sums: &[ArmSummary]) -> String {
             c.and_then(|c| c.tost.map(|t| format!("{:.3}", t.p))).unwrap_or_else(|| "–".into()),
             c.and_then(|c| c.boot_ci_rel).map(|(l, h)| format!("[{}, {}]", pct(Some(l)), pct(Some(h)))).unwrap_or_else(|| "–".into()),
             p(c.and_then(|c| c.welch)),
-            p(c.and_then(|c| c.ks)),
-            p(c.and_then(|c| c.ad)),
+            pp(c.and_then(|c| c.ks_perm_p), c.and_then(|c| c.ks)),
+            pp(c.and_then(|c| c.ad_perm_p), c.and_then(|c| c.ad)),
             c.map(|c| format!("**{}** (±{:.0} %)", c.verdict, c.margin * 100.0)).unwrap_or_else(|| "–".into()),
             num(a.window_mbps, 2),
             c.and_then(|c| c.window_ratio).map(|r| format!("{r:.2}")).unwrap_or_else(|| "1".into()),
             c.map(|c| tost_cell(c.window_tost.as_ref())).unwrap_or_else(|| "–".into()),
-            p(c.and_then(|c| c.window_ks)),
-            p(c.and_then(|c| c.window_ad)),
+            pp(c.and_then(|c| c.window_ks_perm_p), c.and_then(|c| c.window_ks)),
+            pp(c.and_then(|c| c.window_ad_perm_p), c.and_then(|c| c.window_ad)),
             c.and_then(|c| c.window_curve_gap_rel).map(|g| format!("{:.0} %", g * 100.0)).unwrap_or_else(|| "–".into()),
             num(a.stall_mean_s, 1),
             num(a.stall_max_s, 1),
@@ -602,6 +665,10 @@ mod tests {
         assert_eq!(t.lines().count(), 2 + 3);
         assert!(t.contains("**different**") && t.contains("**equivalent**"), "{t}");
         assert_eq!(runs_csv(&runs).lines().count(), 1 + 18);
+        let aa = aa_check(&runs, "none", 0.02, 0.05, &Window::default()).expect("6 baseline runs");
+        assert_eq!(aa.runs, 3);
+        assert_ne!(aa.vs_baseline.expect("compared").verdict, Verdict::Different);
+        assert!(aa_check(&runs[..9], "none", 0.02, 0.05, &Window::default()).is_none(), "3 baseline runs are too few");
     }
 
     #[test]

@@ -6,9 +6,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use stasis_core::clock::mono_ns;
 use stasis_eval::iperf::{
-    aligned_curve, mean_series, metrics, parse_iperf, runs_csv, summarise, table, ArmSummary, Event, RunRecord, Window,
+    aa_check, aligned_curve, mean_series, metrics, parse_iperf, runs_csv, summarise, table, ArmSummary, Event, RunRecord, Window,
 };
-use stasis_eval::plot::{line_plot, Axes, Series};
+use stasis_eval::plot::{curve_plot, line_plot, Axes, Series};
 use stasis_eval::run::{Experiment, Line};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -310,6 +310,12 @@ fn run_events(exp: &Experiment, ctl: &Path, s: &Settings, arm: &Arm, h0: u64) ->
                 args.extend(extra.iter().map(String::as_str));
                 let ck = exp.json(&args).with_context(|| format!("stasis {}", args.join(" ")))?;
                 let frozen = ck["frozen_duration_ns"].as_u64().unwrap_or(0);
+                // The freeze instant T the coordinator chose (the manifest's
+                // `freeze.planned_ns`) replaces the estimate from the command's start.
+                let id = ck["info"]["id"].as_str().unwrap_or("latest").to_string();
+                let freeze = exp.json(&["show", &id]).map(|v| v["manifest"]["freeze"].clone()).unwrap_or_default();
+                let at_s = freeze["planned_ns"].as_u64().map_or(at_s, |t| (t as f64 - h0 as f64 - frozen_so_far as f64) / 1e9);
+                let ck = json!({"checkpoint": ck, "freeze": freeze});
                 eprintln!(
                     "  checkpoint at {at_s:.2} s: frozen {:.0} ms, command {:.1} s",
                     frozen as f64 / 1e6,
@@ -375,7 +381,8 @@ struct Raw {
 
 fn write_outputs(out: &Path, s: &Settings, runs: &[RunRecord], failures: &[Value], wall_s: f64) -> Result<()> {
     let names: Vec<String> = s.arms.iter().map(|a| a.name.clone()).collect();
-    let summary = summarise(runs, &names, "none", s.margin, s.window_margin, &s.window);
+    let mut summary = summarise(runs, &names, "none", s.margin, s.window_margin, &s.window);
+    summary.extend(aa_check(runs, "none", s.margin, s.window_margin, &s.window));
     let raw = Raw { eval: "iperf".into(), settings: s.clone(), runs: runs.to_vec(), failures: failures.to_vec(), summary, wall_s };
     std::fs::write(out.join("iperf-eval.json"), serde_json::to_string_pretty(&raw)?)?;
     std::fs::write(out.join("runs.csv"), runs_csv(runs))?;
@@ -468,7 +475,7 @@ fn plots(out: &Path, raw: &Raw) -> Vec<Plot> {
             .collect()
     };
     let all = cdf(&|r: &RunRecord| r.result.received.iter().map(|iv| iv.bps / 1e6).collect());
-    if let Ok(a) = line_plot(&out.join("iperf-cdf.png"), &all, &[]) {
+    if let Ok(a) = curve_plot(&out.join("iperf-cdf.png"), &all, &[]) {
         v.push(Plot {
             file: "iperf-cdf.png".into(),
             caption: format!("Empirical CDF of per-interval (0.5 s) receiver throughput, all intervals of all runs per arm ({legend}). {}.", axes_text(&a, "Mbit/s", "fraction of intervals")),
@@ -476,7 +483,7 @@ fn plots(out: &Path, raw: &Raw) -> Vec<Plot> {
     }
     let w = s.window;
     let win = cdf(&|r: &RunRecord| stasis_eval::iperf::window_intervals(&r.result, &r.events, &w).into_iter().map(|iv| iv.bps / 1e6).collect());
-    if let Ok(a) = line_plot(&out.join("iperf-cdf-window.png"), &win, &[]) {
+    if let Ok(a) = curve_plot(&out.join("iperf-cdf-window.png"), &win, &[]) {
         v.push(Plot {
             file: "iperf-cdf-window.png".into(),
             caption: format!(
@@ -517,7 +524,7 @@ fn report(out: &Path, raw: &Raw) -> Result<()> {
             Treatment::FreezeNetwork { ms } => format!("- `{}` (**not transparent**, the instruments' control): the delay node freezes every port for {ms} ms at each event while the VMs keep running (`freeze_at`/`thaw_at` on its control socket).\n", a.name),
         });
     }
-    r.push_str(&format!("\n## Summary\n\nBaseline `none`. α = {}. Verdicts: **equivalent** needs the TOST to pass (and no difference test to reject); **different**: Welch, KS or AD rejects at α; otherwise **not shown equivalent**. Margins: ±{:.0} % of the baseline's mean throughput for the whole run, ±{:.0} % for the windows.\n\n", stasis_eval::iperf::ALPHA, s.margin * 100.0, s.window_margin * 100.0));
+    r.push_str(&format!("\n## Summary\n\nBaseline `none`. α = {}. Verdicts: **equivalent** needs the TOST to pass (and no difference test to reject); **different**: Welch, KS or AD rejects at α; otherwise **not shown equivalent**. Margins: ±{:.0} % of the baseline's mean throughput for the whole run, ±{:.0} % for the windows. The last row (with ≥ 4 baseline runs) is the instruments' A/A check: the baseline's even-round runs against its odd-round runs, no treatment on either side.\n\n", stasis_eval::iperf::ALPHA, s.margin * 100.0, s.window_margin * 100.0));
     r.push_str(&tbl);
     if !raw.failures.is_empty() {
         r.push_str(&format!("\nUnusable runs (left out): {}\n", raw.failures.iter().map(|f| f.to_string()).collect::<Vec<_>>().join("; ")));
@@ -540,11 +547,12 @@ fn report(out: &Path, raw: &Raw) -> Result<()> {
         ));
     }
     r.push_str(&format!(
-        "\n## Method\n\n- Unit: a run (one iperf3 test). Whole-run throughput: the test's `end.sum_received` (bytes the server received / test duration, guest time).\n- Per-interval throughput: the server's (receiver's) 0.5 s intervals (`server_output_json`); fragments under {} s are dropped. Retransmits and RTT: the client's `end` (`sum_sent.retransmits`, `streams[0].sender.mean_rtt`).\n- Window: receiver intervals whose midpoint lies in [event, event + {} s) of guest time; per run the mean over all its events' windows.\n- Event instants: the host reads the client's start marker (`{{\"tool\":\"iperf-run\"}}`, just before `iperf3 -c`) and times events from its arrival; a checkpoint command starts {} ms (its freeze margin) before the planned instant, and later events of the run are shifted by the frozen time so far (guest time stops while the VMs are frozen). The estimate of an event's guest instant is off by iperf3's connection setup (≲ 0.3 s) and the 10 ms console poll.\n- TOST: Welch's t (Welch–Satterthwaite df) on run means, H0: |Δ| ≥ margin × mean(none); the CI shown is the (1 − 2α) one. Welch p: two-sided. Bootstrap: 10 000 resamplings of runs within each arm, percentile 95 % CI of Δ / mean(none).\n- KS (exact when n·m ≤ 10⁶, else asymptotic) and k-sample Anderson–Darling (Scholz–Stephens, midrank; p interpolated from their table, capped to [0.001, 0.25]) compare the pooled per-interval throughputs of all runs. Caveat: intervals within a run are autocorrelated and runs differ (host load), so these pooled tests are anti-conservative — they reject more easily than their α says; a rejection by them alone is weaker evidence than the run-level TOST/Welch.\n- Curve gap: the largest vertical distance between the arm's and the baseline's mean curves of the around-events plot (−2 … +{} s, 0.5 s bins), relative to the baseline's mean throughput.\n- Frozen ms/event: `frozen_duration_ns` of `stasis checkpoint --json` (VMs stopped) or the delay node's `frozen_for_ns` (control).\n",
+        "\n## Method\n\n- Unit: a run (one iperf3 test). Whole-run throughput: the test's `end.sum_received` (bytes the server received / test duration, guest time).\n- Per-interval throughput: the server's (receiver's) 0.5 s intervals (`server_output_json`); fragments under {} s are dropped. Retransmits and RTT: the client's `end` (`sum_sent.retransmits`, `streams[0].sender.mean_rtt`).\n- Window: receiver intervals whose midpoint lies in [event, event + {} s) of guest time; per run the mean over all its events' windows.\n- Event instants: the host waits for the client's start marker (`{{\"tool\":\"iperf-run\"}}`, printed just before `iperf3 -c`), then times events from the moment the delay node has seen 30 kB more than at the marker (polled every 10 ms; iperf3 needs 0.5–3 s under TCG to set up its test); a checkpoint command starts {} ms (its freeze margin) before the planned instant, and the instant recorded is its manifest's freeze instant `freeze.planned_ns`; the control's is the delay node's `freeze_at`. Later events of a run are shifted by the VMs' frozen time so far (guest time stops while they are frozen).\n- TOST: Welch's t (Welch–Satterthwaite df) on run means, H0: |Δ| ≥ margin × mean(none); the CI shown is the (1 − 2α) one. Welch p: two-sided. Bootstrap: 10 000 resamplings of runs within each arm, percentile 95 % CI of Δ / mean(none).\n- KS and two-sample Anderson–Darling (Scholz–Stephens k-sample, midrank) compare the per-interval throughputs of all runs of the two arms. Intervals within a run are autocorrelated and whole runs differ (host load), so their textbook p-values (in parentheses; KS exact when n·m ≤ 10⁶, AD interpolated from Scholz–Stephens' table and capped to [0.001, 0.25]) are anti-conservative. The p-values that count (and enter the verdicts) permute whole runs between the two arms ({perm} relabellings): valid for any dependence within a run, but they cannot go below 1/C(n₁+n₂, n₁) — with 1 run per arm never below ½.\n- Curve gap: the largest vertical distance between the arm's and the baseline's mean curves of the around-events plot (−2 … +{} s, 0.5 s bins), relative to the baseline's mean throughput.\n- Frozen ms/event: `frozen_duration_ns` of `stasis checkpoint --json` (VMs stopped) or the delay node's `frozen_for_ns` (control).\n",
         stasis_eval::iperf::MIN_INTERVAL_S,
         s.window.after_s,
         s.checkpoint_margin_ms,
-        s.window.after_s + 3.0
+        s.window.after_s + 3.0,
+        perm = stasis_eval::iperf::PERM_REPS,
     ));
     std::fs::write(out.join("report.md"), r)?;
     println!("{tbl}");

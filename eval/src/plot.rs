@@ -50,6 +50,16 @@ pub fn nice_step(span: f64, n: f64) -> f64 {
 /// Draws `series` into a 640×300 PNG at `path`, with black vertical lines at
 /// `marks` (e.g. checkpoint instants) and grid lines every returned step.
 pub fn line_plot(path: &Path, series: &[Series], marks: &[f64]) -> Result<Axes, PlotError> {
+    draw(path, series, marks, true)
+}
+
+/// As [`line_plot`], but every series is drawn as one unbroken line: for
+/// curves whose x is not time (CDFs), where a jump in x is not missing data.
+pub fn curve_plot(path: &Path, series: &[Series], marks: &[f64]) -> Result<Axes, PlotError> {
+    draw(path, series, marks, false)
+}
+
+fn draw(path: &Path, series: &[Series], marks: &[f64], split_gaps: bool) -> Result<Axes, PlotError> {
     let pts = || series.iter().flat_map(|s| s.points.iter()).filter(|(x, y)| x.is_finite() && y.is_finite());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in pts() {
@@ -89,7 +99,8 @@ pub fn line_plot(path: &Path, series: &[Series], marks: &[f64]) -> Result<Axes, 
     for s in series {
         let c = RGBColor(s.color.0, s.color.1, s.color.2);
         let p: Vec<(f64, f64)> = s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
-        for seg in segments(&p) {
+        let segs = if split_gaps { segments(&p) } else { vec![&p[..]] };
+        for seg in segs {
             chart.draw_series(LineSeries::new(seg.iter().copied(), c.stroke_width(2))).map_err(|e| err(&e))?;
         }
     }

@@ -257,6 +257,15 @@ pub fn tost_relative(control: &[f64], treatment: &[f64], margin: f64, alpha: f64
 /// asymptotic Kolmogorov distribution otherwise, with Stephens' correction
 /// λ = (√nₑ + 0.12 + 0.11/√nₑ)·D, nₑ = nm/(n+m). `None` if a side is empty.
 pub fn ks_two_sample(a: &[f64], b: &[f64]) -> Option<TwoSample> {
+    let d = ks_stat(a, b)?;
+    let (n, m) = (a.iter().filter(|x| x.is_finite()).count(), b.iter().filter(|x| x.is_finite()).count());
+    let p = if (n as u64) * (m as u64) <= 1_000_000 { ks_exact_p(n, m, d) } else { ks_asymptotic_p(n, m, d) };
+    Some(TwoSample { stat: d, p: p.clamp(0.0, 1.0) })
+}
+
+/// The two-sample KS statistic D alone (no p-value: cheap enough for
+/// permutation tests). `None` if a side is empty.
+pub fn ks_stat(a: &[f64], b: &[f64]) -> Option<f64> {
     let (mut a, mut b) = (finite(a), finite(b));
     if a.is_empty() || b.is_empty() {
         return None;
@@ -275,8 +284,7 @@ pub fn ks_two_sample(a: &[f64], b: &[f64]) -> Option<TwoSample> {
         }
         d = d.max((i as f64 / n as f64 - j as f64 / m as f64).abs());
     }
-    let p = if (n as u64) * (m as u64) <= 1_000_000 { ks_exact_p(n, m, d) } else { ks_asymptotic_p(n, m, d) };
-    Some(TwoSample { stat: d, p: p.clamp(0.0, 1.0) })
+    Some(d)
 }
 
 /// P(D ≥ d) under H0 for sample sizes n, m without ties: 1 − the fraction of
@@ -337,36 +345,43 @@ pub fn anderson_darling_k(samples: &[&[f64]]) -> Option<TwoSample> {
     if k < 2 || samples.iter().any(|s| s.is_empty()) {
         return None;
     }
-    let mut z: Vec<f64> = samples.iter().flatten().copied().collect();
-    z.sort_by(|x, y| x.total_cmp(y));
+    // Pooled values with their sample, sorted; one pass over groups of equal
+    // values: l_j copies of z_j, f_ij of them in sample i, and the counts
+    // below z_j. Midranks: B_aj = (pooled < z_j) + l_j/2,
+    // M_aij = (sample i < z_j) + f_ij/2.
+    let mut z: Vec<(f64, usize)> = samples.iter().enumerate().flat_map(|(i, s)| s.iter().map(move |&x| (x, i))).collect();
+    z.sort_by(|x, y| x.0.total_cmp(&y.0));
     let nn = z.len();
-    let mut zs = z.clone();
-    zs.dedup();
-    if zs.len() < 2 || nn < 4 {
+    let distinct = 1 + z.windows(2).filter(|w| w[0].0 != w[1].0).count();
+    if distinct < 2 || nn < 4 {
         return None;
     }
     let nf = nn as f64;
-    // Pooled: l_j copies of zs[j]; B_aj = (count < z_j) + l_j/2.
-    let below = |v: &[f64], x: f64| v.partition_point(|y| *y < x);
-    let upto = |v: &[f64], x: f64| v.partition_point(|y| *y <= x);
-    let mut a2 = 0.0;
-    for s in &samples {
-        let mut s = s.clone();
-        s.sort_by(|x, y| x.total_cmp(y));
-        let ni = s.len() as f64;
-        let mut inner = 0.0;
-        for &x in &zs {
-            let lj = (upto(&z, x) - below(&z, x)) as f64;
-            let bj = below(&z, x) as f64 + lj / 2.0;
-            let fij = (upto(&s, x) - below(&s, x)) as f64;
-            let mij = upto(&s, x) as f64 - fij / 2.0;
-            let den = bj * (nf - bj) - nf * lj / 4.0;
-            if den > 0.0 {
-                inner += lj / nf * (nf * mij - bj * ni).powi(2) / den;
-            }
+    let sizes: Vec<f64> = samples.iter().map(|s| s.len() as f64).collect();
+    let mut inner = vec![0.0f64; k];
+    let mut below = vec![0usize; k];
+    let mut f = vec![0usize; k];
+    let mut start = 0;
+    while start < nn {
+        let mut end = start;
+        f.iter_mut().for_each(|c| *c = 0);
+        while end < nn && z[end].0 == z[start].0 {
+            f[z[end].1] += 1;
+            end += 1;
         }
-        a2 += inner / ni;
+        let lj = (end - start) as f64;
+        let bj = start as f64 + lj / 2.0;
+        let den = bj * (nf - bj) - nf * lj / 4.0;
+        for i in 0..k {
+            let mij = below[i] as f64 + f[i] as f64 / 2.0;
+            if den > 0.0 {
+                inner[i] += lj / nf * (nf * mij - bj * sizes[i]).powi(2) / den;
+            }
+            below[i] += f[i];
+        }
+        start = end;
     }
+    let mut a2: f64 = inner.iter().zip(&sizes).map(|(x, n)| x / n).sum();
     a2 *= (nf - 1.0) / nf;
     let kf = k as f64;
     let hh: f64 = samples.iter().map(|s| 1.0 / s.len() as f64).sum();
@@ -490,6 +505,43 @@ impl SplitMix {
         // Multiply-shift: bias ≤ n / 2^64, negligible for sample sizes.
         ((self.next() as u128 * n as u128) >> 64) as usize
     }
+}
+
+/// Permutation p-value of a two-sample statistic (larger = more different)
+/// when observations come in clusters — e.g. the intervals of one run —
+/// that are not independent within a cluster: whole clusters are shuffled
+/// between the two sides (`reps` random relabellings, seeded), never single
+/// observations. p = (1 + #{stat ≥ observed}) / (1 + reps), so it is never
+/// below 1/(1 + reps) and, with one cluster per side, never below ½.
+/// `None` if a side has no cluster, a statistic cannot be computed, or `reps` is 0.
+pub fn cluster_permutation_p(
+    a: &[Vec<f64>],
+    b: &[Vec<f64>],
+    stat: impl Fn(&[f64], &[f64]) -> Option<f64>,
+    reps: usize,
+    seed: u64,
+) -> Option<f64> {
+    if a.is_empty() || b.is_empty() || reps == 0 {
+        return None;
+    }
+    let flat = |cs: &[&Vec<f64>]| cs.iter().flat_map(|c| c.iter().copied()).collect::<Vec<f64>>();
+    let all: Vec<&Vec<f64>> = a.iter().chain(b.iter()).collect();
+    let observed = stat(&flat(&all[..a.len()]), &flat(&all[a.len()..]))?;
+    let mut rng = SplitMix(seed);
+    let mut idx: Vec<usize> = (0..all.len()).collect();
+    let mut hits = 0usize;
+    for _ in 0..reps {
+        // Fisher–Yates.
+        for i in (1..idx.len()).rev() {
+            idx.swap(i, rng.below(i + 1));
+        }
+        let pa: Vec<&Vec<f64>> = idx[..a.len()].iter().map(|&i| all[i]).collect();
+        let pb: Vec<&Vec<f64>> = idx[a.len()..].iter().map(|&i| all[i]).collect();
+        if stat(&flat(&pa), &flat(&pb)).is_some_and(|s| s >= observed - 1e-12 * observed.abs()) {
+            hits += 1;
+        }
+    }
+    Some((1 + hits) as f64 / (1 + reps) as f64)
 }
 
 /// Percentile-bootstrap confidence interval (at `level`, e.g. 0.95) of
@@ -731,6 +783,26 @@ mod tests {
         assert_eq!(verdict(None, &[], 0.05), Verdict::NotShownEquivalent);
         assert_eq!(verdict(Some(&eq), &[Some(0.001)], 0.05), Verdict::Different);
         assert_eq!(Verdict::NotShownEquivalent.to_string(), "not shown equivalent");
+    }
+
+    #[test]
+    fn cluster_permutation_shuffles_whole_runs() {
+        let ks = |x: &[f64], y: &[f64]| ks_stat(x, y);
+        // Runs whose levels differ a lot from run to run, same distribution of levels in both arms:
+        // pooled KS rejects (intervals are not independent), the permutation over runs does not.
+        let run = |level: f64, seed: u64| normal(40, level, 0.2, seed);
+        let a: Vec<Vec<f64>> = (0..6).map(|i| run([5.0, 8.0, 6.0, 9.0, 7.0, 10.0][i], i as u64)).collect();
+        let b: Vec<Vec<f64>> = (0..6).map(|i| run([9.5, 5.5, 8.5, 6.5, 7.5, 6.0][i], 50 + i as u64)).collect();
+        let pooled = ks_two_sample(&a.concat(), &b.concat()).expect("ks").p;
+        let perm = cluster_permutation_p(&a, &b, ks, 2000, 3).expect("perm");
+        assert!(pooled < 0.05 && perm > 0.2, "pooled {pooled}, permutation {perm}");
+        // A real shift in every run is found by the permutation too.
+        let c: Vec<Vec<f64>> = (0..6).map(|i| run(20.0 + i as f64, 80 + i as u64)).collect();
+        let perm = cluster_permutation_p(&a, &c, ks, 2000, 3).expect("perm");
+        assert!(perm < 0.01, "{perm}");
+        // One run per side can never reach significance.
+        assert!(cluster_permutation_p(&a[..1], &c[..1], ks, 200, 3).expect("perm") >= 0.5);
+        assert!(cluster_permutation_p(&[], &c, ks, 200, 3).is_none());
     }
 
     #[test]
