@@ -1,7 +1,7 @@
 //! Evaluations of stasis on real VMs. Each run writes its raw measurements
 //! (JSON, CSV), a Markdown report with PNG plots, and prints its figures.
 
-/// Order statistics: percentiles, medians, IQR (I/O-free, unit-tested).
+/// Statistics: order statistics, TOST, KS, Anderson–Darling, bootstrap CIs, curve gaps (I/O-free, unit-tested).
 pub mod stats;
 /// The console tailer and the `stasis` CLI driver: real experiments.
 pub mod run;
