@@ -9,3 +9,5 @@ pub mod run;
 pub mod time;
 /// PNG line plots (plotters, bitmap backend, no text).
 pub mod plot;
+/// The BitTorrent eval: spec, per-leecher records, curves, comparisons.
+pub mod bt;
