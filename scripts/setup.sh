@@ -42,8 +42,11 @@ apt_update_once() {
 # libc6-dev, binutils: static (crt-static) linking and stripping of the guest tools.
 # make, gcc-12 (the compiler Debian's kernel headers name), libelf1, libssl3
 # (linked by kbuild's prebuilt modpost): guest-kmod/ against .cache/headers.
+# ctorrent, opentracker: the BitTorrent eval's client and tracker, copied into
+# the guest image (docs/eval-bt.md); never run on the host.
 PKGS=(qemu-system-x86 qemu-utils busybox-static cpio gzip xz-utils zstd file libc6-dev binutils jq socat iproute2 iperf3
       make gcc-12 libelf1 libssl3)
+PKGS+=(ctorrent opentracker)
 missing=()
 for p in "${PKGS[@]}"; do
     if ! dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed'; then
@@ -57,6 +60,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "iperf3 iperf3/start_daemon boolean false" | $SUDO debconf-set-selections 2>/dev/null || true
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
         || die "apt-get install ${missing[*]} failed"
+    # opentracker's package enables a tracker daemon on the host: it is only
+    # wanted inside guests.
+    if [[ " ${missing[*]} " == *" opentracker "* ]] && command -v systemctl >/dev/null; then
+        $SUDO systemctl disable --now opentracker >/dev/null 2>&1 || true
+    fi
 fi
 
 # --- guest kernel ------------------------------------------------------------

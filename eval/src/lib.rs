@@ -11,3 +11,5 @@ pub mod time;
 pub mod iperf;
 /// PNG line plots (plotters, bitmap backend, no text).
 pub mod plot;
+/// The BitTorrent eval: spec, per-leecher records, curves, comparisons.
+pub mod bt;

@@ -2,7 +2,9 @@
 //!
 //! `stasis-eval time [--pauses 1,10,60] [--checkpoints-per-pause N] [--out DIR] [--quick]`
 //! `stasis-eval iperf [--runs N] [--duration S] [--quick] [--out DIR] [--replot]`
+//! `stasis-eval bt [--runs N] [--quick] [--out DIR] [--replot]`
 
+mod bt_cmd;
 mod iperf_cmd;
 
 use anyhow::{bail, Context, Result};
@@ -88,6 +90,30 @@ enum Cmd {
         #[arg(long)]
         replot: bool,
     },
+    /// BitTorrent transparency: swarm completion with/without checkpoints, and a non-transparent control
+    Bt {
+        /// Runs per arm
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// 1 run per arm, 2 leechers, 4 MiB payload, one disturbance (a system test)
+        #[arg(long)]
+        quick: bool,
+        /// Output directory (raw data, report, plots)
+        #[arg(long, default_value = "eval-out/bt")]
+        out: PathBuf,
+        /// Per-LAN-member bandwidth [default: 4Mb]
+        #[arg(long)]
+        bandwidth: Option<String>,
+        /// Arms, comma-separated: none, ckpt, control [default: all; --quick: none,control]
+        #[arg(long, value_delimiter = ',')]
+        arms: Vec<String>,
+        /// The stasis binary [default: target/debug/stasis next to this one]
+        #[arg(long)]
+        stasis: Option<PathBuf>,
+        /// Run nothing: redo the analysis, plots and report of --out from its bt-eval.json
+        #[arg(long)]
+        replot: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -95,6 +121,17 @@ fn main() -> Result<()> {
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
     ).init();
     match Cli::parse().cmd {
+        Cmd::Bt { replot: true, out, .. } => bt_cmd::replot(&out),
+        Cmd::Bt { runs, quick, out, bandwidth, arms, stasis, .. } => {
+            let mut cfg = bt_cmd::Config::new(runs, quick);
+            if let Some(b) = bandwidth {
+                cfg.bandwidth = b;
+            }
+            if !arms.is_empty() {
+                cfg.arms = arms.iter().map(|a| bt_cmd::parse_arm(a)).collect::<Result<_>>()?;
+            }
+            bt_cmd::campaign(&bt_cmd::stasis_bin(stasis)?, &cfg, &out)
+        }
         Cmd::Time { replot: true, out, .. } => replot(&out),
         Cmd::Time { mut pauses, mut checkpoints_per_pause, out, quick, stasis, .. } => {
             if quick {

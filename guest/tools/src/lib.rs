@@ -12,6 +12,7 @@
 //! crates parse them with [`lines::parse`] (feature `parse`).
 
 pub mod args;
+pub mod bt;
 pub mod clocks;
 pub mod clockx;
 pub mod json;
