@@ -175,8 +175,9 @@ impl Task {
     }
 }
 
-/// Escape-time value of pixel (x, y): 0 inside the set, else 1..=255 growing
-/// with the square root of the iterations needed to escape.
+/// Escape-time value of pixel (x, y): 0 inside the set (`max_iter` reached),
+/// else `1 + min(254, ⌊√(64·n)⌋)` for the `n` iterations needed to escape
+/// (integers only: the colours do not depend on `max_iter`).
 pub fn pixel(x: u32, y: u32, width: u32, height: u32, max_iter: u32) -> u8 {
     let cr = RE.0 + (x as f64 + 0.5) * ((RE.1 - RE.0) / width as f64);
     let ci = IM.1 - (y as f64 + 0.5) * ((IM.1 - IM.0) / height as f64);
@@ -194,9 +195,20 @@ pub fn pixel(x: u32, y: u32, width: u32, height: u32, max_iter: u32) -> u8 {
     if n == max_iter {
         0
     } else {
-        // sqrt is correctly rounded in IEEE-754: deterministic too.
-        1 + ((n as f64).sqrt() / (max_iter as f64).sqrt() * 254.0) as u8
+        1 + isqrt(64 * n as u64).min(254) as u8
     }
+}
+
+/// Integer square root (floor), exact.
+fn isqrt(v: u64) -> u64 {
+    let mut r = (v as f64).sqrt() as u64;
+    while r * r > v {
+        r -= 1;
+    }
+    while (r + 1) * (r + 1) <= v {
+        r += 1;
+    }
+    r
 }
 
 /// Where a band stands.
@@ -412,6 +424,10 @@ mod tests {
         assert_eq!(pixel(x0, y0, w, h, 100), 0);
         assert!(pixel(0, 0, w, h, 100) > 0);
         assert_eq!(pixel(0, 0, w, h, 100), pixel(0, 0, w, h, 100));
+        for v in [0u64, 1, 3, 4, 63, 64, 65, 1 << 40, (1 << 40) - 1] {
+            let r = isqrt(v);
+            assert!(r * r <= v && (r + 1) * (r + 1) > v, "{v}");
+        }
     }
 
     #[test]
