@@ -9,3 +9,5 @@ pub mod run;
 pub mod time;
 /// PNG line plots (plotters, bitmap backend, no text).
 pub mod plot;
+/// The flagship demo: the Mandelbrot job's image, PNG and time lost (I/O-free).
+pub mod demo;
