@@ -22,7 +22,7 @@ BUSYBOX=${STASIS_BUSYBOX:-/bin/busybox}
 # (and ordered before it) automatically.
 LOAD_MODULES=(failover net_failover virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev
               virtio_pci virtio_net virtio_blk sch_netem qemu_fw_cfg)
-TOOLS=(stasis-probe stasis-traffic)
+TOOLS=(stasis-probe stasis-traffic stasis-mandel)
 TOOLS+=(stasis-bt)
 BT_BINS_DEFAULT=${STASIS_GUEST_BINS+set}
 if [ -z "${STASIS_GUEST_BINS+set}" ]; then

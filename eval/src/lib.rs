@@ -13,3 +13,5 @@ pub mod iperf;
 pub mod plot;
 /// The BitTorrent eval: spec, per-leecher records, curves, comparisons.
 pub mod bt;
+/// The flagship demo: the Mandelbrot job's image, PNG and time lost (I/O-free).
+pub mod demo;

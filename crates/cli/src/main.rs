@@ -30,12 +30,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Start the experiment described by SPEC (TOML)
+    /// Start the experiment described by SPEC (TOML, or an NS script: `.ns`/`.tcl`)
     Up {
         spec: PathBuf,
         /// Return once QEMU runs instead of waiting for every guest to boot
         #[arg(long)]
         no_wait: bool,
+        /// Also run CMD in the guest NODE at boot, after the spec's own
+        /// commands (repeatable)
+        #[arg(long = "run", value_name = "NODE=CMD")]
+        run: Vec<String>,
     },
     /// Show what runs
     Status,
@@ -174,6 +178,26 @@ fn tools() -> Result<Tools> {
     Ok(Tools { delay_node_bin, default_kernel: image.join("vmlinuz"), default_initrd: image.join("initrd.img"), accel: choice.accel })
 }
 
+/// Appends each `NODE=CMD` of `stasis up --run` to that node's run list.
+fn add_runs(exp: &mut Experiment, runs: &[String]) -> Result<()> {
+    for r in runs {
+        let Some((node, cmd)) = r.split_once('=') else {
+            bail!("--run {r:?}: expected NODE=CMD");
+        };
+        if cmd.trim().is_empty() {
+            bail!("--run {r:?}: empty command for node {node:?}");
+        }
+        let names: Vec<String> = exp.nodes.iter().map(|n| n.name.clone()).collect();
+        // NS scripts name nodes by variable (`nodeA` becomes `nodea`): accept either.
+        let ns_name = node.to_ascii_lowercase().replace('_', "-");
+        let Some(n) = exp.nodes.iter_mut().find(|n| n.name == node || n.name == ns_name) else {
+            bail!("--run {r:?}: no node {node:?} in experiment {:?} (nodes: {})", exp.name, names.join(", "));
+        };
+        n.run.push(cmd.to_string());
+    }
+    Ok(())
+}
+
 fn print_json<T: serde::Serialize>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).expect("serialises"));
 }
@@ -182,8 +206,9 @@ async fn run(cli: Cli) -> Result<()> {
     let state = state_dir(&cli)?;
     let ui = Ui::new(cli.json);
     match &cli.cmd {
-        Cmd::Up { spec, no_wait } => {
-            let exp = Experiment::from_file(spec)?;
+        Cmd::Up { spec, no_wait, run } => {
+            let mut exp = Experiment::from_file(spec)?;
+            add_runs(&mut exp, run)?;
             let layout = Layout::new(&state, &exp.name);
             let tools = tools()?;
             std::fs::create_dir_all(layout.root()).with_context(|| format!("creating {}", layout.root().display()))?;
@@ -698,5 +723,22 @@ mod tests {
         assert_eq!(super::utc(0), "1970-01-01 00:00:00Z");
         assert_eq!(super::utc(951_782_400), "2000-02-29 00:00:00Z");
         assert_eq!(super::utc(1_795_312_637), "2026-11-22 01:57:17Z");
+    }
+
+    #[test]
+    fn run_options_append_to_the_named_node() {
+        let text = "set ns [new Simulator]\nset nodeA [$ns node]\nset nodeB [$ns node]\n\
+                    tb-set-node-startcmd $nodeB \"first\"\n";
+        let mut exp = stasis_core::spec::Experiment::from_ns_script(text, None).unwrap();
+        let runs = ["nodeB=second x=1".to_string(), "nodea=a-cmd".to_string()];
+        super::add_runs(&mut exp, &runs).unwrap();
+        assert_eq!(exp.node("nodeb").unwrap().run, ["first", "second x=1"]);
+        assert_eq!(exp.node("nodea").unwrap().run, ["a-cmd"]);
+        for (bad, needle) in [("nodez=x", "no node \"nodez\""), ("nodea", "NODE=CMD"), ("nodea= ", "empty command")] {
+            let e = super::add_runs(&mut exp, &[bad.to_string()]).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+        let e = super::add_runs(&mut exp, &["nodez=x".to_string()]).unwrap_err().to_string();
+        assert!(e.contains("nodea, nodeb"), "names the nodes there are: {e}");
     }
 }

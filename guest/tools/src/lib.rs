@@ -1,4 +1,5 @@
-//! Statically linked tools run inside guests: clock probe and sequence-numbered traffic.
+//! Statically linked tools run inside guests: clock probe, sequence-numbered
+//! traffic, and the demo's distributed Mandelbrot job.
 //!
 //! The binaries (`stasis-probe`, `stasis-traffic`) are thin: argument parsing
 //! and socket/clock I/O. Everything that decides something — the clock-step
@@ -17,6 +18,7 @@ pub mod clocks;
 pub mod clockx;
 pub mod json;
 pub mod lines;
+pub mod mandel;
 pub mod pace;
 pub mod probe;
 pub mod record;

@@ -179,11 +179,12 @@ enum Var {
     Net(usize),
 }
 
+/// Testbed settings of one node (`tb-set-node-os $node OS`): nothing to
+/// emulate, but the node must exist.
+const IGNORED_PER_NODE: &[&str] = &["tb-set-node-os", "tb-set-hardware", "tb-set-node-failure-action"];
+
 const IGNORED: &[&str] = &[
     "source",
-    "tb-set-node-os",
-    "tb-set-hardware",
-    "tb-set-node-failure-action",
     "tb-use-endnodeshaping",
     "tb-set-sync-server",
     "tb-set-colocate-factor",
@@ -385,6 +386,10 @@ pub(super) fn parse(text: &str, src: &Source, name: String) -> Result<RawSpec, S
                         format!("node \"{from}\" is not an end of the link"),
                     ));
                 }
+            }
+            other if IGNORED_PER_NODE.contains(&other) => {
+                arity(&cmd, 3, &format!("{other} $node <value>"))?;
+                node_of(&cmd[1], &vars, src)?;
             }
             other if IGNORED.contains(&other) => {}
             _ if var_of(head).is_some_and(|v| matches!(vars.get(v), Some(Var::Simulator))) => {
@@ -630,6 +635,51 @@ loss = 0.25
             &["not a lan or link"],
         );
         refused("set ns [new Simulator]\n", SpecErrorKind::Empty, 1, &[]);
+    }
+
+    /// The demo's script (issue 7), exactly as given there.
+    const GEC8: &str = include_str!("../../../../examples/gec8.ns");
+
+    #[test]
+    fn gec8_script_imports_as_is() {
+        let e = Experiment::from_ns_script(GEC8, Some(Path::new("examples/gec8.ns"))).unwrap();
+        assert_eq!(e.name, "gec8");
+        let names: Vec<&str> = e.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["nodea", "nodeb", "nodec", "noded"]);
+        assert_eq!(e.lans.len(), 1);
+        assert_eq!(e.lans[0].members, names);
+        assert_eq!(e.lans[0].params.bandwidth_bps, 1_000_000_000);
+        assert_eq!(e.lans[0].params.delay_ns, 0);
+        assert_eq!(e.nodes[0].ifaces[0].ip, "10.0.1.1");
+        assert!(e.nodes.iter().all(|n| n.run.is_empty()));
+    }
+
+    /// `GEC8` with `from` replaced by `to` on line `line` (1-based) must be
+    /// refused as `kind` at that line and at the column where `at` starts.
+    fn gec8_refused(line: usize, from: &str, to: &str, at: &str, kind: SpecErrorKind, needle: &str) {
+        let mut lines: Vec<String> = GEC8.lines().map(str::to_owned).collect();
+        assert!(lines[line - 1].contains(from), "{from:?} not on line {line}");
+        lines[line - 1] = lines[line - 1].replace(from, to);
+        let column = lines[line - 1].find(at).expect("`at` on the line") + 1;
+        let e = Experiment::from_ns_script(&lines.join("\n"), Some(Path::new("gec8.ns"))).expect_err("refused");
+        let msg = e.to_string();
+        assert_eq!((e.kind, e.line, e.column), (kind, line, column), "{msg}");
+        assert!(msg.starts_with(&format!("gec8.ns:{line}:{column}: ")), "{msg}");
+        assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
+    }
+
+    #[test]
+    fn gec8_mistakes_are_placed_by_line_and_column() {
+        use SpecErrorKind::*;
+        // Unknown commands, top-level and simulator.
+        gec8_refused(10, "tb-set-node-os $nodeC STASIS", "tb-set-node-colour $nodeC red", "tb-set-node-colour", Unsupported, "`tb-set-node-colour`");
+        gec8_refused(12, "$ns run", "$ns runn", "runn", Unsupported, "`runn`");
+        // Undefined nodes: in a LAN, and in a per-node setting.
+        gec8_refused(7, "$nodeD\"", "$nodeE\"", "$nodeE", UnknownNode, "unknown node \"nodee\"");
+        gec8_refused(11, "$nodeD STASIS", "$nodeX STASIS", "$nodeX", UnknownNode, "`$nodeX` is not a node");
+        // Bad bandwidth unit, and a bad delay unit.
+        gec8_refused(7, "1000Mb", "1000Xb", "1000Xb", BadUnit, "in field bandwidth");
+        gec8_refused(7, " 0ms]", " 0mz]", "0mz", BadUnit, "in field delay");
     }
 
     #[test]
