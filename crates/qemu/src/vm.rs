@@ -24,6 +24,7 @@ use serde_json::{json, Value};
 
 use crate::accel::Accel;
 use crate::qmp::{Qmp, QmpError};
+use stasis_core::clock::MonoNs;
 pub use crate::qmp::Stamp;
 
 /// Environment variable naming the QEMU binary (default `qemu-system-x86_64`).
@@ -639,6 +640,26 @@ impl Vm {
             return Err(VmError::IncomingPending);
         }
         let (_, stamp) = self.qmp.execute_timed("cont", None).await?;
+        tracing::debug!(vm = %self.name, rtt_us = stamp.round_trip_ns() / 1000, "continued");
+        Ok(stamp)
+    }
+
+    /// [`stop`](Self::stop), with the command written at the host monotonic
+    /// instant `send_at` by a thread of its own ([`Qmp::execute_at`]).
+    pub async fn stop_at(&mut self, send_at: MonoNs) -> Result<Stamp, VmError> {
+        let (_, stamp) = self.qmp.execute_at("stop", None, send_at).await?;
+        tracing::debug!(vm = %self.name, rtt_us = stamp.round_trip_ns() / 1000, "stopped");
+        Ok(stamp)
+    }
+
+    /// [`cont`](Self::cont), with the command written at the host monotonic
+    /// instant `send_at` by a thread of its own ([`Qmp::execute_at`]), so
+    /// that several VMs each resume at their own instant.
+    pub async fn cont_at(&mut self, send_at: MonoNs) -> Result<Stamp, VmError> {
+        if self.incoming_pending {
+            return Err(VmError::IncomingPending);
+        }
+        let (_, stamp) = self.qmp.execute_at("cont", None, send_at).await?;
         tracing::debug!(vm = %self.name, rtt_us = stamp.round_trip_ns() / 1000, "continued");
         Ok(stamp)
     }
