@@ -185,9 +185,10 @@ pub fn sigstop_ns(faults: &[Fault], node: &str) -> Option<u64> {
 /// counts as transparent in its verdict. Every ns of it becomes skew between
 /// that component's virtual clock and the others' (the goal is 100 µs); the
 /// tolerance is what the busy 2-core development host achieves with margin
-/// (docs/eval-time.md), so that a verdict other than clean means something
-/// went wrong, not that the host was busy.
-pub const FROZEN_ERROR_TOLERANCE_NS: u64 = 20_000_000;
+/// (docs/eval-time.md: p50 ~0.1 ms, outliers up to 24 ms under load 14),
+/// so that a verdict other than clean means something went wrong, not that
+/// the host was busy; a deliberate 200 ms late resume is 4× above it.
+pub const FROZEN_ERROR_TOLERANCE_NS: u64 = 50_000_000;
 
 /// The fidelity verdict of one checkpoint, from the host's measurements.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -295,7 +296,7 @@ mod tests {
         assert!(!v.clean);
         assert_eq!(v.findings.len(), 1);
         assert!(v.findings[0].starts_with("a: frozen 200.000 ms longer"), "{v:?}");
-        let v = verdict(d, &[("b", d - 50_000_000), ("c", 0)], FROZEN_ERROR_TOLERANCE_NS);
+        let v = verdict(d, &[("b", d - 60_000_000), ("c", 0)], FROZEN_ERROR_TOLERANCE_NS);
         assert!(v.findings[0].contains("shorter") && v.findings[0].contains("ahead of"), "{v:?}");
         assert!(v.findings[1].contains("no resume"), "{v:?}");
     }

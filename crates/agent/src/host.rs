@@ -587,25 +587,37 @@ pub async fn checkpoint_with_faults(
     }
 
     // Stop every VM at T: each request is written at T by a thread of its
-    // own (Vm::stop_at). From 1 ms before until every VM has stopped, each
-    // QEMU's threads run boosted, so the STOP instant (after every vCPU
-    // thread has seen the request) does not wait for a host CPU.
-    sleep_until(t.saturating_sub(1_000_000)).await;
-    let stop_boost = if std::env::var("STASIS_STOP_BOOST").map(|v| v != "0").unwrap_or(true) { boost_all(&a.vms, true) } else { Vec::new() };
-    let stops: Vec<_> = join_all(a.vms.iter_mut().map(|(node, vm)| stop_vm(node, vm, t, faults))).await;
+    // own (Vm::stop_at), armed now, well before T. From 1 ms before until
+    // every VM has stopped, each QEMU's threads run boosted, so neither the
+    // command's dispatch nor the vCPUs' acknowledgement waits for a host CPU.
+    let want_boost = std::env::var("STASIS_STOP_BOOST").map(|v| v != "0").unwrap_or(true);
+    // The stop path before the firewall work (one task writes every `stop`
+    // at T, the STOP event is the freeze instant): for before/after
+    // comparisons only (docs/eval-time.md).
+    let legacy = std::env::var("STASIS_FREEZE_LEGACY").is_ok_and(|v| v == "1");
+    let pids: Vec<(String, u32)> = a.vms.iter().map(|(n, vm)| (n.clone(), vm.pid)).collect();
+    let boost = async {
+        sleep_until(t.saturating_sub(1_000_000)).await;
+        if want_boost { boost_all(&pids, true) } else { Vec::new() }
+    };
+    let (stop_boost, stops) = futures::join!(boost, join_all(a.vms.iter_mut().map(|(node, vm)| stop_vm(node, vm, t, faults, legacy))));
     drop(stop_boost);
     let mut stamps: Vec<Option<StopStamp>> = Vec::new();
+    let mut stop_events: Vec<Option<MonoNs>> = Vec::new();
     let mut failure: Option<String> = None;
     for ((node, vm), r) in a.vms.iter_mut().zip(stops) {
         match r {
             Ok(s) => {
                 obs.event(&Event::Stopped { component: node.clone(), sent: s.sent, replied: s.replied });
-                let reported = reported_instant(vm, "STOP");
+                let event = reported_instant(vm, "STOP");
+                stop_events.push(event);
+                let reported = if legacy { event } else { event.map(|e| freeze_instant(s.sent, e)) };
                 stamps.push(Some(StopStamp { sent: s.sent, replied: s.replied, reported }));
             }
             Err(e) => {
                 failure.get_or_insert(format!("stopping VM {node}: {e}"));
                 stamps.push(None);
+                stop_events.push(None);
             }
         }
     }
@@ -818,10 +830,10 @@ pub async fn checkpoint_with_faults(
     let stop_detail: Vec<serde_json::Value> = a
         .vms
         .iter()
-        .zip(&stamps)
-        .filter_map(|((node, _), s)| {
+        .zip(stamps.iter().zip(&stop_events))
+        .filter_map(|((node, _), (s, ev))| {
             let s = (*s)?;
-            Some(serde_json::json!({"component": node, "planned_ns": t, "sent_ns": s.sent, "reported_ns": s.reported, "replied_ns": s.replied}))
+            Some(serde_json::json!({"component": node, "planned_ns": t, "sent_ns": s.sent, "freeze_ns": s.instant(), "stop_event_ns": ev, "replied_ns": s.replied}))
         })
         .collect();
     write_report(store, &summary, &resumed, &[stop_detail, resume_detail], faults);
@@ -831,7 +843,11 @@ pub async fn checkpoint_with_faults(
 /// Stop one VM at T through QMP; with a `sigstop` fault, first freeze its
 /// QEMU process with SIGSTOP for the fault's duration (its guest clocks run
 /// on meanwhile: the leak the fault exists to produce).
-async fn stop_vm(node: &str, vm: &mut Vm, t: MonoNs, faults: &[Fault]) -> Result<stasis_qemu::Stamp, stasis_qemu::VmError> {
+async fn stop_vm(node: &str, vm: &mut Vm, t: MonoNs, faults: &[Fault], legacy: bool) -> Result<stasis_qemu::Stamp, stasis_qemu::VmError> {
+    if legacy {
+        sleep_until(t).await;
+        return vm.stop().await;
+    }
     if let Some(ns) = freeze::sigstop_ns(faults, node) {
         sleep_until(t).await;
         tracing::warn!(vm = %node, hold_ms = ns / 1_000_000, "fault injected: SIGSTOP instead of QMP stop");
@@ -849,19 +865,33 @@ async fn stop_vm(node: &str, vm: &mut Vm, t: MonoNs, faults: &[Fault]) -> Result
 /// Boost the threads of every VM's QEMU for a moment (see
 /// [`stasis_qemu::sched::Boost`]); VMs that cannot be boosted (no
 /// CAP_SYS_NICE) are logged and left alone.
-fn boost_all(vms: &[(String, Vm)], vcpus: bool) -> Vec<stasis_qemu::sched::Boost> {
+fn boost_all(vms: &[(String, u32)], vcpus: bool) -> Vec<stasis_qemu::sched::Boost> {
     vms.iter()
-        .filter_map(|(node, vm)| {
-            let r = if vcpus { stasis_qemu::sched::Boost::all_threads(vm.pid) } else { stasis_qemu::sched::Boost::control_threads(vm.pid) };
+        .filter_map(|(node, pid)| {
+            let r = if vcpus { stasis_qemu::sched::Boost::all_threads(*pid) } else { stasis_qemu::sched::Boost::control_threads(*pid) };
             r.map_err(|e| tracing::debug!(vm = %node, error = %e, "QEMU threads not boosted")).ok()
         })
         .collect()
 }
 
-/// How much earlier than its resume instant each `cont` is written: QEMU
-/// needs this long, typically, from the command's write to its RESUME
-/// (monitor thread, then main loop). `STASIS_RESUME_LEAD_US` overrides it.
+/// How long QEMU typically takes from a QMP command's write to acting on it
+/// (monitor I/O thread, then the main loop; boosted, on this host): `cont`
+/// is written this much before its resume instant, and a `stop` is taken to
+/// have frozen the guest's clocks this long after its write.
+/// `STASIS_RESUME_LEAD_US` overrides it for `cont`.
 const RESUME_LEAD_NS: u64 = 300_000;
+
+/// When a VM's clocks froze, from the instant its `stop` was written and
+/// its STOP event's stamp. QEMU 7.2 (`do_vm_stop`) stops the guest's clocks
+/// (`cpu_disable_ticks`) first, then waits for every vCPU thread, runs the
+/// device stop handlers (vhost-user round trips to the delay node), and only
+/// then emits STOP: milliseconds later on a busy host, and by a different
+/// amount per VM. The STOP stamp is therefore an upper bound; the write plus
+/// the command's dispatch time is the estimate (measured: it predicts the
+/// guests' own inter-VM skew better, docs/eval-time.md).
+fn freeze_instant(sent: MonoNs, stop_event: MonoNs) -> MonoNs {
+    stop_event.min(sent + RESUME_LEAD_NS)
+}
 
 fn resume_lead_ns() -> u64 {
     std::env::var("STASIS_RESUME_LEAD_US").ok().and_then(|v| v.parse::<u64>().ok()).map(|us| us * 1_000).unwrap_or(RESUME_LEAD_NS)
@@ -887,7 +917,8 @@ async fn resume(
     let lead = resume_lead_ns();
     let boost = std::env::var("STASIS_RESUME_BOOST").map(|v| v != "0").unwrap_or(true);
     let armed = std::env::var("STASIS_RESUME_ARMED").map(|v| v != "0").unwrap_or(true);
-    let boosts = if boost { boost_all(&a.vms, false) } else { Vec::new() };
+    let pids: Vec<(String, u32)> = a.vms.iter().map(|(n, vm)| (n.clone(), vm.pid)).collect();
+    let boosts = if boost { boost_all(&pids, false) } else { Vec::new() };
     let vm_futs = a.vms.iter_mut().zip(stamps).filter_map(|((node, vm), s)| {
         let s = (*s)?;
         let at = s.instant() + d + freeze::late_resume_ns(faults, node);

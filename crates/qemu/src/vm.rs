@@ -130,7 +130,9 @@ pub fn qemu_args(spec: &VmSpec, serial_log: &Path, incoming: Option<&Path>) -> V
     let p = |path: &Path| path.to_string_lossy().into_owned();
     let mut a: Vec<String> = Vec::with_capacity(48);
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
-    push(&["-name", &format!("guest={}", spec.name)]);
+    // debug-threads: QEMU names its threads (`IO mon_iothread`, `CPU 0/TCG`),
+    // so a checkpoint can boost the ones a stop/cont waits for (crate::sched).
+    push(&["-name", &format!("guest={},debug-threads=on", spec.name)]);
     // A vhost-user backend maps guest RAM: it must be a shared memfd.
     let vhost = spec.nics.iter().any(|n| n.backend == NicBackend::VhostUser);
     if vhost {
