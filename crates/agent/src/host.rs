@@ -24,7 +24,7 @@
 //! checkpoint is touched and no partial one is ever listed.
 
 use crate::event::{Event, Observer};
-use crate::freeze::{self, FreezeConfig, StopStamp};
+use crate::freeze::{self, Fault, FreezeConfig, StopStamp};
 use crate::layout::Layout;
 use crate::topology::topology_for;
 use delay_node::control::Client as DelayClient;
@@ -150,6 +150,8 @@ pub enum CheckpointError {
     AbortedBroken { reason: String, resume: String },
     #[error("store")]
     Store(#[from] stasis_store::StoreError),
+    #[error("fault {fault:?} names {node:?}, which is not a VM of this experiment")]
+    FaultNode { fault: String, node: String },
 }
 
 /// The result of a checkpoint.
@@ -556,6 +558,22 @@ pub async fn checkpoint(
     cfg: &FreezeConfig,
     obs: &dyn Observer,
 ) -> Result<CheckpointSummary, CheckpointError> {
+    checkpoint_with_faults(rt, store, name, cfg, &[], obs).await
+}
+
+/// [`checkpoint`], breaking transparency on purpose as `faults` say: only to
+/// show that the instruments (the report, the guests' probes) catch it.
+pub async fn checkpoint_with_faults(
+    rt: &Runtime,
+    store: &Store,
+    name: Option<&str>,
+    cfg: &FreezeConfig,
+    faults: &[Fault],
+    obs: &dyn Observer,
+) -> Result<CheckpointSummary, CheckpointError> {
+    if let Some(f) = faults.iter().find(|f| !rt.vms.iter().any(|v| v.name == f.node())) {
+        return Err(CheckpointError::FaultNode { fault: format!("{f:?}"), node: f.node().to_string() });
+    }
     let mut a = attach(rt).await?;
     let pending = store.begin(name)?;
     let id = pending.id().to_string();
@@ -568,21 +586,38 @@ pub async fn checkpoint(
         return Err(CheckpointError::Aborted { reason: format!("delay node refused the freeze: {e}") });
     }
 
-    // Stop every VM at T: one task waits, then all requests go out together.
-    sleep_until(t).await;
-    let stops: Vec<_> = join_all(a.vms.iter_mut().map(|(_, vm)| vm.stop())).await;
+    // Stop every VM at T: each request is written at T by a thread of its
+    // own (Vm::stop_at), armed now, well before T. From 1 ms before until
+    // every VM has stopped, each QEMU's threads run boosted, so neither the
+    // command's dispatch nor the vCPUs' acknowledgement waits for a host CPU.
+    let want_boost = std::env::var("STASIS_STOP_BOOST").map(|v| v != "0").unwrap_or(true);
+    // The stop path before the firewall work (one task writes every `stop`
+    // at T, the STOP event is the freeze instant): for before/after
+    // comparisons only (docs/eval-time.md).
+    let legacy = std::env::var("STASIS_FREEZE_LEGACY").is_ok_and(|v| v == "1");
+    let pids: Vec<(String, u32)> = a.vms.iter().map(|(n, vm)| (n.clone(), vm.pid)).collect();
+    let boost = async {
+        sleep_until(t.saturating_sub(1_000_000)).await;
+        if want_boost { boost_all(&pids, true) } else { Vec::new() }
+    };
+    let (stop_boost, stops) = futures::join!(boost, join_all(a.vms.iter_mut().map(|(node, vm)| stop_vm(node, vm, t, faults, legacy))));
+    drop(stop_boost);
     let mut stamps: Vec<Option<StopStamp>> = Vec::new();
+    let mut stop_events: Vec<Option<MonoNs>> = Vec::new();
     let mut failure: Option<String> = None;
     for ((node, vm), r) in a.vms.iter_mut().zip(stops) {
         match r {
             Ok(s) => {
                 obs.event(&Event::Stopped { component: node.clone(), sent: s.sent, replied: s.replied });
-                let reported = reported_instant(vm, "STOP");
+                let event = reported_instant(vm, "STOP");
+                stop_events.push(event);
+                let reported = if legacy { event } else { event.map(|e| freeze_instant(s.sent, e)) };
                 stamps.push(Some(StopStamp { sent: s.sent, replied: s.replied, reported }));
             }
             Err(e) => {
                 failure.get_or_insert(format!("stopping VM {node}: {e}"));
                 stamps.push(None);
+                stop_events.push(None);
             }
         }
     }
@@ -681,7 +716,7 @@ pub async fn checkpoint(
     // time instead of adding the manifest's hashing and fsyncs to it.
     let saved_at = mono_ns();
     let d = freeze::frozen_duration(&stop_instants, saved_at, cfg);
-    let (resumed, resume_errors, hold_lateness) = resume(&mut a, &stamps, frozen_at, d, obs).await;
+    let (resumed, resume_errors, hold_lateness, resume_detail) = resume(&mut a, &stamps, frozen_at, d, faults, obs).await;
     let resumed_of = |stop: MonoNs| resumed.iter().find(|m| m.0 == stop).map(|m| m.1).unwrap_or(0);
 
     if let Some(reason) = failure {
@@ -792,21 +827,109 @@ pub async fn checkpoint(
         max_hold_lateness_ns: hold_lateness,
         info,
     };
-    write_report(store, &summary, &resumed);
+    let stop_detail: Vec<serde_json::Value> = a
+        .vms
+        .iter()
+        .zip(stamps.iter().zip(&stop_events))
+        .filter_map(|((node, _), (s, ev))| {
+            let s = (*s)?;
+            Some(serde_json::json!({"component": node, "planned_ns": t, "sent_ns": s.sent, "freeze_ns": s.instant(), "stop_event_ns": ev, "replied_ns": s.replied}))
+        })
+        .collect();
+    write_report(store, &summary, &resumed, &[stop_detail, resume_detail], faults);
     Ok(summary)
 }
 
+/// Stop one VM at T through QMP; with a `sigstop` fault, first freeze its
+/// QEMU process with SIGSTOP for the fault's duration (its guest clocks run
+/// on meanwhile: the leak the fault exists to produce).
+async fn stop_vm(node: &str, vm: &mut Vm, t: MonoNs, faults: &[Fault], legacy: bool) -> Result<stasis_qemu::Stamp, stasis_qemu::VmError> {
+    if legacy {
+        sleep_until(t).await;
+        return vm.stop().await;
+    }
+    if let Some(ns) = freeze::sigstop_ns(faults, node) {
+        sleep_until(t).await;
+        tracing::warn!(vm = %node, hold_ms = ns / 1_000_000, "fault injected: SIGSTOP instead of QMP stop");
+        // SAFETY: kill(2) of the QEMU this experiment runs (pid from the
+        // runtime record, QMP attached to it just now).
+        unsafe { libc::kill(vm.pid as libc::pid_t, libc::SIGSTOP) };
+        tokio::time::sleep(Duration::from_nanos(ns)).await;
+        // SAFETY: as above.
+        unsafe { libc::kill(vm.pid as libc::pid_t, libc::SIGCONT) };
+        return vm.stop().await;
+    }
+    vm.stop_at(t).await
+}
+
+/// Boost the threads of every VM's QEMU for a moment (see
+/// [`stasis_qemu::sched::Boost`]); VMs that cannot be boosted (no
+/// CAP_SYS_NICE) are logged and left alone.
+fn boost_all(vms: &[(String, u32)], vcpus: bool) -> Vec<stasis_qemu::sched::Boost> {
+    vms.iter()
+        .filter_map(|(node, pid)| {
+            let r = if vcpus { stasis_qemu::sched::Boost::all_threads(*pid) } else { stasis_qemu::sched::Boost::control_threads(*pid) };
+            r.map_err(|e| tracing::debug!(vm = %node, error = %e, "QEMU threads not boosted")).ok()
+        })
+        .collect()
+}
+
+/// How long QEMU typically takes from a QMP command's write to acting on it
+/// (monitor I/O thread, then the main loop; boosted, on this host): `cont`
+/// is written this much before its resume instant, and a `stop` is taken to
+/// have frozen the guest's clocks this long after its write.
+/// `STASIS_RESUME_LEAD_US` overrides it for `cont`.
+const RESUME_LEAD_NS: u64 = 300_000;
+
+/// When a VM's clocks froze, from the instant its `stop` was written and
+/// its STOP event's stamp. QEMU 7.2 (`do_vm_stop`) stops the guest's clocks
+/// (`cpu_disable_ticks`) first, then waits for every vCPU thread, runs the
+/// device stop handlers (vhost-user round trips to the delay node), and only
+/// then emits STOP: milliseconds later on a busy host, and by a different
+/// amount per VM. The STOP stamp is therefore an upper bound; the write plus
+/// the command's dispatch time is the estimate (measured: it predicts the
+/// guests' own inter-VM skew better, docs/eval-time.md).
+fn freeze_instant(sent: MonoNs, stop_event: MonoNs) -> MonoNs {
+    stop_event.min(sent + RESUME_LEAD_NS)
+}
+
+fn resume_lead_ns() -> u64 {
+    std::env::var("STASIS_RESUME_LEAD_US").ok().and_then(|v| v.parse::<u64>().ok()).map(|us| us * 1_000).unwrap_or(RESUME_LEAD_NS)
+}
+
 /// Resume every stopped VM at its own stop + `d` and thaw the delay node at
-/// its freeze + `d`. Returns (stop, resume) per component and the failures.
-async fn resume(a: &mut Attached, stamps: &[Option<StopStamp>], frozen_at: MonoNs, d: u64, obs: &dyn Observer) -> (Vec<(MonoNs, MonoNs)>, Vec<String>, u64) {
+/// its freeze + `d`. Each VM's `cont` is written at its instant (less the
+/// lead) by a thread of its own, armed well before ([`Vm::cont_at`]), while
+/// QEMU's control threads run boosted ([`stasis_qemu::sched::Boost`]).
+/// Returns (stop, resume) per component, the failures, the largest hold
+/// lateness, and per VM the resume's instants for the report.
+async fn resume(
+    a: &mut Attached,
+    stamps: &[Option<StopStamp>],
+    frozen_at: MonoNs,
+    d: u64,
+    faults: &[Fault],
+    obs: &dyn Observer,
+) -> (Vec<(MonoNs, MonoNs)>, Vec<String>, u64, Vec<serde_json::Value>) {
     let mut errors = Vec::new();
     let mut measured = Vec::new();
+    let mut detail = Vec::new();
+    let lead = resume_lead_ns();
+    let boost = std::env::var("STASIS_RESUME_BOOST").map(|v| v != "0").unwrap_or(true);
+    let armed = std::env::var("STASIS_RESUME_ARMED").map(|v| v != "0").unwrap_or(true);
+    let pids: Vec<(String, u32)> = a.vms.iter().map(|(n, vm)| (n.clone(), vm.pid)).collect();
+    let boosts = if boost { boost_all(&pids, false) } else { Vec::new() };
     let vm_futs = a.vms.iter_mut().zip(stamps).filter_map(|((node, vm), s)| {
         let s = (*s)?;
-        let at = s.instant() + d;
+        let at = s.instant() + d + freeze::late_resume_ns(faults, node);
         Some(async move {
-            sleep_until(at).await;
-            let r = vm.cont().await.map(|c| StopStamp { sent: c.sent, replied: c.replied, reported: reported_instant(vm, "RESUME") });
+            let c = if armed {
+                vm.cont_at(at.saturating_sub(lead)).await
+            } else {
+                sleep_until(at.saturating_sub(lead)).await;
+                vm.cont().await
+            };
+            let r = c.map(|c| StopStamp { sent: c.sent, replied: c.replied, reported: reported_instant(vm, "RESUME") });
             (node.clone(), s.instant(), at, r)
         })
     });
@@ -816,11 +939,16 @@ async fn resume(a: &mut Attached, stamps: &[Option<StopStamp>], frozen_at: MonoN
         (at, r)
     };
     let (vm_results, (node_at, node_r)) = futures::join!(join_all(vm_futs), node_fut);
+    drop(boosts);
     for (node, stop, planned, r) in vm_results {
         match r {
             Ok(stamp) => {
                 let at = stamp.instant();
-                obs.event(&Event::Resumed { component: node, at, planned });
+                obs.event(&Event::Resumed { component: node.clone(), at, planned });
+                detail.push(serde_json::json!({
+                    "component": node, "planned_ns": planned, "sent_ns": stamp.sent, "reported_ns": stamp.reported,
+                    "replied_ns": stamp.replied, "lead_ns": lead, "error_ns": at as i64 - planned as i64,
+                }));
                 measured.push((stop, at));
             }
             Err(e) => errors.push(format!("VM {node}: {e}")),
@@ -830,17 +958,21 @@ async fn resume(a: &mut Attached, stamps: &[Option<StopStamp>], frozen_at: MonoN
     match node_r {
         Ok(r) => {
             obs.event(&Event::Resumed { component: "delay-node".into(), at: r.thawed_at, planned: node_at });
+            detail.push(serde_json::json!({"component": "delay-node", "planned_ns": node_at, "reported_ns": r.thawed_at, "error_ns": r.thawed_at as i64 - node_at as i64}));
             measured.push((frozen_at, r.thawed_at));
             lateness = r.max_hold_lateness_ns;
         }
         Err(e) => errors.push(format!("delay node: {e}")),
     }
-    (measured, errors, lateness)
+    (measured, errors, lateness, detail)
 }
 
-fn write_report(store: &Store, summary: &CheckpointSummary, resumed: &[(MonoNs, MonoNs)]) {
+/// `report.json`: the summary, each component's measured (stop, resume),
+/// the instants around each VM's stop and resume command ([stops, resumes]),
+/// and the faults injected.
+fn write_report(store: &Store, summary: &CheckpointSummary, resumed: &[(MonoNs, MonoNs)], detail: &[Vec<serde_json::Value>; 2], faults: &[Fault]) {
     let path = store.root().join(&summary.info.id).join("report.json");
-    let body = serde_json::json!({ "summary": summary, "measured_stop_resume_ns": resumed });
+    let body = serde_json::json!({ "summary": summary, "measured_stop_resume_ns": resumed, "stops": detail[0], "resumes": detail[1], "faults": faults });
     let tmp = path.with_extension("json.tmp");
     if std::fs::write(&tmp, serde_json::to_vec_pretty(&body).expect("report serialises")).is_ok() {
         let _ = std::fs::rename(&tmp, &path);

@@ -56,6 +56,10 @@ enum Cmd {
         /// Keep the experiment frozen at least this long, ms
         #[arg(long, default_value_t = 0)]
         pause_ms: u64,
+        /// Break transparency on purpose, to test the instruments:
+        /// late-resume=NODE:DURATION or sigstop=NODE:DURATION (docs/guest-kmod.md)
+        #[arg(long = "fault", hide = true)]
+        faults: Vec<stasis_agent::freeze::Fault>,
     },
     /// List the checkpoints
     List,
@@ -258,18 +262,21 @@ async fn run(cli: Cli) -> Result<()> {
                 Err(e) => return Err(e.into()),
             }
         }
-        Cmd::Checkpoint { name, margin_ms, hold_lead_ms, pause_ms } => {
+        Cmd::Checkpoint { name, margin_ms, hold_lead_ms, pause_ms, faults } => {
             let exp = experiment_name(&cli, &state)?;
             let layout = Layout::new(&state, &exp);
             let rt = Runtime::load(&layout)?;
             let store = Store::open(&layout.checkpoints())?;
             let cfg = FreezeConfig { margin_ns: margin_ms * 1_000_000, hold_lead_ns: hold_lead_ms * 1_000_000, min_frozen_ns: pause_ms * 1_000_000, ..FreezeConfig::default() };
             let log = EventLog::open(&layout.events_file(), &ui);
-            let s = host::checkpoint(&rt, &store, name.as_deref(), &cfg, &log).await;
+            let s = host::checkpoint_with_faults(&rt, &store, name.as_deref(), &cfg, faults, &log).await;
             ui.done();
             let s = s?;
+            let verdict = store.open_checkpoint(&s.info.id).ok().map(|c| verdict_of(&c.manifest));
             if cli.json {
-                print_json(&s);
+                let mut v = serde_json::to_value(&s)?;
+                v["verdict"] = serde_json::to_value(&verdict)?;
+                print_json(&v);
             } else {
                 println!(
                     "checkpoint {} {}: {} VMs, {} saved, stop skew {}, frozen {} (max error {}), save {}, {} frames in flight ({} held)",
@@ -277,6 +284,9 @@ async fn run(cli: Cli) -> Result<()> {
                     s.vms, mib(s.bytes), ms(s.stop_skew_ns), ms(s.frozen_duration_ns), ms(s.max_frozen_error_ns), ms(s.save_ns),
                     s.frames_in_flight, s.frames_held
                 );
+                if let Some(v) = &verdict {
+                    print_verdict(v);
+                }
             }
         }
         Cmd::List => {
@@ -340,9 +350,13 @@ async fn run(cli: Cli) -> Result<()> {
             let (_, ckpt) = open_checkpoint(&cli, &state, checkpoint)?;
             let report = std::fs::read_to_string(ckpt.dir.join("report.json")).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
             if cli.json {
-                print_json(&serde_json::json!({"manifest": ckpt.manifest, "report": report}));
+                print_json(&serde_json::json!({"manifest": ckpt.manifest, "report": report, "verdict": verdict_of(&ckpt.manifest)}));
             } else {
                 print_show(&ckpt);
+                if let Some(f) = report.as_ref().and_then(|r| r["faults"].as_array()).filter(|f| !f.is_empty()) {
+                    println!("  faults         injected on purpose: {}", serde_json::Value::from(f.clone()));
+                }
+                print_verdict(&verdict_of(&ckpt.manifest));
             }
         }
         Cmd::Restore { checkpoint, branch } => {
@@ -466,6 +480,24 @@ fn print_show(ckpt: &stasis_store::Checkpoint) {
             ms(c.frozen_ns),
             ms(c.frozen_ns.abs_diff(f.frozen_duration_ns))
         );
+    }
+}
+
+/// The fidelity verdict of a checkpoint from its manifest: every
+/// component's measured frozen duration against D.
+fn verdict_of(m: &stasis_store::manifest::Manifest) -> stasis_agent::freeze::Verdict {
+    let frozen: Vec<(&str, u64)> = m.components.iter().map(|c| (c.name.as_str(), c.frozen_ns)).collect();
+    stasis_agent::freeze::verdict(m.freeze.frozen_duration_ns, &frozen, stasis_agent::freeze::FROZEN_ERROR_TOLERANCE_NS)
+}
+
+fn print_verdict(v: &stasis_agent::freeze::Verdict) {
+    if v.clean {
+        println!("  fidelity       clean: every component frozen within {} of D", ms(v.tolerance_ns));
+    } else {
+        println!("  fidelity       NOT CLEAN: the guests can tell");
+        for f in &v.findings {
+            println!("                 {f}");
+        }
     }
 }
 

@@ -11,6 +11,7 @@ pub mod accel;
 /// qcow2 data disks: base images and overlays made with `qemu-img`.
 pub mod disk;
 pub mod qmp;
+pub mod sched;
 pub mod vm;
 
 pub use accel::{Accel, AccelChoice};

@@ -12,13 +12,13 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use stasis_core::clock::{mono_ns, MonoNs};
+use stasis_core::clock::{mono_ns, wait_until, MonoNs};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 
@@ -169,6 +169,45 @@ impl Qmp {
         let (id, line) = self.command_line(cmd, args);
         let sent = mono_ns();
         self.stream.write_all(&line).await?;
+        self.await_reply(cmd, id, sent).await
+    }
+
+    /// Like [`execute_timed`](Self::execute_timed), but the command goes out
+    /// at the host monotonic instant `send_at`: a thread of its own sleeps,
+    /// then spins, to that instant and writes the ready-made command line
+    /// through a duplicate of the socket, while this task only awaits the
+    /// reply. Several sessions' commands (one per VM) therefore leave at
+    /// their own instants, µs-exact, without one waiting for another's task
+    /// or reply. `Stamp::sent` is the instant the write began.
+    pub async fn execute_at(
+        &mut self,
+        cmd: &str,
+        args: Option<Value>,
+        send_at: MonoNs,
+    ) -> Result<(Value, Stamp), QmpError> {
+        let (id, line) = self.command_line(cmd, args);
+        // SAFETY: dup(2) of the socket this session owns and keeps open; the
+        // new descriptor is owned by the OwnedFd below and closed by it, so
+        // the writer thread never touches a descriptor that might be closed
+        // or reused, even if this future is dropped before it runs.
+        let fd = unsafe { libc::dup(self.stream.as_raw_fd()) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let writer = tokio::task::spawn_blocking(move || -> io::Result<MonoNs> {
+            // A real-time thread wakes at its instant even when every host
+            // CPU is busy; best effort (needs CAP_SYS_NICE), and undone
+            // before the pool thread goes back to ordinary blocking work.
+            let rt = RealTime::enter();
+            wait_until(send_at);
+            let sent = mono_ns();
+            let r = write_all_fd(fd.as_raw_fd(), &line);
+            drop(rt);
+            r.map(|()| sent)
+        });
+        let sent = writer.await.map_err(|e| QmpError::Io(io::Error::other(format!("QMP writer thread: {e}"))))??;
         self.await_reply(cmd, id, sent).await
     }
 
@@ -328,6 +367,63 @@ fn parse_event(msg: &Value) -> Option<QmpEvent> {
         qemu_time_us,
         received: mono_ns(),
     })
+}
+
+/// The calling thread in `SCHED_FIFO` (priority 1) until dropped, if allowed.
+struct RealTime(Option<(libc::c_int, libc::sched_param)>);
+
+impl RealTime {
+    fn enter() -> RealTime {
+        // SAFETY: pthread scheduling calls on the calling thread, with valid
+        // pointers to locals.
+        unsafe {
+            let me = libc::pthread_self();
+            let mut policy = 0;
+            let mut old = libc::sched_param { sched_priority: 0 };
+            if libc::pthread_getschedparam(me, &mut policy, &mut old) != 0 {
+                return RealTime(None);
+            }
+            let param = libc::sched_param { sched_priority: 1 };
+            if libc::pthread_setschedparam(me, libc::SCHED_FIFO, &param) != 0 {
+                return RealTime(None);
+            }
+            RealTime(Some((policy, old)))
+        }
+    }
+}
+
+impl Drop for RealTime {
+    fn drop(&mut self) {
+        if let Some((policy, old)) = self.0 {
+            // SAFETY: as in `enter`, restoring what it read.
+            unsafe { libc::pthread_setschedparam(libc::pthread_self(), policy, &old) };
+        }
+    }
+}
+
+/// Write all of `data` to `fd` from a plain thread. The descriptor shares
+/// its file description (and so O_NONBLOCK) with the session's socket: on
+/// EAGAIN wait for POLLOUT and go on.
+fn write_all_fd(fd: RawFd, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        // SAFETY: `data` is a live slice; `fd` is an open descriptor owned by the caller.
+        let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+        if n >= 0 {
+            data = &data[n as usize..];
+            continue;
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => {}
+            io::ErrorKind::WouldBlock => {
+                let mut p = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+                // SAFETY: one valid pollfd, count 1.
+                unsafe { libc::poll(&mut p, 1, 1000) };
+            }
+            _ => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// One `sendmsg` of `data` with `fd` attached as SCM_RIGHTS; returns bytes sent.

@@ -24,6 +24,7 @@ use serde_json::{json, Value};
 
 use crate::accel::Accel;
 use crate::qmp::{Qmp, QmpError};
+use stasis_core::clock::MonoNs;
 pub use crate::qmp::Stamp;
 
 /// Environment variable naming the QEMU binary (default `qemu-system-x86_64`).
@@ -129,7 +130,9 @@ pub fn qemu_args(spec: &VmSpec, serial_log: &Path, incoming: Option<&Path>) -> V
     let p = |path: &Path| path.to_string_lossy().into_owned();
     let mut a: Vec<String> = Vec::with_capacity(48);
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
-    push(&["-name", &format!("guest={}", spec.name)]);
+    // debug-threads: QEMU names its threads (`IO mon_iothread`, `CPU 0/TCG`),
+    // so a checkpoint can boost the ones a stop/cont waits for (crate::sched).
+    push(&["-name", &format!("guest={},debug-threads=on", spec.name)]);
     // A vhost-user backend maps guest RAM: it must be a shared memfd.
     let vhost = spec.nics.iter().any(|n| n.backend == NicBackend::VhostUser);
     if vhost {
@@ -639,6 +642,26 @@ impl Vm {
             return Err(VmError::IncomingPending);
         }
         let (_, stamp) = self.qmp.execute_timed("cont", None).await?;
+        tracing::debug!(vm = %self.name, rtt_us = stamp.round_trip_ns() / 1000, "continued");
+        Ok(stamp)
+    }
+
+    /// [`stop`](Self::stop), with the command written at the host monotonic
+    /// instant `send_at` by a thread of its own ([`Qmp::execute_at`]).
+    pub async fn stop_at(&mut self, send_at: MonoNs) -> Result<Stamp, VmError> {
+        let (_, stamp) = self.qmp.execute_at("stop", None, send_at).await?;
+        tracing::debug!(vm = %self.name, rtt_us = stamp.round_trip_ns() / 1000, "stopped");
+        Ok(stamp)
+    }
+
+    /// [`cont`](Self::cont), with the command written at the host monotonic
+    /// instant `send_at` by a thread of its own ([`Qmp::execute_at`]), so
+    /// that several VMs each resume at their own instant.
+    pub async fn cont_at(&mut self, send_at: MonoNs) -> Result<Stamp, VmError> {
+        if self.incoming_pending {
+            return Err(VmError::IncomingPending);
+        }
+        let (_, stamp) = self.qmp.execute_at("cont", None, send_at).await?;
         tracing::debug!(vm = %self.name, rtt_us = stamp.round_trip_ns() / 1000, "continued");
         Ok(stamp)
     }

@@ -203,3 +203,29 @@ async fn a_late_reply_after_a_timeout_does_not_answer_the_next_command() {
     assert_eq!(qmp.execute("next", None).await.unwrap(), "for next");
     server.await.unwrap();
 }
+
+#[tokio::test]
+async fn commands_at_an_instant_leave_at_their_own_instants() {
+    // Two QEMUs, one task: each `cont` is written at its own instant by its
+    // own thread, the later one not waiting for the earlier one's reply, and
+    // QEMU's RESUME stamp lies after the send instant.
+    let (q1, q2) = (BareQemu::start(), BareQemu::start());
+    let mut a = Qmp::connect(&q1.qmp).await.expect("connect");
+    let mut b = Qmp::connect(&q2.qmp).await.expect("connect");
+    for q in [&mut a, &mut b] {
+        q.execute("stop", None).await.unwrap();
+        q.drain_events();
+    }
+    let t = stasis_core::clock::mono_ns() + 50_000_000;
+    let (ra, rb) = tokio::join!(a.execute_at("cont", None, t), b.execute_at("cont", None, t + 3_000_000));
+    let ((_, sa), (_, sb)) = (ra.unwrap(), rb.unwrap());
+    assert!(sa.sent >= t && sb.sent >= t + 3_000_000, "not before the instant: {sa:?} {sb:?}");
+    assert!(sa.replied >= sa.sent && sb.replied >= sb.sent);
+    for (q, s) in [(&mut a, sa), (&mut b, sb)] {
+        let ev = q.wait_event("RESUME", Duration::from_secs(5)).await.unwrap();
+        let at = stasis_core::clock::wall_to_mono(ev.qemu_time_us.unwrap() * 1_000);
+        // µs timestamps and the wall→mono mapping: allow 100 µs.
+        assert!(at + 100_000 >= s.sent, "RESUME at {at} before the command was sent at {}", s.sent);
+        assert_eq!(q.execute("query-status", None).await.unwrap()["status"], "running");
+    }
+}
