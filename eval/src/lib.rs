@@ -9,3 +9,5 @@ pub mod run;
 pub mod time;
 /// PNG line plots (plotters, bitmap backend, no text).
 pub mod plot;
+/// The freeze-instant skew benchmark: PTP agents in network namespaces, the real protocol, QEMU stops.
+pub mod skew;

@@ -1,6 +1,7 @@
 //! `stasis-eval`: evaluations of stasis on real VMs.
 //!
 //! `stasis-eval time [--pauses 1,10,60] [--checkpoints-per-pause N] [--out DIR] [--quick]`
+//! `stasis-eval skew [--checkpoints 50] [--out DIR] [--quick]`
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -40,13 +41,42 @@ enum Cmd {
         #[arg(long)]
         replot: bool,
     },
+    /// Freeze-instant skew across VMs on 3 PTP-synced agents (network namespaces; needs root)
+    Skew {
+        /// Checkpoints (rounds of the real protocol)
+        #[arg(long, default_value_t = 50)]
+        checkpoints: u64,
+        /// Output directory (skew.json: clocks, rounds, every stop, the distributions)
+        #[arg(long, default_value = "eval-out/skew")]
+        out: PathBuf,
+        /// 10 checkpoints and a 3 s steady-clock window (a test of the pipeline)
+        #[arg(long)]
+        quick: bool,
+        /// Leave the actuation and QEMU's main thread under SCHED_OTHER (default: SCHED_FIFO 1)
+        #[arg(long)]
+        no_rt: bool,
+        /// Spun part of each wait, µs
+        #[arg(long, default_value_t = 300)]
+        spin_us: u64,
+    },
 }
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,statime=warn".into()),
     ).init();
     match Cli::parse().cmd {
+        Cmd::Skew { checkpoints, out, quick, no_rt, spin_us } => {
+            use stasis_eval::skew::bench::{run, SkewConfig};
+            let mut cfg = if quick { SkewConfig::quick(out) } else { SkewConfig { checkpoints, ..SkewConfig::full(out) } };
+            cfg.checkpoints = cfg.checkpoints.max(1);
+            cfg.realtime = !no_rt;
+            cfg.spin_ns = spin_us * 1000;
+            let report = run(&cfg)?;
+            println!("{}", report.table());
+            println!("raw data: {}", cfg.out.join("skew.json").display());
+            Ok(())
+        }
         Cmd::Time { replot: true, out, .. } => replot(&out),
         Cmd::Time { mut pauses, mut checkpoints_per_pause, out, quick, stasis, .. } => {
             if quick {
