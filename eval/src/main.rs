@@ -1,7 +1,7 @@
 //! `stasis-eval`: evaluations of stasis on real VMs.
 //!
 //! `stasis-eval time [--pauses 1,10,60] [--checkpoints-per-pause N] [--out DIR] [--quick]`
-//! `stasis-eval skew [--checkpoints 50] [--out DIR] [--quick]`
+//! `stasis-eval skew [--checkpoints 50] [--out DIR] [--quick] [--no-rt] [--spin-us 300] [--stagger-us 0]`
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -58,6 +58,10 @@ enum Cmd {
         /// Spun part of each wait, µs
         #[arg(long, default_value_t = 300)]
         spin_us: u64,
+        /// Agent i acts at T + i × this many µs, taken out in the analysis: keeps the
+        /// agents from competing for this host's cores at T (as separate hosts would not)
+        #[arg(long, default_value_t = 0)]
+        stagger_us: u64,
     },
 }
 
@@ -66,12 +70,13 @@ fn main() -> Result<()> {
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,statime=warn".into()),
     ).init();
     match Cli::parse().cmd {
-        Cmd::Skew { checkpoints, out, quick, no_rt, spin_us } => {
+        Cmd::Skew { checkpoints, out, quick, no_rt, spin_us, stagger_us } => {
             use stasis_eval::skew::bench::{run, SkewConfig};
             let mut cfg = if quick { SkewConfig::quick(out) } else { SkewConfig { checkpoints, ..SkewConfig::full(out) } };
             cfg.checkpoints = cfg.checkpoints.max(1);
             cfg.realtime = !no_rt;
             cfg.spin_ns = spin_us * 1000;
+            cfg.stagger_ns = stagger_us * 1000;
             let report = run(&cfg)?;
             println!("{}", report.table());
             println!("raw data: {}", cfg.out.join("skew.json").display());

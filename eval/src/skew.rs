@@ -31,7 +31,11 @@ pub struct StopRecord {
     pub agent: usize,
     /// T, on the synchronised clock.
     pub freeze_at: u64,
-    /// Where the agent's synced clock read T.
+    /// The agent acted at T + this (see `node::AgentSpec::stagger_ns`);
+    /// every instant below includes it, the analysis takes it out.
+    #[serde(default)]
+    pub stagger_ns: u64,
+    /// Where the agent's synced clock read T + stagger.
     pub target_ns: u64,
     /// The agent's synced clock's true error at T (synced − real).
     pub clock_error_ns: i64,
@@ -123,8 +127,8 @@ pub fn per_checkpoint(records: &[StopRecord], agents: usize) -> Result<Vec<Check
             };
             Ok(CheckpointSkew {
                 ckpt,
-                skew_ns: spread(&|r| r.stop_ns as i64),
-                clock_spread_ns: spread(&|r| r.target_ns as i64),
+                skew_ns: spread(&|r| r.stop_ns as i64 - r.stagger_ns as i64),
+                clock_spread_ns: spread(&|r| r.target_ns as i64 - r.stagger_ns as i64),
                 latency_spread_ns: spread(&|r| r.latency_ns()),
             })
         })
@@ -179,6 +183,7 @@ mod tests {
             ckpt,
             agent,
             freeze_at: t,
+            stagger_ns: 0,
             target_ns: target,
             clock_error_ns: err,
             woke_ns: target + 2_000,
@@ -200,6 +205,18 @@ mod tests {
         assert_eq!(k[0].clock_spread_ns, 5_000);
         assert_eq!(k[0].latency_spread_ns, 40_000);
         assert!(k[0].skew_ns <= k[0].clock_spread_ns + k[0].latency_spread_ns);
+    }
+
+    #[test]
+    fn staggered_agents_are_compared_at_their_own_offsets() {
+        // agent 1 acted 2 ms after T on purpose: the same stops as above, shifted
+        let mut rs = [rec(1, 0, 3_000, 100_000), rec(1, 1, -2_000, 140_000), rec(1, 2, 0, 120_000)];
+        for f in [&mut rs[1].target_ns, &mut rs[1].woke_ns, &mut rs[1].qmp_sent_ns, &mut rs[1].qmp_replied_ns, &mut rs[1].stop_ns] {
+            *f += 2_000_000;
+        }
+        rs[1].stagger_ns = 2_000_000;
+        let k = per_checkpoint(&rs, 3).unwrap();
+        assert_eq!((k[0].skew_ns, k[0].clock_spread_ns, k[0].latency_spread_ns), (45_000, 5_000, 40_000));
     }
 
     #[test]

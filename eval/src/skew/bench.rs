@@ -51,6 +51,9 @@ pub struct SkewConfig {
     pub realtime: bool,
     /// Spun part of each wait, ns.
     pub spin_ns: u64,
+    /// Agent i acts at T + i × this (0: all at T); taken out in the analysis.
+    #[serde(default)]
+    pub stagger_ns: u64,
 }
 
 impl SkewConfig {
@@ -66,6 +69,7 @@ impl SkewConfig {
             gap: Duration::from_millis(200),
             realtime: true,
             spin_ns: stasis_clock_sync::actuate::DEFAULT_SPIN_NS,
+            stagger_ns: 0,
         }
     }
 
@@ -152,13 +156,14 @@ impl SkewReport {
         }
         let committed = self.rounds.iter().filter(|r| r.committed).count();
         s += &format!(
-            "\nfreeze-instant skew over {} checkpoints ({} committed), {} VMs on {} agents; actuation {}, spin {} µs:\n\n",
+            "\nfreeze-instant skew over {} checkpoints ({} committed), {} VMs on {} agents; actuation {}, spin {} µs, stagger {} µs:\n\n",
             self.analysis.checkpoints.len(),
             committed,
             self.clocks.len(),
             self.clocks.len(),
             if self.config.realtime { "SCHED_FIFO" } else { "SCHED_OTHER" },
-            self.config.spin_ns / 1000
+            self.config.spin_ns / 1000,
+            self.config.stagger_ns / 1000
         );
         s += &dist_table(&self.analysis.dists);
         if let Some(skew) = self.analysis.dists.first() {
@@ -297,6 +302,7 @@ pub fn run(cfg: &SkewConfig) -> Result<SkewReport, BenchError> {
             run_dir: run_dir.path().to_owned(),
             realtime: cfg.realtime,
             spin_ns: cfg.spin_ns,
+            stagger_ns: i as u64 * cfg.stagger_ns,
         };
         let (key, tx, rec, sd) = (key.clone(), clock_tx.clone(), rec_tx.clone(), shutdown_rx.clone());
         nodes.spawn(&format!("skw-a{i}"), ns.clone(), move || agent_main(spec, key, tx, rec, sd)).map_err(spawn_err)?;

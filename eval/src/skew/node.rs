@@ -3,6 +3,7 @@
 //! protocol (`stasis_proto` transport and cores) and, on agents, one idle
 //! QEMU VM (TCG, no kernel: SeaBIOS finds no boot device and halts).
 
+use std::error::Error as _;
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -27,8 +28,8 @@ use super::StopRecord;
 pub enum NodeError {
     #[error("starting the PTP node")]
     Ptp(#[from] stasis_clock_sync::StartError),
-    #[error("the PTP node ended")]
-    PtpEnded,
+    #[error("the PTP node ended: {0}")]
+    PtpEnded(String),
     #[error("starting QEMU ({binary})")]
     QemuSpawn {
         binary: String,
@@ -136,6 +137,10 @@ pub struct AgentSpec {
     pub realtime: bool,
     /// The part of the wait that is spun rather than slept.
     pub spin_ns: u64,
+    /// Act this long after T (benchmark only, subtracted in the analysis):
+    /// staggering the agents keeps them from competing for this host's few
+    /// cores at T, as agents on separate hosts would not.
+    pub stagger_ns: u64,
 }
 
 /// Put thread `tid` (0: the calling thread) under `SCHED_FIFO` 1 (`on`) or
@@ -193,7 +198,8 @@ async fn sleep_until_before(at: u64, lead: u64) {
 
 /// The agent: start PTP (slave, injected error) and the VM, report the clock
 /// on `ready`, then serve coordinator connections one at a time until
-/// `shutdown` turns true. Each VM stop goes to `records`.
+/// `shutdown` turns true (every wait checks the value, not just a change,
+/// so a shutdown seen inside one connection is not missed by the next wait). Each VM stop goes to `records`.
 pub async fn agent_main(
     spec: AgentSpec,
     key: Key,
@@ -219,13 +225,14 @@ pub async fn agent_main(
     let mut listener = Listener::bind(spec.listen, key).await?;
     let _ = ready.send((spec.index, clock.clone()));
     loop {
-        tokio::select! {
-            _ = shutdown.changed() => return Ok(()),
-            _ = &mut ptp.task => return Err(NodeError::PtpEnded),
-            c = listener.accept() => match c {
-                Ok(conn) => serve(&spec, conn, &clock, &mut vm, &records, &mut shutdown).await?,
-                Err(refused) => tracing::warn!(agent = spec.index, ?refused, "connection refused"),
-            },
+        let accepted = tokio::select! {
+            _ = shutdown.wait_for(|&stop| stop) => return Ok(()),
+            r = &mut ptp.task => return Err(ptp_ended(r)),
+            c = listener.accept() => c,
+        };
+        match accepted {
+            Ok(conn) => serve(&spec, conn, &clock, &mut vm, &records, &mut shutdown).await?,
+            Err(refused) => tracing::warn!(agent = spec.index, ?refused, "connection refused"),
         }
     }
 }
@@ -248,7 +255,7 @@ async fn serve(
     let mut stopped: Option<Stopped> = None;
     loop {
         let msg = tokio::select! {
-            _ = shutdown.changed() => return Ok(()),
+            _ = shutdown.wait_for(|&stop| stop) => return Ok(()),
             m = conn.recv() => m,
         };
         let now = clock.now() as u64;
@@ -293,6 +300,7 @@ async fn serve(
                             sleep_until_before(clock.mono_at(at as i128), 2_000_000).await;
                             let _ = wait_until_synced(clock, at as i128);
                             vm.qmp.execute("cont", None).await?;
+                            tracing::debug!(agent = spec.index, "continued");
                             comps.push(ResumedComponent { name: spec.name.clone(), stop_ns: s.stop_synced, resume_ns: at });
                         } else {
                             // the freeze failed part-way: make sure the VM runs
@@ -325,10 +333,14 @@ async fn freeze(
     records: &mpsc::Sender<StopRecord>,
 ) -> Result<Stopped, NodeError> {
     vm.qmp.drain_events();
-    // Let the runtime (PTP) run until 2 ms before; block only for the last part.
-    sleep_until_before(clock.mono_at(at as i128), 2_000_000).await;
+    let local = at + spec.stagger_ns;
+    // Under SCHED_OTHER a loaded host wakes us milliseconds late (measured
+    // here up to 8 ms with load 20 on 2 cores): switch to SCHED_FIFO at once,
+    // on Prepare (the thread mostly sleeps until T), let the runtime (PTP)
+    // run until 2 ms before, and block only for the rest.
     let rt_section = RealtimeSection::enter(spec.realtime);
-    let act = wait_until_synced_spin(clock, at as i128, spec.spin_ns);
+    sleep_until_before(clock.mono_at(local as i128), 2_000_000).await;
+    let act = wait_until_synced_spin(clock, local as i128, spec.spin_ns);
     let (_, stamp) = vm.qmp.execute_timed("stop", None).await?;
     drop(rt_section);
     let ev = vm.qmp.wait_event("STOP", Duration::from_secs(2)).await?;
@@ -336,11 +348,13 @@ async fn freeze(
     // the monitor's own latency from the work of stopping.
     let (_, probe) = vm.qmp.execute_timed("query-status", None).await?;
     let stop_ns = ev.qemu_time_us.ok_or(NodeError::NoStamp)? * 1000;
+    tracing::debug!(agent = spec.index, %ckpt, late_ns = act.wake_lateness_ns(), "stopped");
     let rt = |mono: u64| act.mono_to_realtime(mono) as u64;
     let rec = StopRecord {
         ckpt: ckpt.0.get(),
         agent: spec.index,
         freeze_at: at,
+        stagger_ns: spec.stagger_ns,
         target_ns: act.target_realtime,
         clock_error_ns: act.clock_error_ns,
         woke_ns: rt(act.woke_mono),
@@ -393,8 +407,8 @@ pub async fn coordinator_main(
     let _ = ready.send(clock.clone());
     let rounds = loop {
         tokio::select! {
-            _ = shutdown.changed() => return Ok(()),
-            _ = &mut ptp.task => return Err(NodeError::PtpEnded),
+            _ = shutdown.wait_for(|&stop| stop) => return Ok(()),
+            r = &mut ptp.task => return Err(ptp_ended(r)),
             r = go.changed() => {
                 if r.is_err() { return Ok(()); }
                 if let Some(n) = *go.borrow() { break n; }
@@ -425,8 +439,10 @@ pub async fn coordinator_main(
             },
             |_| {},
         );
+        tracing::debug!(ckpt = k, "round starts");
         let outcome: Outcome = tokio::select! {
-            _ = shutdown.changed() => return Ok(()),
+            _ = shutdown.wait_for(|&stop| stop) => return Ok(()),
+            r = &mut ptp.task => return Err(ptp_ended(r)),
             o = round => o,
         };
         let _ = rounds_out.send(RoundRecord {
@@ -438,13 +454,29 @@ pub async fn coordinator_main(
             resume_after_ns: outcome.resume_after_ns,
             reported_stops: reported,
         });
+        tracing::debug!(ckpt = k, committed = outcome.committed, "round ends");
         // A random phase, so T does not lock onto any periodic activity.
         let extra = rand_below(gap.as_nanos() as u64);
-        tokio::time::sleep(gap + Duration::from_nanos(extra)).await;
+        tokio::select! {
+            _ = shutdown.wait_for(|&stop| stop) => return Ok(()),
+            r = &mut ptp.task => return Err(ptp_ended(r)),
+            _ = tokio::time::sleep(gap + Duration::from_nanos(extra)) => {}
+        }
     }
     // Stay up (the grandmaster) until told to stop.
-    let _ = shutdown.changed().await;
+    tokio::select! {
+        _ = shutdown.wait_for(|&stop| stop) => {}
+        r = &mut ptp.task => return Err(ptp_ended(r)),
+    }
     Ok(())
+}
+
+fn ptp_ended(r: Result<Result<(), stasis_clock_sync::RunError>, tokio::task::JoinError>) -> NodeError {
+    NodeError::PtpEnded(match r {
+        Ok(Ok(())) => "without an error".into(),
+        Ok(Err(e)) => format!("{e}: {}", e.source().map(|s| s.to_string()).unwrap_or_default()),
+        Err(e) => format!("its task failed: {e}"),
+    })
 }
 
 fn rand_below(n: u64) -> u64 {
