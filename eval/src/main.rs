@@ -1,7 +1,7 @@
 //! `stasis-eval`: evaluations of stasis on real VMs.
 //!
 //! `stasis-eval time [--pauses 1,10,60] [--checkpoints-per-pause N] [--out DIR] [--quick]`
-//! `stasis-eval skew [--checkpoints 50] [--out DIR] [--quick] [--no-rt] [--spin-us 300] [--stagger-us 0]`
+//! `stasis-eval skew [--checkpoints 50] [--out DIR] [--quick] [--no-rt] [--rt-qemu] [--qemu-nice -20] [--spin-us 300] [--stagger-us 0]`
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -52,9 +52,15 @@ enum Cmd {
         /// 10 checkpoints and a 3 s steady-clock window (a test of the pipeline)
         #[arg(long)]
         quick: bool,
-        /// Leave the actuation and QEMU's main thread under SCHED_OTHER (default: SCHED_FIFO 1)
+        /// Leave the actuation under SCHED_OTHER (default: SCHED_FIFO 1 from Prepare to the stop)
         #[arg(long)]
         no_rt: bool,
+        /// Also run QEMU's main and monitor I/O threads at SCHED_FIFO 1
+        #[arg(long)]
+        rt_qemu: bool,
+        /// Otherwise, the nice value of all its threads (0 leaves them alone)
+        #[arg(long, default_value_t = -20, allow_hyphen_values = true)]
+        qemu_nice: i32,
         /// Spun part of each wait, µs
         #[arg(long, default_value_t = 300)]
         spin_us: u64,
@@ -70,11 +76,13 @@ fn main() -> Result<()> {
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,statime=warn".into()),
     ).init();
     match Cli::parse().cmd {
-        Cmd::Skew { checkpoints, out, quick, no_rt, spin_us, stagger_us } => {
+        Cmd::Skew { checkpoints, out, quick, no_rt, rt_qemu, qemu_nice, spin_us, stagger_us } => {
             use stasis_eval::skew::bench::{run, SkewConfig};
             let mut cfg = if quick { SkewConfig::quick(out) } else { SkewConfig { checkpoints, ..SkewConfig::full(out) } };
             cfg.checkpoints = cfg.checkpoints.max(1);
             cfg.realtime = !no_rt;
+            cfg.qemu_realtime = rt_qemu;
+            cfg.qemu_nice = qemu_nice;
             cfg.spin_ns = spin_us * 1000;
             cfg.stagger_ns = stagger_us * 1000;
             let report = run(&cfg)?;

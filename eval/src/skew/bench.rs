@@ -47,8 +47,14 @@ pub struct SkewConfig {
     pub steady: Duration,
     /// Between rounds: this plus a random extra up to this.
     pub gap: Duration,
-    /// Actuation and QEMU's main thread at SCHED_FIFO (see [`AgentSpec::realtime`]).
+    /// The actuation at SCHED_FIFO (see [`AgentSpec::realtime`]).
     pub realtime: bool,
+    /// QEMU's main and monitor threads at SCHED_FIFO (see [`AgentSpec::qemu_realtime`]).
+    #[serde(default)]
+    pub qemu_realtime: bool,
+    /// Otherwise their nice value (0: unchanged).
+    #[serde(default)]
+    pub qemu_nice: i32,
     /// Spun part of each wait, ns.
     pub spin_ns: u64,
     /// Agent i acts at T + i × this (0: all at T); taken out in the analysis.
@@ -68,6 +74,8 @@ impl SkewConfig {
             steady: Duration::from_secs(10),
             gap: Duration::from_millis(200),
             realtime: true,
+            qemu_realtime: false,
+            qemu_nice: -20,
             spin_ns: stasis_clock_sync::actuate::DEFAULT_SPIN_NS,
             stagger_ns: 0,
         }
@@ -161,11 +169,17 @@ impl SkewReport {
             committed,
             self.clocks.len(),
             self.clocks.len(),
-            if self.config.realtime { "SCHED_FIFO" } else { "SCHED_OTHER" },
+            format!(
+                "{}, QEMU monitor {}",
+                if self.config.realtime { "SCHED_FIFO" } else { "SCHED_OTHER" },
+                if self.config.qemu_realtime { "SCHED_FIFO".to_owned() } else { format!("nice {}", self.config.qemu_nice) }
+            ),
             self.config.spin_ns / 1000,
             self.config.stagger_ns / 1000
         );
         s += &dist_table(&self.analysis.dists);
+        let glitches = self.records.iter().filter(|r| r.clock_error_ns.unsigned_abs() as f64 >= CONVERGED_NS).count();
+        s += &format!("\nstops whose clock was ≥ 10 µs off at T: {glitches} of {}\n", self.records.len());
         if let Some(skew) = self.analysis.dists.first() {
             let met = if skew.p99_ns <= 100_000 { "met" } else { "NOT met" };
             s += &format!("\ngoal p99 skew ≤ 100 µs: {met} (p99 {:.1} µs)\n", skew.p99_ns as f64 / 1e3);
@@ -301,6 +315,8 @@ pub fn run(cfg: &SkewConfig) -> Result<SkewReport, BenchError> {
             memory_mib: cfg.memory_mib,
             run_dir: run_dir.path().to_owned(),
             realtime: cfg.realtime,
+            qemu_realtime: cfg.qemu_realtime,
+            qemu_nice: cfg.qemu_nice,
             spin_ns: cfg.spin_ns,
             stagger_ns: i as u64 * cfg.stagger_ns,
         };

@@ -132,9 +132,15 @@ pub struct AgentSpec {
     pub drift_ppm: f64,
     pub memory_mib: u32,
     pub run_dir: PathBuf,
-    /// Run the actuation (wait, QMP `stop`) and QEMU's main thread at
-    /// `SCHED_FIFO` priority 1, so that CPU-bound neighbours do not delay them.
+    /// Run the actuation (from Prepare to the QMP `stop` reply) at
+    /// `SCHED_FIFO` priority 1, so that CPU-bound neighbours do not delay it.
     pub realtime: bool,
+    /// Also QEMU's main and monitor I/O threads, for the whole run. Off by
+    /// default: permanently FIFO threads can starve softirq network
+    /// processing (ksoftirqd), which delays PTP's software timestamps.
+    pub qemu_realtime: bool,
+    /// Otherwise, the nice value of every QEMU thread (0: unchanged).
+    pub qemu_nice: i32,
     /// The part of the wait that is spun rather than slept.
     pub spin_ns: u64,
     /// Act this long after T (benchmark only, subtracted in the analysis):
@@ -153,6 +159,15 @@ pub fn set_realtime(tid: libc::pid_t, on: bool) {
     let rc = unsafe { libc::sched_setscheduler(tid, policy, &param) };
     if rc != 0 {
         tracing::warn!(tid, on, error = %std::io::Error::last_os_error(), "sched_setscheduler failed");
+    }
+}
+
+/// Set thread `tid`'s nice value; failure is logged, not fatal.
+pub fn set_nice(tid: libc::pid_t, nice: i32) {
+    // SAFETY: setpriority only changes one thread's nice value.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+    if rc != 0 {
+        tracing::warn!(tid, nice, error = %std::io::Error::last_os_error(), "setpriority failed");
     }
 }
 
@@ -213,13 +228,15 @@ pub async fn agent_main(
     let mut ptp = stasis_clock_sync::start(cfg).await?;
     let clock = ptp.clock.clone();
     let mut vm = IdleVm::launch(&spec.run_dir, &spec.name, spec.memory_mib).await?;
-    if spec.realtime {
-        // QEMU is initialised (it answers QMP). Its monitor I/O thread reads
-        // the command and its main thread runs it (and pauses the vCPUs):
-        // those get the priority; the vCPU threads (busy while the guest
-        // runs) do not.
-        for tid in qemu_threads(vm.child.id()).into_iter().filter(|(_, name)| !name.starts_with("CPU ")) {
-            set_realtime(tid.0, true);
+    // QEMU is initialised (it answers QMP). Its monitor I/O thread reads
+    // the command, its main thread runs it and waits until every vCPU
+    // thread has acknowledged the pause. FIFO goes to the first two only
+    // (a vCPU thread is busy while its guest runs); a nice value to all.
+    for (tid, name) in qemu_threads(vm.child.id()) {
+        if spec.qemu_realtime && !name.starts_with("CPU ") {
+            set_realtime(tid, true);
+        } else if !spec.qemu_realtime && spec.qemu_nice != 0 {
+            set_nice(tid, spec.qemu_nice);
         }
     }
     let mut listener = Listener::bind(spec.listen, key).await?;
