@@ -163,17 +163,14 @@ impl SkewReport {
             );
         }
         let committed = self.rounds.iter().filter(|r| r.committed).count();
+        let qemu = if self.config.qemu_realtime { "SCHED_FIFO".to_owned() } else { format!("nice {}", self.config.qemu_nice) };
         s += &format!(
-            "\nfreeze-instant skew over {} checkpoints ({} committed), {} VMs on {} agents; actuation {}, spin {} µs, stagger {} µs:\n\n",
+            "\nfreeze-instant skew over {} checkpoints ({} committed), {} VMs on {} agents; actuation {}, QEMU {qemu}, spin {} µs, stagger {} µs:\n\n",
             self.analysis.checkpoints.len(),
             committed,
             self.clocks.len(),
             self.clocks.len(),
-            format!(
-                "{}, QEMU monitor {}",
-                if self.config.realtime { "SCHED_FIFO" } else { "SCHED_OTHER" },
-                if self.config.qemu_realtime { "SCHED_FIFO".to_owned() } else { format!("nice {}", self.config.qemu_nice) }
-            ),
+            if self.config.realtime { "SCHED_FIFO" } else { "SCHED_OTHER" },
             self.config.spin_ns / 1000,
             self.config.stagger_ns / 1000
         );
