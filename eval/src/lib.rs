@@ -15,3 +15,5 @@ pub mod plot;
 pub mod bt;
 /// The flagship demo: the Mandelbrot job's image, PNG and time lost (I/O-free).
 pub mod demo;
+/// The freeze-instant skew benchmark: PTP agents in network namespaces, the real protocol, QEMU stops.
+pub mod skew;

@@ -3,6 +3,7 @@
 //! `stasis-eval time [--pauses 1,10,60] [--checkpoints-per-pause N] [--out DIR] [--quick]`
 //! `stasis-eval iperf [--runs N] [--duration S] [--quick] [--out DIR] [--replot]`
 //! `stasis-eval bt [--runs N] [--quick] [--out DIR] [--replot]`
+//! `stasis-eval skew [--checkpoints 50] [--out DIR] [--quick] [--no-rt] [--rt-qemu] [--qemu-nice -20] [--spin-us 300] [--stagger-us 0]`
 
 mod bt_cmd;
 mod iperf_cmd;
@@ -114,11 +115,39 @@ enum Cmd {
         #[arg(long)]
         replot: bool,
     },
+    /// Freeze-instant skew across VMs on 3 PTP-synced agents (network namespaces; needs root)
+    Skew {
+        /// Checkpoints (rounds of the real protocol)
+        #[arg(long, default_value_t = 50)]
+        checkpoints: u64,
+        /// Output directory (skew.json: clocks, rounds, every stop, the distributions)
+        #[arg(long, default_value = "eval-out/skew")]
+        out: PathBuf,
+        /// 10 checkpoints and a 3 s steady-clock window (a test of the pipeline)
+        #[arg(long)]
+        quick: bool,
+        /// Leave the actuation under SCHED_OTHER (default: SCHED_FIFO 1 from Prepare to the stop)
+        #[arg(long)]
+        no_rt: bool,
+        /// Also run QEMU's main and monitor I/O threads at SCHED_FIFO 1
+        #[arg(long)]
+        rt_qemu: bool,
+        /// Otherwise, the nice value of all its threads (0 leaves them alone)
+        #[arg(long, default_value_t = -20, allow_hyphen_values = true)]
+        qemu_nice: i32,
+        /// Spun part of each wait, µs
+        #[arg(long, default_value_t = 300)]
+        spin_us: u64,
+        /// Agent i acts at T + i × this many µs, taken out in the analysis: keeps the
+        /// agents from competing for this host's cores at T (as separate hosts would not)
+        #[arg(long, default_value_t = 0)]
+        stagger_us: u64,
+    },
 }
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,statime=warn".into()),
     ).init();
     match Cli::parse().cmd {
         Cmd::Bt { replot: true, out, .. } => bt_cmd::replot(&out),
@@ -131,6 +160,20 @@ fn main() -> Result<()> {
                 cfg.arms = arms.iter().map(|a| bt_cmd::parse_arm(a)).collect::<Result<_>>()?;
             }
             bt_cmd::campaign(&bt_cmd::stasis_bin(stasis)?, &cfg, &out)
+        }
+        Cmd::Skew { checkpoints, out, quick, no_rt, rt_qemu, qemu_nice, spin_us, stagger_us } => {
+            use stasis_eval::skew::bench::{run, SkewConfig};
+            let mut cfg = if quick { SkewConfig::quick(out) } else { SkewConfig { checkpoints, ..SkewConfig::full(out) } };
+            cfg.checkpoints = cfg.checkpoints.max(1);
+            cfg.realtime = !no_rt;
+            cfg.qemu_realtime = rt_qemu;
+            cfg.qemu_nice = qemu_nice;
+            cfg.spin_ns = spin_us * 1000;
+            cfg.stagger_ns = stagger_us * 1000;
+            let report = run(&cfg)?;
+            println!("{}", report.table());
+            println!("raw data: {}", cfg.out.join("skew.json").display());
+            Ok(())
         }
         Cmd::Time { replot: true, out, .. } => replot(&out),
         Cmd::Time { mut pauses, mut checkpoints_per_pause, out, quick, stasis, .. } => {
