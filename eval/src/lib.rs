@@ -9,3 +9,5 @@ pub mod run;
 pub mod time;
 /// PNG line plots (plotters, bitmap backend, no text).
 pub mod plot;
+/// The store eval: dedup ratios and commit/restore throughput on real VM state.
+pub mod store;
