@@ -17,3 +17,5 @@ pub mod bt;
 pub mod demo;
 /// The freeze-instant skew benchmark: PTP agents in network namespaces, the real protocol, QEMU stops.
 pub mod skew;
+/// The store eval: dedup ratios and commit/restore throughput on real VM state.
+pub mod store;

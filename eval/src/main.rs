@@ -4,6 +4,7 @@
 //! `stasis-eval iperf [--runs N] [--duration S] [--quick] [--out DIR] [--replot]`
 //! `stasis-eval bt [--runs N] [--quick] [--out DIR] [--replot]`
 //! `stasis-eval skew [--checkpoints 50] [--out DIR] [--quick] [--no-rt] [--rt-qemu] [--qemu-nice -20] [--spin-us 300] [--stagger-us 0]`
+//! `stasis-eval store [--cache DIR] [--out DIR] [--capture-only]`
 
 mod bt_cmd;
 mod iperf_cmd;
@@ -143,6 +144,28 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         stagger_us: u64,
     },
+    /// Checkpoint store: dedup of 10 idle checkpoints and of 4 identical
+    /// guests, commit/restore throughput vs the raw disk (real VM state)
+    Store {
+        /// Where the captured VM state streams are kept for reuse
+        #[arg(long, default_value = "target/store-bench")]
+        cache: PathBuf,
+        /// Output directory (store-eval.json, report.md)
+        #[arg(long, default_value = "eval-out/store")]
+        out: PathBuf,
+        /// Seconds between the idle guest's checkpoints (capture only)
+        #[arg(long, default_value_t = 5.0)]
+        interval: f64,
+        /// Capture the streams (if not cached) and stop
+        #[arg(long)]
+        capture_only: bool,
+        /// Extra guest kernel arguments for the capture (e.g. "nokaslr")
+        #[arg(long, default_value = "")]
+        kernel_args: String,
+        /// The stasis binary [default: target/debug/stasis next to this one]
+        #[arg(long)]
+        stasis: Option<PathBuf>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -192,6 +215,13 @@ fn main() -> Result<()> {
         }
         Cmd::Iperf { runs, duration, events, bandwidth, delay, freeze_ms, gap, margin, window_margin, arms, quick, out, stasis, replot } => {
             iperf_cmd::main(iperf_cmd::Options { runs, duration, events, bandwidth, delay, freeze_ms, gap, margin, window_margin, arms, quick, out, stasis, replot })
+        }
+        Cmd::Store { cache, out, interval, capture_only, kernel_args, stasis } => {
+            let bin = match stasis {
+                Some(b) => b,
+                None => std::env::current_exe()?.parent().context("exe dir")?.join("stasis"),
+            };
+            store_eval(&bin, &cache, &out, &kernel_args, secs(interval), capture_only)
         }
     }
 }
@@ -466,4 +496,24 @@ fn report_md(tbl: &str, st: &stasis_eval::time::Steady, recs: &[CheckpointRecord
     }
     s.push_str("## Method\n\n- Steps: `stasis-traffic work --kmod /proc/stasis_fw` reads the guest-kmod's counters (1 ms hrtimer samples of mono/real/boot/TSC) and writes `reset` once a guest second; a checkpoint's step is the largest over the windows whose lines reached the host between the command's start and 1.5 s after it returned. The probe's column is the userspace probe (10 ms samples) over the same span. Step = sample-to-sample delta minus the period; a leaked pause of P s would show as ≈ P.\n- Δθ: node b runs `stasis-traffic clockx --peer a` (4-timestamp UDP exchange every 100 ms, θ = ((t2−t1)+(t3−t4))/2 of the two guests' CLOCK_MONOTONIC); Δθ = median θ over the last 3 s (guest time) of exchanges seen before the command − median θ over the first 3 s of those seen after it returned. The min-δ Δθ takes, in each window, only the quarter of exchanges with the shortest round trip δ (NTP's filter: a long δ means queueing or a descheduled vCPU, which biases θ). Host-predicted Δθ = frozen_b − frozen_a, each VM's frozen time as the host measured it (the checkpoint manifest's `frozen_ns`, `stasis show --json`): what the guests should see if the exchange were exact.\n- Work: busy-loop iterations per 100 ms of guest CLOCK_MONOTONIC (nice 19); mean rate over the 2 s of host time before the command vs the 2 s after it returned.\n- Host time of a console line = when the host's tailer read it (10 ms poll).\n");
     s
+}
+
+fn store_eval(bin: &Path, cache: &Path, out: &Path, kernel_args: &str, interval: Duration, capture_only: bool) -> Result<()> {
+    use stasis_eval::store;
+    let streams = store::Streams::at(cache);
+    if !bin.exists() && !streams.idle.iter().chain(&streams.guests).all(|p| p.is_file()) {
+        bail!("{} is missing: cargo build --bins", bin.display());
+    }
+    let streams = store::capture(bin, cache, kernel_args, secs(5.0), interval)?;
+    if capture_only {
+        return Ok(());
+    }
+    eprintln!("stasis-eval store: measuring in {}", cache.join("work").display());
+    let figures = store::measure(&streams, &cache.join("work"))?;
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("store-eval.json"), serde_json::to_string_pretty(&figures)?)?;
+    let tbl = store::table(&figures);
+    std::fs::write(out.join("report.md"), format!("# Store eval\n\n{tbl}"))?;
+    println!("{tbl}");
+    Ok(())
 }

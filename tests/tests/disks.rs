@@ -76,6 +76,8 @@ fn restore_and_check(exp: &Experiment, args: &[&str], inc: u32, bracket: (u64, u
     let mut a = vec!["restore"];
     a.extend_from_slice(args);
     exp.json(&a);
+    // The state reassembled for QEMU and the delay node is gone once they have read it.
+    assert!(!exp.root().join("restore").exists(), "restore leaves no state files behind");
     exp.wait_for("a", inc, T, "two lines after the restore", |r| r.iter().filter(|v| v["disk_i"].is_u64()).count() >= 2);
     assert_consistent(exp, inc);
     let first = lines(exp, inc)[0].0;

@@ -448,7 +448,8 @@ async fn launch_all(
     from: Option<&Checkpoint>,
     obs: &dyn Observer,
 ) -> Result<(Runtime, Vec<(String, Vm)>), UpError> {
-    // stasis-store: chunked components are reassembled (every chunk verified) into real files for QEMU and the delay node.
+    // stasis-store: chunked components are reassembled (every chunk verified) into real files for QEMU and the delay node
+    // (a no-op for a checkpoint `restore` materialized already).
     let from = from.map(|c| c.materialized(&layout.root().join("restore"))).transpose()?;
     let from = from.as_ref();
     let delay_state = from.map(|c| c.file("delay-node"));
@@ -1055,6 +1056,10 @@ pub async fn restore(
     } else {
         Default::default()
     };
+    // stasis-store: every chunk is read and verified once, here, into real
+    // files for QEMU and the delay node, before anything running is stopped.
+    let restore_dir = layout.root().join("restore");
+    let materialized = ckpt.materialized(&restore_dir)?;
     obs.event(&Event::Restoring { checkpoint: ckpt.info.id.clone() });
     let started = mono_ns();
     let _ = down(layout).await;
@@ -1076,7 +1081,7 @@ pub async fn restore(
         spec.disk = Some(top);
     }
     let incarnation = next_incarnation(layout)?;
-    let (mut rt, mut vms) = launch_all(&exp, layout, tools, &specs, incarnation, Some(ckpt), obs).await?;
+    let (mut rt, mut vms) = launch_all(&exp, layout, tools, &specs, incarnation, Some(&materialized), obs).await?;
     // The timeline continues the named branch, or the checkpoint's own.
     rt.branch = Some(branch.map(str::to_owned).unwrap_or_else(|| lineage_of(ckpt).branch));
     rt.head = Some(ckpt.info.id.clone());
@@ -1101,6 +1106,10 @@ pub async fn restore(
         resumed.push(s.instant());
     }
     let skew = resumed.iter().max().unwrap_or(&0) - resumed.iter().min().unwrap_or(&0);
+    // Every component has read its state: the reassembled files are not needed.
+    if let Err(e) = std::fs::remove_dir_all(&restore_dir) {
+        tracing::warn!(dir = %restore_dir.display(), error = %e, "cannot remove the restored state files");
+    }
     obs.event(&Event::Restored { checkpoint: ckpt.info.id.clone(), resumed_at: at });
     let summary = RestoreSummary { checkpoint: ckpt.info.id.clone(), vms: rt.vms.len(), restore_ns: mono_ns() - started, resume_skew_ns: skew };
     Ok((rt, summary))

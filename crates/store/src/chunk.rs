@@ -89,6 +89,90 @@ pub fn cut(data: &[u8], chunking: Chunking) -> Vec<(usize, usize)> {
     }
 }
 
+/// [`cut`] on several threads, with exactly the same result: the input is
+/// split into `threads` segments cut independently; then, at every seam,
+/// chunking continues sequentially from the last cut before the seam until
+/// it lands on a cut of the next segment (a content-defined cut depends
+/// only on where its chunk starts, so from a shared cut on both agree) —
+/// usually within a few chunks. Fixed-size chunking is cheap and stays serial.
+pub fn cut_parallel(data: &[u8], chunking: Chunking, threads: usize) -> Vec<(usize, usize)> {
+    let Chunking::FastCdc { max, .. } = chunking else {
+        return cut(data, chunking);
+    };
+    // Segments much longer than a chunk, or the seams cost more than they save.
+    let segment = data.len().div_ceil(threads.max(1)).max(64 * max as usize);
+    cut_segmented(data, chunking, segment)
+}
+
+fn cut_segmented(data: &[u8], chunking: Chunking, segment: usize) -> Vec<(usize, usize)> {
+    let Chunking::FastCdc { min, avg, max } = chunking else {
+        return cut(data, chunking);
+    };
+    if data.len() <= segment {
+        return cut(data, chunking);
+    }
+    let starts: Vec<usize> = (0..data.len()).step_by(segment).collect();
+    // Chunk END offsets of every segment, cut as if it were a whole input.
+    // The forced cut at a segment's end (not the input's end) is dropped.
+    let ends: Vec<Vec<usize>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = starts
+            .iter()
+            .map(|&start| {
+                scope.spawn(move || {
+                    let end = (start + segment).min(data.len());
+                    let mut ends: Vec<usize> = fastcdc::v2020::FastCDC::new(&data[start..end], min, avg, max)
+                        .map(|c| start + c.offset + c.length)
+                        .collect();
+                    if end < data.len() {
+                        ends.pop();
+                    }
+                    ends
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("cutting does not panic")).collect()
+    });
+    let mut out: Vec<usize> = ends[0].clone();
+    let mut k = 1;
+    while k < ends.len() {
+        // Continue sequentially from the last cut so far until a cut of
+        // segment k (or a later one, if segment k was all passed) is hit.
+        let mut pos = out.last().copied().unwrap_or(0);
+        let mut joined = None;
+        'walk: while pos < data.len() {
+            let c = fastcdc::v2020::FastCDC::new(&data[pos..], min, avg, max)
+                .next()
+                .expect("non-empty input has a chunk");
+            pos += c.length;
+            out.push(pos);
+            while k < ends.len() && ends[k].last().is_some_and(|&l| l < pos) {
+                k += 1;
+            }
+            if k < ends.len() {
+                if let Ok(i) = ends[k].binary_search(&pos) {
+                    joined = Some(i);
+                    break 'walk;
+                }
+            }
+        }
+        match joined {
+            Some(i) => {
+                out.extend_from_slice(&ends[k][i + 1..]);
+                k += 1;
+            }
+            None => break, // walked to the end of the input
+        }
+    }
+    let mut prev = 0;
+    out.into_iter()
+        .map(|end| {
+            let c = (prev, end - prev);
+            prev = end;
+            c
+        })
+        .collect()
+}
+
 /// Cuts `reader` into chunks and calls `each` with every chunk's bytes, in order.
 pub fn split<R: Read>(
     reader: R,
@@ -136,11 +220,16 @@ pub fn split<R: Read>(
 /// Encodes a chunk for storage: `SC1`, codec, plain length (u32 LE), then
 /// the zstd frame or, when zstd does not make it smaller, the plain bytes.
 pub fn encode(data: &[u8]) -> Vec<u8> {
+    encode_with(data, ZSTD_LEVEL)
+}
+
+/// [`encode`] at zstd level `level` (negative levels are zstd's `--fast`).
+pub fn encode_with(data: &[u8], level: i32) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + data.len() / 2);
     out.extend_from_slice(MAGIC);
     out.push(CODEC_ZSTD);
     out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    let compressed = zstd::bulk::compress(data, ZSTD_LEVEL).ok();
+    let compressed = zstd::bulk::compress(data, level).ok();
     match compressed {
         Some(c) if c.len() < data.len() => out.extend_from_slice(&c),
         _ => {
@@ -382,6 +471,105 @@ impl ChunkStorage for LocalChunks {
     }
 }
 
+/// Chunks in memory: the second implementation of [`ChunkStorage`], which
+/// shows the trait is all the store needs (unit tests run commit, restore,
+/// fsck and gc on it), and the shape an object store takes: a put is
+/// staged per transaction and becomes visible on publish; there are no
+/// directories or renames.
+#[derive(Debug, Default)]
+pub struct MemChunks {
+    published: Mutex<std::collections::BTreeMap<ChunkId, Vec<u8>>>,
+    staged: Mutex<std::collections::BTreeMap<(String, ChunkId), Vec<u8>>>,
+}
+
+impl MemChunks {
+    /// Replaces the stored bytes of chunk `id` (fault injection in tests).
+    pub fn tamper(&self, id: &ChunkId, stored: Vec<u8>) {
+        self.published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(*id, stored);
+    }
+
+    fn take_staged(&self, txn: &str) -> Vec<(ChunkId, Vec<u8>)> {
+        let mut staged = self.staged.lock().unwrap_or_else(|e| e.into_inner());
+        let mine: Vec<(String, ChunkId)> = staged.keys().filter(|(t, _)| t == txn).cloned().collect();
+        mine.into_iter()
+            .filter_map(|k| staged.remove(&k).map(|v| (k.1, v)))
+            .collect()
+    }
+}
+
+impl ChunkStorage for MemChunks {
+    fn put(&self, txn: &str, id: &ChunkId, encoded: &[u8]) -> io::Result<bool> {
+        if self.has(id)? {
+            return Ok(false);
+        }
+        let mut staged = self.staged.lock().unwrap_or_else(|e| e.into_inner());
+        if staged.contains_key(&(txn.to_owned(), *id)) {
+            return Ok(false);
+        }
+        staged.insert((txn.to_owned(), *id), encoded.to_vec());
+        Ok(true)
+    }
+
+    fn publish(&self, txn: &str) -> io::Result<()> {
+        let mine = self.take_staged(txn);
+        self.published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(mine);
+        Ok(())
+    }
+
+    fn get(&self, id: &ChunkId) -> io::Result<Vec<u8>> {
+        self.published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no chunk {id}")))
+    }
+
+    fn has(&self, id: &ChunkId) -> io::Result<bool> {
+        Ok(self
+            .published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(id))
+    }
+
+    fn list(&self) -> io::Result<Vec<(ChunkId, u64)>> {
+        Ok(self
+            .published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, b)| (*id, b.len() as u64))
+            .collect())
+    }
+
+    fn delete(&self, id: &ChunkId) -> io::Result<()> {
+        self.published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        Ok(())
+    }
+
+    fn discard(&self, txn: &str) -> io::Result<()> {
+        self.take_staged(txn);
+        Ok(())
+    }
+
+    fn remove_unpublished(&self) -> io::Result<usize> {
+        let mut staged = self.staged.lock().unwrap_or_else(|e| e.into_inner());
+        let n = staged.len();
+        staged.clear();
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -407,6 +595,31 @@ mod tests {
             decode(&ChunkId::of(b"x"), &enc),
             Err(ChunkDamage::Hash(_))
         ));
+    }
+
+    #[test]
+    fn parallel_cut_equals_the_serial_cut() {
+        let mut x = 0x1234_5678_9abc_def0u64;
+        let mut data: Vec<u8> = (0..6_000_000u32)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        // Zero runs and repeats: max-size cuts and long stretches without one.
+        data[1_000_000..2_500_000].fill(0);
+        let (a, b) = data.split_at_mut(4_000_000);
+        b[..1_000_000].copy_from_slice(&a[..1_000_000]);
+        let serial = cut(&data, DEFAULT_CHUNKING);
+        for segment in [200_000, 333_333, 1 << 20, 3_000_000, 10_000_000] {
+            assert_eq!(cut_segmented(&data, DEFAULT_CHUNKING, segment), serial, "segment {segment}");
+        }
+        for threads in 1..=4 {
+            assert_eq!(cut_parallel(&data, DEFAULT_CHUNKING, threads), serial);
+        }
+        assert!(cut_parallel(&[], DEFAULT_CHUNKING, 2).is_empty());
     }
 
     #[test]

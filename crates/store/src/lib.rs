@@ -31,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 use tracing::{debug, info, warn};
 
-pub use chunk::{ChunkDamage, ChunkId, ChunkStorage, Chunking, LocalChunks};
+pub use chunk::{ChunkDamage, ChunkId, ChunkStorage, Chunking, LocalChunks, MemChunks};
 use manifest::ChunkRef;
 pub use manifest::{
     Component, ComponentDraft, ComponentKind, ExperimentRef, FileEntry, FreezeReport, Manifest,
@@ -227,6 +227,9 @@ pub struct Checkpoint {
     pub dir: PathBuf,
     #[serde(skip)]
     chunks: Arc<dyn ChunkStorage>,
+    /// Set by [`Checkpoint::materialized`]: the directory its files are in.
+    #[serde(skip)]
+    materialized_in: Option<PathBuf>,
 }
 
 impl Checkpoint {
@@ -248,10 +251,13 @@ impl Checkpoint {
     }
 
     /// Reassembles component `component` into `<dir>/<file>` (tmp, then
-    /// rename), verifying every chunk's hash and the whole file's size and
-    /// BLAKE3; refuses, naming the checkpoint, component and chunk, if
-    /// anything is missing or damaged. A whole-file component is returned
-    /// where it is (it was verified on open).
+    /// rename): chunks are read, decoded and checked against their ids
+    /// several at a time and written at their offsets, in one pass (the
+    /// ids come from the checksummed manifest, and their lengths must add
+    /// up to the recorded size). Refuses on the first missing or damaged
+    /// chunk, naming the checkpoint, component and chunk, and removes the
+    /// partial file. A whole-file component is returned where it is (it
+    /// was verified on open).
     pub fn materialize(&self, component: &str, dir: &Path) -> Result<PathBuf, StoreError> {
         let Some(c) = self.manifest.component(component) else {
             return Ok(self.file(component));
@@ -262,15 +268,9 @@ impl Checkpoint {
         fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
         let target = dir.join(&c.file);
         let tmp = dir.join(format!(".{}.tmp", c.file));
-        let mut out = io::BufWriter::with_capacity(
-            1 << 20,
-            File::create(&tmp).map_err(io_err("cannot create", &tmp))?,
-        );
+        let out = File::create(&tmp).map_err(io_err("cannot create", &tmp))?;
         let label = self.info.label();
-        let result = reassemble(&*self.chunks, &label, c, chunks, |data| {
-            out.write_all(data).map_err(io_err("cannot write", &tmp))
-        })
-        .and_then(|()| out.flush().map_err(io_err("cannot write", &tmp)));
+        let result = write_chunks_at(&*self.chunks, &label, c, chunks, &out, &tmp);
         drop(out);
         if let Err(e) = result {
             let _ = fs::remove_file(&tmp);
@@ -286,8 +286,15 @@ impl Checkpoint {
     /// components and further files (`files[]`) are symlinked there.
     /// [`Checkpoint::file`] of the result names real files, e.g. for QEMU's
     /// `-incoming exec:cat <file>`. The files stay until the caller removes
-    /// `dir`.
+    /// `dir`. Materializing the result again into the same `dir` does nothing.
+    ///
+    /// This is where a restore reads (and verifies) every chunk, once: call
+    /// it before stopping anything that runs, so a damaged checkpoint is
+    /// refused while the experiment is untouched.
     pub fn materialized(&self, dir: &Path) -> Result<Checkpoint, StoreError> {
+        if self.materialized_in.as_deref() == Some(dir) {
+            return Ok(self.clone());
+        }
         fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
         let names: Vec<&str> = self
             .manifest
@@ -313,7 +320,19 @@ impl Checkpoint {
         }
         let mut out = self.clone();
         out.dir = dir.to_path_buf();
+        out.materialized_in = Some(dir.to_path_buf());
         Ok(out)
+    }
+
+    /// Reads every chunk of every chunked component and checks it against
+    /// its id, and the reassembled size and BLAKE3 of each component (what
+    /// `open_checkpoint` did before the single-pass restore; `fsck` does
+    /// it for the whole store).
+    pub fn verify(&self) -> Result<(), StoreError> {
+        if self.materialized_in.is_some() {
+            return Ok(());
+        }
+        verify_files(&self.dir, &self.manifest, &self.info.label(), &*self.chunks, true)
     }
 
     /// Refuses a checkpoint of another experiment (compares the digests).
@@ -624,6 +643,124 @@ fn reassemble(
     Ok(())
 }
 
+/// Refuses a chunk list whose lengths do not add up to the recorded size.
+fn check_lengths(label: &str, c: &Component, chunks: &[ChunkRef]) -> Result<(), StoreError> {
+    let total: u64 = chunks.iter().map(|r| r.len).sum();
+    if total != c.bytes {
+        return Err(StoreError::Reassembly {
+            checkpoint: label.to_owned(),
+            component: c.name.clone(),
+            file: c.file.clone(),
+            found: format!("{total} bytes (the chunk lengths)"),
+            recorded: format!("{} bytes", c.bytes),
+        });
+    }
+    Ok(())
+}
+
+/// Refuses a chunk that is not in `storage` (or is not a chunk id).
+fn chunk_exists(
+    storage: &dyn ChunkStorage,
+    label: &str,
+    c: &Component,
+    r: &ChunkRef,
+) -> Result<(), StoreError> {
+    let id = ChunkId::from_hex(&r.id).ok_or_else(|| StoreError::ChunkDamaged {
+        checkpoint: label.to_owned(),
+        component: c.name.clone(),
+        file: c.file.clone(),
+        chunk: r.id.clone(),
+        problem: "not a chunk id".into(),
+    })?;
+    match storage.has(&id) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(StoreError::ChunkMissing {
+            checkpoint: label.to_owned(),
+            component: c.name.clone(),
+            file: c.file.clone(),
+            chunk: r.id.clone(),
+        }),
+        Err(e) => Err(StoreError::ChunkDamaged {
+            checkpoint: label.to_owned(),
+            component: c.name.clone(),
+            file: c.file.clone(),
+            chunk: r.id.clone(),
+            problem: format!("cannot read: {e}"),
+        }),
+    }
+}
+
+/// Threads that read chunks for a restore: more than the cores, so reads
+/// of cold chunks overlap with decoding.
+fn reader_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) * 2
+}
+
+/// Writes a chunked component into `out` (at `path`): every chunk read,
+/// decoded and checked against its id by several threads, each written at
+/// its offset. Stops at the first bad chunk (the one earliest in the file
+/// among those found) and returns its error.
+fn write_chunks_at(
+    storage: &dyn ChunkStorage,
+    label: &str,
+    c: &Component,
+    chunks: &[ChunkRef],
+    out: &File,
+    path: &Path,
+) -> Result<(), StoreError> {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    check_lengths(label, c, chunks)?;
+    let mut offsets = Vec::with_capacity(chunks.len());
+    let mut at = 0u64;
+    for r in chunks {
+        offsets.push(at);
+        at += r.len;
+    }
+    out.set_len(at).map_err(io_err("cannot size", path))?;
+    const BATCH: usize = 8;
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let first_error: std::sync::Mutex<Option<(usize, StoreError)>> = std::sync::Mutex::new(None);
+    let threads = reader_threads().min(chunks.len().div_ceil(BATCH)).max(1);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                while !failed.load(Ordering::Relaxed) {
+                    let from = next.fetch_add(BATCH, Ordering::Relaxed);
+                    if from >= chunks.len() {
+                        break;
+                    }
+                    for i in from..(from + BATCH).min(chunks.len()) {
+                        let r = read_chunk(storage, label, (&c.name, &c.file), &chunks[i]).and_then(
+                            |data| {
+                                out.write_all_at(&data, offsets[i])
+                                    .map_err(io_err("cannot write", path))
+                            },
+                        );
+                        if let Err(e) = r {
+                            failed.store(true, Ordering::Relaxed);
+                            let mut slot = first_error.lock().unwrap_or_else(|e| e.into_inner());
+                            let earliest = match slot.as_ref() {
+                                Some((j, _)) => i < *j,
+                                None => true,
+                            };
+                            if earliest {
+                                *slot = Some((i, e));
+                            }
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    match first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some((_, e)) => Err(e),
+        None => Ok(()),
+    }
+}
+
 /// Cuts `path` into chunks, putting the new ones into `storage` under
 /// transaction `txn`: `(bytes, blake3 of the file, chunk list)`. The file is
 /// read whole, cut, then its chunks are hashed, compressed and written
@@ -634,11 +771,13 @@ fn chunk_file(
     path: &Path,
 ) -> io::Result<(u64, String, Vec<ChunkRef>)> {
     let data = fs::read(path)?;
-    let cuts = chunk::cut(&data, chunk::DEFAULT_CHUNKING);
-    // Batches of chunks per task, so threads are not handed 64 KiB at a time.
-    let batches: Vec<&[(usize, usize)]> = cuts.chunks(64).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let whole = std::thread::scope(|s| {
+        // The whole file's digest alongside the cutting and the chunks.
         let whole = s.spawn(|| blake3::hash(&data).to_hex().to_string());
+        let cuts = chunk::cut_parallel(&data, chunk::DEFAULT_CHUNKING, threads);
+        // Batches of chunks per task, so threads are not handed 32 KiB at a time.
+        let batches: Vec<&[(usize, usize)]> = cuts.chunks(64).collect();
         let ids = par_map(&batches, |batch| -> io::Result<Vec<ChunkRef>> {
             let mut refs = Vec::with_capacity(batch.len());
             for &(at, len) in *batch {
@@ -657,7 +796,7 @@ fn chunk_file(
         (whole.join().expect("hashing does not panic"), ids)
     });
     let (digest, ids) = whole;
-    let mut refs = Vec::with_capacity(cuts.len());
+    let mut refs = Vec::new();
     for batch in ids {
         refs.extend(batch?);
     }
@@ -670,6 +809,7 @@ fn verify_files(
     manifest: &Manifest,
     label: &str,
     storage: &dyn ChunkStorage,
+    deep: bool,
 ) -> Result<(), StoreError> {
     let chunked: std::collections::HashSet<&str> = manifest
         .components
@@ -738,12 +878,31 @@ fn verify_files(
             });
         }
     }
-    // Chunked components: every chunk and the reassembled digest.
+    // Chunked components: every chunk and the reassembled digest (deep),
+    // or that every chunk is there and their lengths add up.
     let chunked: Vec<(&Component, &Vec<ChunkRef>)> = manifest
         .components
         .iter()
         .filter_map(|c| c.chunks.as_ref().map(|ch| (c, ch)))
         .collect();
+    if !deep {
+        for (c, chunks) in &chunked {
+            check_lengths(label, c, chunks)?;
+        }
+        let mut seen = std::collections::HashSet::new();
+        let refs: Vec<(&Component, &ChunkRef)> = chunked
+            .iter()
+            .flat_map(|(c, ch)| ch.iter().map(move |r| (*c, r)))
+            .filter(|(_, r)| seen.insert(r.id.as_str()))
+            .collect();
+        let batches: Vec<&[(&Component, &ChunkRef)]> = refs.chunks(256).collect();
+        for r in par_map(&batches, |batch| {
+            batch.iter().try_for_each(|(c, r)| chunk_exists(storage, label, c, r))
+        }) {
+            r?;
+        }
+        return Ok(());
+    }
     for r in par_map(&chunked, |(c, ch)| {
         reassemble(storage, label, c, ch, |_| Ok(()))
     }) {
@@ -900,7 +1059,7 @@ impl Store {
                 }
             }
             whole_only.components.retain(|c| !c.file.is_empty());
-            if let Err(e) = verify_files(&dir, &whole_only, &name, &*self.chunks) {
+            if let Err(e) = verify_files(&dir, &whole_only, &name, &*self.chunks, true) {
                 report.problems.push(FsckProblem {
                     checkpoint: name,
                     component: None,
@@ -1176,8 +1335,11 @@ impl Store {
     }
 
     /// Opens and verifies a checkpoint given as `latest`, an index (`3` or
-    /// `#3`), an id, or a name: format, version, manifest checksum, and
-    /// every file's size and BLAKE3 digest.
+    /// `#3`), an id, or a name: format, version, manifest checksum, every
+    /// whole file's size and BLAKE3 digest, and that every chunk exists.
+    /// Chunk contents are checked where they are read: by
+    /// [`Checkpoint::materialized`] (a restore), [`Checkpoint::verify`] and
+    /// [`Store::fsck`] — so a restore reads each chunk once.
     pub fn open_checkpoint(&self, which: &str) -> Result<Checkpoint, StoreError> {
         let infos = self.list()?;
         let unknown = || {
@@ -1238,12 +1400,13 @@ impl Store {
         };
         let manifest = load_manifest(&dir)?;
         let info = CheckpointInfo::of(&manifest, dir.clone());
-        verify_files(&dir, &manifest, &info.label(), &*self.chunks)?;
+        verify_files(&dir, &manifest, &info.label(), &*self.chunks, false)?;
         Ok(Checkpoint {
             info,
             manifest,
             dir,
             chunks: self.chunks.clone(),
+            materialized_in: None,
         })
     }
 }

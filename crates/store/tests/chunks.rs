@@ -176,7 +176,7 @@ fn identical_files_and_unchanged_data_are_stored_once() {
 }
 
 #[test]
-fn a_damaged_chunk_is_named_by_fsck_open_and_materialize() {
+fn a_damaged_chunk_is_named_by_fsck_verify_and_materialize() {
     let (tmp, store) = setup();
     commit(
         &store,
@@ -207,12 +207,27 @@ fn a_damaged_chunk_is_named_by_fsck_open_and_materialize() {
         p.message
     );
 
-    let e = store.open_checkpoint("two").unwrap_err();
+    // Opening checks that chunks exist; their content is checked where
+    // it is read: verify, and materialize (a restore reads each chunk once).
+    let opened = store.open_checkpoint("two").unwrap();
+    let e = opened.verify().unwrap_err();
     assert!(matches!(e, StoreError::ChunkDamaged { .. }), "{e}");
     let msg = e.to_string();
     assert!(
         msg.contains("vm-a") && msg.contains(&id) && msg.contains("two ("),
         "{msg}"
+    );
+    let e = opened.materialized(&tmp.path().join("r-two")).unwrap_err();
+    assert!(matches!(e, StoreError::ChunkDamaged { .. }), "{e}");
+    assert!(e.to_string().contains(&id) && e.to_string().contains("two ("), "{e}");
+    assert!(
+        !tmp.path().join("r-two").join("vm-a").exists()
+            && fs::read_dir(tmp.path().join("r-two")).unwrap().all(|e| !e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".tmp")),
+        "no partial file is left"
     );
     // Damaged after open: materialize refuses too, and leaves no file.
     let out = tmp.path().join("restore");
