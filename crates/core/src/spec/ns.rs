@@ -260,6 +260,7 @@ pub(super) fn parse(text: &str, src: &Source, name: String) -> Result<RawSpec, S
                             nic: None,
                             disk: None,
                             run: Vec::new(),
+                            host: None,
                         });
                     }
                     "duplex-link" => {
@@ -452,6 +453,8 @@ pub(super) fn parse(text: &str, src: &Source, name: String) -> Result<RawSpec, S
         node: nodes,
         lan,
         link,
+        host: Vec::new(),
+        delay: None,
     })
 }
 
