@@ -9,4 +9,5 @@ pub mod event;
 pub mod freeze;
 pub mod host;
 pub mod layout;
+pub mod placement;
 pub mod topology;
