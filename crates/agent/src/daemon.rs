@@ -695,6 +695,7 @@ impl RoundJob {
         };
         // Durable before SAVED: once the coordinator's manifest names this
         // part, it exists here.
+        let saved_at = mono_ns();
         let info = match pending.commit(draft) {
             Ok(i) => i,
             Err(e) => return fail(frozen, format!("committing this host's part: {e}")),
@@ -706,6 +707,13 @@ impl RoundJob {
             Ok(m) => m,
             Err(e) => return fail(frozen, format!("reading back this host's part: {e}")),
         };
+        tracing::info!(
+            ckpt = %self.ckpt,
+            stopped_late_ms = stops.iter().map(|s| s.saturating_sub(t)).max().unwrap_or(0) as f64 / 1e6,
+            save_ms = saved_at.saturating_sub(t) as f64 / 1e6,
+            commit_ms = (mono_ns() - saved_at) as f64 / 1e6,
+            "part saved"
+        );
         let components = manifest
             .components
             .iter()

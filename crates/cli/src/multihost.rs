@@ -73,8 +73,9 @@ pub async fn dispatch(cli: &Cli, state: &Path) -> Result<bool> {
                 margin_ns: margin_ms * 1_000_000,
                 hold_lead_ns: hold_lead_ms * 1_000_000,
                 min_frozen_ns: pause_ms * 1_000_000,
-                // Saves of TCG guests plus the chunked commit take seconds on a busy host.
-                save_budget_ns: 120_000_000_000,
+                // Saves of TCG guests plus the chunked commit take seconds on a
+                // busy host; STASIS_SAVE_BUDGET_MS shortens it (fault drills).
+                save_budget_ns: std::env::var("STASIS_SAVE_BUDGET_MS").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(120_000) * 1_000_000,
                 ..CoordConfig::default()
             };
             let s = coord.checkpoint(name.as_deref(), cfg).await?;
