@@ -323,7 +323,8 @@ impl Coordinator {
             }
         }
         let index = existing.iter().map(|c| c.index).max().unwrap_or(0) + 1;
-        let conns = self.connect_all().await?;
+        let mut conns = self.connect_all().await?;
+        self.collect_orphans(&mut conns, &existing).await?;
         let id = realtime_ns();
         let ckpt = CkptId::new(id).expect("the clock is past 1970");
         let hosts: Vec<String> = self.hosts().iter().map(|h| h.name.clone()).collect();
@@ -406,6 +407,26 @@ impl Coordinator {
             tracing::error!(hosts = ?outcome.not_resumed, "checkpoint committed but some hosts did not report resuming");
         }
         Ok(MhCheckpointSummary { checkpoint: m, frozen_duration_ns: d, max_frozen_error_ns: max_err, round_ns: outcome.decided_at.saturating_sub(outcome.started) })
+    }
+
+    /// Remove parts the agents hold of checkpoints the catalogue does not
+    /// list: left by a round that aborted while their host was unreachable
+    /// (an agent that resumed on its own keeps its files, in case the
+    /// coordinator committed just before it was lost).
+    async fn collect_orphans(&self, conns: &mut [Connection], listed: &[MhCheckpoint]) -> Result<(), CoordError> {
+        let st = self.request_all(conns, |_| Some(Op::Status)).await?;
+        for (i, s) in st.iter().enumerate() {
+            for part in s["parts"].as_array().into_iter().flatten().filter_map(|p| p.as_str()) {
+                let Some(id) = part.strip_prefix("mh-").and_then(|x| x.parse::<u64>().ok()) else { continue };
+                if listed.iter().any(|c| c.ckpt == id) {
+                    continue;
+                }
+                let Some(ckpt) = CkptId::new(id) else { continue };
+                tracing::info!(host = %self.hosts()[i].name, part, "removing a part of an aborted checkpoint");
+                self.request(i, &mut conns[i], Op::Forget { ckpt }).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Replace what runs on every host by checkpoint `which`, all resumed at
