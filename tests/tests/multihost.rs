@@ -11,8 +11,8 @@ use stasis_system_tests::hosts::Lab;
 use stasis_system_tests::{assert_every_frame_once, received, Experiment};
 use std::time::{Duration, Instant};
 
-/// Frames per flow: 100/s for 15 s.
-const PER_FLOW: u64 = 1500;
+/// Frames per flow: 100/s for 10 s.
+const PER_FLOW: u64 = 1000;
 
 fn spread_spec(lab: &Lab) -> String {
     format!(
@@ -100,6 +100,11 @@ fn checkpoint_across_three_hosts_then_restore_loses_and_duplicates_nothing() {
     let restored = exp.json(&["restore", "first"]);
     assert_eq!(restored["hosts"], 3, "{restored}");
     assert_every_frame_once(&exp, "a", &["b", "c"], 2, PER_FLOW);
+    for h in ["h1", "h2", "h3"] {
+        for l in lab.log(h).lines().filter(|l| l.contains("part saved")) {
+            eprintln!("{h}: {l}");
+        }
+    }
     drop(lab);
 }
 
