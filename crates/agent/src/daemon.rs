@@ -50,9 +50,9 @@ pub trait SyncClock: Send + Sync + 'static {
     /// Now, in nanoseconds of the synchronised clock.
     fn now(&self) -> u64;
     /// The local CLOCK_MONOTONIC instant of synchronised instant `t`.
-    fn to_mono(&self, t: u64) -> MonoNs;
+    fn mono_of_synced(&self, t: u64) -> MonoNs;
     /// The synchronised instant of local CLOCK_MONOTONIC instant `m`.
-    fn from_mono(&self, m: MonoNs) -> u64;
+    fn synced_of_mono(&self, m: MonoNs) -> u64;
 }
 
 /// CLOCK_REALTIME as the common clock (hosts kept together by NTP, or
@@ -64,11 +64,11 @@ impl SyncClock for RealtimeClock {
     fn now(&self) -> u64 {
         realtime_ns()
     }
-    fn to_mono(&self, t: u64) -> MonoNs {
+    fn mono_of_synced(&self, t: u64) -> MonoNs {
         let off = realtime_ns() as i128 - mono_ns() as i128;
         (t as i128 - off).max(0) as u64
     }
-    fn from_mono(&self, m: MonoNs) -> u64 {
+    fn synced_of_mono(&self, m: MonoNs) -> u64 {
         let off = realtime_ns() as i128 - mono_ns() as i128;
         (m as i128 + off).max(0) as u64
     }
@@ -448,7 +448,7 @@ impl Agent {
     async fn resume_at(&mut self, at: u64) -> Result<serde_json::Value, RequestError> {
         let share = self.share.as_mut().ok_or(RequestError::NothingRunning)?;
         let clock = self.cfg.clock.clone();
-        let t = clock.to_mono(at);
+        let t = clock.mono_of_synced(at);
         let mut stopped = std::mem::take(&mut share.stopped);
         let vm_futs = stopped.iter_mut().map(|(node, vm)| async move {
             host::sleep_until(t).await;
@@ -469,11 +469,11 @@ impl Agent {
         share.delay_frozen = false;
         let mut out = serde_json::Map::new();
         if let Some(at) = thaw? {
-            out.insert("delay-node".into(), clock.from_mono(at).into());
+            out.insert("delay-node".into(), clock.synced_of_mono(at).into());
         }
         for (node, r) in results {
             let s = r.map_err(|source| RequestError::Resume { node: node.clone(), source })?;
-            out.insert(node, clock.from_mono(s.instant()).into());
+            out.insert(node, clock.synced_of_mono(s.instant()).into());
         }
         Ok(serde_json::Value::Object(out))
     }
@@ -516,10 +516,8 @@ impl Agent {
                 serde_json::json!({ "name": v.name, "pid": v.pid, "alive": host::pid_alive(v.pid), "ready": ready, "console": v.serial_log })
             })
             .collect();
-        let parts: Vec<String> = Store::open(&s.layout.checkpoints())
-            .and_then(|st| st.list())
-            .map(|l| l.into_iter().filter_map(|c| c.name).filter(|n| n.starts_with("mh-")).collect())
-            .unwrap_or_default();
+        let listed = Store::open(&s.layout.checkpoints()).ok().and_then(|st| st.list().ok()).unwrap_or_default();
+        let parts: Vec<String> = listed.into_iter().filter_map(|c| c.name).filter(|n| n.starts_with("mh-")).collect();
         serde_json::json!({
             "running": true,
             "experiment": s.exp.name,
@@ -589,9 +587,9 @@ impl RoundJob {
             return (frozen, Err(("nothing runs on this host".into(), vec![])));
         };
         let clock = &self.clock;
-        let t = clock.to_mono(self.at);
+        let t = clock.mono_of_synced(self.at);
         let fail = |frozen: Frozen, reason: String| {
-            let stops = frozen.vms.iter().filter_map(|(_, _, s)| s.map(|s| clock.from_mono(s.instant()))).collect();
+            let stops = frozen.vms.iter().filter_map(|(_, _, s)| s.map(|s| clock.synced_of_mono(s.instant()))).collect();
             (frozen, Err((reason, stops)))
         };
         // Attach before T.
@@ -717,7 +715,7 @@ impl RoundJob {
         let components = manifest
             .components
             .iter()
-            .map(|c| Component { name: c.name.clone(), bytes: c.bytes, blake3: hex32(&c.blake3), stop_ns: clock.from_mono(c.stop_ns) })
+            .map(|c| Component { name: c.name.clone(), bytes: c.bytes, blake3: hex32(&c.blake3), stop_ns: clock.synced_of_mono(c.stop_ns) })
             .collect();
         (frozen, Ok(components))
     }
@@ -745,12 +743,12 @@ impl RoundJob {
         let mut out = Vec::new();
         for (node, stop, r) in vms {
             match r {
-                Ok(s) => out.push(ResumedComponent { name: node, stop_ns: clock.from_mono(stop), resume_ns: clock.from_mono(s.instant()) }),
+                Ok(s) => out.push(ResumedComponent { name: node, stop_ns: clock.synced_of_mono(stop), resume_ns: clock.synced_of_mono(s.instant()) }),
                 Err(e) => tracing::error!(%node, error = %e, "VM did not resume"),
             }
         }
         match node {
-            Some((at, Ok(r))) => out.push(ResumedComponent { name: "delay-node".into(), stop_ns: clock.from_mono(at), resume_ns: clock.from_mono(r.thawed_at) }),
+            Some((at, Ok(r))) => out.push(ResumedComponent { name: "delay-node".into(), stop_ns: clock.synced_of_mono(at), resume_ns: clock.synced_of_mono(r.thawed_at) }),
             Some((_, Err(e))) => tracing::error!(error = %e, "delay node did not thaw"),
             None => {}
         }
@@ -775,9 +773,9 @@ mod tests {
     fn realtime_clock_maps_both_ways() {
         let c = RealtimeClock;
         let m = mono_ns();
-        let back = c.to_mono(c.from_mono(m));
+        let back = c.mono_of_synced(c.synced_of_mono(m));
         assert!(back.abs_diff(m) < 1_000_000, "{back} vs {m}");
-        assert!(c.now().abs_diff(c.from_mono(mono_ns())) < 1_000_000);
+        assert!(c.now().abs_diff(c.synced_of_mono(mono_ns())) < 1_000_000);
     }
 
     #[test]

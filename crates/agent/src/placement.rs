@@ -58,6 +58,7 @@ pub fn topology_on_delay_host(exp: &Experiment, layout: &Layout) -> Topology {
 
 /// How `node` is launched on its host: as on one host, with TCP NICs when
 /// the delay node is elsewhere.
+#[allow(clippy::result_large_err)] // UpError is host.rs's, large like its other results
 pub fn vm_spec_on_host(exp: &Experiment, node: &Node, layout: &Layout, tools: &Tools) -> Result<VmSpec, UpError> {
     let mut spec = host::vm_spec(exp, node, layout, tools)?;
     for nic in &mut spec.nics {
