@@ -28,6 +28,8 @@ pub struct Agent {
     pub state: PathBuf,
     pub log: PathBuf,
     pub fault_file: PathBuf,
+    /// Further `stasis-agent` arguments (e.g. `--ptp eth0 …`).
+    pub extra_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -39,6 +41,7 @@ pub struct Lab {
     pub key_file: PathBuf,
     pub agents: Vec<Agent>,
     namespaces: Vec<String>,
+    others: Vec<Child>,
 }
 
 fn pids_in(ns: &str) -> Vec<i32> {
@@ -85,7 +88,7 @@ impl Lab {
         let prefix = format!("smh{}", std::process::id());
         let key_file = dir.join("agents.key");
         std::fs::write(&key_file, format!("test-key-{}-0123456789abcdef\n", std::process::id())).expect("write key");
-        let mut lab = Lab { bridge_ns: format!("{prefix}-br"), prefix, dir: dir.to_owned(), key_file, agents: vec![], namespaces: vec![] };
+        let mut lab = Lab { bridge_ns: format!("{prefix}-br"), prefix, dir: dir.to_owned(), key_file, agents: vec![], namespaces: vec![], others: vec![] };
         let br = lab.bridge_ns.clone();
         ip(&["netns", "add", &br]);
         lab.namespaces.push(br.clone());
@@ -113,6 +116,7 @@ impl Lab {
                 ns,
                 addr: format!("{addr}:{AGENT_PORT}"),
                 state,
+                extra_args: vec![],
                 child: None,
             });
         }
@@ -147,6 +151,7 @@ impl Lab {
             .arg(&a.state)
             .arg("--fault-file")
             .arg(&a.fault_file)
+            .args(&a.extra_args)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -171,6 +176,21 @@ impl Lab {
         for h in hosts {
             self.start_agent(&h);
         }
+    }
+
+    /// Run `program ARGS` in namespace `ns` (output to `log`) until the lab is dropped.
+    pub fn spawn_in(&mut self, ns: &str, program: &Path, args: &[&str], log: &Path) {
+        let log = std::fs::File::create(log).expect("log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn in namespace");
+        self.others.push(child);
     }
 
     /// SIGKILL the agent of `host` (its VMs and delay node keep running).
@@ -206,6 +226,10 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        for c in &mut self.others {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         for a in &mut self.agents {
             if let Some(mut c) = a.child.take() {
                 let _ = c.kill();

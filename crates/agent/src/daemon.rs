@@ -53,6 +53,31 @@ pub trait SyncClock: Send + Sync + 'static {
     fn mono_of_synced(&self, t: u64) -> MonoNs;
     /// The synchronised instant of local CLOCK_MONOTONIC instant `m`.
     fn synced_of_mono(&self, m: MonoNs) -> u64;
+    /// State and error estimates for `Status` (JSON; null when none).
+    fn metrics(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+}
+
+/// The agent's PTP-synchronised clock (clock-sync: statime over the host's
+/// network interface; the system clock is never touched).
+#[derive(Clone)]
+pub struct PtpClock(pub stasis_clock_sync::SyncedClock);
+
+impl SyncClock for PtpClock {
+    fn now(&self) -> u64 {
+        self.0.now().max(0) as u64
+    }
+    fn mono_of_synced(&self, t: u64) -> MonoNs {
+        self.0.mono_at(i128::from(t))
+    }
+    fn synced_of_mono(&self, m: MonoNs) -> u64 {
+        let off = realtime_ns() as i128 - mono_ns() as i128;
+        self.0.synced_at_host((m as i128 + off).max(0) as u64).max(0) as u64
+    }
+    fn metrics(&self) -> serde_json::Value {
+        serde_json::to_value(self.0.metrics()).unwrap_or(serde_json::Value::Null)
+    }
 }
 
 /// CLOCK_REALTIME as the common clock (hosts kept together by NTP, or
@@ -507,7 +532,7 @@ impl Agent {
     }
 
     fn status(&self) -> serde_json::Value {
-        let Some(s) = &self.share else { return serde_json::json!({ "running": false }) };
+        let Some(s) = &self.share else { return serde_json::json!({ "running": false, "clock": self.cfg.clock.metrics() }) };
         let vms: Vec<_> = s
             .vms
             .iter()
@@ -526,6 +551,7 @@ impl Agent {
             "delay_node": s.delay.as_ref().map(|d| serde_json::json!({ "pid": d.pid, "alive": host::pid_alive(d.pid) })),
             "vms": vms,
             "parts": parts,
+            "clock": self.cfg.clock.metrics(),
         })
     }
 }
@@ -616,8 +642,13 @@ impl RoundJob {
             Ok(p) => p,
             Err(e) => return fail(frozen, format!("checkpoint store: {e}")),
         };
-        // Stop every VM at T.
+        // Stop every VM at T. The host-clock instants of the plan and of the
+        // wake-up are logged: agents on one machine share the real clock, so
+        // their spread across agents is the true freeze skew (clock error,
+        // then actuation).
+        let planned_realtime_ns = (t as i128 + realtime_ns() as i128 - mono_ns() as i128) as u64;
         host::sleep_until(t).await;
+        tracing::info!(ckpt = %self.ckpt, planned_realtime_ns, fired_realtime_ns = realtime_ns(), "freeze fired");
         let stops = join_all(frozen.vms.iter_mut().map(|(_, vm, _)| vm.stop())).await;
         let mut failure = None;
         for ((node, vm, stamp), r) in frozen.vms.iter_mut().zip(stops) {

@@ -29,6 +29,16 @@ struct Args {
     /// Fault drill: wait this long between freezing and saving, ms
     #[arg(long, hide = true, default_value_t = 0)]
     save_delay_ms: u64,
+    /// Synchronise this agent's clock with PTP on this interface (clock-sync,
+    /// slave-only); without it the agent uses CLOCK_REALTIME
+    #[arg(long)]
+    ptp: Option<String>,
+    /// With --ptp: injected offset of the clock's base, ns (tests)
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    clock_offset_ns: i64,
+    /// With --ptp: injected drift of the clock's base, ppm (tests)
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    clock_drift_ppm: f64,
     /// Fault drill: read at each checkpoint; `fail` or `delay <ms>`
     #[arg(long, hide = true)]
     fault_file: Option<PathBuf>,
@@ -52,13 +62,32 @@ async fn run(args: Args) -> Result<()> {
         Ok(k) => k,
         Err(e) => bail!("key file {}: {e}", args.key_file.display()),
     };
+    let clock: Arc<dyn daemon::SyncClock> = match &args.ptp {
+        Some(iface) => {
+            let mut config = stasis_clock_sync::ServiceConfig::new(iface.clone());
+            config.offset_ns = args.clock_offset_ns;
+            config.drift_ppm = args.clock_drift_ppm;
+            let service = stasis_clock_sync::start(config).await.with_context(|| format!("starting PTP on {iface}"))?;
+            let task = service.task;
+            tokio::spawn(async move {
+                match task.await {
+                    Ok(Ok(())) => tracing::error!("PTP service ended"),
+                    Ok(Err(e)) => tracing::error!(error = %e, "PTP service failed: the clock runs free"),
+                    Err(e) => tracing::error!(error = %e, "PTP service panicked: the clock runs free"),
+                }
+            });
+            tracing::info!(%iface, offset_ns = args.clock_offset_ns, drift_ppm = args.clock_drift_ppm, "clock: PTP");
+            Arc::new(daemon::PtpClock(service.clock))
+        }
+        None => Arc::new(RealtimeClock),
+    };
     std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
     let cfg = DaemonConfig {
         listen: args.listen,
         key,
         state_dir: args.state_dir,
         tools: tools()?,
-        clock: Arc::new(RealtimeClock),
+        clock,
         agent: Default::default(),
         faults: Faults { fail_save: args.fail_save, save_delay: Duration::from_millis(args.save_delay_ms), file: args.fault_file },
     };
