@@ -179,7 +179,17 @@ impl Drop for Experiment {
     fn drop(&mut self) {
         // Tear down through the CLI, then make sure: kill anything still
         // holding a file under our state dir.
-        let _ = Command::new(target_dir().join("debug").join("stasis")).arg("--state-dir").arg(self.state()).args(["-e", &self.name, "down"]).output();
+        // (Through the wrapper: a multi-host coordinator must reach its agents
+        // only from inside the test's namespaces.)
+        let mut down = match self.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(target_dir().join("debug").join("stasis"));
+                c
+            }
+            None => Command::new(target_dir().join("debug").join("stasis")),
+        };
+        let _ = down.arg("--state-dir").arg(self.state()).args(["-e", &self.name, "down"]).output();
         if std::thread::panicking() {
             self.keep_evidence();
         }

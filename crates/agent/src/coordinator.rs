@@ -27,6 +27,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// How long connecting to an agent (TCP and handshake) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one request may take (a VM launch from a checkpoint is the slowest).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -159,10 +161,16 @@ impl Coordinator {
     pub async fn connect_all(&self) -> Result<Vec<Connection>, CoordError> {
         let mut out = Vec::new();
         for h in self.hosts() {
-            let c = Connection::connect(h.agent, &self.key).await.map_err(|source| CoordError::Connect { host: h.name.clone(), addr: h.agent, source })?;
-            out.push(c);
+            out.push(self.connect(h).await?);
         }
         Ok(out)
+    }
+
+    async fn connect(&self, h: &stasis_core::spec::Host) -> Result<Connection, CoordError> {
+        match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(h.agent, &self.key)).await {
+            Ok(r) => r.map_err(|source| CoordError::Connect { host: h.name.clone(), addr: h.agent, source }),
+            Err(_) => Err(CoordError::Connect { host: h.name.clone(), addr: h.agent, source: HandshakeError::Timeout }),
+        }
     }
 
     async fn request(&self, host: usize, conn: &mut Connection, op: Op) -> Result<serde_json::Value, CoordError> {
@@ -247,9 +255,9 @@ impl Coordinator {
         let mut stopped = 0;
         let mut first_err = None;
         for (i, h) in self.hosts().iter().enumerate() {
-            let r = match Connection::connect(h.agent, &self.key).await {
+            let r = match self.connect(h).await {
                 Ok(mut c) => self.request(i, &mut c, Op::Down).await,
-                Err(source) => Err(CoordError::Connect { host: h.name.clone(), addr: h.agent, source }),
+                Err(e) => Err(e),
             };
             match r {
                 Ok(v) => stopped += v["stopped"].as_u64().unwrap_or(0),
