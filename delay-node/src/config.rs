@@ -41,6 +41,10 @@ pub enum PortKind {
     /// `-netdev vhost-user`: the node writes the guest's RX ring itself;
     /// exact at a freeze (no hold lead), stop marker in band.
     VhostUser,
+    /// `-netdev stream` over TCP, for a VM on another host: `socket` is the
+    /// `ip:port` the node listens on (exactly that address, never a
+    /// wildcard). Frames and freezes as for [`PortKind::Stream`].
+    Tcp,
 }
 
 /// How one direction of a link or access link treats frames.

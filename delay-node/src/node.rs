@@ -48,8 +48,79 @@ pub enum NodeError {
     Wake(#[source] std::io::Error),
 }
 
+/// A stream port's listening socket: unix, or TCP for a VM on another host.
+enum PortListener {
+    Unix(UnixListener),
+    Tcp(std::net::TcpListener),
+}
+
+impl PortListener {
+    fn as_raw_fd(&self) -> i32 {
+        match self {
+            PortListener::Unix(l) => l.as_raw_fd(),
+            PortListener::Tcp(l) => l.as_raw_fd(),
+        }
+    }
+
+    fn accept(&self) -> std::io::Result<PortStream> {
+        match self {
+            PortListener::Unix(l) => l.accept().map(|(s, _)| PortStream::Unix(s)),
+            PortListener::Tcp(l) => {
+                let (s, peer) = l.accept()?;
+                tracing::debug!(%peer, "TCP port connection");
+                // Frames are latency-sensitive: no Nagle batching.
+                s.set_nodelay(true)?;
+                Ok(PortStream::Tcp(s))
+            }
+        }
+    }
+}
+
+/// One VM's connection to a stream port.
+enum PortStream {
+    Unix(UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+impl PortStream {
+    fn set_nonblocking(&self, on: bool) -> std::io::Result<()> {
+        match self {
+            PortStream::Unix(s) => s.set_nonblocking(on),
+            PortStream::Tcp(s) => s.set_nonblocking(on),
+        }
+    }
+
+    fn as_raw_fd(&self) -> i32 {
+        match self {
+            PortStream::Unix(s) => s.as_raw_fd(),
+            PortStream::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Read for PortStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            PortStream::Unix(s) => s.read(buf),
+            PortStream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for PortStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            PortStream::Unix(s) => s.write(buf),
+            PortStream::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 struct Conn {
-    stream: UnixStream,
+    stream: PortStream,
     dec: FrameDecoder,
     /// Encoded frames not yet (completely) written: `(start, end, due_vt)` of
     /// each in `out`; `start == PARTIAL` for the rest of a partly written frame.
@@ -61,7 +132,7 @@ struct Conn {
 struct PortIo {
     path: PathBuf,
     /// Stream ports only.
-    listener: Option<UnixListener>,
+    listener: Option<PortListener>,
     conn: Option<Conn>,
     pcap: Option<PcapWriter>,
     /// Vhost-user ports only.
@@ -170,6 +241,18 @@ fn bind(path: &Path) -> Result<UnixListener, NodeError> {
     Ok(l)
 }
 
+/// Listen on exactly the `ip:port` written in a TCP port's `socket`.
+fn bind_tcp(addr: &Path) -> Result<std::net::TcpListener, NodeError> {
+    let bad = |m: &str| NodeError::Bind { path: addr.to_owned(), source: std::io::Error::new(ErrorKind::InvalidInput, m.to_owned()) };
+    let a: std::net::SocketAddr = addr.to_str().and_then(|s| s.parse().ok()).ok_or_else(|| bad("a TCP port needs an ip:port address"))?;
+    if a.ip().is_unspecified() {
+        return Err(bad("refusing a wildcard address for a TCP port: name the host's address"));
+    }
+    let l = std::net::TcpListener::bind(a).map_err(|source| NodeError::Bind { path: addr.to_owned(), source })?;
+    l.set_nonblocking(true).map_err(|source| NodeError::Bind { path: addr.to_owned(), source })?;
+    Ok(l)
+}
+
 impl Node {
     /// Bind every port, then the control socket. With `restore` the node starts frozen with the saved frames.
     pub fn bind(
@@ -199,7 +282,15 @@ impl Node {
             match p.kind {
                 PortKind::Stream => ports.push(PortIo {
                     path: p.socket.clone(),
-                    listener: Some(bind(&p.socket)?),
+                    listener: Some(PortListener::Unix(bind(&p.socket)?)),
+                    conn: None,
+                    pcap: None,
+                    vhost: None,
+                }),
+                PortKind::Tcp => ports.push(PortIo {
+                    // Nothing to remove on exit.
+                    path: PathBuf::new(),
+                    listener: Some(PortListener::Tcp(bind_tcp(&p.socket)?)),
                     conn: None,
                     pcap: None,
                     vhost: None,
@@ -533,7 +624,7 @@ impl Node {
             loop {
                 let Some(l) = &self.ports[i].listener else { return };
                 match l.accept() {
-                    Ok((stream, _)) => {
+                    Ok(stream) => {
                         if stream.set_nonblocking(true).is_err() {
                             continue;
                         }
@@ -930,4 +1021,19 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tcp_tests {
+    use super::*;
+
+    #[test]
+    fn tcp_ports_bind_only_a_named_address() {
+        for bad in ["0.0.0.0:7800", "[::]:7800", "/tmp/x.sock", "127.0.0.1"] {
+            let e = bind_tcp(Path::new(bad)).err().unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+        let l = bind_tcp(Path::new("127.0.0.1:0")).unwrap();
+        assert!(l.local_addr().unwrap().ip().is_loopback());
+    }
 }

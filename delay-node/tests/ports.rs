@@ -216,3 +216,35 @@ fn frames_for_a_vhost_port_without_a_running_device_are_kept_and_saved() {
     let rep = rt.block_on(ctl.save(&d.join("dn.state"))).unwrap();
     assert_eq!((rep.frames_held, rep.frames_in_flight), (5, 0), "{rep:?}");
 }
+
+#[test]
+fn a_tcp_port_serves_a_vm_on_another_host() {
+    let dir = tempfile::tempdir().unwrap();
+    // A free loopback port (the node binds exactly this address).
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let sh = Shaping { delay_ns: 1_000_000, queue_packets: 10_000, ..Shaping::default() };
+    let topo = Topology {
+        ports: vec![
+            PortConfig { name: "local".into(), socket: dir.path().join("local.sock"), kind: delay_node::config::PortKind::Stream },
+            PortConfig { name: "remote".into(), socket: addr.to_string().into(), kind: delay_node::config::PortKind::Tcp },
+        ],
+        lans: vec![],
+        links: vec![LinkConfig { name: "l".into(), a: "local".into(), b: "remote".into(), a_to_b: sh, b_to_a: sh }],
+        seed: 0,
+    };
+    let tp = dir.path().join("topo.json");
+    std::fs::write(&tp, serde_json::to_string(&topo).unwrap()).unwrap();
+    let _node = NodeProc::start(&tp, &dir.path().join("ctl.sock"), None, &dir.path().join("events.jsonl"));
+    let mut local = connect_retry(&dir.path().join("local.sock"));
+    let mut remote = std::net::TcpStream::connect(addr).expect("the node listens on the TCP address");
+    remote.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    local.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for seq in 0..20 {
+        write_frame(&mut local, &test_frame(1, 0, 0, seq, 0, 60)).unwrap();
+        let f = read_frame(&mut remote).expect("frame forwarded to the TCP port");
+        assert_eq!(u32::from_be_bytes(f[15..19].try_into().unwrap()), seq);
+        write_frame(&mut remote, &test_frame(0, 1, 0, seq + 100, 0, 60)).unwrap();
+        let f = read_frame(&mut local).expect("frame forwarded from the TCP port");
+        assert_eq!(u32::from_be_bytes(f[15..19].try_into().unwrap()), seq + 100);
+    }
+}

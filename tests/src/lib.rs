@@ -2,6 +2,8 @@
 //! private state directory, reads the guests' serial consoles, and tears
 //! everything down when dropped, even when a test fails.
 
+pub mod hosts;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -28,6 +30,12 @@ pub struct Experiment {
     pub dir: tempfile::TempDir,
     pub spec: PathBuf,
     pub name: String,
+    /// Run `stasis` through this command (e.g. `ip netns exec NS env K=V`);
+    /// empty: directly. Multi-host tests run the coordinator in a namespace.
+    pub wrapper: Vec<String>,
+    /// Per node, the state dir holding its consoles when not `state()` (the
+    /// node's host agent's state dir in multi-host tests).
+    pub node_states: Vec<(String, PathBuf)>,
 }
 
 impl Experiment {
@@ -36,7 +44,7 @@ impl Experiment {
         let dir = tempfile::Builder::new().prefix("stasis-t").tempdir_in("/tmp").expect("tempdir");
         let path = dir.path().join(format!("{name}.toml"));
         std::fs::write(&path, spec).expect("write spec");
-        Experiment { dir, spec: path, name: name.to_string() }
+        Experiment { dir, spec: path, name: name.to_string(), wrapper: Vec::new(), node_states: Vec::new() }
     }
 
     pub fn state(&self) -> PathBuf {
@@ -45,7 +53,14 @@ impl Experiment {
 
     /// Run `stasis ARGS` and return its output.
     pub fn run(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::new(stasis_bin());
+        let mut cmd = match self.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(stasis_bin());
+                c
+            }
+            None => Command::new(stasis_bin()),
+        };
         cmd.arg("--state-dir").arg(self.state());
         if !args.contains(&"-e") {
             cmd.args(["-e", &self.name]);
@@ -79,6 +94,9 @@ impl Experiment {
 
     /// The serial console of `node` in its `incarnation`-th life.
     pub fn console(&self, node: &str, incarnation: u32) -> PathBuf {
+        if let Some((_, state)) = self.node_states.iter().find(|(n, _)| n == node) {
+            return state.join(&self.name).join("run").join("vm").join(node).join(format!("serial-{incarnation}.log"));
+        }
         self.root().join("run").join("vm").join(node).join(format!("serial-{incarnation}.log"))
     }
 
@@ -161,7 +179,17 @@ impl Drop for Experiment {
     fn drop(&mut self) {
         // Tear down through the CLI, then make sure: kill anything still
         // holding a file under our state dir.
-        let _ = Command::new(target_dir().join("debug").join("stasis")).arg("--state-dir").arg(self.state()).args(["-e", &self.name, "down"]).output();
+        // (Through the wrapper: a multi-host coordinator must reach its agents
+        // only from inside the test's namespaces.)
+        let mut down = match self.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(target_dir().join("debug").join("stasis"));
+                c
+            }
+            None => Command::new(target_dir().join("debug").join("stasis")),
+        };
+        let _ = down.arg("--state-dir").arg(self.state()).args(["-e", &self.name, "down"]).output();
         if std::thread::panicking() {
             self.keep_evidence();
         }

@@ -215,7 +215,7 @@ impl Runtime {
     }
 }
 
-fn pid_alive(pid: u32) -> bool {
+pub(crate) fn pid_alive(pid: u32) -> bool {
     // SAFETY: kill with signal 0 only checks for existence and permission.
     let exists = unsafe { libc::kill(pid as libc::pid_t, 0) } == 0;
     exists && !std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z ")).unwrap_or(true)
@@ -260,7 +260,7 @@ fn base64(data: &[u8]) -> String {
     out
 }
 
-fn vm_spec(exp: &Experiment, node: &Node, layout: &Layout, tools: &Tools) -> Result<VmSpec, UpError> {
+pub(crate) fn vm_spec(exp: &Experiment, node: &Node, layout: &Layout, tools: &Tools) -> Result<VmSpec, UpError> {
     let kernel = node.kernel.clone().unwrap_or_else(|| tools.default_kernel.clone());
     let initrd = node.initrd.clone().unwrap_or_else(|| tools.default_initrd.clone());
     for (what, path) in [("kernel", &kernel), ("initrd", &initrd)] {
@@ -297,6 +297,19 @@ fn vm_spec(exp: &Experiment, node: &Node, layout: &Layout, tools: &Tools) -> Res
 }
 
 fn start_delay_node(layout: &Layout, tools: &Tools, exp: &Experiment, incarnation: u32, restore: Option<&Path>) -> Result<DelayProc, UpError> {
+    let topo = topology_for(exp, layout, seed_of(&exp.name));
+    spawn_delay_node(layout, tools, &topo, incarnation, restore)
+}
+
+/// Start the delay node serving `topo` (the multi-host agent passes one
+/// with TCP ports for VMs on other hosts).
+pub(crate) fn spawn_delay_node(
+    layout: &Layout,
+    tools: &Tools,
+    topo: &delay_node::config::Topology,
+    incarnation: u32,
+    restore: Option<&Path>,
+) -> Result<DelayProc, UpError> {
     use std::os::unix::process::CommandExt;
     if !tools.delay_node_bin.exists() {
         return Err(UpError::MissingDelayNode(tools.delay_node_bin.clone()));
@@ -305,9 +318,8 @@ fn start_delay_node(layout: &Layout, tools: &Tools, exp: &Experiment, incarnatio
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let sockets = layout.run_dir().join("p");
     std::fs::create_dir_all(&sockets).map_err(io(&sockets))?;
-    let topo = topology_for(exp, layout, seed_of(&exp.name));
     let topo_path = layout.delay_topology();
-    std::fs::write(&topo_path, serde_json::to_vec_pretty(&topo).expect("topology serialises")).map_err(io(&topo_path))?;
+    std::fs::write(&topo_path, serde_json::to_vec_pretty(topo).expect("topology serialises")).map_err(io(&topo_path))?;
     let control = layout.delay_control();
     let _ = std::fs::remove_file(&control);
     let log_path = layout.delay_log(incarnation);
@@ -354,7 +366,7 @@ fn start_delay_node(layout: &Layout, tools: &Tools, exp: &Experiment, incarnatio
 /// The next life of the experiment's processes: 1, 2, 3 … for as long as
 /// the state dir lives (`down` does not reset it), so every incarnation's
 /// consoles and logs are kept apart.
-fn next_incarnation(layout: &Layout) -> Result<u32, UpError> {
+pub(crate) fn next_incarnation(layout: &Layout) -> Result<u32, UpError> {
     let path = layout.root().join("incarnation");
     std::fs::create_dir_all(layout.root()).map_err(io(layout.root()))?;
     let last = std::fs::read_to_string(&path).ok().and_then(|t| t.trim().parse::<u32>().ok()).unwrap_or(0);
@@ -362,7 +374,7 @@ fn next_incarnation(layout: &Layout) -> Result<u32, UpError> {
     Ok(last + 1)
 }
 
-fn seed_of(name: &str) -> u64 {
+pub(crate) fn seed_of(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
 }
 
@@ -517,12 +529,12 @@ pub async fn wait_ready(rt: &Runtime, timeout: Duration, obs: &dyn Observer) -> 
 /// The instant QEMU itself stamped on the last `event` (STOP, RESUME) it
 /// sent, on the monotonic clock: better than the QMP round trip's middle,
 /// which includes however long QEMU's main loop took to pick the command up.
-fn reported_instant(vm: &mut Vm, event: &str) -> Option<MonoNs> {
+pub(crate) fn reported_instant(vm: &mut Vm, event: &str) -> Option<MonoNs> {
     let ev = vm.qmp().drain_events().into_iter().filter(|e| e.name == event).last()?;
     ev.qemu_time_us.map(|us| stasis_core::clock::wall_to_mono(us * 1_000))
 }
 
-async fn sleep_until(deadline: MonoNs) -> MonoNs {
+pub(crate) async fn sleep_until(deadline: MonoNs) -> MonoNs {
     const SPIN: u64 = 1_000_000;
     let now = mono_ns();
     if deadline > now + SPIN {
@@ -1015,7 +1027,7 @@ pub async fn down(layout: &Layout) -> Result<usize, AttachError> {
     Ok(killed)
 }
 
-fn is_ours(pid: u32, needle: &str) -> bool {
+pub(crate) fn is_ours(pid: u32, needle: &str) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| String::from_utf8_lossy(&c).contains(needle)).unwrap_or(false)
 }
 

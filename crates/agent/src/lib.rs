@@ -5,8 +5,11 @@
 //! The spine runs this in-process from the CLI (one host); the multi-host
 //! agent daemon drives the same code.
 
+pub mod coordinator;
+pub mod daemon;
 pub mod event;
 pub mod freeze;
 pub mod host;
 pub mod layout;
+pub mod placement;
 pub mod topology;

@@ -12,6 +12,8 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod multihost;
+
 #[derive(Parser)]
 #[command(name = "stasis", version, about = "Transparent, synchronised checkpoints of whole experiments")]
 struct Cli {
@@ -24,6 +26,9 @@ struct Cli {
     /// Machine-readable output: one JSON document per result, no progress
     #[arg(long, global = true)]
     json: bool,
+    /// Multi-host experiments: the key shared with the agents [default: $STASIS_KEY_FILE]
+    #[arg(long, global = true)]
+    key_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -208,6 +213,9 @@ fn print_json<T: serde::Serialize>(v: &T) {
 
 async fn run(cli: Cli) -> Result<()> {
     let state = state_dir(&cli)?;
+    if multihost::dispatch(&cli, &state).await? {
+        return Ok(());
+    }
     let ui = Ui::new(cli.json);
     match &cli.cmd {
         Cmd::Up { spec, no_wait, run } => {

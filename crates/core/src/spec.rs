@@ -9,6 +9,7 @@
 #![allow(clippy::result_large_err)]
 
 mod ns;
+mod placement;
 mod units;
 
 use std::collections::{BTreeMap, HashSet};
@@ -20,6 +21,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+pub use placement::{Host, Placement, DEFAULT_DELAY_PORT_BASE};
 pub use units::{
     format_bandwidth_bps, format_bytes, format_duration_ns, format_memory_mib, parse_bandwidth_bps,
     parse_bytes, parse_duration_ns, parse_memory_mib,
@@ -57,6 +59,9 @@ pub struct Experiment {
     pub links: Vec<Link>,
     /// The spec file it came from, when it came from a file.
     pub source: Option<PathBuf>,
+    /// Hosts and what runs where; `None`: everything on this host.
+    #[serde(default)]
+    pub placement: Option<Placement>,
 }
 
 /// One VM.
@@ -82,6 +87,9 @@ pub struct Node {
     /// together with memory; `None`: no disk (the VM has no block device).
     #[serde(default)]
     pub disk_bytes: Option<u64>,
+    /// The host the node runs on (multi-host experiments only; always set there).
+    #[serde(default)]
+    pub host: Option<String>,
 }
 
 /// How a node's NICs attach to the delay node (`nic = "stream" | "vhost-user"`).
@@ -275,6 +283,9 @@ struct RawSpec {
     lan: Vec<RawLan>,
     #[serde(default)]
     link: Vec<RawLink>,
+    #[serde(default)]
+    host: Vec<placement::RawHost>,
+    delay: Option<placement::RawDelay>,
 }
 
 #[derive(Deserialize)]
@@ -302,6 +313,9 @@ struct RawNode {
     disk: Option<Spanned<String>>,
     #[serde(default)]
     run: Vec<Spanned<String>>,
+    /// Multi-host experiments: the host the node runs on.
+    #[serde(default)]
+    host: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -875,6 +889,9 @@ impl Experiment {
             if !n.run.is_empty() {
                 out += &format!("run = {}\n", list(&n.run));
             }
+            if let Some(h) = &n.host {
+                out += &format!("host = {}\n", q(h));
+            }
         }
         let params = |p: &LinkParams| {
             let mut s = format!(
@@ -942,6 +959,9 @@ impl Experiment {
                 out += "\n[link.b_to_a]\n";
                 out += &params(&link.b_to_a);
             }
+        }
+        if let Some(p) = &self.placement {
+            out += &placement::to_toml(p, &q);
         }
         out
     }
@@ -1118,6 +1138,7 @@ impl Resolver<'_> {
                     })?),
                     None => None,
                 },
+                host: None,
             });
         }
         let known: HashSet<&str> = raw.node.iter().map(|n| n.name.get_ref().as_str()).collect();
@@ -1280,12 +1301,14 @@ impl Resolver<'_> {
             }
         }
 
+        let placement = placement::resolve(src, &raw.host, raw.delay.as_ref(), &raw.node, &mut nodes)?;
         Ok(Experiment {
             name: name.into_inner(),
             nodes,
             lans,
             links,
             source: source.map(Path::to_path_buf),
+            placement,
         })
     }
 }

@@ -140,6 +140,43 @@ pub struct Pong {
     pub agent_ns: u64,
 }
 
+/// Coordinator → agent: one operation outside a checkpoint round (bring
+/// this host's share of an experiment up or down, restore it, resume it).
+/// Answered by a [`Reply`] with the same `id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub id: u64,
+    pub op: Op,
+}
+
+/// What a [`Request`] asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Start this host's share of the experiment `spec_toml` (canonical
+    /// TOML with `[[host]]`s), acting as host `host`: the delay node when
+    /// `delay` (and it is placed here), the VMs when `vms`. With `restore`
+    /// everything starts from this host's part of that checkpoint, stopped,
+    /// until [`Op::ResumeAt`].
+    Start { spec_toml: String, host: String, delay: bool, vms: bool, restore: Option<CkptId> },
+    /// Resume every stopped component at `at` (synchronised clock, ns).
+    ResumeAt { at: u64 },
+    /// Stop every process of the experiment on this host.
+    Down,
+    /// What runs here (JSON in the reply's `detail`).
+    Status,
+    /// Remove this host's part of a checkpoint.
+    Forget { ckpt: CkptId },
+}
+
+/// Agent → coordinator: the outcome of a [`Request`]; `detail` is JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    pub id: u64,
+    pub ok: bool,
+    pub message: String,
+    pub detail: String,
+}
+
 /// Why a peer refuses something.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ErrorCode {
@@ -173,6 +210,8 @@ pub enum Message {
     Ping(Ping),
     Pong(Pong),
     Error(ErrorMsg),
+    Request(Request),
+    Reply(Reply),
 }
 
 /// Why bytes are not a message.
@@ -214,6 +253,8 @@ impl Message {
             Message::Ping(_) => 10,
             Message::Pong(_) => 11,
             Message::Error(_) => 12,
+            Message::Request(_) => 13,
+            Message::Reply(_) => 14,
         }
     }
 
@@ -232,6 +273,8 @@ impl Message {
             Message::Ping(_) => "Ping",
             Message::Pong(_) => "Pong",
             Message::Error(_) => "Error",
+            Message::Request(_) => "Request",
+            Message::Reply(_) => "Reply",
         }
     }
 
@@ -252,6 +295,8 @@ impl Message {
             Message::Ping(m) => postcard::to_extend(m, out),
             Message::Pong(m) => postcard::to_extend(m, out),
             Message::Error(m) => postcard::to_extend(m, out),
+            Message::Request(m) => postcard::to_extend(m, out),
+            Message::Reply(m) => postcard::to_extend(m, out),
         };
         out = r.expect("postcard into a Vec");
         out
@@ -275,6 +320,8 @@ impl Message {
             10 => Message::Ping(body("Ping", rest)?),
             11 => Message::Pong(body("Pong", rest)?),
             12 => Message::Error(body("Error", rest)?),
+            13 => Message::Request(body("Request", rest)?),
+            14 => Message::Reply(body("Reply", rest)?),
             t => return Err(DecodeError::UnknownType(t)),
         })
     }
@@ -309,6 +356,13 @@ mod tests {
         let mut b = Message::Ping(Ping { seq: 1, sent_ns: 2 }).encode();
         b.push(0);
         assert_eq!(Message::decode(&b), Err(DecodeError::Trailing(1, "Ping")));
+    }
+
+    #[test]
+    fn every_request_round_trips() {
+        for m in crate::testing::every_op() {
+            assert_eq!(Message::decode(&m.encode()).unwrap(), m);
+        }
     }
 
     #[test]

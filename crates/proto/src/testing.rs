@@ -18,5 +18,23 @@ pub fn one_of_each() -> Vec<Message> {
         Message::Ping(Ping { seq: 9, sent_ns: 10 }),
         Message::Pong(Pong { seq: 9, sent_ns: 10, agent_ns: 11 }),
         Message::Error(ErrorMsg { code: ErrorCode::AuthFailed, message: "wrong key".into() }),
+        Message::Request(Request { id: 3, op: Op::Start { spec_toml: "name = \"x\"".into(), host: "h1".into(), delay: true, vms: false, restore: Some(ckpt) } }),
+        Message::Reply(Reply { id: 3, ok: false, message: "no such checkpoint".into(), detail: "{}".into() }),
     ]
+}
+
+/// One request of every operation.
+pub fn every_op() -> Vec<Message> {
+    let ckpt = CkptId::new(42).expect("nonzero");
+    [
+        Op::Start { spec_toml: "name = \"x\"".into(), host: "h1".into(), delay: false, vms: true, restore: None },
+        Op::ResumeAt { at: 1 << 41 },
+        Op::Down,
+        Op::Status,
+        Op::Forget { ckpt },
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, op)| Message::Request(Request { id: i as u64 + 1, op }))
+    .collect()
 }

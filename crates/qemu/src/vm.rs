@@ -78,6 +78,19 @@ pub enum NicBackend {
     /// `-netdev vhost-user`: the listener is the vhost-user backend and reads
     /// and writes the guest's rings itself; needs shared guest RAM.
     VhostUser,
+    /// `-netdev stream` over TCP to a delay node on another host: `socket`
+    /// is its `ip:port`.
+    StreamTcp,
+}
+
+impl NicSpec {
+    /// The `ip:port` of a [`NicBackend::StreamTcp`] NIC.
+    pub fn tcp_addr(&self) -> Result<std::net::SocketAddr, LaunchError> {
+        self.socket
+            .to_str()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| LaunchError::BadPath(format!("NIC {}: {} is not an ip:port address", self.id, self.socket.display())))
+    }
 }
 
 /// Everything needed to start (or restore) one VM.
@@ -160,6 +173,15 @@ pub fn qemu_args(spec: &VmSpec, serial_log: &Path, incoming: Option<&Path>) -> V
                 ]);
                 // romfile= : no iPXE option ROM; the guest boots a kernel directly,
                 // and skipping the ROM roughly halves boot time under TCG.
+                push(&["-device", &format!("virtio-net-pci,netdev={},mac={},romfile=", nic.id, nic.mac)]);
+            }
+            NicBackend::StreamTcp => {
+                let (host, port) = match nic.tcp_addr() {
+                    Ok(a) => (a.ip().to_string(), a.port()),
+                    // Validated at launch; an unparsable address connects nowhere.
+                    Err(_) => (String::new(), 0),
+                };
+                push(&["-netdev", &format!("stream,id={},server=off,addr.type=inet,addr.host={host},addr.port={port}", nic.id)]);
                 push(&["-device", &format!("virtio-net-pci,netdev={},mac={},romfile=", nic.id, nic.mac)]);
             }
             NicBackend::VhostUser => {
@@ -342,7 +364,7 @@ pub fn absolutize(
     s.kernel = abs(&spec.kernel)?;
     s.initrd = abs(&spec.initrd)?;
     s.run_dir = abs(&spec.run_dir)?;
-    for nic in &mut s.nics {
+    for nic in s.nics.iter_mut().filter(|n| n.backend != NicBackend::StreamTcp) {
         nic.socket = abs(&nic.socket)?;
     }
     if let Some(d) = &spec.disk {
@@ -443,6 +465,11 @@ impl Vm {
             validate_path("state file", state)?;
         }
         for nic in &spec.nics {
+            if nic.backend == NicBackend::StreamTcp {
+                // Connected (or refused) by QEMU at start; check_nics reports it.
+                nic.tcp_addr()?;
+                continue;
+            }
             validate_socket_path(&format!("NIC {} socket", nic.id), &nic.socket)?;
             // QEMU 7.2 connects once at start-up and never retries, so a
             // missing listener would leave the NIC dead without any error.
@@ -567,6 +594,8 @@ impl Vm {
                     .unwrap_or_else(|| "absent".to_owned());
                 let connected = match nic.backend {
                     NicBackend::Stream => state.contains(&format!("unix:{}", nic.socket.display())),
+                    // `type=stream,tcp:<ip>:<port>` once connected.
+                    NicBackend::StreamTcp => state.contains(&format!("tcp:{}", nic.socket.display())),
                     // `type=vhost-user,…`: QEMU only gets this
                     // far once the backend answered.
                     NicBackend::VhostUser => state.starts_with("type=vhost-user") && !state.contains("error"),
@@ -947,6 +976,18 @@ mod tests {
         let kvm = qemu_args(&spec(Accel::Kvm), Path::new("/l"), None);
         assert_eq!(value_after(&kvm, "-accel"), ["kvm"]);
         assert_eq!(value_after(&kvm, "-cpu"), ["host,-arch-capabilities"]);
+    }
+
+    #[test]
+    fn tcp_nics_connect_to_the_remote_delay_node() {
+        let mut s = spec(Accel::Tcg);
+        s.nics[1].backend = NicBackend::StreamTcp;
+        s.nics[1].socket = "10.77.0.1:7801".into();
+        let a = qemu_args(&s, Path::new("/l"), None);
+        assert_eq!(value_after(&a, "-netdev")[1], "stream,id=n1,server=off,addr.type=inet,addr.host=10.77.0.1,addr.port=7801");
+        assert!(!a.iter().any(|x| x.contains("memory-backend")), "no shared RAM needed");
+        s.nics[1].socket = "/run/dn/b.sock".into();
+        assert!(s.nics[1].tcp_addr().unwrap_err().to_string().contains("not an ip:port"));
     }
 
     #[test]

@@ -72,7 +72,7 @@ pub fn test_frame(dst: u8, src: u8, flow: u8, seq: u32, sent: u64, len: usize) -
     f
 }
 
-pub fn write_frame(s: &mut UnixStream, f: &[u8]) -> std::io::Result<()> {
+pub fn write_frame<S: Write>(s: &mut S, f: &[u8]) -> std::io::Result<()> {
     let mut b = Vec::with_capacity(4 + f.len());
     b.extend_from_slice(&(f.len() as u32).to_be_bytes());
     b.extend_from_slice(f);
@@ -80,7 +80,7 @@ pub fn write_frame(s: &mut UnixStream, f: &[u8]) -> std::io::Result<()> {
 }
 
 /// Read one frame; `None` at end of stream.
-pub fn read_frame(s: &mut UnixStream) -> Option<Vec<u8>> {
+pub fn read_frame<S: Read>(s: &mut S) -> Option<Vec<u8>> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len).ok()?;
     let mut f = vec![0u8; u32::from_be_bytes(len) as usize];

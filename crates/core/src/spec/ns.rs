@@ -261,6 +261,7 @@ pub(super) fn parse(text: &str, src: &Source, name: String) -> Result<RawSpec, S
                             nic: None,
                             disk: None,
                             run: Vec::new(),
+                            host: None,
                         });
                     }
                     "duplex-link" => {
@@ -457,6 +458,8 @@ pub(super) fn parse(text: &str, src: &Source, name: String) -> Result<RawSpec, S
         node: nodes,
         lan,
         link,
+        host: Vec::new(),
+        delay: None,
     })
 }
 

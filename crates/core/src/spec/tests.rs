@@ -635,3 +635,89 @@ fn disk_is_optional_round_trips_and_is_checked() {
     refused("name = \"d\"\n[[node]]\nname = \"a\"\ndisk = \"12Q\"\n", SpecErrorKind::BadUnit, 4, &["disk"]);
     refused("name = \"d\"\n[[node]]\nname = \"a\"\ndisk = \"4K\"\n", SpecErrorKind::BadUnit, 4, &["at least 1M"]);
 }
+
+// ---- multi-host placement ------------------------------------------------
+
+const HOSTS: &str = r#"name = "spread"
+nic = "stream"
+
+[[host]]
+name = "h1"
+agent = "10.77.0.1:7700"
+
+[[host]]
+name = "h2"
+agent = "10.77.0.2:7700"
+
+[delay]
+host = "h2"
+
+[[node]]
+name = "a"
+host = "h1"
+
+[[node]]
+name = "b"
+host = "h2"
+nic = "vhost-user"
+
+[[node]]
+name = "c"
+
+[[lan]]
+name = "lan0"
+members = ["a", "b", "c"]
+"#;
+
+#[test]
+fn hosts_place_nodes_and_the_delay_node() {
+    let e = parse(HOSTS).unwrap();
+    let p = e.placement.as_ref().expect("placement");
+    assert_eq!(p.hosts.len(), 2);
+    assert_eq!(p.host("h2").unwrap().agent, "10.77.0.2:7700".parse().unwrap());
+    assert_eq!(p.delay_host, "h2");
+    assert_eq!(p.delay_port_base, DEFAULT_DELAY_PORT_BASE);
+    let hosts: Vec<_> = e.nodes.iter().map(|n| n.host.as_deref().unwrap()).collect();
+    assert_eq!(hosts, ["h1", "h2", "h1"], "a node without host goes to the first host");
+    // The canonical form keeps the placement, and changes the digest.
+    let again = parse(&e.to_toml()).unwrap();
+    assert_eq!(again.placement, e.placement);
+    assert_eq!(again.nodes, e.nodes);
+    let single = parse(EXAMPLE).unwrap();
+    assert!(single.placement.is_none() && single.nodes.iter().all(|n| n.host.is_none()));
+    assert!(!single.to_toml().contains("[[host]]"));
+}
+
+#[test]
+fn placement_mistakes_are_refused_with_their_place() {
+    let unknown = HOSTS.replace("host = \"h2\"\nnic", "host = \"h9\"\nnic");
+    refused(&unknown, SpecErrorKind::UnknownNode, 21, &["node \"b\"", "unknown host \"h9\"", "h1, h2", "field host"]);
+    let vhost_remote = HOSTS.replace("[delay]\nhost = \"h2\"", "[delay]\nhost = \"h1\"");
+    refused(&vhost_remote, SpecErrorKind::OutOfRange, 22, &["node \"b\"", "vhost-user", "nic = \"stream\"", "field nic"]);
+    let bad_addr = HOSTS.replace("10.77.0.2:7700", "10.77.0.2");
+    refused(&bad_addr, SpecErrorKind::BadAddress, 10, &["host \"h2\"", "not an IP:port", "field agent"]);
+    let wildcard = HOSTS.replace("10.77.0.2:7700", "0.0.0.0:7700");
+    refused(&wildcard, SpecErrorKind::BadAddress, 10, &["concrete IP"]);
+    let same = HOSTS.replace("10.77.0.2:7700", "10.77.0.1:7700");
+    refused(&same, SpecErrorKind::BadAddress, 10, &["host \"h1\" has the same agent address"]);
+    let dup = HOSTS.replace("name = \"h2\"", "name = \"h1\"");
+    refused(&dup, SpecErrorKind::DuplicateName, 9, &["host \"h1\""]);
+    let bad_delay = HOSTS.replace("[delay]\nhost = \"h2\"", "[delay]\nhost = \"hx\"");
+    refused(&bad_delay, SpecErrorKind::UnknownNode, 13, &["[delay]", "unknown host \"hx\""]);
+    let port = HOSTS.replace("[delay]\nhost = \"h2\"", "[delay]\nhost = \"h2\"\nport_base = 70000");
+    refused(&port, SpecErrorKind::OutOfRange, 14, &["port_base 70000"]);
+    let disk = HOSTS.replace("name = \"c\"", "name = \"c\"\ndisk = \"1G\"");
+    refused(&disk, SpecErrorKind::Unsupported, 26, &["node \"c\"", "not supported", "field disk"]);
+    let typo = HOSTS.replace("agent = \"10.77.0.1:7700\"", "agnet = \"10.77.0.1:7700\"");
+    refused(&typo, SpecErrorKind::UnknownField, 6, &["agnet"]);
+}
+
+#[test]
+fn host_fields_without_hosts_are_refused() {
+    let text = EXAMPLE.replace("name = \"b\"\n", "name = \"b\"\nhost = \"h1\"\n");
+    refused(&text, SpecErrorKind::UnknownField, 17, &["no [[host]]", "field host"]);
+    let text = format!("{EXAMPLE}\n[delay]\nhost = \"h1\"\n");
+    let err = parse(&text).unwrap_err();
+    assert_eq!(err.kind, SpecErrorKind::UnknownField);
+    assert!(err.to_string().contains("[delay] needs [[host]]"), "{err}");
+}

@@ -1,0 +1,169 @@
+//! The CLI as coordinator of a multi-host experiment (a spec with
+//! `[[host]]`s): every command goes to the hosts' agents
+//! (`stasis_agent::coordinator`). See docs/multihost.md.
+
+use crate::{mib, ms, print_json, Cli, Cmd};
+use anyhow::{anyhow, bail, Context, Result};
+use stasis_agent::coordinator::Coordinator;
+use stasis_agent::layout::Layout;
+use stasis_core::spec::Experiment;
+use stasis_proto::coordinator::CoordConfig;
+use std::path::Path;
+use std::time::Duration;
+
+/// The shared key: `--key-file`, else `$STASIS_KEY_FILE`.
+fn key(cli: &Cli) -> Result<stasis_proto::Key> {
+    let path = cli
+        .key_file
+        .clone()
+        .or_else(|| std::env::var_os("STASIS_KEY_FILE").map(Into::into))
+        .ok_or_else(|| anyhow!("a multi-host experiment needs the agents' shared key: pass --key-file (or set STASIS_KEY_FILE)"))?;
+    let bytes = std::fs::read(&path).with_context(|| format!("reading the key file {}", path.display()))?;
+    stasis_proto::Key::new(bytes.strip_suffix(b"\n").unwrap_or(&bytes)).map_err(|e| anyhow!("key file {}: {e}", path.display()))
+}
+
+/// The recorded spec of experiment `name`, if it is a multi-host one.
+fn recorded(state: &Path, name: &str) -> Option<Experiment> {
+    let text = std::fs::read_to_string(Layout::new(state, name).root().join("experiment.toml")).ok()?;
+    Experiment::from_toml_str(&text, None).ok().filter(|e| e.placement.is_some())
+}
+
+/// Run `cli` if it concerns a multi-host experiment; `Ok(false)` otherwise.
+pub async fn dispatch(cli: &Cli, state: &Path) -> Result<bool> {
+    let exp = match &cli.cmd {
+        Cmd::Up { spec, .. } => {
+            let exp = Experiment::from_file(spec)?;
+            if exp.placement.is_none() {
+                return Ok(false);
+            }
+            exp
+        }
+        _ => {
+            let Ok(name) = crate::experiment_name(cli, state) else { return Ok(false) };
+            match recorded(state, &name) {
+                Some(e) => e,
+                None => return Ok(false),
+            }
+        }
+    };
+    let layout = Layout::new(state, &exp.name);
+    let coord = Coordinator::new(exp.clone(), key(cli)?, &layout)?;
+    match &cli.cmd {
+        Cmd::Up { no_wait, .. } => {
+            std::fs::create_dir_all(layout.root()).with_context(|| format!("creating {}", layout.root().display()))?;
+            std::fs::write(layout.root().join("experiment.toml"), exp.to_toml()).context("recording the spec")?;
+            let st = coord.up((!no_wait).then_some(Duration::from_secs(180))).await?;
+            if cli.json {
+                print_json(&st);
+            } else {
+                println!("experiment {} up on {} hosts", exp.name, st.len());
+                print_status(&st);
+            }
+        }
+        Cmd::Status => {
+            let st = coord.status().await?;
+            if cli.json {
+                print_json(&st);
+            } else {
+                print_status(&st);
+            }
+        }
+        Cmd::Checkpoint { name, margin_ms, hold_lead_ms, pause_ms } => {
+            let cfg = CoordConfig {
+                margin_ns: margin_ms * 1_000_000,
+                hold_lead_ns: hold_lead_ms * 1_000_000,
+                min_frozen_ns: pause_ms * 1_000_000,
+                // Saves of TCG guests plus the chunked commit take seconds on a
+                // busy host; STASIS_SAVE_BUDGET_MS shortens it (fault drills).
+                save_budget_ns: std::env::var("STASIS_SAVE_BUDGET_MS").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(120_000) * 1_000_000,
+                ..CoordConfig::default()
+            };
+            let s = coord.checkpoint(name.as_deref(), cfg).await?;
+            if cli.json {
+                print_json(&s);
+            } else {
+                let c = &s.checkpoint;
+                println!(
+                    "checkpoint {} {}: {} hosts, {} saved, stop skew {}, frozen {} (max error {})",
+                    c.index,
+                    c.label(),
+                    c.parts.len(),
+                    mib(c.bytes),
+                    ms(c.stop_skew_ns),
+                    ms(s.frozen_duration_ns),
+                    ms(s.max_frozen_error_ns)
+                );
+            }
+        }
+        Cmd::List => {
+            let list = coord.list()?;
+            if cli.json {
+                print_json(&list);
+            } else if list.is_empty() {
+                println!("no checkpoints of {}", exp.name);
+            } else {
+                println!("{:>3}  {:<22} {:<16} {:>12}  hosts", "#", "id", "name", "size");
+                for c in &list {
+                    let hosts: Vec<&str> = c.parts.iter().map(|p| p.host.as_str()).collect();
+                    println!("{:>3}  {:<22} {:<16} {:>12}  {}", c.index, c.ckpt, c.name.as_deref().unwrap_or("-"), mib(c.bytes), hosts.join(","));
+                }
+            }
+        }
+        Cmd::Show { checkpoint } => {
+            let c = coord.open(checkpoint)?;
+            if cli.json {
+                print_json(&c);
+            } else {
+                println!("checkpoint {} ({}) of experiment {}", c.index, c.label(), c.experiment);
+                println!("  size           {}", mib(c.bytes));
+                println!("  stop skew      {}   (all components of all hosts)", ms(c.stop_skew_ns));
+                for p in &c.parts {
+                    println!("  host {} (part {}):", p.host, p.store_name);
+                    for comp in &p.components {
+                        println!("    {:<12} {:>12}  stop {:+.3} ms from plan  blake3 {}", comp.name, mib(comp.bytes), (comp.stop_ns as f64 - c.freeze_at as f64) / 1e6, &comp.blake3[..16]);
+                    }
+                }
+            }
+        }
+        Cmd::Restore { checkpoint, branch } => {
+            if branch.is_some() {
+                bail!("branches are not supported for multi-host experiments yet");
+            }
+            let s = coord.restore(checkpoint, 300_000_000).await?;
+            if cli.json {
+                print_json(&s);
+            } else {
+                println!("restored {} on {} hosts in {}, resume skew {}", s.checkpoint, s.hosts, ms(s.restore_ns), ms(s.resume_skew_ns));
+            }
+        }
+        Cmd::Down => {
+            let n = coord.down().await?;
+            if cli.json {
+                print_json(&serde_json::json!({"experiment": exp.name, "stopped": n}));
+            } else {
+                println!("experiment {} down ({n} processes stopped)", exp.name);
+            }
+        }
+        _ => bail!("this command is not supported for multi-host experiments yet"),
+    }
+    Ok(true)
+}
+
+fn print_status(st: &[serde_json::Value]) {
+    for s in st {
+        if s["running"].as_bool() != Some(true) {
+            println!("  (a host runs nothing)");
+            continue;
+        }
+        let delay = if s["delay_node"].is_null() { String::new() } else { format!(", delay node pid {}", s["delay_node"]["pid"]) };
+        println!("  host {}{delay}", s["host"].as_str().unwrap_or("?"));
+        for v in s["vms"].as_array().into_iter().flatten() {
+            println!(
+                "    {:<10} pid {:<8} {}",
+                v["name"].as_str().unwrap_or("?"),
+                v["pid"],
+                if v["alive"].as_bool() == Some(true) { "running" } else { "DEAD" }
+            );
+        }
+    }
+}
