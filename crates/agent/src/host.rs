@@ -197,7 +197,7 @@ impl Runtime {
         self.store_at(&layout.runtime_file())
     }
 
-    fn store_at(&self, path: &Path) -> Result<(), UpError> {
+    pub(crate) fn store_at(&self, path: &Path) -> Result<(), UpError> {
         let path = path.to_owned();
         let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_string_pretty(self).expect("runtime serialises");
@@ -213,7 +213,7 @@ impl Runtime {
     }
 }
 
-fn pid_alive(pid: u32) -> bool {
+pub(crate) fn pid_alive(pid: u32) -> bool {
     // SAFETY: kill with signal 0 only checks for existence and permission.
     let exists = unsafe { libc::kill(pid as libc::pid_t, 0) } == 0;
     exists && !std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z ")).unwrap_or(true)
@@ -400,7 +400,7 @@ pub fn disk_dir(layout: &Layout, node: &str) -> PathBuf {
 
 /// The next unused overlay name in `dir`: `ov-<N>.qcow2`, N one more than
 /// the largest there. Images are never removed, so names are never reused.
-fn next_overlay(dir: &Path) -> PathBuf {
+pub(crate) fn next_overlay(dir: &Path) -> PathBuf {
     let n = std::fs::read_dir(dir)
         .map(|rd| {
             rd.flatten()
@@ -514,12 +514,12 @@ pub async fn wait_ready(rt: &Runtime, timeout: Duration, obs: &dyn Observer) -> 
 /// The instant QEMU itself stamped on the last `event` (STOP, RESUME) it
 /// sent, on the monotonic clock: better than the QMP round trip's middle,
 /// which includes however long QEMU's main loop took to pick the command up.
-fn reported_instant(vm: &mut Vm, event: &str) -> Option<MonoNs> {
+pub(crate) fn reported_instant(vm: &mut Vm, event: &str) -> Option<MonoNs> {
     let ev = vm.qmp().drain_events().into_iter().filter(|e| e.name == event).last()?;
     ev.qemu_time_us.map(|us| stasis_core::clock::wall_to_mono(us * 1_000))
 }
 
-async fn sleep_until(deadline: MonoNs) -> MonoNs {
+pub(crate) async fn sleep_until(deadline: MonoNs) -> MonoNs {
     const SPIN: u64 = 1_000_000;
     let now = mono_ns();
     if deadline > now + SPIN {
@@ -528,12 +528,12 @@ async fn sleep_until(deadline: MonoNs) -> MonoNs {
     wait_until(deadline)
 }
 
-struct Attached {
-    vms: Vec<(String, Vm)>,
-    delay: DelayClient,
+pub(crate) struct Attached {
+    pub(crate) vms: Vec<(String, Vm)>,
+    pub(crate) delay: DelayClient,
 }
 
-async fn attach(rt: &Runtime) -> Result<Attached, CheckpointError> {
+pub(crate) async fn attach(rt: &Runtime) -> Result<Attached, CheckpointError> {
     let mut vms = Vec::new();
     for v in &rt.vms {
         if !pid_alive(v.pid) {
