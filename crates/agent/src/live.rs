@@ -23,11 +23,13 @@
 //! delay node is thawed after the longest one and the spread is reported
 //! as the D error.
 //!
-//! vhost-user NICs are refused: the delay node writes a vhost-user guest's
-//! rings through its own mapping of guest RAM, which the snapshot's
-//! userfaultfd write protection does not see, so the snapshot would be torn
-//! (DESIGN.md). Such experiments use stop-and-copy checkpoints, or
-//! `nic = "stream"`.
+//! vhost-user NICs: the delay node writes a vhost-user guest's rings through
+//! its own mapping of guest RAM, which the snapshot's userfaultfd write
+//! protection does not see (DESIGN.md). So before any VM is resumed, the
+//! node is told to hold every vhost-user port (`hold_port`: no RX delivery,
+//! TX ring left alone; frames wait in the node with their timing) and it
+//! releases them once every snapshot is on disk. The guest runs meanwhile,
+//! but its network is paused for the background save.
 
 use crate::event::{Event, Observer};
 use crate::freeze::{self, FreezeConfig, StopStamp};
@@ -55,13 +57,6 @@ pub const LIVE_KEY: &str = "live";
 /// Errors of [`checkpoint_live`].
 #[derive(Debug, thiserror::Error)]
 pub enum LiveError {
-    #[error(
-        "live checkpoints need stream NICs, but node(s) {} use vhost-user: the delay node writes their receive rings through its own \
-         mapping of guest RAM, which QEMU's background snapshot cannot write-protect, so the snapshot would be torn; take a \
-         stop-and-copy checkpoint (without --live), or set nic = \"stream\" for these nodes",
-        .0.join(", ")
-    )]
-    VhostUser(Vec<String>),
     #[error("the running experiment's spec does not parse")]
     Spec(#[from] stasis_core::spec::SpecError),
     #[error(transparent)]
@@ -90,11 +85,11 @@ pub struct LiveSummary {
     pub downtime: Vec<VmDowntime>,
     /// The longest per-VM downtime.
     pub max_downtime_ns: u64,
-}
-
-/// The nodes whose NICs are vhost-user (which a live checkpoint refuses).
-pub fn vhost_user_nodes(exp: &Experiment) -> Vec<String> {
-    exp.nodes.iter().filter(|n| !n.ifaces.is_empty() && n.nic == NicMode::VhostUser).map(|n| n.name.clone()).collect()
+    /// vhost-user ports the delay node held during the background save ...
+    pub vhost_ports_held: usize,
+    /// ... and for how long after the node thawed (their guests' network
+    /// stood still that long; frames waited in the node).
+    pub vhost_hold_ns: u64,
 }
 
 /// Take one live checkpoint of the running experiment.
@@ -106,11 +101,20 @@ pub async fn checkpoint_live(
     obs: &dyn Observer,
 ) -> Result<LiveSummary, LiveError> {
     let exp = Experiment::from_toml_str(&rt.spec_toml, None)?;
-    let vhost = vhost_user_nodes(&exp);
-    if !vhost.is_empty() {
-        return Err(LiveError::VhostUser(vhost));
-    }
+    let vhost_ports: Vec<String> = exp
+        .nodes
+        .iter()
+        .filter(|n| n.nic == NicMode::VhostUser)
+        .flat_map(|n| n.ifaces.iter().map(|i| crate::topology::port_name(&n.name, &i.name)))
+        .collect();
     let mut a = attach(rt).await?;
+    // Everything QEMU needs for the snapshot is set before the freeze, so a
+    // stopped guest waits for one `migrate` only.
+    for (node, vm) in &mut a.vms {
+        vm.prepare_background_save()
+            .await
+            .map_err(|e| CheckpointError::Aborted { reason: format!("preparing the background snapshot of VM {node}: {e}") })?;
+    }
     let pending = store.begin(name).map_err(CheckpointError::from)?;
     let id = pending.id().to_string();
     let t = freeze::plan_freeze(mono_ns(), cfg);
@@ -196,6 +200,21 @@ pub async fn checkpoint_live(
         }
     }
     let frozen_at = node_report.as_ref().map(|(r, _)| r.frozen_at).unwrap_or(t);
+
+    // vhost-user ports: the node stays out of those guests' memory from
+    // before QEMU resumes them until their snapshots are written.
+    let mut held = Vec::new();
+    if failure.is_none() {
+        for port in &vhost_ports {
+            match a.delay.hold_port(port).await {
+                Ok(_) => held.push(port.clone()),
+                Err(e) => {
+                    failure.get_or_insert(format!("holding vhost-user port {port} in the delay node: {e}"));
+                    break;
+                }
+            }
+        }
+    }
 
     // Every VM: start its background snapshot; QEMU saves the device state
     // and resumes the guest; its RAM is written afterwards.
@@ -285,6 +304,12 @@ pub async fn checkpoint_live(
         }
     }
     let saved_at = mono_ns();
+    let held_ns = saved_at.saturating_sub(node_resume.max(frozen_at));
+    for port in &held {
+        if let Err(e) = a.delay.release_port(port).await {
+            resume_errors.push(format!("releasing vhost-user port {port}: {e}"));
+        }
+    }
 
     if let Some(reason) = failure {
         pending.abort();
@@ -348,7 +373,11 @@ pub async fn checkpoint_live(
         ("max_frozen_error_ns".to_string(), f.max_frozen_error_ns),
         ("max_hold_lateness_ns".to_string(), hold_lateness),
         ("live_max_downtime_ns".to_string(), max_downtime_ns),
+        ("live_vhost_ports_held".to_string(), held.len() as u64),
     ];
+    if !held.is_empty() {
+        extra.push(("live_vhost_hold_ns".to_string(), held_ns));
+    }
     extra.extend(downtime.iter().map(|v| (format!("{DOWNTIME_KEY}{}", v.node), v.downtime_ns)));
     let draft = ManifestDraft {
         parent: rt.restored_from.clone(),
@@ -396,7 +425,7 @@ pub async fn checkpoint_live(
         max_hold_lateness_ns: hold_lateness,
         info,
     };
-    let live = LiveSummary { summary, live: true, downtime, max_downtime_ns };
+    let live = LiveSummary { summary, live: true, downtime, max_downtime_ns, vhost_ports_held: held.len(), vhost_hold_ns: if held.is_empty() { 0 } else { held_ns } };
     let path = store.root().join(&live.summary.info.id).join("report.json");
     let body = serde_json::json!({ "summary": live, "measured_stop_resume_ns": measured });
     let tmp = path.with_extension("json.tmp");
@@ -405,3 +434,4 @@ pub async fn checkpoint_live(
     }
     Ok(live)
 }
+

@@ -332,6 +332,8 @@ pub struct Vm {
     qmp: Qmp,
     /// Launched with `incoming` and [`Vm::wait_incoming`] has not yet seen it finish.
     incoming_pending: bool,
+    /// [`Vm::prepare_background_save`] ran and no background save used it yet.
+    background_prepared: bool,
 }
 
 /// The spec and paths with every relative path made absolute (against the
@@ -545,6 +547,7 @@ impl Vm {
             log_path,
             qmp,
             incoming_pending: incoming.is_some(),
+            background_prepared: false,
         };
         if let Err(e) = vm.check_nics(spec).await {
             vm.kill();
@@ -625,6 +628,7 @@ impl Vm {
             log_path,
             qmp,
             incoming_pending: false,
+            background_prepared: false,
         })
     }
 
@@ -777,10 +781,6 @@ impl Vm {
     /// with a vhost-user backend writing guest memory (see DESIGN.md).
     pub async fn begin_background_save(&mut self, path: &Path) -> Result<BackgroundSave, VmError> {
         let t0 = Instant::now();
-        let state = self.status().await?;
-        if !matches!(state, RunState::Paused | RunState::Running) {
-            return Err(VmError::NotStopped(state));
-        }
         let partial = partial_path(path);
         let r = self.begin_background_into(&partial).await;
         match r {
@@ -792,7 +792,12 @@ impl Vm {
         }
     }
 
-    async fn begin_background_into(&mut self, partial: &Path) -> Result<File, VmError> {
+    /// Set the migration parameters and the `background-snapshot`
+    /// capability ahead of [`begin_background_save`](Self::begin_background_save),
+    /// so that the guest, once stopped, waits for as few QMP round trips as
+    /// possible. Harmless if no save follows: a stop-and-copy save sets the
+    /// capability again.
+    pub async fn prepare_background_save(&mut self) -> Result<(), VmError> {
         self.qmp
             .execute("migrate-set-parameters", Some(json!({"max-bandwidth": SAVE_MAX_BANDWIDTH})))
             .await?;
@@ -802,6 +807,15 @@ impl Vm {
                 Some(json!({"capabilities": [{"capability": "background-snapshot", "state": true}]})),
             )
             .await?;
+        self.background_prepared = true;
+        Ok(())
+    }
+
+    async fn begin_background_into(&mut self, partial: &Path) -> Result<File, VmError> {
+        if !std::mem::take(&mut self.background_prepared) {
+            self.prepare_background_save().await?;
+            self.background_prepared = false;
+        }
         let file = OpenOptions::new()
             .write(true)
             .create(true)
