@@ -9,3 +9,5 @@ pub mod run;
 pub mod time;
 /// PNG line plots (plotters, bitmap backend, no text).
 pub mod plot;
+/// Guest-visible downtime of live versus stop-and-copy checkpoints.
+pub mod downtime;

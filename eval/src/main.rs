@@ -1,6 +1,7 @@
 //! `stasis-eval`: evaluations of stasis on real VMs.
 //!
 //! `stasis-eval time [--pauses 1,10,60] [--checkpoints-per-pause N] [--out DIR] [--quick]`
+//! `stasis-eval downtime [--n 5] [--out DIR]`
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -40,6 +41,17 @@ enum Cmd {
         #[arg(long)]
         replot: bool,
     },
+    /// Guest-visible downtime of live vs stop-and-copy checkpoints (one 256 MiB guest)
+    Downtime {
+        /// Checkpoints of each kind
+        #[arg(long, default_value_t = 5)]
+        n: usize,
+        #[arg(long, default_value = "eval-out/downtime")]
+        out: PathBuf,
+        /// The stasis binary [default: target/debug/stasis next to this one]
+        #[arg(long)]
+        stasis: Option<PathBuf>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -61,6 +73,16 @@ fn main() -> Result<()> {
                 bail!("{} is missing: cargo build --bins", bin.display());
             }
             time_eval(&bin, &pauses, checkpoints_per_pause.max(1), &out, quick)
+        }
+        Cmd::Downtime { n, out, stasis } => {
+            let bin = match stasis {
+                Some(b) => b,
+                None => std::env::current_exe()?.parent().context("exe dir")?.join("stasis"),
+            };
+            if !bin.exists() {
+                bail!("{} is missing: cargo build --bins", bin.display());
+            }
+            stasis_eval::downtime::run(&bin, n.max(1), &out)
         }
     }
 }
