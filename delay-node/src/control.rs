@@ -35,6 +35,13 @@ pub enum Request {
     Save { path: PathBuf },
     ThawAt { at: MonoNs },
     ThawPortAt { port: String, at: MonoNs },
+    /// Keep the node out of a vhost-user port's guest memory (no RX
+    /// delivery, TX ring left alone) while its VM runs, e.g. during a live
+    /// checkpoint's background snapshot; frames wait in the node. No-op for
+    /// stream ports.
+    HoldPort { port: String },
+    /// End a [`Request::HoldPort`]: queued TX is taken, held frames delivered.
+    ReleasePort { port: String },
     Stats,
     Pcap { port: String, path: Option<PathBuf> },
     Restore { path: PathBuf },
@@ -131,6 +138,18 @@ impl Client {
     /// End a per-port hold at instant `at`; replies after.
     pub async fn thaw_port_at(&mut self, port: &str, at: MonoNs) -> Result<PortThawReport, ControlError> {
         self.call(&Request::ThawPortAt { port: port.to_owned(), at }).await
+    }
+
+    /// [`Request::HoldPort`]; returns whether the port is vhost-user (held).
+    pub async fn hold_port(&mut self, port: &str) -> Result<bool, ControlError> {
+        let v: serde_json::Value = self.call(&Request::HoldPort { port: port.to_owned() }).await?;
+        Ok(v["vhost"].as_bool().unwrap_or(false))
+    }
+
+    /// [`Request::ReleasePort`].
+    pub async fn release_port(&mut self, port: &str) -> Result<(), ControlError> {
+        let _: serde_json::Value = self.call(&Request::ReleasePort { port: port.to_owned() }).await?;
+        Ok(())
     }
 
     pub async fn stats(&mut self) -> Result<Stats, ControlError> {

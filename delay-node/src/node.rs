@@ -830,6 +830,34 @@ impl Node {
                 }
                 Err(e) => Err(e),
             },
+            Request::HoldPort { port: name } => match port(&self.sched, &name) {
+                Ok(p) => match &self.ports[p].vhost {
+                    Some(v) => {
+                        v.port.hold();
+                        tracing::info!(port = %name, "vhost port held");
+                        self.events.emit_now("port_hold", json!({ "port": name }));
+                        Ok(json!({ "vhost": true }))
+                    }
+                    None => Ok(json!({ "vhost": false })),
+                },
+                Err(e) => Err(e),
+            },
+            Request::ReleasePort { port: name } => match port(&self.sched, &name) {
+                Ok(p) => match &self.ports[p].vhost {
+                    Some(v) => {
+                        // TX the guest queued meanwhile comes back as Frame events.
+                        v.port.release();
+                        if v.running {
+                            self.sched.set_blocked(p, false);
+                        }
+                        tracing::info!(port = %name, "vhost port released");
+                        self.events.emit_now("port_release", json!({ "port": name }));
+                        Ok(json!({ "vhost": true }))
+                    }
+                    None => Ok(json!({ "vhost": false })),
+                },
+                Err(e) => Err(e),
+            },
             Request::Stats => {
                 let mut st = self.sched.stats(now);
                 st.release_error = Some(self.release_err.summary());

@@ -19,3 +19,5 @@ pub mod demo;
 pub mod skew;
 /// The store eval: dedup ratios and commit/restore throughput on real VM state.
 pub mod store;
+/// Guest-visible downtime of live versus stop-and-copy checkpoints.
+pub mod downtime;

@@ -5,6 +5,7 @@
 //! `stasis-eval bt [--runs N] [--quick] [--out DIR] [--replot]`
 //! `stasis-eval skew [--checkpoints 50] [--out DIR] [--quick] [--no-rt] [--rt-qemu] [--qemu-nice -20] [--spin-us 300] [--stagger-us 0]`
 //! `stasis-eval store [--cache DIR] [--out DIR] [--capture-only]`
+//! `stasis-eval downtime [--n 5] [--out DIR]`
 
 mod bt_cmd;
 mod iperf_cmd;
@@ -166,6 +167,17 @@ enum Cmd {
         #[arg(long)]
         stasis: Option<PathBuf>,
     },
+    /// Guest-visible downtime of live vs stop-and-copy checkpoints (one 256 MiB guest)
+    Downtime {
+        /// Checkpoints of each kind
+        #[arg(long, default_value_t = 5)]
+        n: usize,
+        #[arg(long, default_value = "eval-out/downtime")]
+        out: PathBuf,
+        /// The stasis binary [default: target/debug/stasis next to this one]
+        #[arg(long)]
+        stasis: Option<PathBuf>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -215,6 +227,16 @@ fn main() -> Result<()> {
         }
         Cmd::Iperf { runs, duration, events, bandwidth, delay, freeze_ms, gap, margin, window_margin, arms, quick, out, stasis, replot } => {
             iperf_cmd::main(iperf_cmd::Options { runs, duration, events, bandwidth, delay, freeze_ms, gap, margin, window_margin, arms, quick, out, stasis, replot })
+        }
+        Cmd::Downtime { n, out, stasis } => {
+            let bin = match stasis {
+                Some(b) => b,
+                None => std::env::current_exe()?.parent().context("exe dir")?.join("stasis"),
+            };
+            if !bin.exists() {
+                bail!("{} is missing: cargo build --bins", bin.display());
+            }
+            stasis_eval::downtime::run(&bin, n.max(1), &out)
         }
         Cmd::Store { cache, out, interval, capture_only, kernel_args, stasis } => {
             let bin = match stasis {

@@ -199,7 +199,7 @@ impl Runtime {
         self.store_at(&layout.runtime_file())
     }
 
-    fn store_at(&self, path: &Path) -> Result<(), UpError> {
+    pub(crate) fn store_at(&self, path: &Path) -> Result<(), UpError> {
         let path = path.to_owned();
         let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_string_pretty(self).expect("runtime serialises");
@@ -414,7 +414,7 @@ pub fn disk_dir(layout: &Layout, node: &str) -> PathBuf {
 
 /// The next unused overlay name in `dir`: `ov-<N>.qcow2`, N one more than
 /// the largest there. Images are never removed, so names are never reused.
-fn next_overlay(dir: &Path) -> PathBuf {
+pub(crate) fn next_overlay(dir: &Path) -> PathBuf {
     let n = std::fs::read_dir(dir)
         .map(|rd| {
             rd.flatten()
@@ -543,12 +543,12 @@ pub(crate) async fn sleep_until(deadline: MonoNs) -> MonoNs {
     wait_until(deadline)
 }
 
-struct Attached {
-    vms: Vec<(String, Vm)>,
-    delay: DelayClient,
+pub(crate) struct Attached {
+    pub(crate) vms: Vec<(String, Vm)>,
+    pub(crate) delay: DelayClient,
 }
 
-async fn attach(rt: &Runtime) -> Result<Attached, CheckpointError> {
+pub(crate) async fn attach(rt: &Runtime) -> Result<Attached, CheckpointError> {
     let mut vms = Vec::new();
     for v in &rt.vms {
         if !pid_alive(v.pid) {

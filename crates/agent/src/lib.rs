@@ -13,3 +13,9 @@ pub mod host;
 pub mod layout;
 pub mod placement;
 pub mod topology;
+/// Collection of qcow2 disk images nothing references.
+pub mod diskgc;
+/// Live checkpoints (guest RAM written by QEMU's background snapshot while guests run).
+pub mod live;
+/// Swap-out (checkpoint, then release everything) and swap-in records.
+pub mod swap;

@@ -65,7 +65,25 @@ enum Cmd {
         /// late-resume=NODE:DURATION or sigstop=NODE:DURATION (docs/guest-kmod.md)
         #[arg(long = "fault", hide = true)]
         faults: Vec<stasis_agent::freeze::Fault>,
+        /// Live checkpoint: the same consistency instant, but QEMU writes
+        /// guest RAM in the background while the guests run (stream NICs only)
+        #[arg(long, conflicts_with = "pause_ms")]
+        live: bool,
     },
+    /// Checkpoint the experiment, then stop every process and remove its
+    /// sockets (checkpoints and disks stay); `stasis swap-in` brings it back
+    SwapOut {
+        #[arg(long)]
+        name: Option<String>,
+        /// Lead time of the freeze instant, ms
+        #[arg(long, default_value_t = 300)]
+        margin_ms: u64,
+        /// How long before the stop the delay node holds frames for a VM, ms
+        #[arg(long, default_value_t = 20)]
+        hold_lead_ms: u64,
+    },
+    /// Bring a swapped-out experiment back (its swap-out checkpoint, or CHECKPOINT)
+    SwapIn { checkpoint: Option<String> },
     /// List the checkpoints
     List,
     /// Show one checkpoint's manifest and fidelity report
@@ -90,7 +108,8 @@ enum Cmd {
     Down,
     /// Check the checkpoint store: every manifest, file and chunk (exit 1 if anything is wrong)
     Fsck,
-    /// Remove chunks that no checkpoint references
+    /// Remove chunks that no checkpoint references, and qcow2 disk images
+    /// that no checkpoint, branch or running VM needs
     Gc,
 }
 
@@ -225,7 +244,12 @@ async fn run(cli: Cli) -> Result<()> {
             let tools = tools()?;
             std::fs::create_dir_all(layout.root()).with_context(|| format!("creating {}", layout.root().display()))?;
             let log = EventLog::open(&layout.events_file(), &ui);
-            let rt = host::up(&exp, &layout, &tools, &log).await?;
+            // Images `up` creates are named by no record until it returns.
+            let images = Store::open(&layout.checkpoints())?.gc_lock(false)?;
+            let rt = host::up(&exp, &layout, &tools, &log).await;
+            drop(images);
+            let rt = rt?;
+            stasis_agent::swap::clear(&layout);
             std::fs::write(layout.root().join("experiment.toml"), exp.to_toml()).context("recording the spec")?;
             if !no_wait {
                 if let Err(e) = host::wait_ready(&rt, Duration::from_secs(180), &log).await {
@@ -261,8 +285,12 @@ async fn run(cli: Cli) -> Result<()> {
                     }
                 }
                 Err(stasis_agent::host::AttachError::NotRunning(_)) => {
+                    let swapped = stasis_agent::swap::swapped_out(&layout);
                     if cli.json {
-                        print_json(&serde_json::json!({"experiment": name, "running": false}));
+                        print_json(&serde_json::json!({"experiment": name, "running": false, "swapped_out": swapped}));
+                    } else if let Some(s) = swapped {
+                        let label = s.name.as_deref().map(|n| format!("{} {n:?}", s.checkpoint)).unwrap_or(s.checkpoint.clone());
+                        println!("experiment {name}: swapped out (checkpoint {label}, branch {}); `stasis swap-in` brings it back", s.branch);
                     } else {
                         println!("experiment {name}: not running");
                     }
@@ -270,16 +298,108 @@ async fn run(cli: Cli) -> Result<()> {
                 Err(e) => return Err(e.into()),
             }
         }
-        Cmd::Checkpoint { name, margin_ms, hold_lead_ms, pause_ms, faults } => {
+        Cmd::Checkpoint { name, margin_ms, hold_lead_ms, pause_ms, live: true, faults } => {
+            if !faults.is_empty() {
+                bail!("--fault applies to stop-and-copy checkpoints, not --live");
+            }
             let exp = experiment_name(&cli, &state)?;
             let layout = Layout::new(&state, &exp);
             let rt = Runtime::load(&layout)?;
             let store = Store::open(&layout.checkpoints())?;
             let cfg = FreezeConfig { margin_ns: margin_ms * 1_000_000, hold_lead_ns: hold_lead_ms * 1_000_000, min_frozen_ns: pause_ms * 1_000_000, ..FreezeConfig::default() };
             let log = EventLog::open(&layout.events_file(), &ui);
+            let _images = store.gc_lock(false)?;
+            let s = stasis_agent::live::checkpoint_live(&rt, &store, name.as_deref(), &cfg, &log).await;
+            ui.done();
+            let s = s.map_err(|e| no_space_hint(e.into(), &store))?;
+            if cli.json {
+                print_json(&s);
+            } else {
+                let c = &s.summary;
+                println!(
+                    "live checkpoint {} {}: {} VMs, {} saved, stop skew {}, guest downtime max {} ({}), save {}, {} frames in flight",
+                    c.info.index, c.info.name.as_deref().map(|n| format!("{n:?}")).unwrap_or_else(|| c.info.id.clone()),
+                    c.vms, mib(c.bytes), ms(c.stop_skew_ns), ms(s.max_downtime_ns),
+                    s.downtime.iter().map(|d| format!("{} {}", d.node, ms(d.downtime_ns))).collect::<Vec<_>>().join(", "),
+                    ms(c.save_ns), c.frames_in_flight
+                );
+            }
+        }
+        Cmd::SwapOut { name, margin_ms, hold_lead_ms } => {
+            let exp = experiment_name(&cli, &state)?;
+            let layout = Layout::new(&state, &exp);
+            let rt = Runtime::load(&layout)?;
+            let store = Store::open(&layout.checkpoints())?;
+            let cfg = FreezeConfig { margin_ns: margin_ms * 1_000_000, hold_lead_ns: hold_lead_ms * 1_000_000, ..FreezeConfig::default() };
+            let log = EventLog::open(&layout.events_file(), &ui);
+            let _images = store.gc_lock(false)?;
+            let r = stasis_agent::swap::swap_out(&rt, &layout, &store, name.as_deref(), &cfg, &log).await;
+            ui.done();
+            let (s, rec) = r.map_err(|e| no_space_hint(e.into(), &store))?;
+            if cli.json {
+                print_json(&serde_json::json!({"checkpoint": s, "swapped_out": rec}));
+            } else {
+                println!(
+                    "swapped out {exp}: checkpoint {} ({} saved), {} processes stopped; `stasis swap-in` brings it back",
+                    s.info.id, mib(s.bytes), rec.stopped
+                );
+            }
+        }
+        Cmd::SwapIn { checkpoint } => {
+            let exp = experiment_name(&cli, &state)?;
+            let layout = Layout::new(&state, &exp);
+            let rec = stasis_agent::swap::swapped_out(&layout);
+            let which = match (checkpoint, &rec) {
+                (Some(c), _) => c.clone(),
+                (None, Some(r)) => r.checkpoint.clone(),
+                (None, None) => bail!("experiment {exp} is not swapped out (no {}); name a checkpoint, or use `stasis restore`", layout.root().join(stasis_agent::swap::SWAP_FILE).display()),
+            };
+            if let Ok(rt) = Runtime::load(&layout) {
+                if rt.alive().iter().any(|(_, _, a)| *a) {
+                    bail!("experiment {exp} is running; swap it out first (or use `stasis restore`)");
+                }
+            }
+            // A checkpoint restores only into the QEMU version (and machine type) that saved it.
+            if let Some(r) = &rec {
+                let here = stasis_agent::swap::qemu_version();
+                let (a, b) = (stasis_agent::swap::qemu_major_minor(&r.qemu_version), stasis_agent::swap::qemu_major_minor(&here));
+                if a.is_some() && b.is_some() && a != b {
+                    bail!("checkpoint {} was saved by {:?}, but this host runs {:?}: a restore needs the same QEMU version and machine type", r.checkpoint, r.qemu_version, here);
+                }
+            }
+            let (_, ckpt) = open_checkpoint(&cli, &state, &which)?;
+            let store = Store::open(&layout.checkpoints())?;
+            let recorded = std::fs::read_to_string(layout.root().join("experiment.toml"))
+                .ok()
+                .and_then(|t| Experiment::from_toml_str(&t, None).ok())
+                .map(|e| e.digest());
+            let tools = tools()?;
+            let log = EventLog::open(&layout.events_file(), &ui);
+            let images = store.gc_lock(false)?;
+            let r = host::restore(&exp, recorded.as_deref(), &ckpt, &layout, &tools, 200_000_000, None, &log).await;
+            drop(images);
+            ui.done();
+            let (rt, s) = r?;
+            stasis_agent::swap::clear(&layout);
+            if cli.json {
+                print_json(&serde_json::json!({"summary": s, "runtime": rt}));
+            } else {
+                println!("swapped in {} ({} VMs) in {}, resume skew {}", s.checkpoint, s.vms, ms(s.restore_ns), ms(s.resume_skew_ns));
+            }
+        }
+        Cmd::Checkpoint { name, margin_ms, hold_lead_ms, pause_ms, live: false, faults } => {
+            let exp = experiment_name(&cli, &state)?;
+            let layout = Layout::new(&state, &exp);
+            let rt = Runtime::load(&layout)?;
+            let store = Store::open(&layout.checkpoints())?;
+            let cfg = FreezeConfig { margin_ns: margin_ms * 1_000_000, hold_lead_ns: hold_lead_ms * 1_000_000, min_frozen_ns: pause_ms * 1_000_000, ..FreezeConfig::default() };
+            let log = EventLog::open(&layout.events_file(), &ui);
+            // Disk images the checkpoint switches to are named by no record
+            // until it ends: keep `stasis gc` out meanwhile.
+            let _images = store.gc_lock(false)?;
             let s = host::checkpoint_with_faults(&rt, &store, name.as_deref(), &cfg, faults, &log).await;
             ui.done();
-            let s = s?;
+            let s = s.map_err(|e| no_space_hint(e.into(), &store))?;
             let verdict = store.open_checkpoint(&s.info.id).ok().map(|c| verdict_of(&c.manifest));
             if cli.json {
                 let mut v = serde_json::to_value(&s)?;
@@ -341,9 +461,13 @@ async fn run(cli: Cli) -> Result<()> {
             let exp = experiment_name(&cli, &state)?;
             let store = Store::open(&Layout::new(&state, &exp).checkpoints())?;
             let report = store.gc()?;
+            let disks = stasis_agent::diskgc::gc_disks(&Layout::new(&state, &exp), &store)?;
             if cli.json {
-                print_json(&report);
+                let mut v = serde_json::to_value(&report)?;
+                v["disks"] = serde_json::to_value(&disks)?;
+                print_json(&v);
             } else {
+                println!("removed {} disk images ({}), kept {}", disks.images_removed, mib(disks.bytes_removed), disks.images_kept);
                 println!(
                     "removed {} chunks ({}), kept {} of {} checkpoints, removed {} unpublished",
                     report.chunks_removed,
@@ -390,9 +514,12 @@ async fn run(cli: Cli) -> Result<()> {
                 .map(|e| e.digest());
             let tools = tools()?;
             let log = EventLog::open(&layout.events_file(), &ui);
+            let images = Store::open(&layout.checkpoints())?.gc_lock(false)?;
             let r = host::restore(&exp, recorded.as_deref(), &ckpt, &layout, &tools, 200_000_000, branch.as_deref(), &log).await;
+            drop(images);
             ui.done();
             let (rt, s) = r?;
+            stasis_agent::swap::clear(&layout);
             if cli.json {
                 print_json(&serde_json::json!({"summary": s, "runtime": rt}));
             } else {
@@ -472,6 +599,14 @@ fn print_show(ckpt: &stasis_store::Checkpoint) {
         println!("  hold lateness  {}   (largest delay a held frame paid)", ms(*l));
     }
     println!("  save           {}", ms(m.timings.total_save_ns));
+    if m.timings.extra.get(stasis_agent::live::LIVE_KEY) == Some(&1) {
+        println!("  live           guest RAM written in the background while the guests ran");
+        for (k, v) in &m.timings.extra {
+            if let Some(node) = k.strip_prefix(stasis_agent::live::DOWNTIME_KEY) {
+                println!("  downtime       {node}: {}   (QEMU STOP to RESUME)", ms(*v));
+            }
+        }
+    }
     println!("  {:<12} {:<10} {:>11} {:>12} {:>12} {:>12}", "component", "kind", "size", "stop", "frozen", "error vs D");
     let first = m.components.iter().map(|c| c.stop_ns).min().unwrap_or(0);
     for c in &m.components {
@@ -507,6 +642,19 @@ fn print_verdict(v: &stasis_agent::freeze::Verdict) {
             println!("                 {f}");
         }
     }
+}
+
+/// A failed checkpoint on a full file system says so plainly: the store's
+/// directory and how much room is left.
+fn no_space_hint(e: anyhow::Error, store: &Store) -> anyhow::Error {
+    let text = format!("{e:#}");
+    let enospc = text.contains("No space left on device") || text.contains("os error 28");
+    let free = stasis_agent::swap::free_bytes(store.root());
+    if enospc || free.is_some_and(|f| f < 16 << 20) {
+        let free = free.map(mib).unwrap_or_else(|| "?".into());
+        return e.context(format!("no space left for the checkpoint in {} ({free} free); the experiment keeps running", store.root().display()));
+    }
+    e
 }
 
 /// A checkpoint by name/id/index/latest in the current experiment, or by the

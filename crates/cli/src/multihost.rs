@@ -68,7 +68,10 @@ pub async fn dispatch(cli: &Cli, state: &Path) -> Result<bool> {
                 print_status(&st);
             }
         }
-        Cmd::Checkpoint { name, margin_ms, hold_lead_ms, pause_ms } => {
+        Cmd::Checkpoint { name, margin_ms, hold_lead_ms, pause_ms, live, faults } => {
+            if *live || !faults.is_empty() {
+                bail!("--live and --fault are not supported on a multi-host experiment yet");
+            }
             let cfg = CoordConfig {
                 margin_ns: margin_ms * 1_000_000,
                 hold_lead_ns: hold_lead_ms * 1_000_000,

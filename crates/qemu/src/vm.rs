@@ -272,6 +272,16 @@ pub struct SaveReport {
     pub downtime: Option<Duration>,
 }
 
+/// A background snapshot under way ([`Vm::begin_background_save`]).
+#[derive(Debug)]
+pub struct BackgroundSave {
+    path: PathBuf,
+    partial: PathBuf,
+    file: File,
+    t0: Instant,
+    t_migrate: Instant,
+}
+
 /// Errors of [`Vm::launch`].
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
@@ -347,6 +357,8 @@ pub struct Vm {
     qmp: Qmp,
     /// Launched with `incoming` and [`Vm::wait_incoming`] has not yet seen it finish.
     incoming_pending: bool,
+    /// [`Vm::prepare_background_save`] ran and no background save used it yet.
+    background_prepared: bool,
 }
 
 /// The spec and paths with every relative path made absolute (against the
@@ -565,6 +577,7 @@ impl Vm {
             log_path,
             qmp,
             incoming_pending: incoming.is_some(),
+            background_prepared: false,
         };
         if let Err(e) = vm.check_nics(spec).await {
             vm.kill();
@@ -647,6 +660,7 @@ impl Vm {
             log_path,
             qmp,
             incoming_pending: false,
+            background_prepared: false,
         })
     }
 
@@ -807,6 +821,122 @@ impl Vm {
             SaveReport { path: path.to_owned(), bytes, migrate, sync: t_sync.elapsed(), total: t0.elapsed(), downtime };
         tracing::info!(vm = %self.name, bytes, ms = report.total.as_millis() as u64, "state saved");
         Ok(report)
+    }
+
+    /// Start a background snapshot of a STOPPED (or running) VM into `path`
+    /// and return at once: QEMU's migration thread saves the device state
+    /// (the guest as it is now), write-protects guest RAM and then RESUMES
+    /// THE VM ITSELF (QEMU 7.2 starts it whatever its state was), writing
+    /// RAM while the guest runs. Watch the resume with
+    /// [`wait_resumed`](Self::wait_resumed), then make the file whole with
+    /// [`finish_background_save`](Self::finish_background_save). Not safe
+    /// with a vhost-user backend writing guest memory (see DESIGN.md).
+    pub async fn begin_background_save(&mut self, path: &Path) -> Result<BackgroundSave, VmError> {
+        let t0 = Instant::now();
+        let partial = partial_path(path);
+        let r = self.begin_background_into(&partial).await;
+        match r {
+            Ok(file) => Ok(BackgroundSave { path: path.to_owned(), partial, file, t0, t_migrate: Instant::now() }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&partial);
+                Err(e)
+            }
+        }
+    }
+
+    /// Set the migration parameters and the `background-snapshot`
+    /// capability ahead of [`begin_background_save`](Self::begin_background_save),
+    /// so that the guest, once stopped, waits for as few QMP round trips as
+    /// possible. Harmless if no save follows: a stop-and-copy save sets the
+    /// capability again.
+    pub async fn prepare_background_save(&mut self) -> Result<(), VmError> {
+        self.qmp
+            .execute("migrate-set-parameters", Some(json!({"max-bandwidth": SAVE_MAX_BANDWIDTH})))
+            .await?;
+        self.qmp
+            .execute(
+                "migrate-set-capabilities",
+                Some(json!({"capabilities": [{"capability": "background-snapshot", "state": true}]})),
+            )
+            .await?;
+        self.background_prepared = true;
+        Ok(())
+    }
+
+    async fn begin_background_into(&mut self, partial: &Path) -> Result<File, VmError> {
+        if !std::mem::take(&mut self.background_prepared) {
+            self.prepare_background_save().await?;
+            self.background_prepared = false;
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(partial)
+            .map_err(|source| VmError::Io { what: format!("cannot create {}", partial.display()), source })?;
+        const FDNAME: &str = "stasis-bg-save";
+        self.qmp.execute_with_fd("getfd", Some(json!({"fdname": FDNAME})), file.as_raw_fd()).await?;
+        if let Err(e) = self.qmp.execute("migrate", Some(json!({"uri": format!("fd:{FDNAME}")}))).await {
+            let _ = self.qmp.execute("closefd", Some(json!({"fdname": FDNAME}))).await;
+            return Err(e.into());
+        }
+        Ok(file)
+    }
+
+    /// After [`begin_background_save`](Self::begin_background_save): wait
+    /// until QEMU has resumed the guest (device state saved, RAM
+    /// write-protected). Fails if the snapshot failed first (the VM is then
+    /// left as it was: the caller resumes it).
+    pub async fn wait_resumed(&mut self, timeout: Duration) -> Result<(), VmError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.status().await? == RunState::Running {
+                return Ok(());
+            }
+            let info = self.qmp.execute("query-migrate", None).await?;
+            if let Some("failed" | "cancelled") = info.get("status").and_then(Value::as_str) {
+                let desc = info.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
+                return Err(VmError::Migration(desc.to_owned()));
+            }
+            if Instant::now() > deadline {
+                return Err(VmError::Timeout { what: "QEMU to resume the guest during its background snapshot".into(), timeout });
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+    }
+
+    /// Wait for a background snapshot to complete and make its file durable
+    /// (fsync, rename, directory fsync). On failure the partial file is removed.
+    pub async fn finish_background_save(&mut self, bg: BackgroundSave) -> Result<SaveReport, VmError> {
+        let BackgroundSave { path, partial, file, t0, t_migrate } = bg;
+        let r = async {
+            let info = self.wait_migration(SAVE_TIMEOUT).await?;
+            let migrate = t_migrate.elapsed();
+            let downtime = info.get("downtime").and_then(Value::as_u64).map(Duration::from_millis);
+            let t_sync = Instant::now();
+            let io_err = |what: String| move |source| VmError::Io { what, source };
+            file.sync_all().map_err(io_err(format!("fsync {}", partial.display())))?;
+            let bytes = file.metadata().map_err(io_err(format!("stat {}", partial.display())))?.len();
+            std::fs::rename(&partial, &path).map_err(io_err(format!("rename to {}", path.display())))?;
+            sync_parent_dir(&path).map_err(io_err(format!("fsync directory of {}", path.display())))?;
+            Ok(SaveReport { path: path.clone(), bytes, migrate, sync: t_sync.elapsed(), total: t0.elapsed(), downtime })
+        }
+        .await;
+        // Leave the capability off for later stop-and-copy saves.
+        let _ = self
+            .qmp
+            .execute(
+                "migrate-set-capabilities",
+                Some(json!({"capabilities": [{"capability": "background-snapshot", "state": false}]})),
+            )
+            .await;
+        if r.is_err() {
+            let _ = std::fs::remove_file(&partial);
+        } else {
+            tracing::info!(vm = %self.name, ms = t0.elapsed().as_millis() as u64, "background snapshot saved");
+        }
+        r
     }
 
     /// Poll `query-migrate` until the outgoing migration ends; returns QEMU's

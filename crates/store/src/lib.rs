@@ -358,6 +358,15 @@ pub struct Store {
     chunks: Arc<dyn ChunkStorage>,
 }
 
+/// A held [`Store::gc_lock`]; released on drop.
+pub struct GcLock(#[allow(dead_code)] StoreLock);
+
+impl std::fmt::Debug for GcLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GcLock")
+    }
+}
+
 /// A checkpoint being written: components write their files under
 /// [`Pending::path`], then the caller commits or aborts. Dropping it
 /// without either aborts.
@@ -997,6 +1006,22 @@ impl Store {
             StoreLock::acquire_shared(&dir)
         };
         lock.map_err(io_err("cannot lock the chunk store", &dir))
+    }
+
+    /// The lock [`Store::gc`] takes exclusively and a commit takes shared,
+    /// for collectors of things kept beside the store (the VMs' qcow2 disk
+    /// images): hold it exclusive while collecting, shared while creating or
+    /// switching images that no record names yet. Shared holders do not
+    /// exclude each other (a commit inside a shared holder is fine); never
+    /// call [`Store::gc`] while holding it.
+    pub fn gc_lock(&self, exclusive: bool) -> Result<GcLock, StoreError> {
+        self.chunk_lock(exclusive).map(GcLock)
+    }
+
+    /// Paths of the pending (uncommitted) checkpoint directories, whatever
+    /// their owner: what a collector of outside files must treat as live.
+    pub fn pending_dirs(&self) -> Result<Vec<PathBuf>, StoreError> {
+        Ok(self.pendings()?.into_iter().map(|(d, _)| d).collect())
     }
 
     /// Checks everything: every committed manifest (format, version,
