@@ -291,13 +291,13 @@ async fn serve(
                                 let stop_ns = s.stop_synced;
                                 stopped = Some(s);
                                 let comp = Component { name: spec.name.clone(), bytes: 0, blake3: [0; 32], stop_ns };
-                                let mut acts = core.frozen(clock.now() as u64).unwrap_or_default();
-                                acts.extend(core.saved(clock.now() as u64, vec![comp]).unwrap_or_default());
+                                let mut acts = refused_is_empty(spec, core.frozen(clock.now() as u64));
+                                acts.extend(refused_is_empty(spec, core.saved(clock.now() as u64, vec![comp])));
                                 acts
                             }
                             Err(e) => {
                                 tracing::warn!(agent = spec.index, error = %e, "freeze failed");
-                                core.save_failed(clock.now() as u64, e.to_string(), vec![]).unwrap_or_default()
+                                refused_is_empty(spec, core.save_failed(clock.now() as u64, e.to_string(), vec![]))
                             }
                         });
                     }
@@ -315,7 +315,7 @@ async fn serve(
                             // the freeze failed part-way: make sure the VM runs
                             let _ = vm.qmp.execute("cont", None).await;
                         }
-                        next.extend(core.resumed(clock.now() as u64, comps).unwrap_or_default());
+                        next.extend(refused_is_empty(spec, core.resumed(clock.now() as u64, comps)));
                     }
                     // Nothing is saved, so nothing to discard.
                     AgentAction::Discard { .. } => {}
@@ -330,6 +330,14 @@ async fn serve(
             return Ok(());
         }
     }
+}
+
+/// The core's actions, or none (logged) if it refused the host's report.
+fn refused_is_empty(spec: &AgentSpec, r: Result<Vec<AgentAction>, stasis_proto::Refusal>) -> Vec<AgentAction> {
+    r.unwrap_or_else(|refusal| {
+        tracing::warn!(agent = spec.index, %refusal, "host report refused");
+        vec![]
+    })
 }
 
 /// Stop the VM at `at` on the synced clock; record the stop.
