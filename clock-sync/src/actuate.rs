@@ -11,8 +11,10 @@
 //! [`crate::metrics`]).
 //!
 //! The thread spins for up to `spin_ns` (plus the sleep's wake-up lateness):
-//! call it from a thread that may block (e.g. just before issuing QMP `stop`
-//! on a runtime whose other tasks can wait a millisecond).
+//! call it from a thread that may block, or use [`wait_until_synced_async`],
+//! which sleeps on the runtime until 2 ms before and blocks only for those.
+//! On a loaded host, run the waiting thread under `SCHED_FIFO`: under
+//! `SCHED_OTHER` it was measured waking milliseconds late (docs/skew-bench.md).
 
 use serde::{Deserialize, Serialize};
 use stasis_core::clock::{mono_ns, realtime_ns, MonoNs};
@@ -111,6 +113,23 @@ pub fn wait_until_synced(clock: &SyncedClock, target_synced: i128) -> Actuation 
     wait_until_synced_spin(clock, target_synced, DEFAULT_SPIN_NS)
 }
 
+/// How long before the target an async caller stops sleeping on its runtime
+/// (whose timers have millisecond granularity) and blocks instead.
+pub const RUNTIME_LEAD_NS: u64 = 2_000_000;
+
+/// For async callers: sleep on the tokio runtime until [`RUNTIME_LEAD_NS`]
+/// before `target_synced`, then [`wait_until_synced_spin`]. Blocks the
+/// runtime's thread for the last ~2 ms (other tasks on a current-thread
+/// runtime wait that long), so the action that follows runs on time.
+pub async fn wait_until_synced_async(clock: &SyncedClock, target_synced: i128, spin_ns: u64) -> Actuation {
+    let at = clock.mono_at(target_synced);
+    let now = mono_ns();
+    if at > now + RUNTIME_LEAD_NS {
+        tokio::time::sleep(std::time::Duration::from_nanos(at - now - RUNTIME_LEAD_NS)).await;
+    }
+    wait_until_synced_spin(clock, target_synced, spin_ns)
+}
+
 /// `CLOCK_REALTIME` and `CLOCK_MONOTONIC` read together: the realtime read
 /// sits between two monotonic reads and is paired with their midpoint.
 fn paired_now() -> (u64, MonoNs) {
@@ -165,6 +184,15 @@ mod tests {
         assert!((3_000_000..3_100_000).contains(&a.clock_error_ns), "{}", a.clock_error_ns);
         // the monotonic target and the realtime target are the same instant
         assert_eq!(a.mono_to_realtime(a.target_mono), a.target_realtime as i128);
+    }
+
+    #[tokio::test]
+    async fn the_async_wait_also_ends_at_or_after_the_target() {
+        let c = SyncedClock::new(-2_000_000, -30.0);
+        let target = c.now() + 10_000_000;
+        let a = wait_until_synced_async(&c, target, DEFAULT_SPIN_NS).await;
+        assert!(a.woke_mono >= a.target_mono);
+        assert_eq!(a.clock_error_ns, c.skew().error_at(a.target_realtime));
     }
 
     #[test]

@@ -11,7 +11,7 @@ pub mod metrics;
 pub mod service;
 pub mod skew;
 
-pub use actuate::{wait_until_synced, Actuation};
+pub use actuate::{wait_until_synced, wait_until_synced_async, Actuation};
 pub use metrics::{Convergence, Metrics, SyncState};
 pub use service::{start, RunError, Service, ServiceConfig, StartError, SyncedClock};
 pub use skew::{HostClock, Skew, SkewedClock};

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use stasis_clock_sync::actuate::{wait_until_synced, wait_until_synced_spin};
+use stasis_clock_sync::actuate::{wait_until_synced_async, DEFAULT_SPIN_NS};
 use stasis_clock_sync::{ServiceConfig, SyncedClock};
 use stasis_core::clock::mono_ns;
 use stasis_proto::coordinator::Outcome;
@@ -203,18 +203,11 @@ impl Drop for RealtimeSection {
     }
 }
 
-/// Sleep (on the runtime) until `lead` before the monotonic instant `at`.
-async fn sleep_until_before(at: u64, lead: u64) {
-    let now = mono_ns();
-    if at > now + lead {
-        tokio::time::sleep(Duration::from_nanos(at - now - lead)).await;
-    }
-}
-
 /// The agent: start PTP (slave, injected error) and the VM, report the clock
 /// on `ready`, then serve coordinator connections one at a time until
 /// `shutdown` turns true (every wait checks the value, not just a change,
-/// so a shutdown seen inside one connection is not missed by the next wait). Each VM stop goes to `records`.
+/// so a shutdown seen inside one connection is not missed by the next wait).
+/// Each VM stop goes to `records`.
 pub async fn agent_main(
     spec: AgentSpec,
     key: Key,
@@ -298,13 +291,13 @@ async fn serve(
                                 let stop_ns = s.stop_synced;
                                 stopped = Some(s);
                                 let comp = Component { name: spec.name.clone(), bytes: 0, blake3: [0; 32], stop_ns };
-                                let mut acts = core.frozen(clock.now() as u64).unwrap_or_default();
-                                acts.extend(core.saved(clock.now() as u64, vec![comp]).unwrap_or_default());
+                                let mut acts = refused_is_empty(spec, core.frozen(clock.now() as u64));
+                                acts.extend(refused_is_empty(spec, core.saved(clock.now() as u64, vec![comp])));
                                 acts
                             }
                             Err(e) => {
                                 tracing::warn!(agent = spec.index, error = %e, "freeze failed");
-                                core.save_failed(clock.now() as u64, e.to_string(), vec![]).unwrap_or_default()
+                                refused_is_empty(spec, core.save_failed(clock.now() as u64, e.to_string(), vec![]))
                             }
                         });
                     }
@@ -314,8 +307,7 @@ async fn serve(
                         if let Some(s) = stopped.take() {
                             // resume at the agent's own stop + D, as the protocol says
                             let at = s.stop_synced + after_ns;
-                            sleep_until_before(clock.mono_at(at as i128), 2_000_000).await;
-                            let _ = wait_until_synced(clock, at as i128);
+                            let _ = wait_until_synced_async(clock, at as i128, DEFAULT_SPIN_NS).await;
                             vm.qmp.execute("cont", None).await?;
                             tracing::debug!(agent = spec.index, "continued");
                             comps.push(ResumedComponent { name: spec.name.clone(), stop_ns: s.stop_synced, resume_ns: at });
@@ -323,7 +315,7 @@ async fn serve(
                             // the freeze failed part-way: make sure the VM runs
                             let _ = vm.qmp.execute("cont", None).await;
                         }
-                        next.extend(core.resumed(clock.now() as u64, comps).unwrap_or_default());
+                        next.extend(refused_is_empty(spec, core.resumed(clock.now() as u64, comps)));
                     }
                     // Nothing is saved, so nothing to discard.
                     AgentAction::Discard { .. } => {}
@@ -338,6 +330,14 @@ async fn serve(
             return Ok(());
         }
     }
+}
+
+/// The core's actions, or none (logged) if it refused the host's report.
+fn refused_is_empty(spec: &AgentSpec, r: Result<Vec<AgentAction>, stasis_proto::Refusal>) -> Vec<AgentAction> {
+    r.unwrap_or_else(|refusal| {
+        tracing::warn!(agent = spec.index, %refusal, "host report refused");
+        vec![]
+    })
 }
 
 /// Stop the VM at `at` on the synced clock; record the stop.
@@ -356,8 +356,7 @@ async fn freeze(
     // on Prepare (the thread mostly sleeps until T), let the runtime (PTP)
     // run until 2 ms before, and block only for the rest.
     let rt_section = RealtimeSection::enter(spec.realtime);
-    sleep_until_before(clock.mono_at(local as i128), 2_000_000).await;
-    let act = wait_until_synced_spin(clock, local as i128, spec.spin_ns);
+    let act = wait_until_synced_async(clock, local as i128, spec.spin_ns).await;
     let (_, stamp) = vm.qmp.execute_timed("stop", None).await?;
     drop(rt_section);
     let ev = vm.qmp.wait_event("STOP", Duration::from_secs(2)).await?;
