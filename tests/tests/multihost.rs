@@ -211,13 +211,25 @@ fn failed_save_silent_host_and_killed_agent_abort_and_wrong_key_is_refused() {
         assert_eq!(s["parts"].as_array().map(Vec::len), Some(1), "only the committed part: {s}");
     }
 
+    // An agent restarted while its VM and delay node run takes them back:
+    // the next checkpoint includes them.
+    let vm_pid = st.as_array().unwrap()[0]["vms"][0]["pid"].as_u64().unwrap();
+    lab.kill_agent("h1");
+    lab.start_agent("h1");
+    let st = exp.json(&["status"]);
+    assert_eq!(st[0]["vms"][0]["pid"].as_u64(), Some(vm_pid), "the restarted agent knows its VM: {st}");
+    assert_eq!(st[0]["vms"][0]["alive"], true, "{st}");
+    let again = exp.json(&["checkpoint", "--name", "after-restart"]);
+    let h1 = &again["checkpoint"]["parts"][0];
+    assert_eq!(h1["components"].as_array().map(Vec::len), Some(2), "VM and delay node saved by the new agent: {again}");
+
     // 3. An agent killed between PREPARE and SAVED.
     std::fs::write(&lab.agent("h3").fault_file, "delay 5000\n").unwrap();
     let child = checkpoint_in_background(&exp, &[]);
     wait_frozen(&lab, "h3");
     lab.kill_agent("h3");
     let out = child.wait_with_output().unwrap();
-    assert_aborted_cleanly(&exp, &out, "lost the agent of host \"h3\"", 1);
+    assert_aborted_cleanly(&exp, &out, "lost the agent of host \"h3\"", 2);
     std::fs::remove_file(&lab.agent("h3").fault_file).unwrap();
     drop(lab);
 }

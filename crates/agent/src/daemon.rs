@@ -216,6 +216,53 @@ struct Share {
     stopped: Vec<(String, Vm)>,
 }
 
+/// The share as persisted in `<state>/share.json` after every request, so
+/// an agent that was restarted takes its running VMs and delay node back.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ShareRecord {
+    spec_toml: String,
+    host: String,
+    incarnation: u32,
+    delay: Option<DelayProc>,
+    delay_frozen: bool,
+    vms: Vec<VmProc>,
+}
+
+fn share_file(state_dir: &std::path::Path) -> PathBuf {
+    state_dir.join("share.json")
+}
+
+/// The share a previous life of this agent left running, if any of it runs.
+fn load_share(state_dir: &std::path::Path) -> Option<Share> {
+    let path = share_file(state_dir);
+    let text = std::fs::read(&path).ok()?;
+    let rec: ShareRecord = match serde_json::from_slice(&text) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "ignoring a damaged share record");
+            return None;
+        }
+    };
+    let exp = Experiment::from_toml_str(&rec.spec_toml, None).ok()?;
+    let alive = rec.vms.iter().any(|v| host::pid_alive(v.pid)) || rec.delay.as_ref().is_some_and(|d| host::pid_alive(d.pid));
+    if !alive {
+        let _ = std::fs::remove_file(&path);
+        return None;
+    }
+    tracing::info!(experiment = %exp.name, host = %rec.host, vms = rec.vms.len(), "took back the share a previous agent left running");
+    Some(Share {
+        layout: Layout::new(state_dir, &exp.name),
+        exp,
+        host: rec.host,
+        incarnation: rec.incarnation,
+        delay: rec.delay,
+        delay_frozen: rec.delay_frozen,
+        vms: rec.vms,
+        // QMP handles of restored, still stopped VMs are gone with the old agent.
+        stopped: vec![],
+    })
+}
+
 /// What the round task reports.
 enum HostEvent {
     Frozen,
@@ -239,7 +286,8 @@ pub async fn serve(cfg: DaemonConfig) -> Result<(), DaemonError> {
     let mut listener = Listener::bind(cfg.listen, cfg.key.clone()).await?;
     tracing::info!(addr = %listener.local_addr(), "agent listening");
     let (host_tx, host_rx) = mpsc::unbounded_channel();
-    let mut agent = Agent { core: AgentCore::new(cfg.agent), cfg, share: None, host_tx, host_rx, resume_tx: None, discard: None };
+    let share = load_share(&cfg.state_dir);
+    let mut agent = Agent { core: AgentCore::new(cfg.agent), cfg, share, host_tx, host_rx, resume_tx: None, discard: None };
     loop {
         match listener.accept().await {
             Ok(conn) => {
@@ -280,7 +328,9 @@ impl Agent {
                 m = net_rx.recv(), if tx.is_some() => match m {
                     Some(Ok(Message::Request(r))) => {
                         let reply = if self.core.state() == &AgentState::Idle && self.resume_tx.is_none() {
-                            self.request(r.op).await
+                            let reply = self.request(r.op).await;
+                            self.persist();
+                            reply
                         } else {
                             Err(RequestError::InRound)
                         };
@@ -368,6 +418,28 @@ impl Agent {
                 AgentAction::SetTimer { at } => *timer = Some(timer.map_or(at, |t| t.min(at))),
                 AgentAction::Send(_) => unreachable!("sends are handled by the session"),
             }
+        }
+    }
+
+    /// Record the share (or its absence) for a restarted agent.
+    fn persist(&self) {
+        let path = share_file(&self.cfg.state_dir);
+        let Some(s) = &self.share else {
+            let _ = std::fs::remove_file(&path);
+            return;
+        };
+        let rec = ShareRecord {
+            spec_toml: s.exp.to_toml(),
+            host: s.host.clone(),
+            incarnation: s.incarnation,
+            delay: s.delay.clone(),
+            delay_frozen: s.delay_frozen,
+            vms: s.vms.clone(),
+        };
+        let tmp = path.with_extension("json.tmp");
+        let r = std::fs::write(&tmp, serde_json::to_vec_pretty(&rec).expect("serialises")).and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = r {
+            tracing::warn!(path = %path.display(), error = %e, "cannot record the share");
         }
     }
 
