@@ -244,8 +244,10 @@ fn load_share(state_dir: &std::path::Path) -> Option<Share> {
         }
     };
     let exp = Experiment::from_toml_str(&rec.spec_toml, None).ok()?;
+    // A host with nothing placed on it still takes part in every round.
+    let empty = rec.vms.is_empty() && rec.delay.is_none();
     let alive = rec.vms.iter().any(|v| host::pid_alive(v.pid)) || rec.delay.as_ref().is_some_and(|d| host::pid_alive(d.pid));
-    if !alive {
+    if !alive && !empty {
         let _ = std::fs::remove_file(&path);
         return None;
     }
