@@ -88,6 +88,13 @@ fn checkpoint_across_three_hosts_then_restore_loses_and_duplicates_nothing() {
         c1["max_frozen_error_ns"].as_f64().unwrap() / 1e6,
         c1["checkpoint"]["bytes"].as_f64().unwrap() / 1048576.0
     );
+    // Each agent recorded its half as machine-readable events (as on one host).
+    for (h, vm) in [("h1", "a"), ("h2", "b"), ("h3", "c")] {
+        let events = std::fs::read_to_string(lab.agent(h).state.join("mh").join("events.jsonl")).unwrap_or_default();
+        for kind in ["\"planned\"", "\"stopped\"", "\"saved\"", "\"resumed\""] {
+            assert!(events.contains(kind) && events.contains(&format!("\"{vm}\"")), "{h}: no {kind} event of {vm}: {events}");
+        }
+    }
     // Traffic goes on in the original timeline (or has finished).
     let before = received(&exp.reports("c", 1));
     exp.wait_for("c", 1, Duration::from_secs(30), "traffic after the checkpoint", |r| received(r) > before + 100 || received(r) == PER_FLOW);

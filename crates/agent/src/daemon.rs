@@ -25,6 +25,7 @@
 //! then stopped until `ResumeAt`), `ResumeAt`, `Down`, `Status`, `Forget`.
 //! One coordinator connection is served at a time; others wait.
 
+use crate::event::{Event, EventLog, Observer, Quiet};
 use crate::freeze::StopStamp;
 use crate::host::{self, DelayProc, Tools, UpError, VmProc};
 use crate::layout::Layout;
@@ -457,6 +458,7 @@ impl Agent {
             share: self.share.as_ref().map(|s| ShareView {
                 exp: ExperimentRef { name: s.exp.name.clone(), digest: s.exp.digest(), spec_toml: s.exp.to_toml() },
                 store_root: s.layout.checkpoints(),
+                events: s.layout.events_file(),
                 delay: s.delay.clone(),
                 vms: s.vms.clone(),
             }),
@@ -645,6 +647,8 @@ fn remove_part(layout: &Layout, ckpt: CkptId) {
 struct ShareView {
     exp: ExperimentRef,
     store_root: PathBuf,
+    /// `<state>/<exp>/events.jsonl` (crate::event), as on one host.
+    events: PathBuf,
     delay: Option<DelayProc>,
     vms: Vec<VmProc>,
 }
@@ -688,7 +692,11 @@ impl RoundJob {
         };
         let clock = &self.clock;
         let t = clock.mono_of_synced(self.at);
+        let log = EventLog::open(&share.events, &Quiet);
+        let ckpt_name = part_name(self.ckpt);
+        log.event(&Event::Planned { checkpoint: ckpt_name.clone(), freeze_at: t });
         let fail = |frozen: Frozen, reason: String| {
+            log.event(&Event::Aborted { checkpoint: ckpt_name.clone(), reason: reason.clone() });
             let stops = frozen.vms.iter().filter_map(|(_, _, s)| s.map(|s| clock.synced_of_mono(s.instant()))).collect();
             (frozen, Err((reason, stops)))
         };
@@ -727,7 +735,10 @@ impl RoundJob {
         let mut failure = None;
         for ((node, vm, stamp), r) in frozen.vms.iter_mut().zip(stops) {
             match r {
-                Ok(s) => *stamp = Some(StopStamp { sent: s.sent, replied: s.replied, reported: host::reported_instant(vm, "STOP") }),
+                Ok(s) => {
+                    log.event(&Event::Stopped { component: node.clone(), sent: s.sent, replied: s.replied });
+                    *stamp = Some(StopStamp { sent: s.sent, replied: s.replied, reported: host::reported_instant(vm, "STOP") });
+                }
                 Err(e) => {
                     failure.get_or_insert(format!("stopping VM {node}: {e}"));
                 }
@@ -749,7 +760,10 @@ impl RoundJob {
             if let Some((c, _)) = frozen.delay.as_mut() {
                 let t0 = mono_ns();
                 match c.save(&pending.path("delay-node")).await {
-                    Ok(r) => node_report = Some((r, mono_ns() - t0)),
+                    Ok(r) => {
+                        log.event(&Event::Saved { component: "delay-node".into(), bytes: r.bytes, save_ns: mono_ns() - t0 });
+                        node_report = Some((r, mono_ns() - t0));
+                    }
                     Err(e) => failure = Some(format!("saving the delay node: {e}")),
                 }
             }
@@ -768,7 +782,8 @@ impl RoundJob {
             .await;
             for ((node, _, stamp), (r, save_ns)) in frozen.vms.iter().zip(saves) {
                 match r {
-                    Ok(_) => {
+                    Ok(rep) => {
+                        log.event(&Event::Saved { component: node.clone(), bytes: rep.bytes, save_ns });
                         let stop = stamp.map(|s| s.instant()).unwrap_or(t);
                         drafts.push(ComponentDraft { name: node.clone(), kind: ComponentKind::Vm, file: format!("vm-{node}"), stop_ns: stop, resume_ns: 0, frozen_ns: 0, save_ns });
                     }
@@ -829,6 +844,7 @@ impl RoundJob {
     /// freeze + `d`.
     async fn resume(&self, mut frozen: Frozen, d: u64) -> Vec<ResumedComponent> {
         let clock = &self.clock;
+        let log = self.share.as_ref().map(|s| EventLog::open(&s.events, &Quiet));
         let vm_futs = frozen.vms.iter_mut().filter_map(|(node, vm, s)| {
             let s = (*s)?;
             let at = s.instant() + d;
@@ -848,12 +864,22 @@ impl RoundJob {
         let mut out = Vec::new();
         for (node, stop, r) in vms {
             match r {
-                Ok(s) => out.push(ResumedComponent { name: node, stop_ns: clock.synced_of_mono(stop), resume_ns: clock.synced_of_mono(s.instant()) }),
+                Ok(s) => {
+                    if let Some(l) = &log {
+                        l.event(&Event::Resumed { component: node.clone(), at: s.instant(), planned: stop + d });
+                    }
+                    out.push(ResumedComponent { name: node, stop_ns: clock.synced_of_mono(stop), resume_ns: clock.synced_of_mono(s.instant()) });
+                }
                 Err(e) => tracing::error!(%node, error = %e, "VM did not resume"),
             }
         }
         match node {
-            Some((at, Ok(r))) => out.push(ResumedComponent { name: "delay-node".into(), stop_ns: clock.synced_of_mono(at), resume_ns: clock.synced_of_mono(r.thawed_at) }),
+            Some((at, Ok(r))) => {
+                if let Some(l) = &log {
+                    l.event(&Event::Resumed { component: "delay-node".into(), at: r.thawed_at, planned: at + d });
+                }
+                out.push(ResumedComponent { name: "delay-node".into(), stop_ns: clock.synced_of_mono(at), resume_ns: clock.synced_of_mono(r.thawed_at) });
+            }
             Some((_, Err(e))) => tracing::error!(error = %e, "delay node did not thaw"),
             None => {}
         }
