@@ -66,7 +66,7 @@ fn kill_all_in(ns: &str) {
     }
 }
 
-/// Namespaces of earlier runs killed before their guard ran: `smh<pid>-*`
+/// Namespaces of earlier runs killed before their guard ran: `smh<pid>-<n>-*`
 /// whose pid is gone.
 fn remove_stale() {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
@@ -85,9 +85,12 @@ impl Lab {
     /// `10.77.0.1`, `10.77.0.2` …), with a fresh key; no agents yet.
     pub fn new(dir: &Path, hosts: usize) -> Lab {
         remove_stale();
-        let prefix = format!("smh{}", std::process::id());
+        // Tests of one process may run in parallel: one prefix per lab.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prefix = format!("smh{}-{n}", std::process::id());
         let key_file = dir.join("agents.key");
-        std::fs::write(&key_file, format!("test-key-{}-0123456789abcdef\n", std::process::id())).expect("write key");
+        std::fs::write(&key_file, format!("test-key-{prefix}-0123456789abcdef\n")).expect("write key");
         let mut lab = Lab { bridge_ns: format!("{prefix}-br"), prefix, dir: dir.to_owned(), key_file, agents: vec![], namespaces: vec![], others: vec![] };
         let br = lab.bridge_ns.clone();
         ip(&["netns", "add", &br]);

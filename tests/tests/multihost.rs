@@ -88,6 +88,13 @@ fn checkpoint_across_three_hosts_then_restore_loses_and_duplicates_nothing() {
         c1["max_frozen_error_ns"].as_f64().unwrap() / 1e6,
         c1["checkpoint"]["bytes"].as_f64().unwrap() / 1048576.0
     );
+    // Each agent recorded its half as machine-readable events (as on one host).
+    for (h, vm) in [("h1", "a"), ("h2", "b"), ("h3", "c")] {
+        let events = std::fs::read_to_string(lab.agent(h).state.join("mh").join("events.jsonl")).unwrap_or_default();
+        for kind in ["\"planned\"", "\"stopped\"", "\"saved\"", "\"resumed\""] {
+            assert!(events.contains(kind) && events.contains(&format!("\"{vm}\"")), "{h}: no {kind} event of {vm}: {events}");
+        }
+    }
     // Traffic goes on in the original timeline (or has finished).
     let before = received(&exp.reports("c", 1));
     exp.wait_for("c", 1, Duration::from_secs(30), "traffic after the checkpoint", |r| received(r) > before + 100 || received(r) == PER_FLOW);
@@ -211,13 +218,28 @@ fn failed_save_silent_host_and_killed_agent_abort_and_wrong_key_is_refused() {
         assert_eq!(s["parts"].as_array().map(Vec::len), Some(1), "only the committed part: {s}");
     }
 
+    // An agent restarted while its VM and delay node run takes them back:
+    // the next checkpoint includes them.
+    let vm_pid = st.as_array().unwrap()[0]["vms"][0]["pid"].as_u64().unwrap();
+    // (h2 runs nothing but takes part in every round: it comes back too.)
+    for h in ["h1", "h2"] {
+        lab.kill_agent(h);
+        lab.start_agent(h);
+    }
+    let st = exp.json(&["status"]);
+    assert_eq!(st[0]["vms"][0]["pid"].as_u64(), Some(vm_pid), "the restarted agent knows its VM: {st}");
+    assert_eq!(st[0]["vms"][0]["alive"], true, "{st}");
+    let again = exp.json(&["checkpoint", "--name", "after-restart"]);
+    let h1 = &again["checkpoint"]["parts"][0];
+    assert_eq!(h1["components"].as_array().map(Vec::len), Some(2), "VM and delay node saved by the new agent: {again}");
+
     // 3. An agent killed between PREPARE and SAVED.
     std::fs::write(&lab.agent("h3").fault_file, "delay 5000\n").unwrap();
     let child = checkpoint_in_background(&exp, &[]);
     wait_frozen(&lab, "h3");
     lab.kill_agent("h3");
     let out = child.wait_with_output().unwrap();
-    assert_aborted_cleanly(&exp, &out, "lost the agent of host \"h3\"", 1);
+    assert_aborted_cleanly(&exp, &out, "lost the agent of host \"h3\"", 2);
     std::fs::remove_file(&lab.agent("h3").fault_file).unwrap();
     drop(lab);
 }

@@ -25,6 +25,7 @@
 //! then stopped until `ResumeAt`), `ResumeAt`, `Down`, `Status`, `Forget`.
 //! One coordinator connection is served at a time; others wait.
 
+use crate::event::{Event, EventLog, Observer, Quiet};
 use crate::freeze::StopStamp;
 use crate::host::{self, DelayProc, Tools, UpError, VmProc};
 use crate::layout::Layout;
@@ -216,6 +217,55 @@ struct Share {
     stopped: Vec<(String, Vm)>,
 }
 
+/// The share as persisted in `<state>/share.json` after every request, so
+/// an agent that was restarted takes its running VMs and delay node back.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ShareRecord {
+    spec_toml: String,
+    host: String,
+    incarnation: u32,
+    delay: Option<DelayProc>,
+    delay_frozen: bool,
+    vms: Vec<VmProc>,
+}
+
+fn share_file(state_dir: &std::path::Path) -> PathBuf {
+    state_dir.join("share.json")
+}
+
+/// The share a previous life of this agent left running, if any of it runs.
+fn load_share(state_dir: &std::path::Path) -> Option<Share> {
+    let path = share_file(state_dir);
+    let text = std::fs::read(&path).ok()?;
+    let rec: ShareRecord = match serde_json::from_slice(&text) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "ignoring a damaged share record");
+            return None;
+        }
+    };
+    let exp = Experiment::from_toml_str(&rec.spec_toml, None).ok()?;
+    // A host with nothing placed on it still takes part in every round.
+    let empty = rec.vms.is_empty() && rec.delay.is_none();
+    let alive = rec.vms.iter().any(|v| host::pid_alive(v.pid)) || rec.delay.as_ref().is_some_and(|d| host::pid_alive(d.pid));
+    if !alive && !empty {
+        let _ = std::fs::remove_file(&path);
+        return None;
+    }
+    tracing::info!(experiment = %exp.name, host = %rec.host, vms = rec.vms.len(), "took back the share a previous agent left running");
+    Some(Share {
+        layout: Layout::new(state_dir, &exp.name),
+        exp,
+        host: rec.host,
+        incarnation: rec.incarnation,
+        delay: rec.delay,
+        delay_frozen: rec.delay_frozen,
+        vms: rec.vms,
+        // QMP handles of restored, still stopped VMs are gone with the old agent.
+        stopped: vec![],
+    })
+}
+
 /// What the round task reports.
 enum HostEvent {
     Frozen,
@@ -239,7 +289,8 @@ pub async fn serve(cfg: DaemonConfig) -> Result<(), DaemonError> {
     let mut listener = Listener::bind(cfg.listen, cfg.key.clone()).await?;
     tracing::info!(addr = %listener.local_addr(), "agent listening");
     let (host_tx, host_rx) = mpsc::unbounded_channel();
-    let mut agent = Agent { core: AgentCore::new(cfg.agent), cfg, share: None, host_tx, host_rx, resume_tx: None, discard: None };
+    let share = load_share(&cfg.state_dir);
+    let mut agent = Agent { core: AgentCore::new(cfg.agent), cfg, share, host_tx, host_rx, resume_tx: None, discard: None };
     loop {
         match listener.accept().await {
             Ok(conn) => {
@@ -280,7 +331,9 @@ impl Agent {
                 m = net_rx.recv(), if tx.is_some() => match m {
                     Some(Ok(Message::Request(r))) => {
                         let reply = if self.core.state() == &AgentState::Idle && self.resume_tx.is_none() {
-                            self.request(r.op).await
+                            let reply = self.request(r.op).await;
+                            self.persist();
+                            reply
                         } else {
                             Err(RequestError::InRound)
                         };
@@ -371,6 +424,28 @@ impl Agent {
         }
     }
 
+    /// Record the share (or its absence) for a restarted agent.
+    fn persist(&self) {
+        let path = share_file(&self.cfg.state_dir);
+        let Some(s) = &self.share else {
+            let _ = std::fs::remove_file(&path);
+            return;
+        };
+        let rec = ShareRecord {
+            spec_toml: s.exp.to_toml(),
+            host: s.host.clone(),
+            incarnation: s.incarnation,
+            delay: s.delay.clone(),
+            delay_frozen: s.delay_frozen,
+            vms: s.vms.clone(),
+        };
+        let tmp = path.with_extension("json.tmp");
+        let r = std::fs::write(&tmp, serde_json::to_vec_pretty(&rec).expect("serialises")).and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = r {
+            tracing::warn!(path = %path.display(), error = %e, "cannot record the share");
+        }
+    }
+
     fn start_round(&mut self, ckpt: CkptId, at: u64, hold_lead_ns: u64) {
         let (resume_tx, resume_rx) = mpsc::unbounded_channel();
         self.resume_tx = Some(resume_tx);
@@ -383,6 +458,7 @@ impl Agent {
             share: self.share.as_ref().map(|s| ShareView {
                 exp: ExperimentRef { name: s.exp.name.clone(), digest: s.exp.digest(), spec_toml: s.exp.to_toml() },
                 store_root: s.layout.checkpoints(),
+                events: s.layout.events_file(),
                 delay: s.delay.clone(),
                 vms: s.vms.clone(),
             }),
@@ -571,6 +647,8 @@ fn remove_part(layout: &Layout, ckpt: CkptId) {
 struct ShareView {
     exp: ExperimentRef,
     store_root: PathBuf,
+    /// `<state>/<exp>/events.jsonl` (crate::event), as on one host.
+    events: PathBuf,
     delay: Option<DelayProc>,
     vms: Vec<VmProc>,
 }
@@ -614,7 +692,11 @@ impl RoundJob {
         };
         let clock = &self.clock;
         let t = clock.mono_of_synced(self.at);
+        let log = EventLog::open(&share.events, &Quiet);
+        let ckpt_name = part_name(self.ckpt);
+        log.event(&Event::Planned { checkpoint: ckpt_name.clone(), freeze_at: t });
         let fail = |frozen: Frozen, reason: String| {
+            log.event(&Event::Aborted { checkpoint: ckpt_name.clone(), reason: reason.clone() });
             let stops = frozen.vms.iter().filter_map(|(_, _, s)| s.map(|s| clock.synced_of_mono(s.instant()))).collect();
             (frozen, Err((reason, stops)))
         };
@@ -653,7 +735,10 @@ impl RoundJob {
         let mut failure = None;
         for ((node, vm, stamp), r) in frozen.vms.iter_mut().zip(stops) {
             match r {
-                Ok(s) => *stamp = Some(StopStamp { sent: s.sent, replied: s.replied, reported: host::reported_instant(vm, "STOP") }),
+                Ok(s) => {
+                    log.event(&Event::Stopped { component: node.clone(), sent: s.sent, replied: s.replied });
+                    *stamp = Some(StopStamp { sent: s.sent, replied: s.replied, reported: host::reported_instant(vm, "STOP") });
+                }
                 Err(e) => {
                     failure.get_or_insert(format!("stopping VM {node}: {e}"));
                 }
@@ -675,7 +760,10 @@ impl RoundJob {
             if let Some((c, _)) = frozen.delay.as_mut() {
                 let t0 = mono_ns();
                 match c.save(&pending.path("delay-node")).await {
-                    Ok(r) => node_report = Some((r, mono_ns() - t0)),
+                    Ok(r) => {
+                        log.event(&Event::Saved { component: "delay-node".into(), bytes: r.bytes, save_ns: mono_ns() - t0 });
+                        node_report = Some((r, mono_ns() - t0));
+                    }
                     Err(e) => failure = Some(format!("saving the delay node: {e}")),
                 }
             }
@@ -694,7 +782,8 @@ impl RoundJob {
             .await;
             for ((node, _, stamp), (r, save_ns)) in frozen.vms.iter().zip(saves) {
                 match r {
-                    Ok(_) => {
+                    Ok(rep) => {
+                        log.event(&Event::Saved { component: node.clone(), bytes: rep.bytes, save_ns });
                         let stop = stamp.map(|s| s.instant()).unwrap_or(t);
                         drafts.push(ComponentDraft { name: node.clone(), kind: ComponentKind::Vm, file: format!("vm-{node}"), stop_ns: stop, resume_ns: 0, frozen_ns: 0, save_ns });
                     }
@@ -755,6 +844,7 @@ impl RoundJob {
     /// freeze + `d`.
     async fn resume(&self, mut frozen: Frozen, d: u64) -> Vec<ResumedComponent> {
         let clock = &self.clock;
+        let log = self.share.as_ref().map(|s| EventLog::open(&s.events, &Quiet));
         let vm_futs = frozen.vms.iter_mut().filter_map(|(node, vm, s)| {
             let s = (*s)?;
             let at = s.instant() + d;
@@ -774,12 +864,22 @@ impl RoundJob {
         let mut out = Vec::new();
         for (node, stop, r) in vms {
             match r {
-                Ok(s) => out.push(ResumedComponent { name: node, stop_ns: clock.synced_of_mono(stop), resume_ns: clock.synced_of_mono(s.instant()) }),
+                Ok(s) => {
+                    if let Some(l) = &log {
+                        l.event(&Event::Resumed { component: node.clone(), at: s.instant(), planned: stop + d });
+                    }
+                    out.push(ResumedComponent { name: node, stop_ns: clock.synced_of_mono(stop), resume_ns: clock.synced_of_mono(s.instant()) });
+                }
                 Err(e) => tracing::error!(%node, error = %e, "VM did not resume"),
             }
         }
         match node {
-            Some((at, Ok(r))) => out.push(ResumedComponent { name: "delay-node".into(), stop_ns: clock.synced_of_mono(at), resume_ns: clock.synced_of_mono(r.thawed_at) }),
+            Some((at, Ok(r))) => {
+                if let Some(l) = &log {
+                    l.event(&Event::Resumed { component: "delay-node".into(), at: r.thawed_at, planned: at + d });
+                }
+                out.push(ResumedComponent { name: "delay-node".into(), stop_ns: clock.synced_of_mono(at), resume_ns: clock.synced_of_mono(r.thawed_at) });
+            }
             Some((_, Err(e))) => tracing::error!(error = %e, "delay node did not thaw"),
             None => {}
         }

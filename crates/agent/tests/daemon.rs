@@ -1,0 +1,95 @@
+//! The agent daemon over real loopback TCP, without VMs: it refuses what it
+//! must (wildcard address, a spec placing its host elsewhere, a spec without
+//! hosts, the wrong key) and runs a checkpoint round with nothing to save
+//! to its end (SaveFailed → Abort → Resumed) and then serves the next one.
+
+use stasis_agent::daemon::{serve, DaemonConfig, DaemonError, Faults, RealtimeClock};
+use stasis_agent::host::Tools;
+use stasis_proto::msg::{Abort, CkptId, Op, Prepare, Request};
+use stasis_proto::transport::Connection;
+use stasis_proto::{Key, Message};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn key(k: &str) -> Key {
+    Key::new(k.as_bytes()).unwrap()
+}
+
+fn cfg(listen: SocketAddr, dir: &std::path::Path) -> DaemonConfig {
+    DaemonConfig {
+        listen,
+        key: key("the-agents-shared-key"),
+        state_dir: dir.to_owned(),
+        tools: Tools { delay_node_bin: "/nonexistent".into(), default_kernel: "/nonexistent".into(), default_initrd: "/nonexistent".into(), accel: stasis_qemu::accel::Accel::Tcg },
+        clock: Arc::new(RealtimeClock),
+        agent: Default::default(),
+        faults: Faults::default(),
+    }
+}
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+async fn request(c: &mut Connection, id: u64, op: Op) -> stasis_proto::msg::Reply {
+    c.send(&Message::Request(Request { id, op })).await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), c.recv()).await.expect("reply in time").unwrap() {
+            Message::Reply(r) if r.id == id => return r,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn refuses_wildcards_foreign_placements_and_wrong_keys_and_finishes_an_empty_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let wild: SocketAddr = "0.0.0.0:7700".parse().unwrap();
+    assert!(matches!(serve(cfg(wild, dir.path())).await, Err(DaemonError::Bind(_))), "a wildcard address is refused");
+
+    let addr = free_port();
+    let agent = tokio::spawn(serve(cfg(addr, dir.path())));
+    let mut conn = None;
+    for _ in 0..100 {
+        match Connection::connect(addr, &key("the-agents-shared-key")).await {
+            Ok(c) => {
+                conn = Some(c);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let mut c = conn.expect("the agent serves");
+
+    // A second coordinator with the wrong key is refused (while the first is served).
+    let wrong = Connection::connect(addr, &key("some-other-key-entirely")).await;
+    assert!(wrong.is_err(), "wrong key refused");
+
+    let elsewhere = free_port();
+    let spec = format!("name = \"t\"\nnic = \"stream\"\n[[host]]\nname = \"h1\"\nagent = \"{elsewhere}\"\n[[node]]\nname = \"a\"\n");
+    let r = request(&mut c, 1, Op::Start { spec_toml: spec, host: "h1".into(), delay: true, vms: true, restore: None }).await;
+    assert!(!r.ok && r.message.contains(&format!("this agent listens on {addr}")) && r.message.contains(&elsewhere.to_string()), "{r:?}");
+    let r = request(&mut c, 2, Op::Start { spec_toml: "name = \"t\"\n[[node]]\nname = \"a\"\n".into(), host: "h1".into(), delay: false, vms: true, restore: None }).await;
+    assert!(!r.ok && r.message.contains("not a multi-host experiment"), "{r:?}");
+    let r = request(&mut c, 3, Op::Status).await;
+    assert!(r.ok && r.detail.contains("\"running\":false"), "{r:?}");
+
+    // A round on an agent that runs nothing: it cannot save, the
+    // coordinator aborts, the agent resumes (nothing) and reports it.
+    for n in [1u64, 2] {
+        let ckpt = CkptId::new(n).unwrap();
+        let now = stasis_core::clock::realtime_ns();
+        c.send(&Message::Prepare(Prepare { ckpt, freeze_at: now + 50_000_000, hold_lead_ns: 0, deadline: now + 5_000_000_000 })).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(10), c.recv()).await.unwrap().unwrap() {
+            Message::SaveFailed(f) => assert!(f.reason.contains("nothing runs on this host"), "{f:?}"),
+            other => panic!("expected SaveFailed, got {other:?}"),
+        }
+        c.send(&Message::Abort(Abort { ckpt, resume_after_ns: 1_000_000 })).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(10), c.recv()).await.unwrap().unwrap() {
+            Message::Resumed(r) => assert_eq!(r.ckpt, ckpt),
+            other => panic!("expected Resumed, got {other:?}"),
+        }
+    }
+    agent.abort();
+}
