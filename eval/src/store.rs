@@ -457,3 +457,45 @@ pub fn table(f: &StoreFigures) -> String {
     ));
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The measuring half on small made-up streams (the real ones need
+    /// VMs): every figure is computed, and the dedup ratios are what the
+    /// streams imply.
+    #[test]
+    fn measure_runs_on_small_streams() {
+        let dir = tempfile::tempdir().unwrap();
+        let streams = Streams::at(dir.path());
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let base: Vec<u8> = (0..(2 << 20))
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        for (i, p) in streams.idle.iter().chain(&streams.guests).enumerate() {
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            let mut s = base.clone();
+            // One changed 4 KiB page per stream, far apart.
+            let at = (i * 97 % 400) * 4096;
+            s[at..at + 4096].fill(i as u8 + 1);
+            fs::write(p, s).unwrap();
+        }
+        let f = measure(&streams, &dir.path().join("work")).unwrap();
+        assert_eq!(f.commits.len(), IDLE_CHECKPOINTS + 1);
+        assert_eq!(f.restores.len(), 4);
+        assert!(f.one_stored_bytes > 0 && f.ten_stored_bytes >= f.one_stored_bytes);
+        // Random data does not compress; each stream adds a chunk or two.
+        assert!(f.ten_vs_one_stored > 1.0 && f.ten_vs_one_stored < 1.6, "{}", f.ten_vs_one_stored);
+        assert!(f.four_vs_one_stored > 1.0 && f.four_vs_one_stored < 1.3, "{}", f.four_vs_one_stored);
+        assert!(f.commits.iter().all(|c| c.mib_s > 0.0 && c.raw_mib_s > 0.0 && c.chunk_ns.is_some()));
+        assert!(!dir.path().join("work").exists(), "the work dir is removed");
+        let t = table(&f);
+        assert!(t.contains("(a)") && t.contains("(b)") && t.contains("restore"), "{t}");
+    }
+}
