@@ -170,6 +170,18 @@ pub fn drop_cache(dir: &Path) {
     }
 }
 
+/// CPU time (user + system) this process has used, ns.
+pub fn cpu_ns() -> u64 {
+    // SAFETY: getrusage fills the zeroed struct we pass and keeps no pointer.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
 fn mib_s(bytes: u64, ns: u64) -> f64 {
     bytes as f64 / (1 << 20) as f64 / (ns.max(1) as f64 / 1e9)
 }
@@ -221,6 +233,12 @@ pub struct Timed {
     /// Raw write (commit) or cold read (restore) MiB/s measured right before.
     pub raw_mib_s: f64,
     pub share_of_raw: f64,
+    /// Commits: the store's phases (read/cut/hash/compress/write chunks;
+    /// syncfs + rename + syncfs), from the manifest's `timings.extra`.
+    pub chunk_ns: Option<u64>,
+    pub publish_ns: Option<u64>,
+    /// CPU time (all threads, user + system) spent, ns.
+    pub cpu_ns: u64,
 }
 
 /// Everything the eval measured.
@@ -253,7 +271,10 @@ fn vm_draft(names: &[String]) -> ManifestDraft {
 /// Commits `streams` as one checkpoint (component `g<i>`) into `store`:
 /// copies each into the pending directory and fsyncs it (as the agent's
 /// save does, untimed), then times the commit.
-fn commit(store: &Store, streams: &[&Path]) -> Result<(String, u64, u64), StoreEvalError> {
+/// A commit's id, state bytes, wall ns, and [chunk phase, publish phase, CPU] ns.
+type Committed = (String, u64, u64, [Option<u64>; 3]);
+
+fn commit(store: &Store, streams: &[&Path]) -> Result<Committed, StoreEvalError> {
     let pending = store.begin(None)?;
     let names: Vec<String> = (1..=streams.len()).map(|i| format!("g{i}")).collect();
     let mut bytes = 0;
@@ -262,23 +283,25 @@ fn commit(store: &Store, streams: &[&Path]) -> Result<(String, u64, u64), StoreE
         bytes += fs::copy(s, &dst).map_err(io(&dst))?;
         File::open(&dst).and_then(|f| f.sync_all()).map_err(io(&dst))?;
     }
-    let t0 = mono_ns();
+    let (t0, c0) = (mono_ns(), cpu_ns());
     let info = pending.commit(vm_draft(&names))?;
-    Ok((info.id, bytes, mono_ns() - t0))
+    let (ns, cpu) = (mono_ns() - t0, cpu_ns() - c0);
+    let extra = store.open_checkpoint(&info.id)?.manifest.timings.extra;
+    Ok((info.id, bytes, ns, [extra.get("store_chunk_ns").copied(), extra.get("store_publish_ns").copied(), Some(cpu)]))
 }
 
 /// Times a restore of `id` as the agent does it: open, then materialize
 /// every component into `dir`, with the chunk store's page cache dropped.
-fn restore(store: &Store, id: &str, dir: &Path) -> Result<(u64, u64), StoreEvalError> {
+fn restore(store: &Store, id: &str, dir: &Path) -> Result<(u64, u64, u64), StoreEvalError> {
     drop_cache(&store.root().join(stasis_store::CHUNKS_DIR));
     let _ = fs::remove_dir_all(dir);
-    let t0 = mono_ns();
+    let (t0, c0) = (mono_ns(), cpu_ns());
     let ck = store.open_checkpoint(id)?;
     let m = ck.materialized(dir)?;
-    let ns = mono_ns() - t0;
+    let (ns, cpu) = (mono_ns() - t0, cpu_ns() - c0);
     let bytes = m.manifest.total_bytes();
     fs::remove_dir_all(dir).map_err(io(dir))?;
-    Ok((bytes, ns))
+    Ok((bytes, ns, cpu))
 }
 
 /// Runs the measurements on `streams` in a fresh store under `work`.
@@ -292,7 +315,7 @@ pub fn measure(streams: &Streams, work: &Path) -> Result<StoreFigures, StoreEval
     let mut restores = Vec::new();
     let timed = |what: String, bytes: u64, ns: u64, raw: f64| {
         let mib_s = mib_s(bytes, ns);
-        Timed { what, state_bytes: bytes, ns, mib_s, raw_mib_s: raw, share_of_raw: mib_s / raw }
+        Timed { what, state_bytes: bytes, ns, mib_s, raw_mib_s: raw, share_of_raw: mib_s / raw, chunk_ns: None, publish_ns: None, cpu_ns: 0 }
     };
 
     // (a) ten consecutive checkpoints of one idle guest.
@@ -303,19 +326,28 @@ pub fn measure(streams: &Streams, work: &Path) -> Result<StoreFigures, StoreEval
     let mut last_id = String::new();
     for (i, s) in streams.idle.iter().enumerate() {
         let (w, _) = raw_disk(&raw_file, size_of(s)?)?;
-        let (id, bytes, ns) = commit(&store, &[s])?;
-        commits.push(timed(format!("idle checkpoint {}", i + 1), bytes, ns, w));
+        let (id, bytes, ns, [chunk_ns, publish_ns, cpu]) = commit(&store, &[s])?;
+        commits.push(Timed { chunk_ns, publish_ns, cpu_ns: cpu.unwrap_or(0), ..timed(format!("idle checkpoint {}", i + 1), bytes, ns, w) });
         if i == 0 {
             one_stored = dir_bytes(&chunks);
         }
         last_id = id;
-        eprintln!("  commit idle {:2}: {:.0} MiB/s (raw write {w:.0} MiB/s)", i + 1, commits.last().map_or(0.0, |t| t.mib_s));
+        let ms = |n: Option<u64>| n.unwrap_or(0) as f64 / 1e6;
+        eprintln!(
+            "  commit idle {:2}: {:.0} MiB/s (raw write {w:.0} MiB/s): {:.0} ms = chunks {:.0} + publish {:.0} + rest; CPU {:.0} ms",
+            i + 1,
+            mib_s(bytes, ns),
+            ns as f64 / 1e6,
+            ms(chunk_ns),
+            ms(publish_ns),
+            ms(cpu)
+        );
     }
     let ten_stored = dir_bytes(&chunks);
     for _ in 0..3 {
         let (_, r) = raw_disk(&raw_file, size_of(&streams.idle[IDLE_CHECKPOINTS - 1])?)?;
-        let (bytes, ns) = restore(&store, &last_id, &restore_dir)?;
-        restores.push(timed(format!("idle checkpoint {IDLE_CHECKPOINTS}"), bytes, ns, r));
+        let (bytes, ns, cpu) = restore(&store, &last_id, &restore_dir)?;
+        restores.push(Timed { cpu_ns: cpu, ..timed(format!("idle checkpoint {IDLE_CHECKPOINTS}"), bytes, ns, r) });
         eprintln!("  restore idle {IDLE_CHECKPOINTS}: {:.0} MiB/s (raw cold read {r:.0} MiB/s)", restores.last().map_or(0.0, |t| t.mib_s));
     }
     let one_raw = size_of(&streams.idle[0])?;
@@ -335,12 +367,12 @@ pub fn measure(streams: &Streams, work: &Path) -> Result<StoreFigures, StoreEval
     let guests: Vec<&Path> = streams.guests.iter().map(PathBuf::as_path).collect();
     let total: u64 = guests.iter().map(|p| size_of(p)).sum::<Result<u64, _>>()?;
     let (w, _) = raw_disk(&raw_file, total)?;
-    let (id, bytes, ns) = commit(&store, &guests)?;
-    commits.push(timed(format!("{GUESTS} guests in one checkpoint"), bytes, ns, w));
+    let (id, bytes, ns, [chunk_ns, publish_ns, cpu]) = commit(&store, &guests)?;
+    commits.push(Timed { chunk_ns, publish_ns, cpu_ns: cpu.unwrap_or(0), ..timed(format!("{GUESTS} guests in one checkpoint"), bytes, ns, w) });
     let four_stored = dir_bytes(&b_root.join(stasis_store::CHUNKS_DIR));
     let (_, r) = raw_disk(&raw_file, total)?;
-    let (bytes, ns) = restore(&store, &id, &restore_dir)?;
-    restores.push(timed(format!("{GUESTS} guests"), bytes, ns, r));
+    let (bytes, ns, cpu) = restore(&store, &id, &restore_dir)?;
+    restores.push(Timed { cpu_ns: cpu, ..timed(format!("{GUESTS} guests"), bytes, ns, r) });
     drop(store);
     let guest_raw = guests.iter().map(|p| size_of(p)).collect::<Result<Vec<_>, _>>()?;
     let _ = fs::remove_dir_all(work);
@@ -403,6 +435,13 @@ pub fn table(f: &StoreFigures) -> String {
         "| (c) commit, 4 guests ({:.0} MiB) | {:.0} MiB/s = **{:.0} %** of raw write ({:.0} MiB/s) | ≥ 80 % |\n",
         mib(four.state_bytes), four.mib_s, four.share_of_raw * 100.0, four.raw_mib_s
     ));
+    let cpu_per_mib = |t: &Timed| t.cpu_ns as f64 / 1e6 / (t.state_bytes as f64 / (1 << 20) as f64);
+    s.push_str(&format!(
+        "| CPU per MiB of state (all threads): commit first / later (median) / 4 guests | {:.1} / {:.1} / {:.1} ms | |\n",
+        cpu_per_mib(first),
+        median(later.iter().map(|t| cpu_per_mib(t)).collect()),
+        cpu_per_mib(four)
+    ));
     s.push_str(&format!(
         "| (c) restore (open + materialize, chunks cold), one guest (median of {}) | {r_mib:.0} MiB/s = **{:.0} %** of raw cold read ({r_raw:.0} MiB/s) | ≥ 80 % |\n",
         idle_r.len(), r_share * 100.0
@@ -411,5 +450,52 @@ pub fn table(f: &StoreFigures) -> String {
         "| (c) restore, 4 guests ({:.0} MiB) | {:.0} MiB/s = **{:.0} %** of raw cold read ({:.0} MiB/s) | ≥ 80 % |\n",
         mib(four_r.state_bytes), four_r.mib_s, four_r.share_of_raw * 100.0, four_r.raw_mib_s
     ));
+    s.push_str(&format!(
+        "| CPU per MiB of state: restore one guest (median) / 4 guests | {:.1} / {:.1} ms | |\n",
+        median(idle_r.iter().map(|t| cpu_per_mib(t)).collect()),
+        cpu_per_mib(four_r)
+    ));
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The measuring half on small made-up streams (the real ones need
+    /// VMs): every figure is computed, and the dedup ratios are what the
+    /// streams imply.
+    #[test]
+    fn measure_runs_on_small_streams() {
+        let dir = tempfile::tempdir().unwrap();
+        let streams = Streams::at(dir.path());
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let base: Vec<u8> = (0..(2 << 20))
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        for (i, p) in streams.idle.iter().chain(&streams.guests).enumerate() {
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            let mut s = base.clone();
+            // One changed 4 KiB page per stream, far apart.
+            let at = (i * 97 % 400) * 4096;
+            s[at..at + 4096].fill(i as u8 + 1);
+            fs::write(p, s).unwrap();
+        }
+        let f = measure(&streams, &dir.path().join("work")).unwrap();
+        assert_eq!(f.commits.len(), IDLE_CHECKPOINTS + 1);
+        assert_eq!(f.restores.len(), 4);
+        assert!(f.one_stored_bytes > 0 && f.ten_stored_bytes >= f.one_stored_bytes);
+        // Random data does not compress; each stream adds a chunk or two.
+        assert!(f.ten_vs_one_stored > 1.0 && f.ten_vs_one_stored < 1.6, "{}", f.ten_vs_one_stored);
+        assert!(f.four_vs_one_stored > 1.0 && f.four_vs_one_stored < 1.3, "{}", f.four_vs_one_stored);
+        assert!(f.commits.iter().all(|c| c.mib_s > 0.0 && c.raw_mib_s > 0.0 && c.chunk_ns.is_some()));
+        assert!(!dir.path().join("work").exists(), "the work dir is removed");
+        let t = table(&f);
+        assert!(t.contains("(a)") && t.contains("(b)") && t.contains("restore"), "{t}");
+    }
 }

@@ -1070,10 +1070,10 @@ pub async fn restore(
     };
     // stasis-store: every chunk is read and verified once, here, into real
     // files for QEMU and the delay node, before anything running is stopped.
+    let started = mono_ns();
     let restore_dir = layout.root().join("restore");
     let materialized = ckpt.materialized(&restore_dir)?;
     obs.event(&Event::Restoring { checkpoint: ckpt.info.id.clone() });
-    let started = mono_ns();
     let _ = down(layout).await;
     // Each disk restarts on a fresh overlay over the frozen image, which
     // stays read-only: any number of restores and branches share it.

@@ -40,7 +40,8 @@ fn main() {
             let info = pending.commit(draft).expect("commit");
             commit_ms.push(t.elapsed().as_secs_f64() * 1e3);
             let t = Instant::now();
-            store.open_checkpoint(&info.id).and_then(|c| c.verify()).expect("verify");
+            let c = store.open_checkpoint(&info.id).expect("open");
+            c.verify().expect("verify");
             verify_ms.push(t.elapsed().as_secs_f64() * 1e3);
         }
         let total = (vms * mib) as f64;

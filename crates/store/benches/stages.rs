@@ -44,6 +44,40 @@ fn main() {
         let n: usize = cuts.iter().map(|&(a, l)| chunk::encode_with(&data[a..a + l], level).len()).sum();
         println!("encode (zstd {level:2})   {} -> {:.1} MiB", rate(t), n as f64 / (1 << 20) as f64);
     }
+    // A fresh zstd context per chunk (zstd::bulk) vs the reused per-thread
+    // one `encode`/`decode` use, interleaved so load changes hit both.
+    let (mut fresh_c, mut reused_c, mut fresh_d, mut reused_d) = (0.0, 0.0, 0.0, 0.0);
+    for _ in 0..3 {
+        let t = Instant::now();
+        for &(a, l) in &cuts {
+            let _ = zstd::bulk::compress(&data[a..a + l], chunk::ZSTD_LEVEL);
+        }
+        fresh_c += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for &(a, l) in &cuts {
+            let _ = chunk::encode(&data[a..a + l]);
+        }
+        reused_c += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for (&(_, l), e) in cuts.iter().zip(&enc) {
+            if e[3] == 1 {
+                let _ = zstd::bulk::decompress(&e[8..], l);
+            }
+        }
+        fresh_d += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for (id, e) in ids.iter().zip(&enc) {
+            chunk::decode(id, e).expect("decodes");
+        }
+        reused_d += t.elapsed().as_secs_f64();
+    }
+    println!(
+        "zstd context per chunk vs reused (3 interleaved rounds): compress {:.0} vs {:.0} ms; decompress {:.0} vs decode+verify {:.0} ms",
+        fresh_c * 1e3 / 3.0,
+        reused_c * 1e3 / 3.0,
+        fresh_d * 1e3 / 3.0,
+        reused_d * 1e3 / 3.0
+    );
     let t = Instant::now();
     for (id, e) in ids.iter().zip(&enc) {
         chunk::decode(id, e).expect("decodes");

@@ -229,7 +229,7 @@ pub fn encode_with(data: &[u8], level: i32) -> Vec<u8> {
     out.extend_from_slice(MAGIC);
     out.push(CODEC_ZSTD);
     out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    let compressed = zstd::bulk::compress(data, level).ok();
+    let compressed = with_compressor(level, |c| c.compress(data)).ok();
     match compressed {
         Some(c) if c.len() < data.len() => out.extend_from_slice(&c),
         _ => {
@@ -238,6 +238,30 @@ pub fn encode_with(data: &[u8], level: i32) -> Vec<u8> {
         }
     }
     out
+}
+
+// One zstd context per thread, reused: creating one per chunk (what
+// `zstd::bulk::compress`/`decompress` do) costs as much as compressing a
+// small chunk.
+thread_local! {
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn with_compressor<R>(
+    level: i32,
+    f: impl FnOnce(&mut zstd::bulk::Compressor<'static>) -> io::Result<R>,
+) -> io::Result<R> {
+    COMPRESSOR.with(|c| {
+        let mut slot = c.borrow_mut();
+        if !matches!(&*slot, Some((l, _)) if *l == level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level)?));
+        }
+        let (_, compressor) = slot.as_mut().expect("just set");
+        f(compressor)
+    })
 }
 
 /// Why a stored chunk does not decode to its id.
@@ -265,7 +289,16 @@ pub fn decode(id: &ChunkId, stored: &[u8]) -> Result<Vec<u8>, ChunkDamage> {
     let payload = &stored[HEADER..];
     let data = match stored[3] {
         CODEC_RAW => payload.to_vec(),
-        CODEC_ZSTD => zstd::bulk::decompress(payload, len)
+        CODEC_ZSTD => DECOMPRESSOR
+            .with(|d| match &mut *d.borrow_mut() {
+                Some(d) => d.decompress(payload, len),
+                slot => {
+                    let mut fresh = zstd::bulk::Decompressor::new()?;
+                    let out = fresh.decompress(payload, len);
+                    *slot = Some(fresh);
+                    out
+                }
+            })
             .map_err(|e| ChunkDamage::Decompress(e.to_string()))?,
         _ => return Err(ChunkDamage::Header),
     };
