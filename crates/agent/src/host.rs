@@ -588,8 +588,10 @@ pub async fn checkpoint_with_faults(
 
     // Stop every VM at T: each request is written at T by a thread of its
     // own (Vm::stop_at), armed now, well before T. From 1 ms before until
-    // every VM has stopped, each QEMU's threads run boosted, so neither the
-    // command's dispatch nor the vCPUs' acknowledgement waits for a host CPU.
+    // every VM has stopped, each QEMU's control threads run boosted, so the
+    // command's dispatch (when the guest's clocks stop) does not wait for a
+    // host CPU. (vCPU threads are left alone: they only delay the STOP
+    // event, which is not the freeze instant; see `freeze_instant`.)
     let want_boost = std::env::var("STASIS_STOP_BOOST").map(|v| v != "0").unwrap_or(true);
     // The stop path before the firewall work (one task writes every `stop`
     // at T, the STOP event is the freeze instant): for before/after
@@ -598,7 +600,7 @@ pub async fn checkpoint_with_faults(
     let pids: Vec<(String, u32)> = a.vms.iter().map(|(n, vm)| (n.clone(), vm.pid)).collect();
     let boost = async {
         sleep_until(t.saturating_sub(1_000_000)).await;
-        if want_boost { boost_all(&pids, true) } else { Vec::new() }
+        if want_boost { boost_all(&pids) } else { Vec::new() }
     };
     let (stop_boost, stops) = futures::join!(boost, join_all(a.vms.iter_mut().map(|(node, vm)| stop_vm(node, vm, t, faults, legacy))));
     drop(stop_boost);
@@ -865,11 +867,12 @@ async fn stop_vm(node: &str, vm: &mut Vm, t: MonoNs, faults: &[Fault], legacy: b
 /// Boost the threads of every VM's QEMU for a moment (see
 /// [`stasis_qemu::sched::Boost`]); VMs that cannot be boosted (no
 /// CAP_SYS_NICE) are logged and left alone.
-fn boost_all(vms: &[(String, u32)], vcpus: bool) -> Vec<stasis_qemu::sched::Boost> {
+fn boost_all(vms: &[(String, u32)]) -> Vec<stasis_qemu::sched::Boost> {
     vms.iter()
         .filter_map(|(node, pid)| {
-            let r = if vcpus { stasis_qemu::sched::Boost::all_threads(*pid) } else { stasis_qemu::sched::Boost::control_threads(*pid) };
-            r.map_err(|e| tracing::debug!(vm = %node, error = %e, "QEMU threads not boosted")).ok()
+            stasis_qemu::sched::Boost::control_threads(*pid)
+                .map_err(|e| tracing::debug!(vm = %node, error = %e, "QEMU threads not boosted"))
+                .ok()
         })
         .collect()
 }
@@ -918,7 +921,7 @@ async fn resume(
     let boost = std::env::var("STASIS_RESUME_BOOST").map(|v| v != "0").unwrap_or(true);
     let armed = std::env::var("STASIS_RESUME_ARMED").map(|v| v != "0").unwrap_or(true);
     let pids: Vec<(String, u32)> = a.vms.iter().map(|(n, vm)| (n.clone(), vm.pid)).collect();
-    let boosts = if boost { boost_all(&pids, false) } else { Vec::new() };
+    let boosts = if boost { boost_all(&pids) } else { Vec::new() };
     let vm_futs = a.vms.iter_mut().zip(stamps).filter_map(|((node, vm), s)| {
         let s = (*s)?;
         let at = s.instant() + d + freeze::late_resume_ns(faults, node);
