@@ -1091,12 +1091,26 @@ pub async fn restore(
     }
     let mut delay = DelayClient::connect(&rt.delay_node.control).await?;
     let at = mono_ns() + margin_ns;
+    // As at a checkpoint's resume: each `cont` written by its own armed
+    // thread, the lead early, QEMU's control threads boosted. Every ns of
+    // resume skew here is skew between the restored guests' clocks.
+    let lead = resume_lead_ns();
+    let armed = std::env::var("STASIS_RESUME_ARMED").map(|v| v != "0").unwrap_or(true);
+    let boost = std::env::var("STASIS_RESUME_BOOST").map(|v| v != "0").unwrap_or(true);
+    let pids: Vec<(String, u32)> = vms.iter().map(|(n, vm)| (n.clone(), vm.pid)).collect();
+    let boosts = if boost { boost_all(&pids) } else { Vec::new() };
     let vm_futs = vms.iter_mut().map(|(node, vm)| async move {
-        sleep_until(at).await;
-        let r = vm.cont().await.map(|c| StopStamp { sent: c.sent, replied: c.replied, reported: reported_instant(vm, "RESUME") });
+        let c = if armed {
+            vm.cont_at(at.saturating_sub(lead)).await
+        } else {
+            sleep_until(at.saturating_sub(lead)).await;
+            vm.cont().await
+        };
+        let r = c.map(|c| StopStamp { sent: c.sent, replied: c.replied, reported: reported_instant(vm, "RESUME") });
         (node.clone(), r)
     });
     let (results, thaw) = futures::join!(join_all(vm_futs), delay.thaw_at(at));
+    drop(boosts);
     let thaw = thaw?;
     let mut resumed = vec![thaw.thawed_at];
     for (node, r) in results {
