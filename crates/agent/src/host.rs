@@ -708,6 +708,31 @@ pub async fn checkpoint_with_faults(
         }
     }
 
+    // Where a VM has a clock anchor from its previous resume in this
+    // incarnation, its saved state says exactly when its clocks froze
+    // (`ClockAnchor`); that replaces the estimate from the stop's write.
+    let mut saved_virtual: Vec<Option<i64>> = Vec::new();
+    let mut freeze_source: Vec<&'static str> = Vec::new();
+    for (((node, _), proc), (stamp, event)) in a.vms.iter().zip(&rt.vms).zip(stamps.iter_mut().zip(&stop_events)) {
+        let v = stamp.and_then(|_| stasis_qemu::vmstate::saved_virtual_clock_ns(&pending.path(&format!("vm-{node}"))).map_err(|e| tracing::debug!(vm = %node, error = %e, "no virtual clock in the saved state")).ok());
+        let mut source = "estimate";
+        let anchor = if legacy { None } else { ClockAnchor::load(proc, rt.incarnation) };
+        if let (Some(s), Some(v), Some(anchor)) = (stamp.as_mut(), v, anchor) {
+            let at = anchor.freeze_instant(v);
+            // Believe it only inside the bracket QMP gives (with slack for
+            // the µs event stamps and the wall→monotonic mapping).
+            let hi = event.unwrap_or(s.replied).max(s.sent);
+            match at {
+                Some(at) if at + 1_000_000 >= s.sent && at <= hi + 1_000_000 => {
+                    s.reported = Some(at.clamp(s.sent, hi));
+                    source = "vmstate";
+                }
+                _ => tracing::warn!(vm = %node, ?at, sent = s.sent, stop_event = ?event, "freeze instant from the saved state is outside the stop's bracket; using the estimate"),
+            }
+        }
+        saved_virtual.push(v);
+        freeze_source.push(source);
+    }
     let frozen_at = node_report.as_ref().map(|(r, _)| r.frozen_at).unwrap_or(t);
     let mut stop_instants: Vec<MonoNs> = stamps.iter().map(|s| s.map(|s| s.instant()).unwrap_or(t)).collect();
     stop_instants.push(frozen_at);
@@ -720,6 +745,12 @@ pub async fn checkpoint_with_faults(
     let d = freeze::frozen_duration(&stop_instants, saved_at, cfg);
     let (resumed, resume_errors, hold_lateness, resume_detail) = resume(&mut a, &stamps, frozen_at, d, faults, obs).await;
     let resumed_of = |stop: MonoNs| resumed.iter().find(|m| m.0 == stop).map(|m| m.1).unwrap_or(0);
+    // Each resumed VM's new anchor: its RESUME instant and the virtual clock
+    // it resumed with (the one it froze at).
+    for (((_, _), proc), (stamp, v)) in a.vms.iter().zip(&rt.vms).zip(stamps.iter().zip(&saved_virtual)) {
+        let resumed_at = stamp.map(|s| resumed_of(s.instant())).filter(|&r| r != 0);
+        ClockAnchor::store(proc, rt.incarnation, resumed_at.zip(*v));
+    }
 
     if let Some(reason) = failure {
         pending.abort();
@@ -833,13 +864,59 @@ pub async fn checkpoint_with_faults(
         .vms
         .iter()
         .zip(stamps.iter().zip(&stop_events))
-        .filter_map(|((node, _), (s, ev))| {
+        .zip(freeze_source.iter().zip(&saved_virtual))
+        .filter_map(|(((node, _), (s, ev)), (src, v))| {
             let s = (*s)?;
-            Some(serde_json::json!({"component": node, "planned_ns": t, "sent_ns": s.sent, "freeze_ns": s.instant(), "stop_event_ns": ev, "replied_ns": s.replied}))
+            Some(serde_json::json!({"component": node, "planned_ns": t, "sent_ns": s.sent, "freeze_ns": s.instant(), "freeze_source": src, "virtual_ns": v, "stop_event_ns": ev, "replied_ns": s.replied}))
         })
         .collect();
     write_report(store, &summary, &resumed, &[stop_detail, resume_detail], faults);
     Ok(summary)
+}
+
+/// Where a VM's guest clock stood when it last resumed in this incarnation:
+/// `<vm run dir>/clock-anchor.json`. QEMU's virtual clock runs exactly while
+/// the VM runs, so the next freeze instant is `resumed_ns + (virtual clock
+/// saved then − virtual_ns)` (crate `stasis_qemu::vmstate`). Written after
+/// every checkpoint's resume; a VM without one (just launched or restored)
+/// falls back to the estimate from its stop's write (`freeze_instant`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct ClockAnchor {
+    incarnation: u32,
+    resumed_ns: MonoNs,
+    virtual_ns: i64,
+}
+
+impl ClockAnchor {
+    fn path(proc: &VmProc) -> PathBuf {
+        proc.qmp.with_file_name("clock-anchor.json")
+    }
+
+    fn load(proc: &VmProc, incarnation: u32) -> Option<ClockAnchor> {
+        let a: ClockAnchor = serde_json::from_slice(&std::fs::read(Self::path(proc)).ok()?).ok()?;
+        (a.incarnation == incarnation).then_some(a)
+    }
+
+    /// Record (resume instant, virtual clock), or forget the anchor.
+    fn store(proc: &VmProc, incarnation: u32, at: Option<(MonoNs, i64)>) {
+        let path = Self::path(proc);
+        let r = match at {
+            Some((resumed_ns, virtual_ns)) => {
+                let a = ClockAnchor { incarnation, resumed_ns, virtual_ns };
+                std::fs::write(&path, serde_json::to_vec(&a).expect("serialises"))
+            }
+            None => std::fs::remove_file(&path).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }),
+        };
+        if let Err(e) = r {
+            tracing::warn!(path = %path.display(), error = %e, "clock anchor not recorded; the next checkpoint estimates this VM's freeze instant");
+        }
+    }
+
+    /// The host instant at which the virtual clock reached `virtual_ns`.
+    fn freeze_instant(&self, virtual_ns: i64) -> Option<MonoNs> {
+        let ran = virtual_ns.checked_sub(self.virtual_ns)?;
+        u64::try_from(ran).ok().map(|ran| self.resumed_ns + ran)
+    }
 }
 
 /// Stop one VM at T through QMP; with a `sigstop` fault, first freeze its
@@ -1126,6 +1203,23 @@ pub async fn restore(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_clock_anchor_places_the_next_freeze_and_belongs_to_one_incarnation() {
+        let a = ClockAnchor { incarnation: 2, resumed_ns: 1_000, virtual_ns: 5_000 };
+        assert_eq!(a.freeze_instant(5_500), Some(1_500));
+        assert_eq!(a.freeze_instant(4_000), None, "a virtual clock that went back is not believed");
+        let dir = tempfile::tempdir().unwrap();
+        let proc = VmProc { name: "a".into(), pid: 1, qmp: dir.path().join("qmp.sock"), serial_log: dir.path().join("s.log"), disk: None };
+        assert!(ClockAnchor::load(&proc, 2).is_none());
+        ClockAnchor::store(&proc, 2, Some((7, 9)));
+        let l = ClockAnchor::load(&proc, 2).unwrap();
+        assert_eq!((l.resumed_ns, l.virtual_ns), (7, 9));
+        assert!(ClockAnchor::load(&proc, 3).is_none(), "a restored VM (next incarnation) starts without");
+        ClockAnchor::store(&proc, 2, None);
+        assert!(ClockAnchor::load(&proc, 2).is_none());
+        ClockAnchor::store(&proc, 2, None); // forgetting twice is fine
+    }
 
     #[test]
     fn base64_matches_rfc4648_vectors() {
