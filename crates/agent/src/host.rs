@@ -941,10 +941,18 @@ async fn stop_vm(node: &str, vm: &mut Vm, t: MonoNs, faults: &[Fault], legacy: b
     vm.stop_at(t).await
 }
 
-/// Boost the threads of every VM's QEMU for a moment (see
-/// [`stasis_qemu::sched::Boost`]); VMs that cannot be boosted (no
+/// Boost the control threads of every VM's QEMU for a moment (see
+/// [`stasis_qemu::sched::Boost`]) — only when `STASIS_QEMU_BOOST=1`. Off by
+/// default: on the 2-core development host a boosted QEMU main thread was
+/// seen spinning at 92 % CPU in `SCHED_FIFO` for minutes, starving the
+/// ordinary threads it waited for and everything else on the machine (a
+/// priority-inversion livelock), while the boost bought only ~0.1 ms of
+/// resume latency (docs/eval-time.md). VMs that cannot be boosted (no
 /// CAP_SYS_NICE) are logged and left alone.
 fn boost_all(vms: &[(String, u32)]) -> Vec<stasis_qemu::sched::Boost> {
+    if !std::env::var("STASIS_QEMU_BOOST").is_ok_and(|v| v == "1") {
+        return Vec::new();
+    }
     vms.iter()
         .filter_map(|(node, pid)| {
             stasis_qemu::sched::Boost::control_threads(*pid)

@@ -8,7 +8,11 @@
 //! guest's clocks and the others'. [`Boost::control_threads`] puts those two
 //! threads into `SCHED_FIFO` (priority 1, below every kernel RT thread) for
 //! the moment; dropping the [`Boost`] puts them back. vCPU threads are left
-//! alone, so a spinning guest cannot starve the host. If the process holding
+//! alone, so a spinning guest cannot starve the host. Use with care: a
+//! boosted main thread was seen spinning for minutes while its VM was
+//! stopped, starving the ordinary threads it waited for (a priority-inversion
+//! livelock on a 2-core host); the agent uses it only when asked
+//! (`STASIS_QEMU_BOOST=1`). If the process holding
 //! a `Boost` dies before dropping it, the two threads stay real-time; they
 //! block in their event loops, so this costs latency for others, not CPU.
 
