@@ -40,6 +40,17 @@ const STEADY_WINDOWS: usize = 6;
 /// settles).
 const KMOD_LOOP: &str = "sleep 3; echo reset > /proc/stasis_fw; while sleep 1; do cat /proc/stasis_fw; echo reset > /proc/stasis_fw; done";
 
+/// Every guest second: the RTC (whole seconds, from the emulated CMOS
+/// clock) next to CLOCK_REALTIME. QEMU runs the RTC on the VM's virtual
+/// clock (`-rtc clock=vm`); on host time it would jump by every pause.
+/// (Escaped for a TOML string, in which the spec embeds it.)
+const RTC_LOOP: &str = r#"while sleep 1; do echo \"{\\\"tool\\\":\\\"rtc\\\",\\\"rtc\\\":$(cat /sys/class/rtc/rtc0/since_epoch),\\\"real\\\":$(date +%s)}\"; done"#;
+
+/// RTC − CLOCK_REALTIME of every `rtc` line, s.
+fn rtc_offsets(reports: &[Value]) -> Vec<i64> {
+    reports.iter().filter(|r| r["tool"] == "rtc").filter_map(|r| Some(r["rtc"].as_i64()? - r["real"].as_i64()?)).collect()
+}
+
 fn spec(name: &str, extra_a: &str) -> String {
     format!(
         r#"
@@ -52,7 +63,7 @@ name = "a"
 run = ["{KMOD_LOOP}", "stasis-probe --node a"{extra_a}]
 [[node]]
 name = "b"
-run = ["{KMOD_LOOP}", "stasis-probe --node b"]
+run = ["{KMOD_LOOP}", "stasis-probe --node b", "{RTC_LOOP}"]
 
 [[lan]]
 name = "lan0"
@@ -138,6 +149,13 @@ fn kmod_sees_no_step_across_checkpoint_and_restore() {
         assert!(w.last().unwrap()["samples"].as_u64().unwrap() > 100, "still sampling after restore: {w:?}");
         worst.push((n.to_string(), "restore", s, steady[i], w.iter().flat_map(|k| kmod_violations(k, u64::MAX, DIS_BOUND_NS)).collect()));
     }
+    // The guest's RTC did not see the pause or the time until the restore:
+    // RTC − REALTIME stays where it was (±1 s: two whole-second reads).
+    let mut rtc = rtc_offsets(&exp.reports("b", 1));
+    let before = rtc[0];
+    rtc.extend(rtc_offsets(&exp.wait_for("b", 2, Duration::from_secs(30), "rtc lines after restore", |r| rtc_offsets(r).len() >= 2)));
+    eprintln!("b: RTC − REALTIME (s) over both timelines: {rtc:?}");
+    assert!(rtc.iter().all(|o| (o - before).abs() <= 1), "the RTC moved against REALTIME: {rtc:?}");
     for (n, when, s, st, v) in &worst {
         assert!(v.is_empty(), "node {n}, {when}: clocks disagree: {v:?}");
         assert!(

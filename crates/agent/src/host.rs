@@ -604,8 +604,10 @@ pub async fn checkpoint_with_faults(
 
     // Stop every VM at T: each request is written at T by a thread of its
     // own (Vm::stop_at), armed now, well before T. From 1 ms before until
-    // every VM has stopped, each QEMU's threads run boosted, so neither the
-    // command's dispatch nor the vCPUs' acknowledgement waits for a host CPU.
+    // every VM has stopped, each QEMU's control threads run boosted, so the
+    // command's dispatch (when the guest's clocks stop) does not wait for a
+    // host CPU. (vCPU threads are left alone: they only delay the STOP
+    // event, which is not the freeze instant; see `freeze_instant`.)
     let want_boost = std::env::var("STASIS_STOP_BOOST").map(|v| v != "0").unwrap_or(true);
     // The stop path before the firewall work (one task writes every `stop`
     // at T, the STOP event is the freeze instant): for before/after
@@ -614,7 +616,7 @@ pub async fn checkpoint_with_faults(
     let pids: Vec<(String, u32)> = a.vms.iter().map(|(n, vm)| (n.clone(), vm.pid)).collect();
     let boost = async {
         sleep_until(t.saturating_sub(1_000_000)).await;
-        if want_boost { boost_all(&pids, true) } else { Vec::new() }
+        if want_boost { boost_all(&pids) } else { Vec::new() }
     };
     let (stop_boost, stops) = futures::join!(boost, join_all(a.vms.iter_mut().map(|(node, vm)| stop_vm(node, vm, t, faults, legacy))));
     drop(stop_boost);
@@ -722,6 +724,31 @@ pub async fn checkpoint_with_faults(
         }
     }
 
+    // Where a VM has a clock anchor from its previous resume in this
+    // incarnation, its saved state says exactly when its clocks froze
+    // (`ClockAnchor`); that replaces the estimate from the stop's write.
+    let mut saved_virtual: Vec<Option<i64>> = Vec::new();
+    let mut freeze_source: Vec<&'static str> = Vec::new();
+    for (((node, _), proc), (stamp, event)) in a.vms.iter().zip(&rt.vms).zip(stamps.iter_mut().zip(&stop_events)) {
+        let v = stamp.and_then(|_| stasis_qemu::vmstate::saved_virtual_clock_ns(&pending.path(&format!("vm-{node}"))).map_err(|e| tracing::debug!(vm = %node, error = %e, "no virtual clock in the saved state")).ok());
+        let mut source = "estimate";
+        let anchor = if legacy { None } else { ClockAnchor::load(proc, rt.incarnation) };
+        if let (Some(s), Some(v), Some(anchor)) = (stamp.as_mut(), v, anchor) {
+            let at = anchor.freeze_instant(v);
+            // Believe it only inside the bracket QMP gives (with slack for
+            // the µs event stamps and the wall→monotonic mapping).
+            let hi = event.unwrap_or(s.replied).max(s.sent);
+            match at {
+                Some(at) if at + 1_000_000 >= s.sent && at <= hi + 1_000_000 => {
+                    s.reported = Some(at.clamp(s.sent, hi));
+                    source = "vmstate";
+                }
+                _ => tracing::warn!(vm = %node, ?at, sent = s.sent, stop_event = ?event, "freeze instant from the saved state is outside the stop's bracket; using the estimate"),
+            }
+        }
+        saved_virtual.push(v);
+        freeze_source.push(source);
+    }
     let frozen_at = node_report.as_ref().map(|(r, _)| r.frozen_at).unwrap_or(t);
     let mut stop_instants: Vec<MonoNs> = stamps.iter().map(|s| s.map(|s| s.instant()).unwrap_or(t)).collect();
     stop_instants.push(frozen_at);
@@ -734,6 +761,12 @@ pub async fn checkpoint_with_faults(
     let d = freeze::frozen_duration(&stop_instants, saved_at, cfg);
     let (resumed, resume_errors, hold_lateness, resume_detail) = resume(&mut a, &stamps, frozen_at, d, faults, obs).await;
     let resumed_of = |stop: MonoNs| resumed.iter().find(|m| m.0 == stop).map(|m| m.1).unwrap_or(0);
+    // Each resumed VM's new anchor: its RESUME instant and the virtual clock
+    // it resumed with (the one it froze at).
+    for (((_, _), proc), (stamp, v)) in a.vms.iter().zip(&rt.vms).zip(stamps.iter().zip(&saved_virtual)) {
+        let resumed_at = stamp.map(|s| resumed_of(s.instant())).filter(|&r| r != 0);
+        ClockAnchor::store(proc, rt.incarnation, resumed_at.zip(*v));
+    }
 
     if let Some(reason) = failure {
         pending.abort();
@@ -847,13 +880,59 @@ pub async fn checkpoint_with_faults(
         .vms
         .iter()
         .zip(stamps.iter().zip(&stop_events))
-        .filter_map(|((node, _), (s, ev))| {
+        .zip(freeze_source.iter().zip(&saved_virtual))
+        .filter_map(|(((node, _), (s, ev)), (src, v))| {
             let s = (*s)?;
-            Some(serde_json::json!({"component": node, "planned_ns": t, "sent_ns": s.sent, "freeze_ns": s.instant(), "stop_event_ns": ev, "replied_ns": s.replied}))
+            Some(serde_json::json!({"component": node, "planned_ns": t, "sent_ns": s.sent, "freeze_ns": s.instant(), "freeze_source": src, "virtual_ns": v, "stop_event_ns": ev, "replied_ns": s.replied}))
         })
         .collect();
     write_report(store, &summary, &resumed, &[stop_detail, resume_detail], faults);
     Ok(summary)
+}
+
+/// Where a VM's guest clock stood when it last resumed in this incarnation:
+/// `<vm run dir>/clock-anchor.json`. QEMU's virtual clock runs exactly while
+/// the VM runs, so the next freeze instant is `resumed_ns + (virtual clock
+/// saved then − virtual_ns)` (crate `stasis_qemu::vmstate`). Written after
+/// every checkpoint's resume; a VM without one (just launched or restored)
+/// falls back to the estimate from its stop's write (`freeze_instant`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct ClockAnchor {
+    incarnation: u32,
+    resumed_ns: MonoNs,
+    virtual_ns: i64,
+}
+
+impl ClockAnchor {
+    fn path(proc: &VmProc) -> PathBuf {
+        proc.qmp.with_file_name("clock-anchor.json")
+    }
+
+    fn load(proc: &VmProc, incarnation: u32) -> Option<ClockAnchor> {
+        let a: ClockAnchor = serde_json::from_slice(&std::fs::read(Self::path(proc)).ok()?).ok()?;
+        (a.incarnation == incarnation).then_some(a)
+    }
+
+    /// Record (resume instant, virtual clock), or forget the anchor.
+    fn store(proc: &VmProc, incarnation: u32, at: Option<(MonoNs, i64)>) {
+        let path = Self::path(proc);
+        let r = match at {
+            Some((resumed_ns, virtual_ns)) => {
+                let a = ClockAnchor { incarnation, resumed_ns, virtual_ns };
+                std::fs::write(&path, serde_json::to_vec(&a).expect("serialises"))
+            }
+            None => std::fs::remove_file(&path).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }),
+        };
+        if let Err(e) = r {
+            tracing::warn!(path = %path.display(), error = %e, "clock anchor not recorded; the next checkpoint estimates this VM's freeze instant");
+        }
+    }
+
+    /// The host instant at which the virtual clock reached `virtual_ns`.
+    fn freeze_instant(&self, virtual_ns: i64) -> Option<MonoNs> {
+        let ran = virtual_ns.checked_sub(self.virtual_ns)?;
+        u64::try_from(ran).ok().map(|ran| self.resumed_ns + ran)
+    }
 }
 
 /// Stop one VM at T through QMP; with a `sigstop` fault, first freeze its
@@ -878,14 +957,23 @@ async fn stop_vm(node: &str, vm: &mut Vm, t: MonoNs, faults: &[Fault], legacy: b
     vm.stop_at(t).await
 }
 
-/// Boost the threads of every VM's QEMU for a moment (see
-/// [`stasis_qemu::sched::Boost`]); VMs that cannot be boosted (no
+/// Boost the control threads of every VM's QEMU for a moment (see
+/// [`stasis_qemu::sched::Boost`]) — only when `STASIS_QEMU_BOOST=1`. Off by
+/// default: on the 2-core development host a boosted QEMU main thread was
+/// seen spinning at 92 % CPU in `SCHED_FIFO` for minutes, starving the
+/// ordinary threads it waited for and everything else on the machine (a
+/// priority-inversion livelock), while the boost bought only ~0.1 ms of
+/// resume latency (docs/eval-time.md). VMs that cannot be boosted (no
 /// CAP_SYS_NICE) are logged and left alone.
-fn boost_all(vms: &[(String, u32)], vcpus: bool) -> Vec<stasis_qemu::sched::Boost> {
+fn boost_all(vms: &[(String, u32)]) -> Vec<stasis_qemu::sched::Boost> {
+    if !std::env::var("STASIS_QEMU_BOOST").is_ok_and(|v| v == "1") {
+        return Vec::new();
+    }
     vms.iter()
         .filter_map(|(node, pid)| {
-            let r = if vcpus { stasis_qemu::sched::Boost::all_threads(*pid) } else { stasis_qemu::sched::Boost::control_threads(*pid) };
-            r.map_err(|e| tracing::debug!(vm = %node, error = %e, "QEMU threads not boosted")).ok()
+            stasis_qemu::sched::Boost::control_threads(*pid)
+                .map_err(|e| tracing::debug!(vm = %node, error = %e, "QEMU threads not boosted"))
+                .ok()
         })
         .collect()
 }
@@ -934,7 +1022,7 @@ async fn resume(
     let boost = std::env::var("STASIS_RESUME_BOOST").map(|v| v != "0").unwrap_or(true);
     let armed = std::env::var("STASIS_RESUME_ARMED").map(|v| v != "0").unwrap_or(true);
     let pids: Vec<(String, u32)> = a.vms.iter().map(|(n, vm)| (n.clone(), vm.pid)).collect();
-    let boosts = if boost { boost_all(&pids, false) } else { Vec::new() };
+    let boosts = if boost { boost_all(&pids) } else { Vec::new() };
     let vm_futs = a.vms.iter_mut().zip(stamps).filter_map(|((node, vm), s)| {
         let s = (*s)?;
         let at = s.instant() + d + freeze::late_resume_ns(faults, node);
@@ -1108,12 +1196,26 @@ pub async fn restore(
     }
     let mut delay = DelayClient::connect(&rt.delay_node.control).await?;
     let at = mono_ns() + margin_ns;
+    // As at a checkpoint's resume: each `cont` written by its own armed
+    // thread, the lead early, QEMU's control threads boosted. Every ns of
+    // resume skew here is skew between the restored guests' clocks.
+    let lead = resume_lead_ns();
+    let armed = std::env::var("STASIS_RESUME_ARMED").map(|v| v != "0").unwrap_or(true);
+    let boost = std::env::var("STASIS_RESUME_BOOST").map(|v| v != "0").unwrap_or(true);
+    let pids: Vec<(String, u32)> = vms.iter().map(|(n, vm)| (n.clone(), vm.pid)).collect();
+    let boosts = if boost { boost_all(&pids) } else { Vec::new() };
     let vm_futs = vms.iter_mut().map(|(node, vm)| async move {
-        sleep_until(at).await;
-        let r = vm.cont().await.map(|c| StopStamp { sent: c.sent, replied: c.replied, reported: reported_instant(vm, "RESUME") });
+        let c = if armed {
+            vm.cont_at(at.saturating_sub(lead)).await
+        } else {
+            sleep_until(at.saturating_sub(lead)).await;
+            vm.cont().await
+        };
+        let r = c.map(|c| StopStamp { sent: c.sent, replied: c.replied, reported: reported_instant(vm, "RESUME") });
         (node.clone(), r)
     });
     let (results, thaw) = futures::join!(join_all(vm_futs), delay.thaw_at(at));
+    drop(boosts);
     let thaw = thaw?;
     let mut resumed = vec![thaw.thawed_at];
     for (node, r) in results {
@@ -1133,6 +1235,23 @@ pub async fn restore(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_clock_anchor_places_the_next_freeze_and_belongs_to_one_incarnation() {
+        let a = ClockAnchor { incarnation: 2, resumed_ns: 1_000, virtual_ns: 5_000 };
+        assert_eq!(a.freeze_instant(5_500), Some(1_500));
+        assert_eq!(a.freeze_instant(4_000), None, "a virtual clock that went back is not believed");
+        let dir = tempfile::tempdir().unwrap();
+        let proc = VmProc { name: "a".into(), pid: 1, qmp: dir.path().join("qmp.sock"), serial_log: dir.path().join("s.log"), disk: None };
+        assert!(ClockAnchor::load(&proc, 2).is_none());
+        ClockAnchor::store(&proc, 2, Some((7, 9)));
+        let l = ClockAnchor::load(&proc, 2).unwrap();
+        assert_eq!((l.resumed_ns, l.virtual_ns), (7, 9));
+        assert!(ClockAnchor::load(&proc, 3).is_none(), "a restored VM (next incarnation) starts without");
+        ClockAnchor::store(&proc, 2, None);
+        assert!(ClockAnchor::load(&proc, 2).is_none());
+        ClockAnchor::store(&proc, 2, None); // forgetting twice is fine
+    }
 
     #[test]
     fn base64_matches_rfc4648_vectors() {

@@ -485,6 +485,12 @@ async fn run(cli: Cli) -> Result<()> {
                 print_json(&serde_json::json!({"manifest": ckpt.manifest, "report": report, "verdict": verdict_of(&ckpt.manifest)}));
             } else {
                 print_show(&ckpt);
+                if let Some(stops) = report.as_ref().and_then(|r| r["stops"].as_array()).filter(|s| !s.is_empty()) {
+                    // QEMU freezes a guest's clocks between the stop's write and its STOP event.
+                    let width = |s: &serde_json::Value| Some(s["stop_event_ns"].as_u64()?.saturating_sub(s["sent_ns"].as_u64()?));
+                    let parts: Vec<String> = stops.iter().map(|s| format!("{} {}", s["component"].as_str().unwrap_or("?"), width(s).map(ms).unwrap_or_else(|| "?".into()))).collect();
+                    println!("  stop bracket   {}   (each VM's clocks froze within this after its stop was written; taken as write + 0.3 ms)", parts.join(", "));
+                }
                 if let Some(f) = report.as_ref().and_then(|r| r["faults"].as_array()).filter(|f| !f.is_empty()) {
                     println!("  faults         injected on purpose: {}", serde_json::Value::from(f.clone()));
                 }

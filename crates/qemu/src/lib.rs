@@ -13,6 +13,7 @@ pub mod disk;
 pub mod qmp;
 pub mod sched;
 pub mod vm;
+pub mod vmstate;
 
 pub use accel::{Accel, AccelChoice};
 pub use qmp::{Qmp, QmpError, QmpEvent, Stamp};

@@ -8,7 +8,13 @@
 //! guest's clocks and the others'. [`Boost::control_threads`] puts those two
 //! threads into `SCHED_FIFO` (priority 1, below every kernel RT thread) for
 //! the moment; dropping the [`Boost`] puts them back. vCPU threads are left
-//! alone, so a spinning guest cannot starve the host.
+//! alone, so a spinning guest cannot starve the host. Use with care: a
+//! boosted main thread was seen spinning for minutes while its VM was
+//! stopped, starving the ordinary threads it waited for (a priority-inversion
+//! livelock on a 2-core host); the agent uses it only when asked
+//! (`STASIS_QEMU_BOOST=1`). If the process holding
+//! a `Boost` dies before dropping it, the two threads stay real-time; they
+//! block in their event loops, so this costs latency for others, not CPU.
 
 use std::io;
 
@@ -32,15 +38,9 @@ impl Boost {
         Self::threads(pid, false)
     }
 
-    /// [`control_threads`](Self::control_threads) and the vCPU threads
-    /// (`CPU n/TCG`, `CPU n/KVM`): for a `stop`, whose STOP event (the
-    /// instant the agent measures) waits until every vCPU thread has seen
-    /// the request. Keep it to a few milliseconds: a running guest's vCPU
-    /// thread in `SCHED_FIFO` holds a host CPU.
-    pub fn all_threads(pid: u32) -> io::Result<Boost> {
-        Self::threads(pid, true)
-    }
-
+    /// The main thread, the monitor thread, and with `vcpus` the vCPU
+    /// threads (`CPU n/TCG`): kept private, a vCPU thread of a running guest
+    /// in `SCHED_FIFO` would hold a host CPU.
     fn threads(pid: u32, vcpus: bool) -> io::Result<Boost> {
         let mut tids = vec![pid as libc::pid_t];
         for e in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {

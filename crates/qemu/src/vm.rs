@@ -160,6 +160,11 @@ pub fn qemu_args(spec: &VmSpec, serial_log: &Path, incoming: Option<&Path>) -> V
     }
     push(&["-m", &format!("{}M", spec.memory_mib), "-smp", &spec.vcpus.to_string()]);
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    // The guest's RTC follows the VM's virtual clock, which stops with the
+    // VM, not host time: with clock=host a checkpoint's pause (or the time
+    // until a restore) shows up in /sys/class/rtc/rtc0 and hwclock
+    // (docs/guest-kmod.md, "RTC").
+    push(&["-rtc", "base=utc,clock=vm"]);
     push(&["-kernel", &p(&spec.kernel), "-initrd", &p(&spec.initrd), "-append", &spec.append]);
     // append=on: a restored VM continues the same console log instead of truncating it.
     push(&["-chardev", &format!("file,id=serial0,path={},append=on", p(serial_log))]);

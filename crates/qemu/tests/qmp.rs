@@ -229,3 +229,42 @@ async fn commands_at_an_instant_leave_at_their_own_instants() {
         assert_eq!(q.execute("query-status", None).await.unwrap()["status"], "running");
     }
 }
+
+#[tokio::test]
+async fn a_saved_state_holds_the_virtual_clock_at_the_freeze() {
+    // The guest's virtual clock runs only between cont and stop: two runs
+    // of ≥ 300 ms, each saved, show it grew by at least the second run and
+    // by no more than the host time between the two freezes.
+    let q = BareQemu::start();
+    let dir = common::tempdir();
+    let mut qmp = Qmp::connect(&q.qmp).await.expect("connect");
+    let mut saved = Vec::new();
+    for round in 0..2 {
+        if round > 0 {
+            qmp.execute("cont", None).await.unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let (_, stop) = qmp.execute_timed("stop", None).await.unwrap();
+        let file = dir.path().join(format!("state-{round}"));
+        qmp.execute("migrate", Some(json!({"uri": format!("exec:cat > {}", file.display())}))).await.unwrap();
+        loop {
+            let s = qmp.execute("query-migrate", None).await.unwrap();
+            match s["status"].as_str() {
+                Some("completed") => break,
+                Some("failed") => panic!("migration failed: {s}"),
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        let v = stasis_qemu::vmstate::saved_virtual_clock_ns(&file).expect("timer section");
+        saved.push((stop.sent, v));
+    }
+    let (t0, v0) = saved[0];
+    let (t1, v1) = saved[1];
+    assert!(v0 >= 300_000_000, "ran ≥ 300 ms before the first freeze: {v0}");
+    assert!(v1 - v0 >= 300_000_000, "the second run: {}", v1 - v0);
+    assert!(((v1 - v0) as u64) <= t1 - t0 + 1_000_000, "the clock did not run while stopped: {} vs {}", v1 - v0, t1 - t0);
+    match stasis_qemu::vmstate::saved_virtual_clock_ns(&dir.path().join("absent")) {
+        Err(stasis_qemu::vmstate::VmStateError::Io { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+}
