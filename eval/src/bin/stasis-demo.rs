@@ -30,13 +30,15 @@ struct Args {
     #[arg(long, default_value_t = 480)]
     height: u32,
     /// Iteration limit per pixel (the job's length)
-    #[arg(long, default_value_t = 8000)]
+    #[arg(long, default_value_t = 20000)]
     max_iter: u32,
     #[arg(long, default_value_t = 8)]
     band_rows: u32,
-    /// Seconds between checkpoints
-    #[arg(long, default_value_t = 15)]
-    checkpoint_every: u64,
+    /// Seconds between checkpoints [default: an eighth of the reference
+    /// run, 3–30 s, so that the kill falls between checkpoints on a fast
+    /// or a slow host alike; 15 s with --no-reference-run]
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
     /// Stop checkpointing after this many
     #[arg(long, default_value_t = 100)]
     max_checkpoints: usize,
@@ -207,10 +209,10 @@ struct FailureRun {
     bands: u64,
 }
 
-fn failure_run(s: &mut Session, a: &Args, exp: &Experiment, runs: &[String], kill: &[String]) -> Result<FailureRun> {
+fn failure_run(s: &mut Session, a: &Args, every: u64, exp: &Experiment, runs: &[String], kill: &[String]) -> Result<FailureRun> {
     let master = exp.nodes[0].name.clone();
     up(s, &a.spec, runs)?;
-    let every = a.checkpoint_every as f64;
+    let every = every as f64;
     let mut next_ckpt = s.elapsed() + every;
     let (mut ckpts, mut last_ckpt_end) = (0usize, 0.0);
     let bands_at_kill;
@@ -336,9 +338,13 @@ fn main() -> Result<()> {
         reference = Some((img, t, std::mem::take(&mut s.timeline)));
     }
 
-    println!("== 2. the same job with a checkpoint every {} s; kill -9 {} mid-run; restore", a.checkpoint_every, kill.join(" "));
+    let every = a.checkpoint_every.unwrap_or_else(|| match &reference {
+        Some((_, t, _)) => ((*t / 8.0).round() as u64).clamp(3, 30),
+        None => 15,
+    });
+    println!("== 2. the same job with a checkpoint every {every} s; kill -9 {} mid-run; restore", kill.join(" "));
     let mut s = Session::new(&bin, &exp.name, "failure")?;
-    let f = failure_run(&mut s, &a, &exp, &runs, &kill)?;
+    let f = failure_run(&mut s, &a, every, &exp, &runs, &kill)?;
     s.stasis(&["down"])?;
     let timeline = std::mem::take(&mut s.timeline);
     drop(s);
@@ -384,7 +390,7 @@ fn main() -> Result<()> {
     let report = json!({
         "spec": a.spec, "params": {"width": params.width, "height": params.height, "max_iter": params.max_iter, "band_rows": params.band_rows, "bands": params.bands()},
         "nodes": exp.nodes.iter().map(|n| &n.name).collect::<Vec<_>>(), "killed": kill,
-        "checkpoint_every_s": a.checkpoint_every, "checkpoints": f.checkpoints,
+        "checkpoint_every_s": every, "checkpoints": f.checkpoints,
         "reference": reference.as_ref().map(|(i, t, tl)| json!({"blake3": i.digest(), "crc32": format!("{:08x}", i.crc32), "seconds": t, "timeline": tl})),
         "failure": {"blake3": f.image.digest(), "crc32": format!("{:08x}", f.image.crc32), "seconds": f.total_s, "until_kill_s": f.until_kill_s,
                     "bands_at_kill": f.bands_at_kill, "first_restored_progress": f.first_restored_progress,
