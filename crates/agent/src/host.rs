@@ -551,6 +551,52 @@ pub(crate) struct Attached {
     pub(crate) delay: DelayClient,
 }
 
+/// Inside a freeze: every stopped VM with a disk switches to a new overlay,
+/// so the image it wrote until now is frozen exactly as the memory saved
+/// next expects it. The frozen images go into `frozen_disks` (and the
+/// pending checkpoint's disks.json), the new overlays into `rt_next` (and
+/// the runtime file at once). Shared by stop-and-copy and live checkpoints.
+pub(crate) async fn switch_disks(
+    a: &mut Attached,
+    rt: &Runtime,
+    rt_next: &mut Runtime,
+    pending: &stasis_store::Pending,
+    frozen_disks: &mut std::collections::BTreeMap<String, PathBuf>,
+    failure: &mut Option<String>,
+) {
+    // All VMs at once (each node has its own directory, so names cannot clash).
+    let switches = a.vms.iter_mut().zip(rt_next.vms.iter_mut()).filter_map(|((node, vm), proc)| {
+        let current = proc.disk.clone()?;
+        let next = next_overlay(current.parent().unwrap_or(Path::new(".")));
+        Some(async move {
+            let r = vm.snapshot_disk(&next).await;
+            (node.clone(), proc, current, next, r)
+        })
+    });
+    for (node, proc, current, next, r) in join_all(switches).await {
+        match r {
+            Ok(()) => {
+                frozen_disks.insert(node, current);
+                proc.disk = Some(next);
+            }
+            Err(e) => {
+                failure.get_or_insert(format!("switching the disk of VM {node} to a new overlay: {e}"));
+            }
+        }
+    }
+    if !frozen_disks.is_empty() {
+        if let Some(path) = &rt.runtime_file {
+            if let Err(e) = rt_next.store_at(path) {
+                failure.get_or_insert(format!("recording the new disk overlays: {e}"));
+            }
+        }
+        let path = pending.path(DISKS_FILE);
+        if let Err(e) = std::fs::write(&path, serde_json::to_vec_pretty(&frozen_disks).expect("serialises")) {
+            failure.get_or_insert(format!("writing {}: {e}", path.display()));
+        }
+    }
+}
+
 pub(crate) async fn attach(rt: &Runtime) -> Result<Attached, CheckpointError> {
     let mut vms = Vec::new();
     for v in &rt.vms {
@@ -648,37 +694,7 @@ pub async fn checkpoint_with_faults(
     let mut rt_next = rt.clone();
     let snap_start = mono_ns();
     if failure.is_none() {
-        // All VMs at once (each node has its own directory, so names cannot clash).
-        let switches = a.vms.iter_mut().zip(rt_next.vms.iter_mut()).filter_map(|((node, vm), proc)| {
-            let current = proc.disk.clone()?;
-            let next = next_overlay(current.parent().unwrap_or(Path::new(".")));
-            Some(async move {
-                let r = vm.snapshot_disk(&next).await;
-                (node.clone(), proc, current, next, r)
-            })
-        });
-        for (node, proc, current, next, r) in join_all(switches).await {
-            match r {
-                Ok(()) => {
-                    frozen_disks.insert(node, current);
-                    proc.disk = Some(next);
-                }
-                Err(e) => {
-                    failure.get_or_insert(format!("switching the disk of VM {node} to a new overlay: {e}"));
-                }
-            }
-        }
-        if !frozen_disks.is_empty() {
-            if let Some(path) = &rt.runtime_file {
-                if let Err(e) = rt_next.store_at(path) {
-                    failure.get_or_insert(format!("recording the new disk overlays: {e}"));
-                }
-            }
-            let path = pending.path(DISKS_FILE);
-            if let Err(e) = std::fs::write(&path, serde_json::to_vec_pretty(&frozen_disks).expect("serialises")) {
-                failure.get_or_insert(format!("writing {}: {e}", path.display()));
-            }
-        }
+        switch_disks(&mut a, rt, &mut rt_next, &pending, &mut frozen_disks, &mut failure).await;
     }
 
     let disk_snapshot_ns = mono_ns() - snap_start;

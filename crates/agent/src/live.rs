@@ -34,7 +34,7 @@
 use crate::event::{Event, Observer};
 use crate::freeze::{self, FreezeConfig, StopStamp};
 use crate::host::{
-    attach, next_overlay, reported_instant, sleep_until, CheckpointError, CheckpointSummary, Lineage, Runtime, DISKS_FILE, LINEAGE_FILE,
+    attach, reported_instant, switch_disks, sleep_until, CheckpointError, CheckpointSummary, Lineage, Runtime, DISKS_FILE, LINEAGE_FILE,
     MAIN_BRANCH,
 };
 use futures::future::join_all;
@@ -43,7 +43,6 @@ use stasis_core::clock::{mono_ns, MonoNs};
 use stasis_core::spec::{Experiment, NicMode};
 use stasis_store::manifest::{ComponentDraft, ComponentKind, ExperimentRef, FreezeReport, ManifestDraft, Timings};
 use stasis_store::Store;
-use std::path::Path;
 use std::time::Duration;
 
 /// How long QEMU may take from the snapshot's start to resuming the guest.
@@ -152,36 +151,7 @@ pub async fn checkpoint_live(
     let mut frozen_disks = std::collections::BTreeMap::new();
     let mut rt_next = rt.clone();
     if failure.is_none() {
-        let switches = a.vms.iter_mut().zip(rt_next.vms.iter_mut()).filter_map(|((node, vm), proc)| {
-            let current = proc.disk.clone()?;
-            let next = next_overlay(current.parent().unwrap_or(Path::new(".")));
-            Some(async move {
-                let r = vm.snapshot_disk(&next).await;
-                (node.clone(), proc, current, next, r)
-            })
-        });
-        for (node, proc, current, next, r) in join_all(switches).await {
-            match r {
-                Ok(()) => {
-                    frozen_disks.insert(node, current);
-                    proc.disk = Some(next);
-                }
-                Err(e) => {
-                    failure.get_or_insert(format!("switching the disk of VM {node} to a new overlay: {e}"));
-                }
-            }
-        }
-        if !frozen_disks.is_empty() {
-            if let Some(path) = &rt.runtime_file {
-                if let Err(e) = rt_next.store_at(path) {
-                    failure.get_or_insert(format!("recording the new disk overlays: {e}"));
-                }
-            }
-            let path = pending.path(DISKS_FILE);
-            if let Err(e) = std::fs::write(&path, serde_json::to_vec_pretty(&frozen_disks).expect("serialises")) {
-                failure.get_or_insert(format!("writing {}: {e}", path.display()));
-            }
-        }
+        switch_disks(&mut a, rt, &mut rt_next, &pending, &mut frozen_disks, &mut failure).await;
     }
 
     // The delay node while every VM is stopped: what they sent before their
