@@ -337,7 +337,7 @@ fn report(cfg: &Config, runs: &[Run], comps: &[Comparison], tbl: &str, plots: &[
         wall_s
     );
     s.push_str(tbl);
-    s.push_str("\nVerdict: **different** if Welch's t, KS or AD rejects at α = 0.05; else **equivalent** if the TOST (margin ±5 % of the baseline's mean completion time, α = 0.05) passes; else **not shown equivalent**. \"Not significant\" alone never counts as the same.\n\n## Runs\n\n| # | arm | completion s per leecher | mean | all verified | disturbances (host s each) | wall s |\n|---|---|---|---|---|---|---|\n");
+    s.push_str("\nVerdict: **different** if Welch's t, KS or AD rejects at α = 0.05; else **equivalent** if the TOST (margin ±5 % of the baseline's mean completion time, α = 0.05) passes; else **not shown equivalent**. \"Not significant\" alone never counts as the same.\n\n## Runs\n\n| # | arm | completion s per leecher | mean | all verified | max stall s | disturbances (host s each) | wall s |\n|---|---|---|---|---|---|---|---|\n");
     for r in runs {
         s.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {:.0} |\n",
