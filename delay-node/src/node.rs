@@ -861,6 +861,9 @@ impl Node {
             Request::Stats => {
                 let mut st = self.sched.stats(now);
                 st.release_error = Some(self.release_err.summary());
+                for (ps, port) in st.ports.iter_mut().zip(&self.ports) {
+                    ps.vhost_held = port.vhost.as_ref().is_some_and(|v| v.port.is_held());
+                }
                 serde_json::to_value(st).map_err(|e| e.to_string())
             }
             Request::Pcap { port: name, path } => port(&self.sched, &name).and_then(|p| {

@@ -76,6 +76,9 @@ pub struct ThawReport {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Stats {
     pub frozen: bool,
+    /// A freeze is scheduled but not reached yet.
+    #[serde(default)]
+    pub freeze_planned: bool,
     pub virtual_ns: u64,
     /// Host lateness of releases (actual minus scheduled), filled in by the I/O layer.
     #[serde(default)]
@@ -98,6 +101,10 @@ pub struct PortStats {
     pub name: String,
     pub connected: bool,
     pub held_frames: u64,
+    /// A vhost-user port held by `hold_port` (no RX delivery until
+    /// `release_port`); filled in by the I/O layer.
+    #[serde(default)]
+    pub vhost_held: bool,
     #[serde(flatten)]
     pub counters: PortCounters,
 }
@@ -670,6 +677,7 @@ impl Scheduler {
     pub fn stats(&self, now: MonoNs) -> Stats {
         Stats {
             frozen: self.frozen.is_some(),
+            freeze_planned: self.frozen.is_none() && self.plan.is_some(),
             virtual_ns: self.virtual_time(now),
             release_error: None,
             ports: self
@@ -679,6 +687,7 @@ impl Scheduler {
                     name: p.name.clone(),
                     connected: p.connected,
                     held_frames: p.held.len() as u64,
+                    vhost_held: false,
                     counters: p.counters,
                 })
                 .collect(),

@@ -19,3 +19,5 @@ pub mod diskgc;
 pub mod live;
 /// Swap-out (checkpoint, then release everything) and swap-in records.
 pub mod swap;
+/// An experiment a dead checkpoint left frozen: finding it, resuming it.
+pub mod recover;

@@ -1299,6 +1299,12 @@ impl Store {
         Ok(out)
     }
 
+    /// Pids of the live processes with a checkpoint pending in this store
+    /// (a `stasis checkpoint` still at work).
+    pub fn checkpoints_in_progress(&self) -> Result<Vec<u32>, StoreError> {
+        Ok(self.pendings()?.into_iter().filter_map(|(_, o)| o.filter(Owner::alive).map(|o| o.pid)).collect())
+    }
+
     /// Removes `.tmp-*` directories whose owner process is gone, or that
     /// have no readable owner and are older than a minute. A pending
     /// directory of a live process is never touched, however old.
