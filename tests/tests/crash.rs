@@ -97,6 +97,48 @@ fn killed_checkpoints_and_gcs_leave_a_consistent_store() {
     child.wait().unwrap();
     assert_eq!(list_names(&exp), ["first"], "no partial checkpoint is listed");
 
+    // 2a. Nobody resumes a SIGKILLed checkpoint's experiment: `status` says
+    //     what is frozen, `stasis resume` starts it all again.
+    let st = exp.json(&["status"]);
+    let frozen_vms = st["frozen"]["vms"].as_array().unwrap_or_else(|| panic!("status reports frozen parts: {st}"));
+    assert_eq!(frozen_vms.len(), 2, "both VMs were stopped by the killed checkpoint: {st}");
+    assert_eq!(st["frozen"]["delay_node"], true, "{st}");
+    let text = String::from_utf8_lossy(&exp.run(&["status"]).stdout).to_string();
+    assert!(text.contains("FROZEN") && text.contains("stasis resume"), "status tells what to do: {text}");
+    let r = exp.json(&["resume"]);
+    eprintln!("resume: {r}");
+    assert_eq!(r["frozen"]["vms"].as_array().unwrap().len(), 2, "{r}");
+    assert!(r["max_error_ns"].as_u64().unwrap() < 50_000_000, "every part resumed at one instant: {r}");
+    let st = exp.json(&["status"]);
+    assert!(st["frozen"]["vms"].as_array().unwrap().is_empty() && st["frozen"]["delay_node"] == false, "{st}");
+    traffic_flows(&exp, 1);
+    let again = exp.json(&["resume"]);
+    assert!(again["frozen"]["vms"].as_array().unwrap().is_empty(), "a second resume finds nothing frozen: {again}");
+
+    // 2b. Ctrl-C (SIGINT) while a VM's state is being saved does not leave
+    //     the experiment frozen: the checkpoint finishes first.
+    let seen = std::fs::read_to_string(&events).unwrap().lines().count();
+    let child = stasis(&exp, &["checkpoint", "--name", "interrupted"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(&events).unwrap();
+        if text.lines().skip(seen).any(|l| l.contains(r#""event":"saving""#) && l.contains(r#""component":"a""#)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the checkpoint never started saving a");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let st = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(st.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the interrupted checkpoint finished: {err}");
+    assert!(err.contains("interrupt noted"), "the user is told why it goes on: {err}");
+    assert_eq!(list_names(&exp), ["first", "interrupted"]);
+    let st = exp.json(&["status"]);
+    assert!(st["frozen"]["vms"].as_array().unwrap().is_empty(), "{st}");
+    traffic_flows(&exp, 1);
+
     // 3. A gc that dies after its first deletion, and one SIGKILLed at once.
     let out = stasis(&exp, &["gc"]).env("STASIS_STORE_FAILPOINT", "gc-after-first-delete").output().unwrap();
     assert!(!out.status.success(), "the failpoint killed the gc");

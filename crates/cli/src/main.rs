@@ -84,6 +84,9 @@ enum Cmd {
     },
     /// Bring a swapped-out experiment back (its swap-out checkpoint, or CHECKPOINT)
     SwapIn { checkpoint: Option<String> },
+    /// Resume an experiment that a killed checkpoint left frozen: every
+    /// stopped VM, the delay node and held ports start again at one instant
+    Resume,
     /// List the checkpoints
     List,
     /// Show one checkpoint's manifest and fidelity report
@@ -273,14 +276,27 @@ async fn run(cli: Cli) -> Result<()> {
             match Runtime::load(&layout) {
                 Ok(rt) => {
                     let alive = rt.alive();
+                    // Parts a killed checkpoint left frozen (only asked when every process lives).
+                    // (Not while a checkpoint runs: it holds each VM's QMP connection.)
+                    let in_progress = Store::open(&layout.checkpoints()).ok().and_then(|s| s.checkpoints_in_progress().ok()).unwrap_or_default();
+                    let frozen = if in_progress.is_empty() && alive.iter().all(|(_, _, a)| *a) {
+                        stasis_agent::recover::frozen_parts(&rt).await.ok()
+                    } else {
+                        None
+                    };
                     if cli.json {
                         print_json(&serde_json::json!({"experiment": name, "running": true, "incarnation": rt.incarnation,
-                            "restored_from": rt.restored_from,
+                            "restored_from": rt.restored_from, "frozen": frozen, "checkpoint_in_progress": in_progress,
                             "processes": alive.iter().map(|(n, p, a)| serde_json::json!({"name": n, "pid": p, "alive": a})).collect::<Vec<_>>()}));
                     } else {
                         println!("experiment {name}: incarnation {}{}", rt.incarnation, rt.restored_from.as_ref().map(|c| format!(", restored from {c}")).unwrap_or_default());
-                        for (n, p, a) in alive {
-                            println!("  {:<12} pid {:<8} {}", n, p, if a { "running" } else { "DEAD" });
+                        for (n, p, a) in &alive {
+                            println!("  {:<12} pid {:<8} {}", n, p, if *a { "running" } else { "DEAD" });
+                        }
+                        if !in_progress.is_empty() {
+                            println!("a checkpoint is in progress (pid {in_progress:?})");
+                        } else if let Some(f) = frozen.as_ref().filter(|f| !f.is_empty()) {
+                            println!("FROZEN by a checkpoint that did not finish: {}; `stasis resume` starts it again", f.describe());
                         }
                     }
                 }
@@ -302,16 +318,10 @@ async fn run(cli: Cli) -> Result<()> {
             if !faults.is_empty() {
                 bail!("--fault applies to stop-and-copy checkpoints, not --live");
             }
-            let exp = experiment_name(&cli, &state)?;
-            let layout = Layout::new(&state, &exp);
-            let rt = Runtime::load(&layout)?;
-            let store = Store::open(&layout.checkpoints())?;
-            let cfg = FreezeConfig { margin_ns: margin_ms * 1_000_000, hold_lead_ns: hold_lead_ms * 1_000_000, min_frozen_ns: pause_ms * 1_000_000, ..FreezeConfig::default() };
-            let log = EventLog::open(&layout.events_file(), &ui);
-            let _images = store.gc_lock(false)?;
-            let s = stasis_agent::live::checkpoint_live(&rt, &store, name.as_deref(), &cfg, &log).await;
+            let o = open_for_checkpoint(&cli, &state, &ui, *margin_ms, *hold_lead_ms, *pause_ms)?;
+            let s = stasis_agent::live::checkpoint_live(&o.rt, &o.store, name.as_deref(), &o.cfg, &o.log).await;
             ui.done();
-            let s = s.map_err(|e| no_space_hint(e.into(), &store))?;
+            let s = s.map_err(|e| no_space_hint(e.into(), &o.store))?;
             if cli.json {
                 print_json(&s);
             } else {
@@ -326,16 +336,11 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::SwapOut { name, margin_ms, hold_lead_ms } => {
-            let exp = experiment_name(&cli, &state)?;
-            let layout = Layout::new(&state, &exp);
-            let rt = Runtime::load(&layout)?;
-            let store = Store::open(&layout.checkpoints())?;
-            let cfg = FreezeConfig { margin_ns: margin_ms * 1_000_000, hold_lead_ns: hold_lead_ms * 1_000_000, ..FreezeConfig::default() };
-            let log = EventLog::open(&layout.events_file(), &ui);
-            let _images = store.gc_lock(false)?;
-            let r = stasis_agent::swap::swap_out(&rt, &layout, &store, name.as_deref(), &cfg, &log).await;
+            let o = open_for_checkpoint(&cli, &state, &ui, *margin_ms, *hold_lead_ms, 0)?;
+            let r = stasis_agent::swap::swap_out(&o.rt, &o.layout, &o.store, name.as_deref(), &o.cfg, &o.log).await;
             ui.done();
-            let (s, rec) = r.map_err(|e| no_space_hint(e.into(), &store))?;
+            let (s, rec) = r.map_err(|e| no_space_hint(e.into(), &o.store))?;
+            let exp = &o.exp;
             if cli.json {
                 print_json(&serde_json::json!({"checkpoint": s, "swapped_out": rec}));
             } else {
@@ -387,20 +392,28 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("swapped in {} ({} VMs) in {}, resume skew {}", s.checkpoint, s.vms, ms(s.restore_ns), ms(s.resume_skew_ns));
             }
         }
-        Cmd::Checkpoint { name, margin_ms, hold_lead_ms, pause_ms, live: false, faults } => {
+        Cmd::Resume => {
             let exp = experiment_name(&cli, &state)?;
             let layout = Layout::new(&state, &exp);
             let rt = Runtime::load(&layout)?;
             let store = Store::open(&layout.checkpoints())?;
-            let cfg = FreezeConfig { margin_ns: margin_ms * 1_000_000, hold_lead_ns: hold_lead_ms * 1_000_000, min_frozen_ns: pause_ms * 1_000_000, ..FreezeConfig::default() };
-            let log = EventLog::open(&layout.events_file(), &ui);
-            // Disk images the checkpoint switches to are named by no record
-            // until it ends: keep `stasis gc` out meanwhile.
-            let _images = store.gc_lock(false)?;
-            let s = host::checkpoint_with_faults(&rt, &store, name.as_deref(), &cfg, faults, &log).await;
+            let r = stasis_agent::recover::resume_frozen(&rt, &store, 200_000_000, Duration::from_secs(120)).await;
             ui.done();
-            let s = s.map_err(|e| no_space_hint(e.into(), &store))?;
-            let verdict = store.open_checkpoint(&s.info.id).ok().map(|c| verdict_of(&c.manifest));
+            let r = r?;
+            if cli.json {
+                print_json(&r);
+            } else if r.frozen.is_empty() {
+                println!("experiment {exp}: nothing is frozen");
+            } else {
+                println!("resumed {exp}: {} (at one instant, within {})", r.frozen.describe(), ms(r.max_error_ns));
+            }
+        }
+        Cmd::Checkpoint { name, margin_ms, hold_lead_ms, pause_ms, live: false, faults } => {
+            let o = open_for_checkpoint(&cli, &state, &ui, *margin_ms, *hold_lead_ms, *pause_ms)?;
+            let s = host::checkpoint_with_faults(&o.rt, &o.store, name.as_deref(), &o.cfg, faults, &o.log).await;
+            ui.done();
+            let s = s.map_err(|e| no_space_hint(e.into(), &o.store))?;
+            let verdict = o.store.open_checkpoint(&s.info.id).ok().map(|c| verdict_of(&c.manifest));
             if cli.json {
                 let mut v = serde_json::to_value(&s)?;
                 v["verdict"] = serde_json::to_value(&verdict)?;
@@ -652,6 +665,52 @@ fn print_verdict(v: &stasis_agent::freeze::Verdict) {
 
 /// A failed checkpoint on a full file system says so plainly: the store's
 /// directory and how much room is left.
+/// What every checkpoint command (stop-and-copy, `--live`, swap-out) opens
+/// before it freezes: the running experiment, its store, the freeze
+/// settings, the event log, and the store's gc lock (shared), held until the
+/// command ends because the disk overlays a checkpoint switches to are named
+/// by no record until it commits.
+struct ForCheckpoint<'a> {
+    exp: String,
+    layout: Layout,
+    rt: Runtime,
+    store: Store,
+    cfg: FreezeConfig,
+    log: EventLog<'a>,
+    _images: stasis_store::GcLock,
+}
+
+fn open_for_checkpoint<'a>(cli: &Cli, state: &Path, ui: &'a Ui, margin_ms: u64, hold_lead_ms: u64, pause_ms: u64) -> Result<ForCheckpoint<'a>> {
+    defer_interrupts();
+    let exp = experiment_name(cli, state)?;
+    let layout = Layout::new(state, &exp);
+    let rt = Runtime::load(&layout)?;
+    let store = Store::open(&layout.checkpoints())?;
+    let cfg = FreezeConfig { margin_ns: margin_ms * 1_000_000, hold_lead_ns: hold_lead_ms * 1_000_000, min_frozen_ns: pause_ms * 1_000_000, ..FreezeConfig::default() };
+    let log = EventLog::open(&layout.events_file(), ui);
+    let _images = store.gc_lock(false)?;
+    Ok(ForCheckpoint { exp, layout, rt, store, cfg, log, _images })
+}
+
+/// While a checkpoint runs, the experiment is frozen and only this process
+/// resumes it: an interrupt (Ctrl-C, SIGTERM, SIGHUP) must not end it half
+/// way. From here on such a signal is only noted, and the command finishes
+/// (a few seconds). After a SIGKILL, `stasis resume` is the way on.
+fn defer_interrupts() {
+    use std::io::Write;
+    use tokio::signal::unix::{signal, SignalKind};
+    for kind in [SignalKind::interrupt(), SignalKind::terminate(), SignalKind::hangup()] {
+        if let Ok(mut sig) = signal(kind) {
+            tokio::spawn(async move {
+                while sig.recv().await.is_some() {
+                    // Not eprintln!: after a hangup stderr may be gone.
+                    let _ = writeln!(std::io::stderr(), "stasis: interrupt noted; finishing the checkpoint first, so that the experiment is not left frozen");
+                }
+            });
+        }
+    }
+}
+
 fn no_space_hint(e: anyhow::Error, store: &Store) -> anyhow::Error {
     let text = format!("{e:#}");
     let enospc = text.contains("No space left on device") || text.contains("os error 28");
