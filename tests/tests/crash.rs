@@ -55,6 +55,20 @@ fn traffic_flows(exp: &Experiment, incarnation: u32) {
     exp.wait_for("b", incarnation, Duration::from_secs(60), "traffic flowing", |r| received(r) > before + 50);
 }
 
+/// Waits until the event log, past its first `seen` lines, says the
+/// checkpoint started saving VM `a`.
+fn wait_saving_a(events: &Path, seen: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(events).unwrap();
+        if text.lines().skip(seen).any(|l| l.contains(r#""event":"saving""#) && l.contains(r#""component":"a""#)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the checkpoint never started saving a");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Every qcow2 image under the experiment's disks/.
 fn images(exp: &Experiment) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -84,15 +98,7 @@ fn killed_checkpoints_and_gcs_leave_a_consistent_store() {
     let events = exp.root().join("events.jsonl");
     let seen = std::fs::read_to_string(&events).unwrap().lines().count();
     let mut child = stasis(&exp, &["checkpoint", "--name", "doomed"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let text = std::fs::read_to_string(&events).unwrap();
-        if text.lines().skip(seen).any(|l| l.contains(r#""event":"saving""#) && l.contains(r#""component":"a""#)) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the checkpoint never started saving a");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_saving_a(&events, seen);
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(list_names(&exp), ["first"], "no partial checkpoint is listed");
@@ -119,15 +125,7 @@ fn killed_checkpoints_and_gcs_leave_a_consistent_store() {
     //     the experiment frozen: the checkpoint finishes first.
     let seen = std::fs::read_to_string(&events).unwrap().lines().count();
     let child = stasis(&exp, &["checkpoint", "--name", "interrupted"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let text = std::fs::read_to_string(&events).unwrap();
-        if text.lines().skip(seen).any(|l| l.contains(r#""event":"saving""#) && l.contains(r#""component":"a""#)) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the checkpoint never started saving a");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_saving_a(&events, seen);
     let st = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(st.success());
     let out = child.wait_with_output().unwrap();
