@@ -290,6 +290,9 @@ pub fn cdf_points(xs: &[f64]) -> Vec<(f64, f64)> {
 pub struct Comparison {
     /// The arm compared with `none`.
     pub arm: Arm,
+    /// Its row label: the arm's name, or the A/A check's.
+    #[serde(default)]
+    pub label: String,
     /// Runs of the baseline / of the arm (with every leecher complete).
     pub n_base: usize,
     /// See `n_base`.
@@ -324,10 +327,29 @@ pub const ALPHA: f64 = 0.05;
 
 /// Compares `arm` with `none` over `runs`.
 pub fn compare(runs: &[Run], arm: Arm) -> Comparison {
-    let vals = |a: Arm| -> Vec<f64> { runs.iter().filter(|r| r.arm == a).filter_map(Run::mean_completion_s).collect() };
-    let (b, t) = (vals(Arm::None), vals(arm));
-    let leech = |a: Arm| -> Vec<&Leecher> { runs.iter().filter(|r| r.arm == a).flat_map(|r| r.leechers.iter()).collect() };
-    let (cb, ct) = (mean_curve(&leech(Arm::None), 0.25), mean_curve(&leech(arm), 0.25));
+    let of = |a: Arm| -> Vec<&Run> { runs.iter().filter(|r| r.arm == a).collect() };
+    compare_sets(arm, arm.name().to_owned(), &of(Arm::None), &of(arm))
+}
+
+/// The instruments' A/A check: the baseline's odd-round runs against its
+/// even-round runs, no treatment on either side (`None` with fewer than 4
+/// baseline runs). It must come out equivalent.
+pub fn compare_aa(runs: &[Run]) -> Option<Comparison> {
+    let base: Vec<&Run> = runs.iter().filter(|r| r.arm == Arm::None).collect();
+    if base.len() < 4 {
+        return None;
+    }
+    let (odd, even): (Vec<&Run>, Vec<&Run>) = base.into_iter().partition(|r| r.index % 2 == 1);
+    Some(compare_sets(Arm::None, "none (odd rounds) vs even".into(), &odd, &even))
+}
+
+fn compare_sets(arm: Arm, label: String, base: &[&Run], treated: &[&Run]) -> Comparison {
+    let vals = |rs: &[&Run]| -> Vec<f64> { rs.iter().filter_map(|r| r.mean_completion_s()).collect() };
+    let (b, t) = (vals(base), vals(treated));
+    fn leech<'a>(rs: &[&'a Run]) -> Vec<&'a Leecher> {
+        rs.iter().flat_map(|r| r.leechers.iter()).collect()
+    }
+    let (cb, ct) = (mean_curve(&leech(base), 0.25), mean_curve(&leech(treated), 0.25));
     let tost = stats::tost_relative(&b, &t, MARGIN, ALPHA);
     let welch = stats::welch_t(&b, &t);
     let ks = stats::ks_two_sample(&b, &t);
@@ -336,6 +358,7 @@ pub fn compare(runs: &[Run], arm: Arm) -> Comparison {
     let (mb, mt) = (stats::mean(&b), stats::mean(&t));
     Comparison {
         arm,
+        label,
         n_base: b.len(),
         n_arm: t.len(),
         mean_base_s: mb,
@@ -363,7 +386,7 @@ pub fn table(cs: &[Comparison]) -> String {
     for c in cs {
         s.push_str(&format!(
             "| {} | {}/{} | {} → {} | {} | {} | {} | {} | {} | {} | {} | **{}** |\n",
-            c.arm.name(),
+            if c.label.is_empty() { c.arm.name() } else { &c.label },
             c.n_base,
             c.n_arm,
             f(c.mean_base_s, 2),
@@ -471,6 +494,21 @@ mod tests {
         assert!(lo > 7.0 && lo < 9.0 && hi > 9.0 && hi < 11.0, "{lo} {hi}");
         let t = table(&[c, k]);
         assert!(t.contains("**equivalent**") && t.contains("**different**"), "{t}");
+    }
+
+    #[test]
+    fn the_aa_check_passes_on_one_arm_and_catches_a_drift() {
+        let base = |f: &dyn Fn(usize) -> f64| -> Vec<Run> { (1..=8).map(|k| run(Arm::None, k, &[60.0 + f(k), 61.0 + f(k)])).collect() };
+        // Odd and even rounds draw the same values: equivalent.
+        let same = base(&|k| ((k - 1) / 2 % 2) as f64);
+        let c = compare_aa(&same).expect("8 baseline runs");
+        assert_eq!(c.verdict, Verdict::Equivalent, "{c:?}");
+        assert_eq!((c.n_base, c.n_arm), (4, 4));
+        assert!(table(&[c]).contains("| none (odd rounds) vs even |"));
+        // The host got 9 s slower on even rounds: the check must fail.
+        let drift = base(&|k| if k % 2 == 0 { 9.0 + (k % 3) as f64 } else { (k % 3) as f64 });
+        assert_eq!(compare_aa(&drift).expect("8 runs").verdict, Verdict::Different);
+        assert!(compare_aa(&same[..3]).is_none(), "too few runs for an A/A row");
     }
 
     #[test]

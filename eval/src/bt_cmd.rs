@@ -211,7 +211,8 @@ pub fn campaign(bin: &Path, cfg: &Config, out: &Path) -> Result<()> {
 
 /// Analysis, raw summary, plots and report from `runs`.
 fn write_all(out: &Path, cfg: &Config, runs: &[Run], wall_s: f64) -> Result<()> {
-    let comps: Vec<Comparison> = cfg.arms.iter().filter(|a| **a != Arm::None).map(|a| bt::compare(runs, *a)).collect();
+    let mut comps: Vec<Comparison> = cfg.arms.iter().filter(|a| **a != Arm::None).map(|a| bt::compare(runs, *a)).collect();
+    comps.extend(bt::compare_aa(runs));
     let raw = serde_json::json!({"eval": "bt", "config": cfg, "runs": runs, "comparisons": comps, "wall_s": wall_s});
     std::fs::write(out.join("bt-eval.json"), serde_json::to_string_pretty(&raw)?)?;
     let mut csv = String::from("seq,arm,index,node,completion_s,verified,sha1,events\n");
@@ -337,7 +338,7 @@ fn report(cfg: &Config, runs: &[Run], comps: &[Comparison], tbl: &str, plots: &[
         wall_s
     );
     s.push_str(tbl);
-    s.push_str("\nVerdict: **different** if Welch's t, KS or AD rejects at α = 0.05; else **equivalent** if the TOST (margin ±5 % of the baseline's mean completion time, α = 0.05) passes; else **not shown equivalent**. \"Not significant\" alone never counts as the same.\n\n## Runs\n\n| # | arm | completion s per leecher | mean | all verified | max stall s | disturbances (host s each) | wall s |\n|---|---|---|---|---|---|---|---|\n");
+    s.push_str("\nVerdict: **different** if Welch's t, KS or AD rejects at α = 0.05; else **equivalent** if the TOST (margin ±5 % of the baseline's mean completion time, α = 0.05) passes; else **not shown equivalent**. \"Not significant\" alone never counts as the same. The last row (with ≥ 4 baseline runs) is the instruments' A/A check: the baseline's odd-round runs against its even-round runs, no treatment on either side; it must come out equivalent.\n\n## Runs\n\n| # | arm | completion s per leecher | mean | all verified | max stall s | disturbances (host s each) | wall s |\n|---|---|---|---|---|---|---|---|\n");
     for r in runs {
         s.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {:.0} |\n",
