@@ -860,38 +860,23 @@ pub async fn checkpoint_with_faults(
             extra: extra.into_iter().collect(),
         },
     };
-    let info = match pending.commit(draft) {
-        Ok(i) => i,
-        Err(e) => {
-            let reason = format!("committing the manifest: {e}");
-            obs.event(&Event::Aborted { checkpoint: id, reason: reason.clone() });
-            return Err(CheckpointError::Aborted { reason });
-        }
-    };
-    obs.event(&Event::Committed { checkpoint: info.id.clone(), name: info.name.clone().unwrap_or_default() });
-    // The next checkpoint of this timeline follows this one.
-    if let Some(path) = &rt.runtime_file {
-        rt_next.head = Some(info.id.clone());
-        if let Err(e) = rt_next.store_at(path) {
-            tracing::warn!(error = %e, "cannot record the new head in the runtime file");
-        }
-    }
-    if !resume_errors.is_empty() {
-        tracing::error!(errors = %resume_errors.join("; "), "checkpoint committed but some components did not resume");
-    }
-    let summary = CheckpointSummary {
-        vms: a.vms.len(),
-        bytes: info.bytes,
-        stop_skew_ns: f.stop_skew_ns,
-        frozen_duration_ns: d,
-        max_frozen_error_ns: f.max_frozen_error_ns,
-        save_ns: saved_at.saturating_sub(stop_instants.iter().copied().min().unwrap_or(saved_at)),
-        commit_ns: mono_ns() - commit_start,
-        frames_in_flight: nr.frames_in_flight,
-        frames_held: nr.frames_held,
-        max_hold_lateness_ns: hold_lateness,
-        info,
-    };
+    let summary = commit_checkpoint(
+        pending,
+        draft,
+        rt,
+        &mut rt_next,
+        &resume_errors,
+        Measured {
+            vms: a.vms.len(),
+            fidelity: f,
+            frozen_duration_ns: d,
+            save_ns: saved_at.saturating_sub(stop_instants.iter().copied().min().unwrap_or(saved_at)),
+            commit_start,
+            node: nr,
+            max_hold_lateness_ns: hold_lateness,
+        },
+        obs,
+    )?;
     let stop_detail: Vec<serde_json::Value> = a
         .vms
         .iter()
@@ -1085,6 +1070,65 @@ async fn resume(
         Err(e) => errors.push(format!("delay node: {e}")),
     }
     (measured, errors, lateness, detail)
+}
+
+/// What a checkpoint measured before its commit, for its summary.
+pub(crate) struct Measured {
+    pub(crate) vms: usize,
+    pub(crate) fidelity: freeze::Fidelity,
+    pub(crate) frozen_duration_ns: u64,
+    pub(crate) save_ns: u64,
+    pub(crate) commit_start: MonoNs,
+    pub(crate) node: delay_node::control::SaveReport,
+    pub(crate) max_hold_lateness_ns: u64,
+}
+
+/// The end every one-host checkpoint shares (stop-and-copy and live):
+/// commit the manifest (a failure aborts, named), make it the head of this
+/// timeline in the runtime file, log components that did not resume, and
+/// sum up.
+pub(crate) fn commit_checkpoint(
+    pending: stasis_store::Pending,
+    draft: stasis_store::manifest::ManifestDraft,
+    rt: &Runtime,
+    rt_next: &mut Runtime,
+    resume_errors: &[String],
+    m: Measured,
+    obs: &dyn Observer,
+) -> Result<CheckpointSummary, CheckpointError> {
+    let id = pending.id().to_string();
+    let info = match pending.commit(draft) {
+        Ok(i) => i,
+        Err(e) => {
+            let reason = format!("committing the manifest: {e}");
+            obs.event(&Event::Aborted { checkpoint: id, reason: reason.clone() });
+            return Err(CheckpointError::Aborted { reason });
+        }
+    };
+    obs.event(&Event::Committed { checkpoint: info.id.clone(), name: info.name.clone().unwrap_or_default() });
+    // The next checkpoint of this timeline follows this one.
+    if let Some(path) = &rt.runtime_file {
+        rt_next.head = Some(info.id.clone());
+        if let Err(e) = rt_next.store_at(path) {
+            tracing::warn!(error = %e, "cannot record the new head in the runtime file");
+        }
+    }
+    if !resume_errors.is_empty() {
+        tracing::error!(errors = %resume_errors.join("; "), "checkpoint committed but some components did not resume");
+    }
+    Ok(CheckpointSummary {
+        vms: m.vms,
+        bytes: info.bytes,
+        stop_skew_ns: m.fidelity.stop_skew_ns,
+        frozen_duration_ns: m.frozen_duration_ns,
+        max_frozen_error_ns: m.fidelity.max_frozen_error_ns,
+        save_ns: m.save_ns,
+        commit_ns: mono_ns() - m.commit_start,
+        frames_in_flight: m.node.frames_in_flight,
+        frames_held: m.node.frames_held,
+        max_hold_lateness_ns: m.max_hold_lateness_ns,
+        info,
+    })
 }
 
 /// `report.json`: the summary, each component's measured (stop, resume),

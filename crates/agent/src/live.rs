@@ -34,7 +34,7 @@
 use crate::event::{Event, Observer};
 use crate::freeze::{self, FreezeConfig, StopStamp};
 use crate::host::{
-    attach, reported_instant, switch_disks, sleep_until, CheckpointError, CheckpointSummary, Lineage, Runtime, DISKS_FILE, LINEAGE_FILE,
+    attach, commit_checkpoint, reported_instant, switch_disks, sleep_until, CheckpointError, CheckpointSummary, Lineage, Measured, Runtime, DISKS_FILE, LINEAGE_FILE,
     MAIN_BRANCH,
 };
 use futures::future::join_all;
@@ -364,37 +364,23 @@ pub async fn checkpoint_live(
         },
         timings: Timings { total_save_ns: saved_at - t, commit_ns: 0, extra: extra.into_iter().collect() },
     };
-    let info = match pending.commit(draft) {
-        Ok(i) => i,
-        Err(e) => {
-            let reason = format!("committing the manifest: {e}");
-            obs.event(&Event::Aborted { checkpoint: id, reason: reason.clone() });
-            return Err(CheckpointError::Aborted { reason }.into());
-        }
-    };
-    obs.event(&Event::Committed { checkpoint: info.id.clone(), name: info.name.clone().unwrap_or_default() });
-    if let Some(path) = &rt.runtime_file {
-        rt_next.head = Some(info.id.clone());
-        if let Err(e) = rt_next.store_at(path) {
-            tracing::warn!(error = %e, "cannot record the new head in the runtime file");
-        }
-    }
-    if !resume_errors.is_empty() {
-        tracing::error!(errors = %resume_errors.join("; "), "live checkpoint committed but some components did not resume");
-    }
-    let summary = CheckpointSummary {
-        vms: a.vms.len(),
-        bytes: info.bytes,
-        stop_skew_ns: f.stop_skew_ns,
-        frozen_duration_ns: d,
-        max_frozen_error_ns: f.max_frozen_error_ns,
-        save_ns: saved_at.saturating_sub(t),
-        commit_ns: mono_ns() - commit_start,
-        frames_in_flight: nr.frames_in_flight,
-        frames_held: nr.frames_held,
-        max_hold_lateness_ns: hold_lateness,
-        info,
-    };
+    let summary = commit_checkpoint(
+        pending,
+        draft,
+        rt,
+        &mut rt_next,
+        &resume_errors,
+        Measured {
+            vms: a.vms.len(),
+            fidelity: f,
+            frozen_duration_ns: d,
+            save_ns: saved_at.saturating_sub(t),
+            commit_start,
+            node: nr,
+            max_hold_lateness_ns: hold_lateness,
+        },
+        obs,
+    )?;
     let live = LiveSummary { summary, live: true, downtime, max_downtime_ns, vhost_ports_held: held.len(), vhost_hold_ns: if held.is_empty() { 0 } else { held_ns } };
     let path = store.root().join(&live.summary.info.id).join("report.json");
     let body = serde_json::json!({ "summary": live, "measured_stop_resume_ns": measured });
