@@ -45,8 +45,14 @@ fn mandelbrot_job_survives_two_killed_vms_bit_identically() {
     let up = exp.json(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(up["vms"].as_array().map(Vec::len), Some(4), "{up}");
 
-    // A checkpoint once the job is under way.
+    // A checkpoint once the job is under way and every worker is connected
+    // (under TCG one of four guests may boot seconds late: a checkpoint
+    // taken before its worker connected would see it connect after the
+    // restore, rightly, and the test could not tell that from a reconnection).
     wait("3 bands", Duration::from_secs(90), || bands_done(&exp, 1) >= 3);
+    wait("every worker connected", Duration::from_secs(60), || {
+        ["nodea", "nodeb", "nodec", "noded"].iter().all(|n| connections(&lines(&exp, n, 1)) >= 1)
+    });
     let seen = bands_done(&exp, 1);
     exp.json(&["checkpoint", "--name", "mid"]);
     std::thread::sleep(Duration::from_secs(2));

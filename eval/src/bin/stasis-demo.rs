@@ -223,7 +223,11 @@ fn failure_run(s: &mut Session, a: &Args, every: u64, exp: &Experiment, runs: &[
             bail!("the job finished before the kill: make it longer (--max-iter) or kill earlier (--kill-at)");
         }
         let (done, total) = progress(&lines).last().copied().unwrap_or((0, 1));
-        if ckpts < a.max_checkpoints && s.elapsed() >= next_ckpt {
+        // Checkpoint only once every worker is connected: a worker whose
+        // guest booted late would otherwise connect again after a restore
+        // of that checkpoint (rightly), which looks like a reconnection.
+        let all_connected = || exp.nodes.iter().all(|n| connections(&s.console(&n.name, 1)) >= 1);
+        if ckpts < a.max_checkpoints && s.elapsed() >= next_ckpt && all_connected() {
             let v = s.stasis(&["checkpoint", "--name", &format!("ck{}", ckpts + 1)])?;
             ckpts += 1;
             last_ckpt_end = s.elapsed();
