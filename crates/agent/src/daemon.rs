@@ -552,8 +552,7 @@ impl Agent {
         let t = clock.mono_of_synced(at);
         let mut stopped = std::mem::take(&mut share.stopped);
         let vm_futs = stopped.iter_mut().map(|(node, vm)| async move {
-            host::sleep_until(t).await;
-            let r = vm.cont().await.map(|c| StopStamp { sent: c.sent, replied: c.replied, reported: host::reported_instant(vm, "RESUME") });
+            let r = host::cont_vm_at(vm, t, 0, false).await;
             (node.clone(), r)
         });
         let delay = if share.delay_frozen { share.delay.as_ref().map(|d| d.control.clone()) } else { None };
@@ -849,8 +848,7 @@ impl RoundJob {
             let s = (*s)?;
             let at = s.instant() + d;
             Some(async move {
-                host::sleep_until(at).await;
-                let r = vm.cont().await.map(|c| StopStamp { sent: c.sent, replied: c.replied, reported: host::reported_instant(vm, "RESUME") });
+                let r = host::cont_vm_at(vm, at, 0, false).await;
                 (node.clone(), s.instant(), r)
             })
         });

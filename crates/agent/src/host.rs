@@ -537,6 +537,20 @@ pub(crate) fn reported_instant(vm: &mut Vm, event: &str) -> Option<MonoNs> {
     ev.qemu_time_us.map(|us| stasis_core::clock::wall_to_mono(us * 1_000))
 }
 
+/// Resumes `vm` so that it runs again at `at`: its `cont` is written `lead`
+/// early by a thread armed for it ([`Vm::cont_at`]); with `armed` off (the
+/// before/after comparison path) after a sleep instead. The stamp carries
+/// QEMU's own RESUME instant when it reported one.
+pub(crate) async fn cont_vm_at(vm: &mut Vm, at: MonoNs, lead: u64, armed: bool) -> Result<StopStamp, stasis_qemu::VmError> {
+    let c = if armed {
+        vm.cont_at(at.saturating_sub(lead)).await
+    } else {
+        sleep_until(at.saturating_sub(lead)).await;
+        vm.cont().await
+    };
+    c.map(|c| StopStamp { sent: c.sent, replied: c.replied, reported: reported_instant(vm, "RESUME") })
+}
+
 pub(crate) async fn sleep_until(deadline: MonoNs) -> MonoNs {
     const SPIN: u64 = 1_000_000;
     let now = mono_ns();
@@ -998,7 +1012,7 @@ fn freeze_instant(sent: MonoNs, stop_event: MonoNs) -> MonoNs {
     stop_event.min(sent + RESUME_LEAD_NS)
 }
 
-fn resume_lead_ns() -> u64 {
+pub(crate) fn resume_lead_ns() -> u64 {
     std::env::var("STASIS_RESUME_LEAD_US").ok().and_then(|v| v.parse::<u64>().ok()).map(|us| us * 1_000).unwrap_or(RESUME_LEAD_NS)
 }
 
@@ -1028,13 +1042,7 @@ async fn resume(
         let s = (*s)?;
         let at = s.instant() + d + freeze::late_resume_ns(faults, node);
         Some(async move {
-            let c = if armed {
-                vm.cont_at(at.saturating_sub(lead)).await
-            } else {
-                sleep_until(at.saturating_sub(lead)).await;
-                vm.cont().await
-            };
-            let r = c.map(|c| StopStamp { sent: c.sent, replied: c.replied, reported: reported_instant(vm, "RESUME") });
+            let r = cont_vm_at(vm, at, lead, armed).await;
             (node.clone(), s.instant(), at, r)
         })
     });
@@ -1264,16 +1272,7 @@ pub async fn restore(
     let boost = std::env::var("STASIS_RESUME_BOOST").map(|v| v != "0").unwrap_or(true);
     let pids: Vec<(String, u32)> = vms.iter().map(|(n, vm)| (n.clone(), vm.pid)).collect();
     let boosts = if boost { boost_all(&pids) } else { Vec::new() };
-    let vm_futs = vms.iter_mut().map(|(node, vm)| async move {
-        let c = if armed {
-            vm.cont_at(at.saturating_sub(lead)).await
-        } else {
-            sleep_until(at.saturating_sub(lead)).await;
-            vm.cont().await
-        };
-        let r = c.map(|c| StopStamp { sent: c.sent, replied: c.replied, reported: reported_instant(vm, "RESUME") });
-        (node.clone(), r)
-    });
+    let vm_futs = vms.iter_mut().map(|(node, vm)| async move { (node.clone(), cont_vm_at(vm, at, lead, armed).await) });
     let (results, thaw) = futures::join!(join_all(vm_futs), delay.thaw_at(at));
     drop(boosts);
     let thaw = thaw?;

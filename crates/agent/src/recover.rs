@@ -11,7 +11,7 @@
 //! their frozen durations stay equal within that skew, and the guests and
 //! the network do not see the gap.
 
-use crate::host::{attach, Attached, CheckpointError, Runtime};
+use crate::host::{attach, cont_vm_at, resume_lead_ns, Attached, CheckpointError, Runtime};
 use delay_node::control::ControlError;
 use serde::Serialize;
 use stasis_core::clock::{mono_ns, MonoNs};
@@ -58,7 +58,8 @@ pub struct ResumeReport {
     pub frozen: FrozenParts,
     /// The common resume instant (host monotonic ns).
     pub at: MonoNs,
-    /// Largest |instant a component resumed − `at`|, ns.
+    /// Largest |instant a component resumed − `at`|, ns (a VM's: QEMU's
+    /// RESUME stamp, else the middle of its `cont` round trip).
     pub max_error_ns: u64,
 }
 
@@ -165,8 +166,9 @@ pub async fn resume_frozen(rt: &Runtime, store: &stasis_store::Store, lead_ns: u
         }
     }
     let at = mono_ns() + lead_ns;
+    let lead = resume_lead_ns();
     let vm_futs = a.vms.iter_mut().zip(&states).filter(|(_, s)| **s != RunState::Running).map(|((node, vm), _)| async move {
-        (node.clone(), vm.cont_at(at).await)
+        (node.clone(), cont_vm_at(vm, at, lead, true).await)
     });
     let delay = &mut a.delay;
     let node_fut = async {
@@ -189,7 +191,7 @@ pub async fn resume_frozen(rt: &Runtime, store: &stasis_store::Store, lead_ns: u
     let mut max_error_ns = thawed.map(|t| t.abs_diff(at)).unwrap_or(0);
     for (node, r) in vm_results {
         match r {
-            Ok(stamp) => max_error_ns = max_error_ns.max(stamp.sent.abs_diff(at)),
+            Ok(stamp) => max_error_ns = max_error_ns.max(stamp.instant().abs_diff(at)),
             Err(e) => errors.push(format!("VM {node}: {e}")),
         }
     }
