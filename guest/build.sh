@@ -21,9 +21,11 @@ BUSYBOX=${STASIS_BUSYBOX:-/bin/busybox}
 # Loaded in this order by /init; each module's own dependencies are added
 # (and ordered before it) automatically.
 LOAD_MODULES=(failover net_failover virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev
-              virtio_pci virtio_net virtio_blk sch_netem qemu_fw_cfg)
+              virtio_pci virtio_net virtio_blk virtio_console sch_netem qemu_fw_cfg)
 TOOLS=(stasis-probe stasis-traffic stasis-mandel)
 TOOLS+=(stasis-bt)
+# The guest agent (the qemu-ga protocol subset `stasis exec`/`cp` use).
+TOOLS+=(stasis-ga)
 BT_BINS_DEFAULT=${STASIS_GUEST_BINS+set}
 if [ -z "${STASIS_GUEST_BINS+set}" ]; then
     STASIS_GUEST_BINS=$(command -v iperf3 >/dev/null && echo iperf3 || true)
@@ -55,7 +57,7 @@ file -L "$BUSYBOX" | grep -q 'statically linked' || die "$BUSYBOX is not statica
 # --- static guest tools --------------------------------------------------------
 TOOLS_DIR="$ROOT/target/guest-tools/x86_64-unknown-linux-gnu/release"
 (cd "$ROOT" && CARGO_TARGET_DIR="$ROOT/target/guest-tools" RUSTFLAGS='-C target-feature=+crt-static' \
-    cargo build --quiet -p stasis-guest-tools --release --target x86_64-unknown-linux-gnu) \
+    cargo build --quiet -p stasis-guest-tools --features agent --release --target x86_64-unknown-linux-gnu) \
     || die "cargo build of stasis-guest-tools failed"
 for t in "${TOOLS[@]}"; do
     file -L "$TOOLS_DIR/$t" | grep -Eq 'statically linked|static-pie linked' \

@@ -16,24 +16,9 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE="$ROOT/.cache"
 
-die() { echo "setup.sh: error: $*" >&2; exit 1; }
-say() { echo "setup.sh: $*"; }
-
-SUDO=
-if [ "$(id -u)" != 0 ]; then
-    command -v sudo >/dev/null || die "not root and sudo is missing"
-    SUDO=sudo
-fi
-command -v apt-get >/dev/null || die "apt-get not found: this script supports Debian 12 only"
-
-apt_updated=0
-apt_update_once() {
-    if [ "$apt_updated" = 0 ]; then
-        say "apt-get update"
-        $SUDO apt-get update -qq || die "apt-get update failed"
-        apt_updated=1
-    fi
-}
+WHO=setup.sh
+# shellcheck source=lib/apt.sh
+. "$ROOT/scripts/lib/apt.sh"
 
 # --- host packages -----------------------------------------------------------
 # qemu-system-x86: the VMs; busybox-static, cpio, gzip, xz-utils, zstd: the guest
@@ -44,9 +29,12 @@ apt_update_once() {
 # (linked by kbuild's prebuilt modpost): guest-kmod/ against .cache/headers.
 # ctorrent, opentracker: the BitTorrent eval's client and tracker, copied into
 # the guest image (docs/eval-bt.md); never run on the host.
-PKGS=(qemu-system-x86 qemu-utils busybox-static cpio gzip xz-utils zstd file libc6-dev binutils jq socat iproute2 iperf3
+# QEMU itself is handled below (setup_qemu): its version must match qemu-utils'.
+PKGS=(busybox-static cpio gzip xz-utils zstd file libc6-dev binutils jq socat iproute2 iperf3
       make gcc-12 libelf1 libssl3)
 PKGS+=(ctorrent opentracker)
+# tcl: tclsh evaluates Emulab NS scripts (crates/core/src/spec/tb_compat.tcl).
+PKGS+=(tcl)
 missing=()
 for p in "${PKGS[@]}"; do
     if ! dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed'; then
@@ -58,14 +46,129 @@ if [ ${#missing[@]} -gt 0 ]; then
     say "installing: ${missing[*]}"
     # iperf3's postinst asks whether to start a daemon; never.
     echo "iperf3 iperf3/start_daemon boolean false" | $SUDO debconf-set-selections 2>/dev/null || true
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
-        || die "apt-get install ${missing[*]} failed"
+    apt_install "${missing[@]}"
     # opentracker's package enables a tracker daemon on the host: it is only
     # wanted inside guests.
     if [[ " ${missing[*]} " == *" opentracker "* ]] && command -v systemctl >/dev/null; then
         $SUDO systemctl disable --now opentracker >/dev/null 2>&1 || true
     fi
 fi
+
+# --- QEMU --------------------------------------------------------------------
+# Two QEMUs, so the suite covers both save paths and a checkpoint moving from
+# one version to the other (docs/qemu.md, "Versions"):
+# - the system QEMU, installed with apt: the version of the machine's
+#   qemu-utils when it has one, because installing another version makes apt
+#   remove qemu-utils (qemu-system-common 7.2 Breaks qemu-utils >= 8.0; this
+#   kind of machine ships qemu-utils 10.0.2 from bookworm-backports). Without
+#   qemu-utils, QEMU 10.0 from bookworm-backports: Debian 13's QEMU, with
+#   the mapped-ram + multifd + direct-io save path (>= 9.1).
+# - the other one (Debian 12's 7.2 next to a 10.x, or backports' 10.x next
+#   to a 7.2), unpacked into .cache/qemu/VERSION/ with `dpkg-deb -x` and never
+#   installed; QEMU finds its firmware relative to its binary there.
+BPO=bookworm-backports
+
+has_suite() { apt-cache policy 2>/dev/null | grep -q " $1/main "; }
+
+ensure_backports() {
+    has_suite "$BPO" && return 0
+    apt_update_once
+    has_suite "$BPO" && return 0
+    local f=/etc/apt/sources.list.d/stasis-$BPO.sources
+    say "adding $BPO to apt's sources ($f; backports are never preferred over bookworm's packages)"
+    printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: %s\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$BPO" \
+        | $SUDO tee "$f" >/dev/null
+    $SUDO apt-get update -qq || die "apt-get update (with $BPO) failed"
+    has_suite "$BPO" || die "$BPO is still unknown to apt after adding $f"
+}
+
+installed_version() { { dpkg-query -W -f='${db:Status-Abbrev} ${Version}\n' "$1" 2>/dev/null || true; } | awk '/^ii/ { print $2 }'; }
+
+# The version of PKG that SUITE (bookworm, bookworm-security, bookworm-backports) offers.
+suite_version() {
+    apt-cache madison "$1" 2>/dev/null | awk -v s="$2" '$0 ~ " "s"/main " { print $3; exit }'
+}
+
+# The suite that offers version VER of qemu-system-x86.
+suite_of() {
+    apt-cache madison qemu-system-x86 2>/dev/null | awk -v v="$1" '$3 == v { split($6, a, "/"); print a[1]; exit }'
+}
+
+setup_qemu() {
+    local sys utils want suite other other_suite dir stamp deb p missing_libs
+    sys=$(installed_version qemu-system-x86)
+    utils=$(installed_version qemu-utils)
+    if [ -z "$sys" ] || [ -z "$utils" ]; then
+        ensure_backports
+        want=${sys:-$utils}
+        [ -n "$want" ] || want=$(suite_version qemu-system-x86 "$BPO")
+        [ -n "$want" ] || die "$BPO offers no qemu-system-x86"
+        suite=$(suite_of "$want")
+        [ -n "$suite" ] || die "no apt source offers qemu-system-x86 $want (the version of the installed QEMU packages)"
+        say "installing QEMU $want from $suite (the version of the machine's ${utils:+qemu-utils}${sys:+qemu-system-x86})"
+        apt_install -t "$suite" "qemu-system-x86=$want" "qemu-system-common=$want" "qemu-system-data=$want" "qemu-utils=$want"
+        sys=$want
+    fi
+    # The other QEMU: 7.2 (bookworm) beside a newer one, else backports'.
+    if dpkg --compare-versions "$sys" ge 1:8; then
+        other_suite=bookworm
+    else
+        ensure_backports
+        other_suite=$BPO
+    fi
+    other=$(suite_version qemu-system-x86 "$other_suite")
+    if [ -z "$other" ]; then apt_update_once; other=$(suite_version qemu-system-x86 "$other_suite"); fi
+    [ -n "$other" ] || die "$other_suite offers no qemu-system-x86"
+    dir="$CACHE/qemu/$(qemu_short "$other")"
+    stamp="$dir/.stasis-qemu"
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$other" ] && "$dir/usr/bin/qemu-system-x86_64" --version >/dev/null 2>&1; then
+        return 0
+    fi
+    mkdir -p "$CACHE/debs"
+    rm -rf "$dir.tmp"
+    mkdir -p "$dir.tmp"
+    # The binary, its data (option ROMs, keymaps) and the firmware it links to
+    # (qemu-system-data's bios-256k.bin is a relative symlink into seabios).
+    for p in qemu-system-x86 qemu-system-data seabios ipxe-qemu; do
+        local v
+        # qemu-system-data is arch: all, so it lacks the +bN of binary rebuilds.
+        if [ "$p" = qemu-system-x86 ]; then v=$other; else v=$(suite_version "$p" "$other_suite"); fi
+        [ -n "$v" ] || v=$(installed_version "$p")
+        [ -n "$v" ] || die "no version of $p for QEMU $other"
+        deb=$(ls "$CACHE/debs/${p}_"*"${v#*:}_"*.deb 2>/dev/null | tail -n1 || true)
+        if [ -z "$deb" ]; then
+            say "downloading $p $v (QEMU $other, unpacked, not installed)"
+            if ! (cd "$CACHE/debs" && apt-get download -qq "$p=$v" 2>/dev/null); then
+                apt_update_once
+                (cd "$CACHE/debs" && apt-get download -qq "$p=$v") || die "apt-get download $p=$v failed"
+            fi
+            deb=$(ls "$CACHE/debs/${p}_"*"${v#*:}_"*.deb 2>/dev/null | tail -n1 || true)
+            [ -n "$deb" ] || die "download of $p=$v produced no .deb"
+        fi
+        dpkg-deb -x "$deb" "$dir.tmp" || die "dpkg-deb -x $deb failed"
+    done
+    # Shared libraries the unpacked binary needs and the machine lacks: the
+    # packages its control file depends on (added, never replacing anything).
+    if ldd "$dir.tmp/usr/bin/qemu-system-x86_64" | grep -q 'not found'; then
+        deb=$(ls "$CACHE/debs/qemu-system-x86_"*"${other#*:}_"*.deb | tail -n1)
+        missing_libs=()
+        for p in $(dpkg-deb -f "$deb" Depends | tr ',' '\n' | sed 's/^ *//; s/[ (].*//' | grep '^lib'); do
+            [ -n "$(installed_version "$p")" ] || missing_libs+=("$p")
+        done
+        [ ${#missing_libs[@]} -eq 0 ] || { apt_update_once; say "installing libraries of QEMU $other: ${missing_libs[*]}"; apt_install "${missing_libs[@]}"; }
+        if ldd "$dir.tmp/usr/bin/qemu-system-x86_64" | grep -q 'not found'; then
+            die "QEMU $other in $dir.tmp misses libraries: $(ldd "$dir.tmp/usr/bin/qemu-system-x86_64" | grep 'not found' | tr -s ' \n\t' ' ')"
+        fi
+    fi
+    "$dir.tmp/usr/bin/qemu-system-x86_64" --version >/dev/null || die "QEMU $other unpacked in $dir.tmp does not run"
+    echo "$other" > "$dir.tmp/.stasis-qemu"
+    rm -rf "$dir"
+    mv "$dir.tmp" "$dir"
+    say "QEMU $other ready in ${dir#"$ROOT"/} (the suite's second QEMU)"
+}
+
+# 1:10.0.2+ds-2+deb13u1~bpo12+1 -> 10.0.2; 1:7.2+dfsg-7+deb12u18+b2 -> 7.2
+qemu_short() { local v=${1#*:}; echo "${v%%[+~-]*}"; }
 
 # --- guest kernel ------------------------------------------------------------
 # The kernel is pinned once unpacked: later apt updates do not change the
@@ -125,67 +228,29 @@ say "guest kernel $KREL ready"
 }
 
 # --- guest kernel headers (for guest-kmod/) -------------------------------------
-# The Debian headers of exactly the pinned kernel's version, split by Debian
-# into linux-headers-KREL (arch: .config, Module.symvers, generated headers),
-# linux-headers-KREL-common (the source headers and top Makefile) and
-# linux-kbuild-X.Y (scripts, prebuilt fixdep/modpost), are downloaded and
-# unpacked side by side into .cache/headers/usr/{src,lib}/, never installed.
-# The arch tree's Makefile includes /usr/src/linux-headers-*-common/Makefile
-# by absolute path: it is rewritten to the relative sibling, so
+# The Debian headers of exactly the pinned kernel's version, unpacked (never
+# installed) into .cache/headers/ by scripts/kernel-headers.sh, so
 # `make -C .cache/headers/usr/src/linux-headers-KREL M=DIR modules` works.
 setup_headers() {
-    local kpkg krel deb ver hstamp hdir pkgs p
+    local kpkg deb
     kpkg=$(cat "$CACHE/kernel/.stasis-kernel")
-    krel=${kpkg#linux-image-}
     deb=$(ls "$CACHE/debs/${kpkg}_"*.deb 2>/dev/null | sort -V | tail -n1 || true)
     [ -n "$deb" ] || die "no .deb of $kpkg in .cache/debs (needed to pin the headers' version)"
-    ver=$(dpkg-deb -f "$deb" Version)
-    hstamp="$CACHE/headers/.stasis-headers"
-    hdir="$CACHE/headers/usr/src/linux-headers-$krel"
-    if [ -f "$hstamp" ] && [ "$(cat "$hstamp")" = "$kpkg=$ver" ] && [ -f "$hdir/Module.symvers" ]; then
-        return 0
-    fi
-    # linux-headers-KREL depends on the -common tree and the kbuild package.
-    headers_deps() {
-        apt-cache depends "linux-headers-$krel=$ver" 2>/dev/null \
-            | awk '/^ *Depends: linux-(headers|kbuild)-/ { print $2 }'
-    }
-    pkgs=$(headers_deps)
-    if [ -z "$pkgs" ]; then
-        apt_update_once
-        pkgs=$(headers_deps)
-    fi
-    [ -n "$pkgs" ] || die "cannot resolve the dependencies of linux-headers-$krel=$ver"
-    mkdir -p "$CACHE/debs"
-    rm -rf "$CACHE/headers.tmp"
-    mkdir -p "$CACHE/headers.tmp"
-    for p in "linux-headers-$krel" $pkgs; do
-        deb=$(ls "$CACHE/debs/${p}_${ver}_"*.deb 2>/dev/null | tail -n1 || true)
-        if [ -z "$deb" ]; then
-            say "downloading $p $ver (guest kernel headers, not installed on the host)"
-            if ! (cd "$CACHE/debs" && apt-get download -qq "$p=$ver" 2>/dev/null); then
-                apt_update_once
-                (cd "$CACHE/debs" && apt-get download -qq "$p=$ver") || die "apt-get download $p=$ver failed"
-            fi
-            deb=$(ls "$CACHE/debs/${p}_${ver}_"*.deb 2>/dev/null | tail -n1 || true)
-            [ -n "$deb" ] || die "download of $p=$ver produced no .deb"
-        fi
-        dpkg-deb -x "$deb" "$CACHE/headers.tmp" || die "dpkg-deb -x $deb failed"
-    done
-    local mk="$CACHE/headers.tmp/usr/src/linux-headers-$krel/Makefile"
-    [ -f "$mk" ] || die "linux-headers-$krel has no Makefile"
-    sed -i 's|^include /usr/src/\(linux-headers-[^/]*\)/Makefile$|include ../\1/Makefile|' "$mk"
-    grep -q '^include \.\./linux-headers-.*-common/Makefile$' "$mk" \
-        || die "unexpected top Makefile in linux-headers-$krel: $(head -n3 "$mk")"
-    # Kbuild's host programs are prebuilt: check they can run here.
-    if ldd "$CACHE/headers.tmp/usr/src/linux-headers-$krel/scripts/mod/modpost" 2>&1 | grep -q 'not found'; then
-        die "kbuild's modpost misses libraries: $(ldd "$CACHE/headers.tmp/usr/src/linux-headers-$krel/scripts/mod/modpost" | grep 'not found')"
-    fi
-    echo "$kpkg=$ver" > "$CACHE/headers.tmp/.stasis-headers"
-    rm -rf "$CACHE/headers"
-    mv "$CACHE/headers.tmp" "$CACHE/headers"
-    say "guest kernel headers $krel ($ver) ready in .cache/headers/"
+    bash "$ROOT/scripts/kernel-headers.sh" "${kpkg#linux-image-}" "$(dpkg-deb -f "$deb" Version)" "$CACHE/headers"
 }
 
+setup_qemu
 setup_kernel
 setup_headers
+
+# --- every tool the suite runs, checked -----------------------------------------
+# A package can be "installed" and its command still missing (a diversion, a
+# half-configured package, a PATH without /usr/sbin): name what is absent.
+absent=()
+for c in qemu-system-x86_64 qemu-img busybox cpio gzip xz zstd file jq socat ip iperf3 make gcc-12 ctorrent tclsh; do
+    command -v "$c" >/dev/null 2>&1 || absent+=("$c")
+done
+[ -x /usr/bin/opentracker ] || absent+=(opentracker)
+[ ${#absent[@]} -eq 0 ] || die "missing after set-up: ${absent[*]}"
+qemu-system-x86_64 -machine help >/dev/null 2>&1 || die "qemu-system-x86_64 does not run: $(qemu-system-x86_64 -machine help 2>&1 | head -n3)"
+qemu-img --version >/dev/null 2>&1 || die "qemu-img does not run"

@@ -56,9 +56,7 @@ impl Metrics {
     /// The event as one JSON line (no trailing newline).
     pub fn to_json_line(&self) -> String {
         let mut v = serde_json::to_value(self).expect("metrics serialise");
-        v.as_object_mut()
-            .expect("metrics is an object")
-            .insert("event".into(), "clock_metrics".into());
+        v.as_object_mut().expect("metrics is an object").insert("event".into(), "clock_metrics".into());
         v.to_string()
     }
 }
@@ -82,13 +80,7 @@ pub struct Convergence {
 impl Convergence {
     /// Converged after `needed` consecutive samples with |error| < `bound_ns`.
     pub fn new(bound_ns: f64, needed: usize) -> Self {
-        Convergence {
-            bound_ns,
-            needed: needed.max(1),
-            run_start: None,
-            run_len: 0,
-            converged_at: None,
-        }
+        Convergence { bound_ns, needed: needed.max(1), run_start: None, run_len: 0, converged_at: None }
     }
 
     /// Feed one sample taken at `at_ns` with error `error_ns`; returns the

@@ -15,13 +15,12 @@ use std::sync::{Arc, Mutex};
 use rand::{rngs::StdRng, SeedableRng};
 use statime::{
     config::{
-        AcceptAnyMaster, ClockIdentity, DelayMechanism, InstanceConfig, PortConfig,
-        PtpMinorVersion, SdoId, TimePropertiesDS, TimeSource,
+        AcceptAnyMaster, ClockIdentity, DelayMechanism, InstanceConfig, PortConfig, PtpMinorVersion, SdoId,
+        TimePropertiesDS, TimeSource,
     },
     filters::{KalmanConfiguration, KalmanFilter},
     port::{
-        is_message_buffer_compatible, NoForwardedTLVs, PortAction, PortActionIterator,
-        TimestampContext, MAX_DATA_LEN,
+        is_message_buffer_compatible, NoForwardedTLVs, PortAction, PortActionIterator, TimestampContext, MAX_DATA_LEN,
     },
     time::{Duration, Interval, Time},
     OverlayClock, PtpInstance, PtpInstanceState, SharedClock,
@@ -128,11 +127,7 @@ impl SyncedClock {
         SyncedClock {
             skew: base.skew(),
             clock: SharedClock::new(OverlayClock::new(base)),
-            status: Arc::new(Mutex::new(Status {
-                state: SyncState::Listening,
-                offset_ns: None,
-                delay_ns: None,
-            })),
+            status: Arc::new(Mutex::new(Status { state: SyncState::Listening, offset_ns: None, delay_ns: None })),
         }
     }
 
@@ -215,21 +210,15 @@ pub struct Service {
 
 /// Open the sockets and start the PTP node on the current tokio runtime.
 pub async fn start(config: ServiceConfig) -> Result<Service, StartError> {
-    let interface: InterfaceName = config
-        .interface
-        .parse()
-        .map_err(|_| StartError::InterfaceName(config.interface.clone()))?;
+    let interface: InterfaceName =
+        config.interface.parse().map_err(|_| StartError::InterfaceName(config.interface.clone()))?;
     let open = |port: u16, mode, which| {
         let sock = open_interface_udp4(interface, port, mode, None)
             .and_then(|s| {
                 s.join_multicast(SocketAddrV4::new(PTP_PRIMARY_MULTICAST, 0), interface)?;
                 Ok(s)
             })
-            .map_err(|source| StartError::Socket {
-                which,
-                interface: config.interface.clone(),
-                source,
-            })?;
+            .map_err(|source| StartError::Socket { which, interface: config.interface.clone(), source })?;
         Ok::<_, StartError>(sock)
     };
     let event = open(EVENT_PORT, InterfaceTimestampMode::SoftwareAll, "event")?;
@@ -244,13 +233,10 @@ pub async fn start(config: ServiceConfig) -> Result<Service, StartError> {
 
 /// EUI-64 from the interface's MAC; random if it has none.
 fn clock_identity(interface: InterfaceName) -> ClockIdentity {
-    let mac = timestamped_socket::interface::interfaces()
-        .ok()
-        .and_then(|all| all.get(&interface).and_then(|d| d.mac()));
+    let mac =
+        timestamped_socket::interface::interfaces().ok().and_then(|all| all.get(&interface).and_then(|d| d.mac()));
     match mac {
-        Some(m) if m.iter().any(|b| *b != 0) => {
-            ClockIdentity([m[0], m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]])
-        }
+        Some(m) if m.iter().any(|b| *b != 0) => ClockIdentity([m[0], m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]]),
         _ => ClockIdentity(rand::random()),
     }
 }
@@ -298,8 +284,7 @@ async fn run(
         sdo_id: SdoId::default(),
         path_trace: false,
     };
-    let time_properties =
-        TimePropertiesDS::new_arbitrary_time(false, false, TimeSource::InternalOscillator);
+    let time_properties = TimePropertiesDS::new_arbitrary_time(false, false, TimeSource::InternalOscillator);
     let instance: PtpInstance<KalmanFilter, std::sync::RwLock<PtpInstanceState>> =
         PtpInstance::new(instance_config, time_properties);
     let interval = Interval::from_log_2(config.log_sync_interval);
@@ -313,24 +298,13 @@ async fn run(
         delay_asymmetry: Duration::ZERO,
         minor_ptp_version: PtpMinorVersion::One,
     };
-    let in_bmca = instance.add_port(
-        port_config,
-        KalmanConfiguration::default(),
-        clock.clock.clone(),
-        StdRng::from_entropy(),
-    );
+    let in_bmca =
+        instance.add_port(port_config, KalmanConfiguration::default(), clock.clock.clone(), StdRng::from_entropy());
     let mut timers = Timers::default();
     let (mut port, actions) = in_bmca.end_bmca();
     let mut pending = handle(actions, &mut event, &mut general, &mut timers, &clock).await?;
     while let Some((ctx, t)) = pending {
-        pending = handle(
-            port.handle_send_timestamp(ctx, t),
-            &mut event,
-            &mut general,
-            &mut timers,
-            &clock,
-        )
-        .await?;
+        pending = handle(port.handle_send_timestamp(ctx, t), &mut event, &mut general, &mut timers, &clock).await?;
     }
     let mut bmca_at = Instant::now() + instance.bmca_interval();
     let mut event_buf = [0u8; MAX_DATA_LEN];
@@ -395,38 +369,22 @@ async fn run(
                 bmca_at = Instant::now() + instance.bmca_interval();
                 // end_bmca's actions are 'static; handle them here rather than
                 // forcing every arm's borrow to 'static.
-                let mut pending =
-                    handle(actions, &mut event, &mut general, &mut timers, &clock).await?;
+                let mut pending = handle(actions, &mut event, &mut general, &mut timers, &clock).await?;
                 while let Some((ctx, t)) = pending {
-                    pending = handle(
-                        port.handle_send_timestamp(ctx, t),
-                        &mut event,
-                        &mut general,
-                        &mut timers,
-                        &clock,
-                    )
-                    .await?;
+                    pending = handle(port.handle_send_timestamp(ctx, t), &mut event, &mut general, &mut timers, &clock)
+                        .await?;
                 }
                 PortActionIterator::empty()
             }
         };
         let mut pending = handle(actions, &mut event, &mut general, &mut timers, &clock).await?;
         while let Some((ctx, t)) = pending {
-            pending = handle(
-                port.handle_send_timestamp(ctx, t),
-                &mut event,
-                &mut general,
-                &mut timers,
-                &clock,
-            )
-            .await?;
+            pending = handle(port.handle_send_timestamp(ctx, t), &mut event, &mut general, &mut timers, &clock).await?;
         }
         let estimate = port.port_current_ds_contribution();
         clock.set_status(Status {
             state: port.port_ds().port_state.into(),
-            offset_ns: estimate
-                .as_ref()
-                .map(|e| e.offset_from_master.nanos_lossy()),
+            offset_ns: estimate.as_ref().map(|e| e.offset_from_master.nanos_lossy()),
             delay_ns: estimate.as_ref().map(|e| e.mean_delay.nanos_lossy()),
         });
     }
@@ -461,15 +419,9 @@ async fn handle(
             }
             PortAction::ResetAnnounceTimer { duration } => timers.announce = Some(now + duration),
             PortAction::ResetSyncTimer { duration } => timers.sync = Some(now + duration),
-            PortAction::ResetDelayRequestTimer { duration } => {
-                timers.delay_request = Some(now + duration)
-            }
-            PortAction::ResetAnnounceReceiptTimer { duration } => {
-                timers.announce_receipt = Some(now + duration)
-            }
-            PortAction::ResetFilterUpdateTimer { duration } => {
-                timers.filter_update = Some(now + duration)
-            }
+            PortAction::ResetDelayRequestTimer { duration } => timers.delay_request = Some(now + duration),
+            PortAction::ResetAnnounceReceiptTimer { duration } => timers.announce_receipt = Some(now + duration),
+            PortAction::ResetFilterUpdateTimer { duration } => timers.filter_update = Some(now + duration),
             PortAction::ForwardTLV { .. } => {}
         }
     }
@@ -483,20 +435,14 @@ mod tests {
 
     #[tokio::test]
     async fn start_refuses_a_bad_interface_name() {
-        let err = start(ServiceConfig::new("this-name-is-far-too-long"))
-            .await
-            .err()
-            .unwrap();
+        let err = start(ServiceConfig::new("this-name-is-far-too-long")).await.err().unwrap();
         assert!(matches!(err, StartError::InterfaceName(_)), "{err}");
     }
 
     #[tokio::test]
     async fn start_refuses_a_missing_interface() {
         let err = start(ServiceConfig::new("nosuchif0")).await.err().unwrap();
-        assert!(
-            matches!(err, StartError::Socket { which: "event", .. }),
-            "{err}"
-        );
+        assert!(matches!(err, StartError::Socket { which: "event", .. }), "{err}");
     }
 
     #[test]
@@ -533,15 +479,9 @@ mod tests {
         assert!((c.synced_at_host(h) - target).abs() <= 1);
         // about 1 s from now on the host clock (the rate error is a few ppm)
         let from_now = h as i128 - HostClock::Realtime.now_ns() as i128;
-        assert!(
-            (999_000_000..1_000_100_000).contains(&from_now),
-            "{from_now}"
-        );
+        assert!((999_000_000..1_000_100_000).contains(&from_now), "{from_now}");
         let mono_from_now = c.mono_at(target) as i128 - stasis_core::clock::mono_ns() as i128;
-        assert!(
-            (999_000_000..1_000_100_000).contains(&mono_from_now),
-            "{mono_from_now}"
-        );
+        assert!((999_000_000..1_000_100_000).contains(&mono_from_now), "{mono_from_now}");
     }
 
     #[test]

@@ -45,11 +45,7 @@ pub struct Skew {
 impl Skew {
     /// No error at all.
     pub fn none(origin_host_ns: u64) -> Self {
-        Skew {
-            offset_ns: 0,
-            drift_ppm: 0.0,
-            origin_host_ns,
-        }
+        Skew { offset_ns: 0, drift_ppm: 0.0, origin_host_ns }
     }
 
     /// The base clock's error at host instant `host_ns`, nanoseconds.
@@ -84,14 +80,7 @@ impl SkewedClock {
     /// A base clock over `host`, wrong by `offset_ns` now and drifting by
     /// `drift_ppm` from now on.
     pub fn new(host: HostClock, offset_ns: i64, drift_ppm: f64) -> Self {
-        Self::with_skew(
-            host,
-            Skew {
-                offset_ns,
-                drift_ppm,
-                origin_host_ns: host.now_ns(),
-            },
-        )
+        Self::with_skew(host, Skew { offset_ns, drift_ppm, origin_host_ns: host.now_ns() })
     }
 
     /// A base clock over `host` with a given skew.
@@ -130,10 +119,7 @@ impl statime::Clock for SkewedClock {
         Err(BaseClockError::ReadOnly)
     }
 
-    fn set_properties(
-        &mut self,
-        _time_properties_ds: &statime::config::TimePropertiesDS,
-    ) -> Result<(), Self::Error> {
+    fn set_properties(&mut self, _time_properties_ds: &statime::config::TimePropertiesDS) -> Result<(), Self::Error> {
         Ok(())
     }
 }
@@ -150,11 +136,7 @@ mod tests {
 
     #[test]
     fn skew_is_offset_plus_accumulated_drift() {
-        let s = Skew {
-            offset_ns: 3_000_000,
-            drift_ppm: 50.0,
-            origin_host_ns: 1_000_000_000,
-        };
+        let s = Skew { offset_ns: 3_000_000, drift_ppm: 50.0, origin_host_ns: 1_000_000_000 };
         assert_eq!(s.error_at(1_000_000_000), 3_000_000);
         // 2 s later, +50 ppm has gained 100 µs.
         assert_eq!(s.error_at(3_000_000_000), 3_100_000);
@@ -165,11 +147,7 @@ mod tests {
 
     #[test]
     fn negative_skew() {
-        let s = Skew {
-            offset_ns: -2_000_000,
-            drift_ppm: -30.0,
-            origin_host_ns: 0,
-        };
+        let s = Skew { offset_ns: -2_000_000, drift_ppm: -30.0, origin_host_ns: 0 };
         assert_eq!(s.error_at(10_000_000_000), -2_000_000 - 300_000);
     }
 
@@ -191,10 +169,7 @@ mod tests {
     #[test]
     fn base_clock_refuses_to_be_steered() {
         let mut c = SkewedClock::new(HostClock::Monotonic, 0, 0.0);
-        assert_eq!(
-            c.step_clock(Duration::from_nanos(5)),
-            Err(BaseClockError::ReadOnly)
-        );
+        assert_eq!(c.step_clock(Duration::from_nanos(5)), Err(BaseClockError::ReadOnly));
         assert_eq!(c.set_frequency(1.0), Err(BaseClockError::ReadOnly));
     }
 

@@ -13,7 +13,14 @@ use std::time::{Duration, Instant};
 
 fn link_topo(dir: &Path, sh: Shaping) -> Topology {
     Topology {
-        ports: (0..2).map(|i| PortConfig { name: format!("vm{i}"), socket: dir.join(format!("vm{i}.sock")), kind: Default::default() }).collect(),
+        ports: (0..2)
+            .map(|i| PortConfig {
+                name: format!("vm{i}"),
+                socket: dir.join(format!("vm{i}.sock")),
+                kind: Default::default(),
+                peer: None,
+            })
+            .collect(),
         lans: vec![],
         links: vec![LinkConfig { name: "l".into(), a: "vm0".into(), b: "vm1".into(), a_to_b: sh, b_to_a: sh }],
         seed: 0,

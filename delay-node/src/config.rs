@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 /// The whole network a delay node emulates.
@@ -28,6 +29,11 @@ pub struct PortConfig {
     /// How the VM's QEMU attaches (`"stream"` when absent).
     #[serde(default)]
     pub kind: PortKind,
+    /// A [`PortKind::Tcp`] port only (required there): the one address a
+    /// connection is accepted from, the VM's host. Connections from any
+    /// other address are closed at once and never touch the VM's.
+    #[serde(default)]
+    pub peer: Option<IpAddr>,
 }
 
 /// How a VM NIC is attached to its port.
@@ -118,7 +124,11 @@ pub struct LinkConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read topology {path}")]
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("topology is not valid JSON")]
     Parse(#[from] serde_json::Error),
     #[error("port name {0:?} is used twice")]
@@ -135,13 +145,17 @@ pub enum ConfigError {
     EmptyQueue(String),
     #[error("link {0:?} joins a port to itself")]
     SelfLink(String),
+    #[error("TCP port {0:?} names no peer address: a TCP port accepts its VM's host only")]
+    TcpPortWithoutPeer(String),
+    #[error("port {0:?} has a peer address but is not a TCP port")]
+    PeerOnLocalPort(String),
 }
 
 impl Topology {
     /// Read and check a topology file.
     pub fn load(path: &Path) -> Result<Topology, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         let topo: Topology = serde_json::from_str(&text)?;
         topo.validate()?;
         Ok(topo)
@@ -157,6 +171,13 @@ impl Topology {
             }
             if !sockets.insert(p.socket.as_path()) {
                 return Err(ConfigError::DuplicateSocket(p.socket.clone()));
+            }
+            match (p.kind, p.peer) {
+                (PortKind::Tcp, None) => return Err(ConfigError::TcpPortWithoutPeer(p.name.clone())),
+                (PortKind::Stream | PortKind::VhostUser, Some(_)) => {
+                    return Err(ConfigError::PeerOnLocalPort(p.name.clone()))
+                }
+                _ => {}
             }
         }
         let mut attached = HashSet::new();

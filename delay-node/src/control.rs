@@ -30,21 +30,44 @@ use tokio::net::UnixStream;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    FreezeAt { at: MonoNs, hold_lead_ns: u64 },
-    FreezePortAt { port: String, at: MonoNs, hold_lead_ns: u64 },
-    Save { path: PathBuf },
-    ThawAt { at: MonoNs },
-    ThawPortAt { port: String, at: MonoNs },
+    FreezeAt {
+        at: MonoNs,
+        hold_lead_ns: u64,
+    },
+    FreezePortAt {
+        port: String,
+        at: MonoNs,
+        hold_lead_ns: u64,
+    },
+    Save {
+        path: PathBuf,
+    },
+    ThawAt {
+        at: MonoNs,
+    },
+    ThawPortAt {
+        port: String,
+        at: MonoNs,
+    },
     /// Keep the node out of a vhost-user port's guest memory (no RX
     /// delivery, TX ring left alone) while its VM runs, e.g. during a live
     /// checkpoint's background snapshot; frames wait in the node. No-op for
     /// stream ports.
-    HoldPort { port: String },
+    HoldPort {
+        port: String,
+    },
     /// End a [`Request::HoldPort`]: queued TX is taken, held frames delivered.
-    ReleasePort { port: String },
+    ReleasePort {
+        port: String,
+    },
     Stats,
-    Pcap { port: String, path: Option<PathBuf> },
-    Restore { path: PathBuf },
+    Pcap {
+        port: String,
+        path: Option<PathBuf>,
+    },
+    Restore {
+        path: PathBuf,
+    },
     Shutdown,
 }
 
@@ -75,7 +98,11 @@ pub struct PortThawReport {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("cannot connect to control socket {path}")]
-    Connect { path: PathBuf, #[source] source: std::io::Error },
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("control socket I/O")]
     Io(#[from] std::io::Error),
     #[error("the delay node closed the control connection")]
@@ -193,7 +220,9 @@ mod tests {
         assert_eq!(r, Request::FreezeAt { at: 5, hold_lead_ns: 7 });
         assert_eq!(serde_json::to_string(&Request::Stats).unwrap(), r#"{"cmd":"stats"}"#);
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
-        assert!(matches!(parse_response::<()>(r#"{"error":"not frozen"}"#), Err(ControlError::Refused(m)) if m == "not frozen"));
+        assert!(
+            matches!(parse_response::<()>(r#"{"error":"not frozen"}"#), Err(ControlError::Refused(m)) if m == "not frozen")
+        );
         parse_response::<()>(r#"{"ok":null}"#).unwrap();
     }
 }

@@ -32,6 +32,8 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // The control socket, state files and pcaps are the owner's only.
+    stasis_core::private::restrict_umask();
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -56,7 +58,8 @@ fn run(args: &Args) -> Result<(), String> {
         Some(p) => Some(NodeState::read_file(p).map_err(|e| error_chain(&e))?),
         None => None,
     };
-    let mut node = Node::bind(&topo, &args.control, state.as_ref(), args.events.as_deref()).map_err(|e| error_chain(&e))?;
+    let mut node =
+        Node::bind(&topo, &args.control, state.as_ref(), args.events.as_deref()).map_err(|e| error_chain(&e))?;
     if let Some(us) = args.spin_us {
         node.set_spin_ns(us * 1000);
     }

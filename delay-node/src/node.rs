@@ -15,6 +15,7 @@ use crate::sched::{Action, PortId, Scheduler};
 use crate::state::NodeState;
 use serde_json::json;
 use stasis_core::clock::{mono_ns, MonoNs};
+use stasis_vhost_user::{PortEvent, VhostPort};
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::io::AsRawFd;
@@ -22,7 +23,6 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use stasis_vhost_user::{PortEvent, VhostPort};
 
 /// Deadlines closer than this are spun for rather than slept for.
 const SPIN_NS: u64 = 200_000;
@@ -35,7 +35,11 @@ const READ_BUDGET: usize = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("cannot bind {path}")]
-    Bind { path: PathBuf, #[source] source: std::io::Error },
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot open the events file")]
     Events(#[source] std::io::Error),
     #[error("cannot restore the saved state")]
@@ -43,34 +47,48 @@ pub enum NodeError {
     #[error("poll failed")]
     Poll(#[source] std::io::Error),
     #[error("cannot serve vhost-user port {path}")]
-    Vhost { path: PathBuf, #[source] source: stasis_vhost_user::VhostError },
+    Vhost {
+        path: PathBuf,
+        #[source]
+        source: stasis_vhost_user::VhostError,
+    },
     #[error("cannot create the wake-up socket pair")]
     Wake(#[source] std::io::Error),
 }
 
-/// A stream port's listening socket: unix, or TCP for a VM on another host.
+/// A stream port's listening socket: unix, or TCP for a VM on another host
+/// (with the one address it accepts connections from).
 enum PortListener {
     Unix(UnixListener),
-    Tcp(std::net::TcpListener),
+    Tcp(std::net::TcpListener, std::net::IpAddr),
 }
+
+/// A connection a TCP port refused: it came from another address than the
+/// VM's host.
+struct Refused(std::net::SocketAddr);
 
 impl PortListener {
     fn as_raw_fd(&self) -> i32 {
         match self {
             PortListener::Unix(l) => l.as_raw_fd(),
-            PortListener::Tcp(l) => l.as_raw_fd(),
+            PortListener::Tcp(l, _) => l.as_raw_fd(),
         }
     }
 
-    fn accept(&self) -> std::io::Result<PortStream> {
+    /// The next connection; `Ok(Err(_))` for one refused (and already closed).
+    fn accept(&self) -> std::io::Result<Result<PortStream, Refused>> {
         match self {
-            PortListener::Unix(l) => l.accept().map(|(s, _)| PortStream::Unix(s)),
-            PortListener::Tcp(l) => {
+            PortListener::Unix(l) => l.accept().map(|(s, _)| Ok(PortStream::Unix(s))),
+            PortListener::Tcp(l, allowed) => {
                 let (s, peer) = l.accept()?;
+                if peer.ip() != *allowed {
+                    // Dropping `s` closes it before a byte is read.
+                    return Ok(Err(Refused(peer)));
+                }
                 tracing::debug!(%peer, "TCP port connection");
                 // Frames are latency-sensitive: no Nagle batching.
                 s.set_nodelay(true)?;
-                Ok(PortStream::Tcp(s))
+                Ok(Ok(PortStream::Tcp(s)))
             }
         }
     }
@@ -119,6 +137,9 @@ impl Write for PortStream {
     }
 }
 
+/// Most bytes queued for one stream-mode VM that its QEMU has not read yet.
+pub const MAX_STREAM_OUT: usize = 4 << 20;
+
 struct Conn {
     stream: PortStream,
     dec: FrameDecoder,
@@ -137,6 +158,8 @@ struct PortIo {
     pcap: Option<PcapWriter>,
     /// Vhost-user ports only.
     vhost: Option<VhostIo>,
+    /// TCP ports only: connections refused (from another address than the VM's host).
+    refused: u64,
 }
 
 struct VhostIo {
@@ -224,7 +247,12 @@ impl ErrHist {
         self.max
     }
     fn summary(&self) -> crate::sched::ReleaseError {
-        crate::sched::ReleaseError { count: self.count, p50_ns: self.quantile(0.5), p99_ns: self.quantile(0.99), max_ns: self.max }
+        crate::sched::ReleaseError {
+            count: self.count,
+            p50_ns: self.quantile(0.5),
+            p99_ns: self.quantile(0.99),
+            max_ns: self.max,
+        }
     }
 }
 
@@ -243,8 +271,12 @@ fn bind(path: &Path) -> Result<UnixListener, NodeError> {
 
 /// Listen on exactly the `ip:port` written in a TCP port's `socket`.
 fn bind_tcp(addr: &Path) -> Result<std::net::TcpListener, NodeError> {
-    let bad = |m: &str| NodeError::Bind { path: addr.to_owned(), source: std::io::Error::new(ErrorKind::InvalidInput, m.to_owned()) };
-    let a: std::net::SocketAddr = addr.to_str().and_then(|s| s.parse().ok()).ok_or_else(|| bad("a TCP port needs an ip:port address"))?;
+    let bad = |m: &str| NodeError::Bind {
+        path: addr.to_owned(),
+        source: std::io::Error::new(ErrorKind::InvalidInput, m.to_owned()),
+    };
+    let a: std::net::SocketAddr =
+        addr.to_str().and_then(|s| s.parse().ok()).ok_or_else(|| bad("a TCP port needs an ip:port address"))?;
     if a.ip().is_unspecified() {
         return Err(bad("refusing a wildcard address for a TCP port: name the host's address"));
     }
@@ -275,7 +307,8 @@ impl Node {
         let (wake_rx, wake_tx) = UnixStream::pair().map_err(NodeError::Wake)?;
         wake_rx.set_nonblocking(true).map_err(NodeError::Wake)?;
         wake_tx.set_nonblocking(true).map_err(NodeError::Wake)?;
-        let vhost_events = Arc::new(VhostEvents { queue: Mutex::new(Vec::new()), signalled: AtomicBool::new(false), wake_tx });
+        let vhost_events =
+            Arc::new(VhostEvents { queue: Mutex::new(Vec::new()), signalled: AtomicBool::new(false), wake_tx });
         let mut sched = sched;
         let mut ports = Vec::new();
         for (i, p) in topology.ports.iter().enumerate() {
@@ -286,14 +319,20 @@ impl Node {
                     conn: None,
                     pcap: None,
                     vhost: None,
+                    refused: 0,
                 }),
                 PortKind::Tcp => ports.push(PortIo {
                     // Nothing to remove on exit.
                     path: PathBuf::new(),
-                    listener: Some(PortListener::Tcp(bind_tcp(&p.socket)?)),
+                    listener: Some(PortListener::Tcp(
+                        bind_tcp(&p.socket)?,
+                        // Topology::validate requires it; an absent one accepts no one.
+                        p.peer.unwrap_or(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)),
+                    )),
                     conn: None,
                     pcap: None,
                     vhost: None,
+                    refused: 0,
                 }),
                 PortKind::VhostUser => {
                     let ev = vhost_events.clone();
@@ -308,6 +347,7 @@ impl Node {
                         conn: None,
                         pcap: None,
                         vhost: Some(VhostIo { port, running: false }),
+                        refused: 0,
                     });
                 }
             }
@@ -410,7 +450,10 @@ impl Node {
                 fds.push(pfd(c.stream.as_raw_fd(), ev));
                 tags.push(Tag::Ctl(i));
             }
-            let ts = libc::timespec { tv_sec: (timeout_ns / 1_000_000_000) as _, tv_nsec: (timeout_ns % 1_000_000_000) as _ };
+            let ts = libc::timespec {
+                tv_sec: (timeout_ns / 1_000_000_000) as _,
+                tv_nsec: (timeout_ns % 1_000_000_000) as _,
+            };
             // SAFETY: `fds` is a valid array of `fds.len()` pollfds and `ts` a valid timespec, both live for the call.
             let rc = unsafe { libc::ppoll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, &ts, std::ptr::null()) };
             if rc < 0 {
@@ -491,6 +534,17 @@ impl Node {
             match a {
                 Action::Deliver { port, frame, due, due_vt } => {
                     let p = &mut self.ports[port];
+                    // Stream mode: a VM whose QEMU stops reading must not grow
+                    // our buffer without bound. Past the cap the port blocks
+                    // like a vhost port without buffers (due frames wait in the
+                    // scheduler's bounded backlog) until the socket drains.
+                    if let Some(c) = &p.conn {
+                        let earlier = refused.iter().any(|r| r.0 == port);
+                        if earlier || c.out.len() - c.out_pos >= MAX_STREAM_OUT {
+                            refused.push((port, frame, due_vt));
+                            continue;
+                        }
+                    }
                     if let Some(v) = &p.vhost {
                         // Once a port refused a frame, later ones queue behind it.
                         let earlier = refused.iter().any(|r| r.0 == port);
@@ -542,9 +596,12 @@ impl Node {
         let evs = std::mem::take(&mut *self.vhost_events.queue.lock().unwrap_or_else(|p| p.into_inner()));
         for (i, ev, at) in evs {
             let name = self.sched.port_name(i).to_owned();
-            let Some(v) = self.ports[i].vhost.as_mut() else { continue };
+            let Some(v) = self.ports[i].vhost.as_mut() else {
+                continue;
+            };
             match ev {
                 PortEvent::Frame(f) => {
+                    v.port.tx_consumed(1);
                     if let Some(w) = &mut self.ports[i].pcap {
                         let _ = w.record(at, &f);
                     }
@@ -576,14 +633,20 @@ impl Node {
                 PortEvent::Disconnected => {
                     v.running = false;
                     self.sched.set_blocked(i, true);
-                    self.events.emit(at, "port_disconnected", json!({ "port": name, "reason": "vhost-user frontend closed" }));
+                    self.events.emit(
+                        at,
+                        "port_disconnected",
+                        json!({ "port": name, "reason": "vhost-user frontend closed" }),
+                    );
                 }
             }
         }
     }
 
     fn flush_port(&mut self, i: usize) {
-        let Some(c) = &mut self.ports[i].conn else { return };
+        let Some(c) = &mut self.ports[i].conn else {
+            return;
+        };
         while c.out_pos < c.out.len() {
             match c.stream.write(&c.out[c.out_pos..]) {
                 Ok(n) => c.out_pos += n,
@@ -601,6 +664,13 @@ impl Node {
             }
             c.ends.pop_front();
         }
+        if c.out.len() - c.out_pos < MAX_STREAM_OUT / 2 && self.ports[i].vhost.is_none() && self.sched.is_blocked(i) {
+            // The reader caught up with a buffer that had reached its cap.
+            self.sched.set_blocked(i, false);
+        }
+        let Some(c) = &mut self.ports[i].conn else {
+            return;
+        };
         if c.out_pos == c.out.len() {
             c.out.clear();
             c.out_pos = 0;
@@ -622,9 +692,25 @@ impl Node {
     fn accept_port(&mut self, i: usize) {
         {
             loop {
-                let Some(l) = &self.ports[i].listener else { return };
+                let Some(l) = &self.ports[i].listener else {
+                    return;
+                };
                 match l.accept() {
-                    Ok(stream) => {
+                    Ok(Err(Refused(peer))) => {
+                        let io = &mut self.ports[i];
+                        io.refused += 1;
+                        let name = self.sched.port_name(i).to_owned();
+                        // Logged and recorded once per power of two: a flood
+                        // of connections cannot flood the log.
+                        if io.refused.is_power_of_two() {
+                            tracing::warn!(port = %name, %peer, refused = io.refused, "refused a connection from another address than the VM's host");
+                            self.events.emit_now(
+                                "port_refused",
+                                json!({ "port": name, "peer": peer.to_string(), "refused": io.refused }),
+                            );
+                        }
+                    }
+                    Ok(Ok(stream)) => {
                         if stream.set_nonblocking(true).is_err() {
                             continue;
                         }
@@ -635,8 +721,13 @@ impl Node {
                         }
                         tracing::info!(port = %name, "VM connected");
                         self.events.emit_now("port_connected", json!({ "port": name }));
-                        self.ports[i].conn =
-                            Some(Conn { stream, dec: FrameDecoder::new(), out: Vec::new(), out_pos: 0, ends: VecDeque::new() });
+                        self.ports[i].conn = Some(Conn {
+                            stream,
+                            dec: FrameDecoder::new(),
+                            out: Vec::new(),
+                            out_pos: 0,
+                            ends: VecDeque::new(),
+                        });
                         self.sched.set_connected(i, true);
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -710,7 +801,13 @@ impl Node {
             match self.control.accept() {
                 Ok((stream, _)) => {
                     if stream.set_nonblocking(true).is_ok() {
-                        self.ctls.push(Ctl { stream, inbuf: Vec::new(), out: Vec::new(), waiting: None, closed: false });
+                        self.ctls.push(Ctl {
+                            stream,
+                            inbuf: Vec::new(),
+                            out: Vec::new(),
+                            waiting: None,
+                            closed: false,
+                        });
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -757,7 +854,9 @@ impl Node {
                     }
                 }
                 let c = &mut self.ctls[ci];
-                let Some(nl) = c.inbuf.iter().position(|&b| b == b'\n') else { break };
+                let Some(nl) = c.inbuf.iter().position(|&b| b == b'\n') else {
+                    break;
+                };
                 let line: Vec<u8> = c.inbuf.drain(..=nl).collect();
                 let reply = match serde_json::from_slice::<Request>(&line) {
                     Ok(req) => self.handle(ci, req),
@@ -945,10 +1044,18 @@ impl Node {
                 let reached = stasis_core::clock::wait_until(at);
                 let rep = self.sched.thaw_port(at, p).map_err(|e| e.to_string());
                 if let Ok((held, late)) = rep {
-                    self.events.emit(reached, "port_thaw", json!({ "port": self.sched.port_name(p), "held_frames": held }));
+                    self.events.emit(
+                        reached,
+                        "port_thaw",
+                        json!({ "port": self.sched.port_name(p), "held_frames": held }),
+                    );
                     self.release(mono_ns());
-                    return Ok(Ok(serde_json::to_value(PortThawReport { thawed_at: at, held_frames: held, max_hold_lateness_ns: late })
-                        .expect("plain struct")));
+                    return Ok(Ok(serde_json::to_value(PortThawReport {
+                        thawed_at: at,
+                        held_frames: held,
+                        max_hold_lateness_ns: late,
+                    })
+                    .expect("plain struct")));
                 }
                 Ok(rep.map(|_| json!(null)))
             }
@@ -964,7 +1071,9 @@ impl Node {
         }
         for i in 0..self.ports.len() {
             self.flush_port(i);
-            let Some(c) = &mut self.ports[i].conn else { continue };
+            let Some(c) = &mut self.ports[i].conn else {
+                continue;
+            };
             if c.ends.is_empty() {
                 continue;
             }
@@ -1010,7 +1119,10 @@ impl Node {
             blake3: Some(w.blake3),
         };
         tracing::info!(path = %path.display(), bytes = rep.bytes, inflight, held, "saved");
-        self.events.emit_now("saved", json!({ "path": path, "bytes": rep.bytes, "frames_in_flight": inflight, "frames_held": held }));
+        self.events.emit_now(
+            "saved",
+            json!({ "path": path, "bytes": rep.bytes, "frames_in_flight": inflight, "frames_held": held }),
+        );
         Ok(rep)
     }
 }

@@ -11,9 +11,7 @@
 //! total time the node has spent frozen.
 
 use crate::config::{Shaping, Topology};
-use crate::state::{
-    FrameState, HeldState, NodeState, PipeCounters, PipeState, PortCounters, PortState,
-};
+use crate::state::{FrameState, HeldState, NodeState, PipeCounters, PipeState, PortCounters, PortState};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -738,7 +736,11 @@ impl Scheduler {
                 .ports
                 .iter()
                 .map(|p| PortState {
-                    held: p.held.iter().map(|h| HeldState { data: h.frame.clone(), late_ns: f.vt.saturating_sub(h.due_vt) }).collect(),
+                    held: p
+                        .held
+                        .iter()
+                        .map(|h| HeldState { data: h.frame.clone(), late_ns: f.vt.saturating_sub(h.due_vt) })
+                        .collect(),
                     counters: p.counters,
                 })
                 .collect(),

@@ -11,10 +11,11 @@ use stasis_core::envelope::{self, EnvelopeError, FormatVersion, Kind};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// The envelope kind of delay-node state files.
+/// The envelope kind of delay-node state files. Major 2: topology ports
+/// carry `peer` (a TCP port's one accepted address).
 pub const KIND: Kind = Kind {
     name: "delay-node",
-    version: FormatVersion { major: 1, minor: 0 },
+    version: FormatVersion { major: 2, minor: 0 },
     // Generous: 50-frame queues of 64 KiB frames on dozens of pipes fit easily.
     max_payload: 4 << 30,
 };
@@ -108,11 +109,23 @@ pub struct PortCounters {
 #[derive(Debug, thiserror::Error)]
 pub enum StateFileError {
     #[error("cannot write state file {path}")]
-    Write { path: PathBuf, #[source] source: std::io::Error },
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot read state file {path}")]
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("state file {path} is not a usable delay-node state")]
-    Envelope { path: PathBuf, #[source] source: EnvelopeError },
+    Envelope {
+        path: PathBuf,
+        #[source]
+        source: EnvelopeError,
+    },
 }
 
 /// Result of writing a state file.

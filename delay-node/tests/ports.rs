@@ -12,7 +12,14 @@ use std::time::Duration;
 fn setup(dir: &Path) -> (NodeProc, std::path::PathBuf) {
     let sh = Shaping { delay_ns: 1_000_000, queue_packets: 10_000, ..Shaping::default() };
     let topo = Topology {
-        ports: (0..3).map(|i| PortConfig { name: format!("vm{i}"), socket: dir.join(format!("vm{i}.sock")), kind: Default::default() }).collect(),
+        ports: (0..3)
+            .map(|i| PortConfig {
+                name: format!("vm{i}"),
+                socket: dir.join(format!("vm{i}.sock")),
+                kind: Default::default(),
+                peer: None,
+            })
+            .collect(),
         lans: vec![],
         links: vec![LinkConfig { name: "l".into(), a: "vm0".into(), b: "vm1".into(), a_to_b: sh, b_to_a: sh }],
         seed: 0,
@@ -189,11 +196,27 @@ fn frames_for_a_vhost_port_without_a_running_device_are_kept_and_saved() {
     let d = dir.path();
     let topo = Topology {
         ports: vec![
-            PortConfig { name: "s".into(), socket: d.join("s.sock"), kind: delay_node::config::PortKind::Stream },
-            PortConfig { name: "v".into(), socket: d.join("v.sock"), kind: delay_node::config::PortKind::VhostUser },
+            PortConfig {
+                name: "s".into(),
+                socket: d.join("s.sock"),
+                kind: delay_node::config::PortKind::Stream,
+                peer: None,
+            },
+            PortConfig {
+                name: "v".into(),
+                socket: d.join("v.sock"),
+                kind: delay_node::config::PortKind::VhostUser,
+                peer: None,
+            },
         ],
         lans: vec![],
-        links: vec![LinkConfig { name: "l".into(), a: "s".into(), b: "v".into(), a_to_b: Shaping::default(), b_to_a: Shaping::default() }],
+        links: vec![LinkConfig {
+            name: "l".into(),
+            a: "s".into(),
+            b: "v".into(),
+            a_to_b: Shaping::default(),
+            b_to_a: Shaping::default(),
+        }],
         seed: 0,
     };
     let tp = d.join("topo.json");
@@ -217,34 +240,140 @@ fn frames_for_a_vhost_port_without_a_running_device_are_kept_and_saved() {
     assert_eq!((rep.frames_held, rep.frames_in_flight), (5, 0), "{rep:?}");
 }
 
-#[test]
-fn a_tcp_port_serves_a_vm_on_another_host() {
-    let dir = tempfile::tempdir().unwrap();
+/// A node with a unix port "local" linked to a TCP port "remote" on a free
+/// loopback address that accepts connections from 127.0.0.1 only.
+fn tcp_setup(dir: &Path) -> (NodeProc, std::net::SocketAddr) {
     // A free loopback port (the node binds exactly this address).
     let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let sh = Shaping { delay_ns: 1_000_000, queue_packets: 10_000, ..Shaping::default() };
     let topo = Topology {
         ports: vec![
-            PortConfig { name: "local".into(), socket: dir.path().join("local.sock"), kind: delay_node::config::PortKind::Stream },
-            PortConfig { name: "remote".into(), socket: addr.to_string().into(), kind: delay_node::config::PortKind::Tcp },
+            PortConfig {
+                name: "local".into(),
+                socket: dir.join("local.sock"),
+                kind: delay_node::config::PortKind::Stream,
+                peer: None,
+            },
+            PortConfig {
+                name: "remote".into(),
+                socket: addr.to_string().into(),
+                kind: delay_node::config::PortKind::Tcp,
+                peer: Some("127.0.0.1".parse().unwrap()),
+            },
         ],
         lans: vec![],
         links: vec![LinkConfig { name: "l".into(), a: "local".into(), b: "remote".into(), a_to_b: sh, b_to_a: sh }],
         seed: 0,
     };
-    let tp = dir.path().join("topo.json");
+    let tp = dir.join("topo.json");
     std::fs::write(&tp, serde_json::to_string(&topo).unwrap()).unwrap();
-    let _node = NodeProc::start(&tp, &dir.path().join("ctl.sock"), None, &dir.path().join("events.jsonl"));
+    (NodeProc::start(&tp, &dir.join("ctl.sock"), None, &dir.join("events.jsonl")), addr)
+}
+
+/// Frames both ways between the unix port and the TCP port.
+fn tcp_roundtrips(
+    local: &mut std::os::unix::net::UnixStream,
+    remote: &mut std::net::TcpStream,
+    seqs: std::ops::Range<u32>,
+) {
+    for seq in seqs {
+        write_frame(local, &test_frame(1, 0, 0, seq, 0, 60)).unwrap();
+        let f = read_frame(remote).expect("frame forwarded to the TCP port");
+        assert_eq!(u32::from_be_bytes(f[15..19].try_into().unwrap()), seq);
+        write_frame(remote, &test_frame(0, 1, 0, seq + 100, 0, 60)).unwrap();
+        let f = read_frame(local).expect("frame forwarded from the TCP port");
+        assert_eq!(u32::from_be_bytes(f[15..19].try_into().unwrap()), seq + 100);
+    }
+}
+
+#[test]
+fn a_tcp_port_serves_a_vm_on_another_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, addr) = tcp_setup(dir.path());
     let mut local = connect_retry(&dir.path().join("local.sock"));
     let mut remote = std::net::TcpStream::connect(addr).expect("the node listens on the TCP address");
     remote.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     local.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    for seq in 0..20 {
-        write_frame(&mut local, &test_frame(1, 0, 0, seq, 0, 60)).unwrap();
-        let f = read_frame(&mut remote).expect("frame forwarded to the TCP port");
-        assert_eq!(u32::from_be_bytes(f[15..19].try_into().unwrap()), seq);
-        write_frame(&mut remote, &test_frame(0, 1, 0, seq + 100, 0, 60)).unwrap();
-        let f = read_frame(&mut local).expect("frame forwarded from the TCP port");
-        assert_eq!(u32::from_be_bytes(f[15..19].try_into().unwrap()), seq + 100);
+    tcp_roundtrips(&mut local, &mut remote, 0..20);
+}
+
+/// A peer that is not the VM's host (here: from 127.0.0.2, the port accepts
+/// 127.0.0.1) is closed before a byte is read, however often it tries: the
+/// live VM keeps its port (before, each new connection replaced the VM's),
+/// and a peer that connects before the VM does not get the port either.
+#[test]
+fn an_unauthenticated_tcp_peer_cannot_take_a_remote_vms_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, addr) = tcp_setup(dir.path());
+    let rt = rt();
+    let intruder = || {
+        rt.block_on(async {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            let mut s = s.connect(addr).await.expect("the TCP handshake itself completes").into_std().unwrap();
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            // Whatever it sends is never read as frames.
+            let _ = write_frame(&mut s, &test_frame(0, 1, 0, 999, 0, 60));
+            s
+        })
+    };
+    let closed = |mut s: std::net::TcpStream| {
+        let mut b = [0u8; 64];
+        match s.read(&mut b) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Ok(n) => panic!("an intruder read {n} bytes from the port"),
+            Err(e) => panic!("the intruder's connection stayed open: {e}"),
+        }
+    };
+    // Before the VM: refused, and the VM then connects as usual.
+    closed(intruder());
+    let mut local = connect_retry(&dir.path().join("local.sock"));
+    let mut remote = std::net::TcpStream::connect(addr).unwrap();
+    remote.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    local.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    tcp_roundtrips(&mut local, &mut remote, 0..5);
+    // While the VM is connected: ten intruders, each closed, none displacing it.
+    for _ in 0..10 {
+        closed(intruder());
     }
+    tcp_roundtrips(&mut local, &mut remote, 5..10);
+    // Recorded (once per power of two of refusals: 1, 2, 4, 8).
+    let events = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
+    assert_eq!(events.lines().filter(|l| l.contains("port_refused")).count(), 4, "{events}");
+    assert!(!events.contains("replaced"), "{events}");
+}
+
+/// Peak resident memory of a process, from /proc (kB).
+fn peak_rss_kb(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = s.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A stream-mode VM whose QEMU stops reading: the node's output buffer for it
+/// stays bounded (frames wait in the scheduler's bounded backlog, then are
+/// dropped and counted) instead of growing with everything sent to it.
+#[test]
+fn a_vm_that_stops_reading_does_not_grow_the_nodes_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, _events) = setup(dir.path());
+    let rt = rt();
+    let mut ctl = client(&rt, &dir.path().join("ctl.sock"));
+    let mut a = connect_retry(&dir.path().join("vm0.sock"));
+    let _b = connect_retry(&dir.path().join("vm1.sock")); // never read
+    std::thread::sleep(Duration::from_millis(50));
+    let before = peak_rss_kb(node.child.id());
+    let n = 60_000u32; // 90 MB of frames towards vm1
+    for seq in 0..n {
+        write_frame(&mut a, &test_frame(1, 0, 0, seq, 0, 1500)).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let st = rt.block_on(ctl.stats()).unwrap();
+    let grew_mb = (peak_rss_kb(node.child.id()) - before) / 1024;
+    assert!(st.ports[1].counters.dropped_unconnected > 0, "{:?}", st.ports[1]);
+    // Bounded: the 4 MiB output cap, 4096 held frames and the 10 000-frame
+    // pipe queue are ~25 MB at most; the 90 MB sent must not all be kept.
+    assert!(grew_mb < 40, "the node grew by {grew_mb} MB for a VM that does not read");
 }

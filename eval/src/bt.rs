@@ -84,8 +84,12 @@ pub fn spec(name: &str, leechers: usize, payload: Payload, bandwidth: &str, dela
             "[[node]]\nname = \"{l}\"\nrun = [\"{env}stasis-bt leech --torrent /etc/stasis-bt/{p}.torrent --out /tmp/bt/payload.bin --sha1 $BT_SHA1 --size $BT_SIZE --piece-kib $BT_PIECE_KIB --tracker 10.0.1.1:6969 --info-hash $BT_INFO_HASH --node {l}\"]\n\n"
         ));
     }
-    let members: Vec<String> = std::iter::once("s".to_string()).chain(leecher_names(leechers)).map(|n| format!("\"{n}\"")).collect();
-    s.push_str(&format!("[[lan]]\nname = \"lan0\"\nmembers = [{}]\nbandwidth = \"{bandwidth}\"\ndelay = \"{delay}\"\n", members.join(", ")));
+    let members: Vec<String> =
+        std::iter::once("s".to_string()).chain(leecher_names(leechers)).map(|n| format!("\"{n}\"")).collect();
+    s.push_str(&format!(
+        "[[lan]]\nname = \"lan0\"\nmembers = [{}]\nbandwidth = \"{bandwidth}\"\ndelay = \"{delay}\"\n",
+        members.join(", ")
+    ));
     s
 }
 
@@ -392,7 +396,9 @@ pub fn table(cs: &[Comparison]) -> String {
             f(c.mean_base_s, 2),
             f(c.mean_arm_s, 2),
             c.rel_diff.map(|x| format!("{:+.1} %", 100.0 * x)).unwrap_or("-".into()),
-            c.tost.map(|t| format!("[{:+.1} %, {:+.1} %], p {:.3}", 100.0 * t.ci.0, 100.0 * t.ci.1, t.p)).unwrap_or("-".into()),
+            c.tost
+                .map(|t| format!("[{:+.1} %, {:+.1} %], p {:.3}", 100.0 * t.ci.0, 100.0 * t.ci.1, t.p))
+                .unwrap_or("-".into()),
             f(c.welch.map(|x| x.p), 3),
             c.ks.map(|x| format!("{:.2} ({:.3})", x.stat, x.p)).unwrap_or("-".into()),
             c.ad.map(|x| format!("{:.2} ({:.3})", x.stat, x.p)).unwrap_or("-".into()),
@@ -414,10 +420,18 @@ mod tests {
     }
 
     fn leech_lines(node: &str, start_host: u64, total_s: f64) -> Vec<Line> {
-        let mut v = vec![line(node, start_host, json!({"tool":"bt","role":"leech","event":"start","t_ns":5_000_000_000u64,"size":400}))];
+        let mut v = vec![line(
+            node,
+            start_host,
+            json!({"tool":"bt","role":"leech","event":"start","t_ns":5_000_000_000u64,"size":400}),
+        )];
         for i in 1..4u64 {
             let e = total_s * i as f64 / 4.0;
-            v.push(line(node, start_host + (e * 1e9) as u64, json!({"tool":"bt","role":"leech","event":"progress","elapsed_ns":(e*1e9) as u64,"bytes":100*i})));
+            v.push(line(
+                node,
+                start_host + (e * 1e9) as u64,
+                json!({"tool":"bt","role":"leech","event":"progress","elapsed_ns":(e*1e9) as u64,"bytes":100*i}),
+            ));
         }
         v.push(line(node, start_host + (total_s * 1e9) as u64, json!({"tool":"bt","role":"leech","event":"done","elapsed_ns":(total_s*1e9) as u64,"bytes":400,"verified":true,"sha1":"ab"})));
         v
@@ -498,7 +512,9 @@ mod tests {
 
     #[test]
     fn the_aa_check_passes_on_one_arm_and_catches_a_drift() {
-        let base = |f: &dyn Fn(usize) -> f64| -> Vec<Run> { (1..=8).map(|k| run(Arm::None, k, &[60.0 + f(k), 61.0 + f(k)])).collect() };
+        let base = |f: &dyn Fn(usize) -> f64| -> Vec<Run> {
+            (1..=8).map(|k| run(Arm::None, k, &[60.0 + f(k), 61.0 + f(k)])).collect()
+        };
         // Odd and even rounds draw the same values: equivalent.
         let same = base(&|k| ((k - 1) / 2 % 2) as f64);
         let c = compare_aa(&same).expect("8 baseline runs");

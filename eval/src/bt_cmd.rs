@@ -87,7 +87,9 @@ fn control(sock: &Path, req: serde_json::Value) -> Result<serde_json::Value> {
 
 fn done(lines: &[Line], leechers: &[String]) -> bool {
     leechers.iter().all(|l| {
-        lines.iter().any(|x| x.node == *l && x.v["tool"] == "bt" && matches!(x.v["event"].as_str(), Some("done") | Some("error")))
+        lines.iter().any(|x| {
+            x.node == *l && x.v["tool"] == "bt" && matches!(x.v["event"].as_str(), Some("done") | Some("error"))
+        })
     })
 }
 
@@ -126,7 +128,9 @@ fn one_run(bin: &Path, cfg: &Config, arm: Arm, index: usize, seq: usize) -> Resu
                 Arm::Control => {
                     let freeze_at = mono_ns() + 5_000_000;
                     control(&ctl, serde_json::json!({"cmd": "freeze_at", "at": freeze_at, "hold_lead_ns": 0}))?;
-                    std::thread::sleep(Duration::from_nanos(freeze_at - mono_ns().min(freeze_at)) + secs(cfg.control_pause_s));
+                    std::thread::sleep(
+                        Duration::from_nanos(freeze_at - mono_ns().min(freeze_at)) + secs(cfg.control_pause_s),
+                    );
                     control(&ctl, serde_json::json!({"cmd": "thaw_at", "at": mono_ns()}))?
                 }
                 Arm::None => unreachable!(),
@@ -198,7 +202,11 @@ pub fn campaign(bin: &Path, cfg: &Config, out: &Path) -> Result<()> {
             std::fs::write(out.join("runs").join(format!("{stem}.json")), serde_json::to_string_pretty(&run)?)?;
             eprintln!(
                 "  completion s: {} ({}; wall {:.0} s)",
-                run.leechers.iter().map(|l| l.completion_s.map(|c| format!("{c:.2}")).unwrap_or("-".into())).collect::<Vec<_>>().join(", "),
+                run.leechers
+                    .iter()
+                    .map(|l| l.completion_s.map(|c| format!("{c:.2}")).unwrap_or("-".into()))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 if run.all_verified() { "all verified" } else { "NOT all verified" },
                 run.wall_s
             );
@@ -211,7 +219,8 @@ pub fn campaign(bin: &Path, cfg: &Config, out: &Path) -> Result<()> {
 
 /// Analysis, raw summary, plots and report from `runs`.
 fn write_all(out: &Path, cfg: &Config, runs: &[Run], wall_s: f64) -> Result<()> {
-    let mut comps: Vec<Comparison> = cfg.arms.iter().filter(|a| **a != Arm::None).map(|a| bt::compare(runs, *a)).collect();
+    let mut comps: Vec<Comparison> =
+        cfg.arms.iter().filter(|a| **a != Arm::None).map(|a| bt::compare(runs, *a)).collect();
     comps.extend(bt::compare_aa(runs));
     let raw = serde_json::json!({"eval": "bt", "config": cfg, "runs": runs, "comparisons": comps, "wall_s": wall_s});
     std::fs::write(out.join("bt-eval.json"), serde_json::to_string_pretty(&raw)?)?;
@@ -239,9 +248,17 @@ fn write_all(out: &Path, cfg: &Config, runs: &[Run], wall_s: f64) -> Result<()> 
     for a in &cfg.arms {
         let rs: Vec<&Run> = runs.iter().filter(|r| r.arm == *a).collect();
         let ok = rs.iter().filter(|r| r.all_verified()).count();
-        let m: Vec<String> = rs.iter().map(|r| r.mean_completion_s().map(|c| format!("{c:.2}")).unwrap_or("-".into())).collect();
-        let st: Vec<String> = rs.iter().map(|r| r.max_stall_s().map(|c| format!("{c:.2}")).unwrap_or("-".into())).collect();
-        println!("{}: {ok}/{} runs complete and verified; per-run mean completion s: {}; max stall s: {}", a.name(), rs.len(), m.join(", "), st.join(", "));
+        let m: Vec<String> =
+            rs.iter().map(|r| r.mean_completion_s().map(|c| format!("{c:.2}")).unwrap_or("-".into())).collect();
+        let st: Vec<String> =
+            rs.iter().map(|r| r.max_stall_s().map(|c| format!("{c:.2}")).unwrap_or("-".into())).collect();
+        println!(
+            "{}: {ok}/{} runs complete and verified; per-run mean completion s: {}; max stall s: {}",
+            a.name(),
+            rs.len(),
+            m.join(", "),
+            st.join(", ")
+        );
     }
     println!("raw data and report in {} (wall {:.0} s)", out.display(), wall_s);
     Ok(())
@@ -260,7 +277,8 @@ struct Plot {
     caption: String,
 }
 
-const LEECH_COLORS: [(u8, u8, u8); 6] = [(200, 0, 0), (0, 0, 200), (0, 140, 0), (160, 0, 160), (200, 120, 0), (0, 140, 140)];
+const LEECH_COLORS: [(u8, u8, u8); 6] =
+    [(200, 0, 0), (0, 0, 200), (0, 140, 0), (160, 0, 160), (200, 120, 0), (0, 140, 140)];
 
 fn axes_text(a: &Axes, x: &str, y: &str) -> String {
     format!(
@@ -279,7 +297,8 @@ fn plots(out: &Path, cfg: &Config, runs: &[Run]) -> Result<Vec<Plot>> {
                 series.push(Series { points: bt::step_points(l, 0.25), color: LEECH_COLORS[i % LEECH_COLORS.len()] });
             }
         }
-        let marks: Vec<f64> = rs.first().map(|r| r.events.iter().filter_map(|e| e.guest_s).collect()).unwrap_or_default();
+        let marks: Vec<f64> =
+            rs.first().map(|r| r.events.iter().filter_map(|e| e.guest_s).collect()).unwrap_or_default();
         let file = format!("bt-progress-{}.png", a.name());
         if let Ok(ax) = line_plot(&out.join(&file), &series, &marks) {
             v.push(Plot {
@@ -295,7 +314,11 @@ fn plots(out: &Path, cfg: &Config, runs: &[Run]) -> Result<Vec<Plot>> {
     }
     let mut series = Vec::new();
     for a in &cfg.arms {
-        let c: Vec<f64> = runs.iter().filter(|r| r.arm == *a).flat_map(|r| r.leechers.iter().filter_map(|l| l.completion_s)).collect();
+        let c: Vec<f64> = runs
+            .iter()
+            .filter(|r| r.arm == *a)
+            .flat_map(|r| r.leechers.iter().filter_map(|l| l.completion_s))
+            .collect();
         series.push(Series { points: bt::cdf_points(&c), color: a.color() });
     }
     if let Ok(ax) = line_plot(&out.join("bt-cdf.png"), &series, &[]) {
@@ -344,11 +367,19 @@ fn report(cfg: &Config, runs: &[Run], comps: &[Comparison], tbl: &str, plots: &[
             "| {} | {} | {} | {} | {} | {} | {} | {:.0} |\n",
             r.seq,
             r.arm.name(),
-            r.leechers.iter().map(|l| l.completion_s.map(|c| format!("{c:.2}")).unwrap_or("-".into())).collect::<Vec<_>>().join(", "),
+            r.leechers
+                .iter()
+                .map(|l| l.completion_s.map(|c| format!("{c:.2}")).unwrap_or("-".into()))
+                .collect::<Vec<_>>()
+                .join(", "),
             r.mean_completion_s().map(|c| format!("{c:.2}")).unwrap_or("-".into()),
             if r.all_verified() { "yes" } else { "**no**" },
             r.max_stall_s().map(|c| format!("{c:.2}")).unwrap_or("-".into()),
-            r.events.iter().map(|e| format!("{:.2}", (e.host_end_ns - e.host_start_ns) as f64 / 1e9)).collect::<Vec<_>>().join(", "),
+            r.events
+                .iter()
+                .map(|e| format!("{:.2}", (e.host_end_ns - e.host_start_ns) as f64 / 1e9))
+                .collect::<Vec<_>>()
+                .join(", "),
             r.wall_s
         ));
     }
@@ -376,5 +407,8 @@ pub fn stasis_bin(given: Option<PathBuf>) -> Result<PathBuf> {
 
 /// An arm by name.
 pub fn parse_arm(s: &str) -> Result<Arm> {
-    Arm::ALL.into_iter().find(|a| a.name() == s).with_context(|| format!("--arms: unknown arm {s:?} (none, ckpt, control)"))
+    Arm::ALL
+        .into_iter()
+        .find(|a| a.name() == s)
+        .with_context(|| format!("--arms: unknown arm {s:?} (none, ckpt, control)"))
 }

@@ -103,7 +103,11 @@ pub fn decode_image(lines: &[Value]) -> Result<Image, DemoError> {
         pixels,
     };
     if img.width as u64 * img.height as u64 != bytes {
-        return Err(DemoError::Mismatch { what: "width × height", said: bytes.to_string(), got: format!("{}×{}", img.width, img.height) });
+        return Err(DemoError::Mismatch {
+            what: "width × height",
+            said: bytes.to_string(),
+            got: format!("{}×{}", img.width, img.height),
+        });
     }
     Ok(img)
 }
@@ -223,7 +227,11 @@ mod tests {
         other[5] ^= 1;
         let bad = mandel_lines(&console(&p, &other));
         lines[1] = bad[1].clone();
-        assert!(matches!(decode_image(&lines), Err(DemoError::Mismatch { what: "crc32", .. })), "{:?}", decode_image(&lines));
+        assert!(
+            matches!(decode_image(&lines), Err(DemoError::Mismatch { what: "crc32", .. })),
+            "{:?}",
+            decode_image(&lines)
+        );
         // A missing line.
         let mut lines = mandel_lines(&console(&p, &good));
         lines.remove(2);

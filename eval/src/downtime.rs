@@ -59,7 +59,12 @@ pub fn summarise(samples: &[Sample], live: bool) -> Option<KindSummary> {
     let s: Vec<&Sample> = samples.iter().filter(|s| s.live == live).collect();
     let down: Vec<f64> = s.iter().map(|s| s.downtime_ns as f64 / 1e6).collect();
     let save: Vec<f64> = s.iter().map(|s| s.save_ns as f64 / 1e6).collect();
-    Some(KindSummary { n: s.len(), downtime_ms_p50: median(&down)?, downtime_ms_p90: percentile(&down, 90.0)?, save_ms_p50: median(&save)? })
+    Some(KindSummary {
+        n: s.len(),
+        downtime_ms_p50: median(&down)?,
+        downtime_ms_p90: percentile(&down, 90.0)?,
+        save_ms_p50: median(&save)?,
+    })
 }
 
 fn sample(v: &serde_json::Value, live: bool) -> Option<Sample> {
@@ -90,7 +95,12 @@ pub fn run(bin: &Path, n: usize, out: &Path) -> anyhow::Result<()> {
             }
             let v = exp.json(&args)?;
             let s = sample(&v, live).ok_or_else(|| anyhow::anyhow!("unexpected checkpoint output: {v}"))?;
-            eprintln!("  {i}: {} downtime {:.1} ms, save {:.0} ms", if live { "live" } else { "stop-and-copy" }, s.downtime_ns as f64 / 1e6, s.save_ns as f64 / 1e6);
+            eprintln!(
+                "  {i}: {} downtime {:.1} ms, save {:.0} ms",
+                if live { "live" } else { "stop-and-copy" },
+                s.downtime_ns as f64 / 1e6,
+                s.save_ns as f64 / 1e6
+            );
             samples.push(s);
             std::thread::sleep(Duration::from_millis(500));
         }
@@ -107,8 +117,14 @@ pub fn run(bin: &Path, n: usize, out: &Path) -> anyhow::Result<()> {
     let live = summarise(&samples, true).ok_or_else(|| anyhow::anyhow!("no samples"))?;
     let ratio = stop.downtime_ms_p50 / live.downtime_ms_p50.max(1e-3);
     println!("guest-visible downtime of VM a (256 MiB, TCG), {n} checkpoints of each kind:");
-    println!("  stop-and-copy  median {:>8.1} ms  p90 {:>8.1} ms  (save median {:.0} ms)", stop.downtime_ms_p50, stop.downtime_ms_p90, stop.save_ms_p50);
-    println!("  live           median {:>8.1} ms  p90 {:>8.1} ms  (save median {:.0} ms)", live.downtime_ms_p50, live.downtime_ms_p90, live.save_ms_p50);
+    println!(
+        "  stop-and-copy  median {:>8.1} ms  p90 {:>8.1} ms  (save median {:.0} ms)",
+        stop.downtime_ms_p50, stop.downtime_ms_p90, stop.save_ms_p50
+    );
+    println!(
+        "  live           median {:>8.1} ms  p90 {:>8.1} ms  (save median {:.0} ms)",
+        live.downtime_ms_p50, live.downtime_ms_p90, live.save_ms_p50
+    );
     println!("  ratio          {ratio:.1}x shorter live");
     if let Some(s) = step_ms {
         println!("  largest monotonic-clock step the guest's probe saw over the run: {s:.1} ms");

@@ -8,8 +8,8 @@
 //! its windows are comparable.
 
 use crate::stats::{
-    anderson_darling_2, bootstrap_ci_mean_diff, cluster_permutation_p, ks_stat, ks_two_sample, max_curve_gap, mean, tost_relative, variance, verdict,
-    welch_t, Tost, TwoSample, Verdict,
+    anderson_darling_2, bootstrap_ci_mean_diff, cluster_permutation_p, ks_stat, ks_two_sample, max_curve_gap, mean,
+    tost_relative, variance, verdict, welch_t, Tost, TwoSample, Verdict,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -349,12 +349,21 @@ pub fn mean_series(runs: &[&RunRecord], bin_s: f64) -> Vec<(f64, f64)> {
 }
 
 /// Compares every arm with the arm named `baseline`.
-pub fn summarise(runs: &[RunRecord], arms: &[String], baseline: &str, margin: f64, window_margin: f64, w: &Window) -> Vec<ArmSummary> {
+pub fn summarise(
+    runs: &[RunRecord],
+    arms: &[String],
+    baseline: &str,
+    margin: f64,
+    window_margin: f64,
+    w: &Window,
+) -> Vec<ArmSummary> {
     let of = |arm: &str| runs.iter().filter(|r| r.arm == arm).collect::<Vec<_>>();
     let base = of(baseline);
     let means = |rs: &[&RunRecord]| rs.iter().map(|r| r.metrics.mean_mbps).collect::<Vec<_>>();
     let windows = |rs: &[&RunRecord]| rs.iter().filter_map(|r| r.metrics.window_mbps).collect::<Vec<_>>();
-    let per_run = |rs: &[&RunRecord]| rs.iter().map(|r| r.result.received.iter().map(|iv| iv.bps / 1e6).collect()).collect::<Vec<Vec<f64>>>();
+    let per_run = |rs: &[&RunRecord]| {
+        rs.iter().map(|r| r.result.received.iter().map(|iv| iv.bps / 1e6).collect()).collect::<Vec<Vec<f64>>>()
+    };
     let per_run_win = |rs: &[&RunRecord]| {
         rs.iter()
             .map(|r| window_intervals(&r.result, &r.events, w).into_iter().map(|iv| iv.bps / 1e6).collect())
@@ -377,7 +386,8 @@ pub fn summarise(runs: &[RunRecord], arms: &[String], baseline: &str, margin: f6
         .map(|arm| {
             let rs = of(arm);
             let (m, wm) = (means(&rs), windows(&rs));
-            let frozen: Vec<f64> = rs.iter().flat_map(|r| r.events.iter().filter(|e| e.done).map(|e| e.frozen_ns as f64 / 1e6)).collect();
+            let frozen: Vec<f64> =
+                rs.iter().flat_map(|r| r.events.iter().filter(|e| e.done).map(|e| e.frozen_ns as f64 / 1e6)).collect();
             let vs_baseline = (arm != baseline).then(|| {
                 let tost = tost_relative(&bm, &m, margin, ALPHA);
                 let welch = welch_t(&bm, &m);
@@ -401,7 +411,11 @@ pub fn summarise(runs: &[RunRecord], arms: &[String], baseline: &str, margin: f6
                 let window_ratio = mean(&wm).and_then(|a| bw_mean.filter(|b| *b > 0.0).map(|b| a / b));
                 Comparison {
                     verdict: verdict(tost.as_ref(), &[welch.map(|t| t.p), ks_perm_p, ad_perm_p], ALPHA),
-                    window_verdict: verdict(window_tost.as_ref(), &[window_welch.map(|t| t.p), window_ks_perm_p, window_ad_perm_p], ALPHA),
+                    window_verdict: verdict(
+                        window_tost.as_ref(),
+                        &[window_welch.map(|t| t.p), window_ks_perm_p, window_ad_perm_p],
+                        ALPHA,
+                    ),
                     ks_perm_p,
                     ad_perm_p,
                     window_ks_perm_p,
@@ -493,7 +507,8 @@ pub fn table(sums: &[ArmSummary]) -> String {
     for a in sums {
         let c = a.vs_baseline.as_ref();
         let tost_cell = |t: Option<&Tost>| {
-            t.map(|t| format!("{} [{}, {}]", pct(Some(t.rel_diff)), pct(Some(t.ci.0)), pct(Some(t.ci.1)))).unwrap_or_else(|| "–".into())
+            t.map(|t| format!("{} [{}, {}]", pct(Some(t.rel_diff)), pct(Some(t.ci.0)), pct(Some(t.ci.1))))
+                .unwrap_or_else(|| "–".into())
         };
         s.push_str(&format!(
             "| {} | {} | {} ± {} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} / {} | {} | {} / {} | {} | {} | {} | {} |\n",
@@ -527,7 +542,9 @@ pub fn table(sums: &[ArmSummary]) -> String {
 
 /// One CSV row per run.
 pub fn runs_csv(runs: &[RunRecord]) -> String {
-    let mut s = String::from("run,arm,mean_mbps,window_mbps,retransmits,mean_rtt_ms,events_done,frozen_ms_total,intervals,congestion\n");
+    let mut s = String::from(
+        "run,arm,mean_mbps,window_mbps,retransmits,mean_rtt_ms,events_done,frozen_ms_total,intervals,congestion\n",
+    );
     for r in runs {
         s.push_str(&format!(
             "{},{},{:.4},{},{},{},{},{:.1},{},{}\n",

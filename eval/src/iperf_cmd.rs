@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use stasis_core::clock::mono_ns;
 use stasis_eval::iperf::{
-    aa_check, aligned_curve, mean_series, metrics, parse_iperf, runs_csv, summarise, table, ArmSummary, Event, RunRecord, Window,
+    aa_check, aligned_curve, mean_series, metrics, parse_iperf, runs_csv, summarise, table, ArmSummary, Event,
+    RunRecord, Window,
 };
 use stasis_eval::plot::{curve_plot, line_plot, Axes, Series};
 use stasis_eval::run::{Experiment, Line};
@@ -131,7 +132,8 @@ pub fn main(o: Options) -> Result<()> {
         return replot(&o.out);
     }
     let bin = stasis_bin(o.stasis.clone())?;
-    let (runs, duration, events, gap) = if o.quick { (1, 14, 1, 2) } else { (o.runs.max(1), o.duration, o.events, o.gap) };
+    let (runs, duration, events, gap) =
+        if o.quick { (1, 14, 1, 2) } else { (o.runs.max(1), o.duration, o.events, o.gap) };
     if duration < 8 {
         bail!("--duration {duration}: at least 8 s (the window after an event is 5 s)");
     }
@@ -139,7 +141,10 @@ pub fn main(o: Options) -> Result<()> {
     if let Some(want) = &o.arms {
         for w in want {
             if !all.iter().any(|a| &a.name == w) {
-                bail!("--arms: unknown or unavailable arm {w:?} (have: {})", all.iter().map(|a| a.name.as_str()).collect::<Vec<_>>().join(", "));
+                bail!(
+                    "--arms: unknown or unavailable arm {w:?} (have: {})",
+                    all.iter().map(|a| a.name.as_str()).collect::<Vec<_>>().join(", ")
+                );
             }
         }
         all.retain(|a| a.name == "none" || want.contains(&a.name));
@@ -190,13 +195,23 @@ fn campaign(bin: &Path, s: &Settings, out: &Path) -> Result<()> {
         let n = k as u64 + 1;
         let arm = &s.arms[ai];
         let timeout = if k == 0 { 240.0 } else { 3.0 * s.duration_s as f64 + 120.0 };
-        let Some(marker) = wait_line(&exp, timeout, |l| l.node == "c" && l.v["tool"] == "iperf-run" && l.v["run"].as_u64() == Some(n)) else {
+        let Some(marker) =
+            wait_line(&exp, timeout, |l| l.node == "c" && l.v["tool"] == "iperf-run" && l.v["run"].as_u64() == Some(n))
+        else {
             bail!("run {n}: the client did not start within {timeout:.0} s");
         };
         let (h0, source) = data_start(&ctl, marker);
-        eprintln!("run {n}/{}: {} (data flowing {:.0} ms after the marker; from {source})", order.len(), arm.name, (h0 - marker) as f64 / 1e6);
+        eprintln!(
+            "run {n}/{}: {} (data flowing {:.0} ms after the marker; from {source})",
+            order.len(),
+            arm.name,
+            (h0 - marker) as f64 / 1e6
+        );
         let events = run_events(&exp, &ctl, s, arm, h0)?;
-        let frozen: u64 = events.iter().map(|e| if matches!(arm.treatment, Treatment::Checkpoint(_)) { e.frozen_ns } else { 0 }).sum();
+        let frozen: u64 = events
+            .iter()
+            .map(|e| if matches!(arm.treatment, Treatment::Checkpoint(_)) { e.frozen_ns } else { 0 })
+            .sum();
         let timeout = s.duration_s as f64 + frozen as f64 / 1e9 + 90.0;
         let is_result = |l: &Line| l.node == "c" && l.host_ns > marker && l.v.get("start").is_some();
         if wait_line(&exp, timeout, is_result).is_none() {
@@ -214,7 +229,15 @@ fn campaign(bin: &Path, s: &Settings, out: &Path) -> Result<()> {
                     m.retransmits,
                     events.iter().filter(|e| e.done).count()
                 );
-                runs.push(RunRecord { run: n, arm: arm.name.clone(), host_start_ns: h0, marker_ns: marker, events, result, metrics: m });
+                runs.push(RunRecord {
+                    run: n,
+                    arm: arm.name.clone(),
+                    host_start_ns: h0,
+                    marker_ns: marker,
+                    events,
+                    result,
+                    metrics: m,
+                });
             }
             Err(e) => {
                 eprintln!("  run {n} unusable: {e}");
@@ -295,7 +318,9 @@ fn run_events(exp: &Experiment, ctl: &Path, s: &Settings, arm: &Arm, h0: u64) ->
         let t_ns = (t * 1e9) as u64;
         let run_end = h0 + s.duration_s * 1_000_000_000 + frozen_so_far;
         match &arm.treatment {
-            Treatment::Nothing => out.push(Event { planned_s: t, at_s: t, frozen_ns: 0, done: true, detail: Value::Null }),
+            Treatment::Nothing => {
+                out.push(Event { planned_s: t, at_s: t, frozen_ns: 0, done: true, detail: Value::Null })
+            }
             Treatment::Checkpoint(extra) => {
                 let start = h0 + t_ns + frozen_so_far - margin_ns;
                 sleep_until(start);
@@ -314,7 +339,8 @@ fn run_events(exp: &Experiment, ctl: &Path, s: &Settings, arm: &Arm, h0: u64) ->
                 // `freeze.planned_ns`) replaces the estimate from the command's start.
                 let id = ck["info"]["id"].as_str().unwrap_or("latest").to_string();
                 let freeze = exp.json(&["show", &id]).map(|v| v["manifest"]["freeze"].clone()).unwrap_or_default();
-                let at_s = freeze["planned_ns"].as_u64().map_or(at_s, |t| (t as f64 - h0 as f64 - frozen_so_far as f64) / 1e9);
+                let at_s =
+                    freeze["planned_ns"].as_u64().map_or(at_s, |t| (t as f64 - h0 as f64 - frozen_so_far as f64) / 1e9);
                 let ck = json!({"checkpoint": ck, "freeze": freeze});
                 eprintln!(
                     "  checkpoint at {at_s:.2} s: frozen {:.0} ms, command {:.1} s",
@@ -383,7 +409,14 @@ fn write_outputs(out: &Path, s: &Settings, runs: &[RunRecord], failures: &[Value
     let names: Vec<String> = s.arms.iter().map(|a| a.name.clone()).collect();
     let mut summary = summarise(runs, &names, "none", s.margin, s.window_margin, &s.window);
     summary.extend(aa_check(runs, "none", s.margin, s.window_margin, &s.window));
-    let raw = Raw { eval: "iperf".into(), settings: s.clone(), runs: runs.to_vec(), failures: failures.to_vec(), summary, wall_s };
+    let raw = Raw {
+        eval: "iperf".into(),
+        settings: s.clone(),
+        runs: runs.to_vec(),
+        failures: failures.to_vec(),
+        summary,
+        wall_s,
+    };
     std::fs::write(out.join("iperf-eval.json"), serde_json::to_string_pretty(&raw)?)?;
     std::fs::write(out.join("runs.csv"), runs_csv(runs))?;
     report(out, &raw)
@@ -437,7 +470,11 @@ fn plots(out: &Path, raw: &Raw) -> Vec<Plot> {
     let legend = s.arms.iter().map(|a| format!("{} = {}", a.name, color_name(&a.name))).collect::<Vec<_>>().join(", ");
     let mut v = Vec::new();
     // Around the events, aligned on each event.
-    let series: Vec<Series> = s.arms.iter().map(|a| Series { points: aligned_curve(&by(&a.name), -4.0, 10.0, 0.5), color: color(&a.name) }).collect();
+    let series: Vec<Series> = s
+        .arms
+        .iter()
+        .map(|a| Series { points: aligned_curve(&by(&a.name), -4.0, 10.0, 0.5), color: color(&a.name) })
+        .collect();
     if let Ok(a) = line_plot(&out.join("iperf-around-events.png"), &series, &[0.0]) {
         v.push(Plot {
             file: "iperf-around-events.png".into(),
@@ -448,7 +485,8 @@ fn plots(out: &Path, raw: &Raw) -> Vec<Plot> {
             ),
         });
     }
-    let series: Vec<Series> = s.arms.iter().map(|a| Series { points: mean_series(&by(&a.name), 0.5), color: color(&a.name) }).collect();
+    let series: Vec<Series> =
+        s.arms.iter().map(|a| Series { points: mean_series(&by(&a.name), 0.5), color: color(&a.name) }).collect();
     if let Ok(a) = line_plot(&out.join("iperf-timeseries.png"), &series, &s.events_s) {
         v.push(Plot {
             file: "iperf-timeseries.png".into(),
@@ -482,7 +520,9 @@ fn plots(out: &Path, raw: &Raw) -> Vec<Plot> {
         });
     }
     let w = s.window;
-    let win = cdf(&|r: &RunRecord| stasis_eval::iperf::window_intervals(&r.result, &r.events, &w).into_iter().map(|iv| iv.bps / 1e6).collect());
+    let win = cdf(&|r: &RunRecord| {
+        stasis_eval::iperf::window_intervals(&r.result, &r.events, &w).into_iter().map(|iv| iv.bps / 1e6).collect()
+    });
     if let Ok(a) = curve_plot(&out.join("iperf-cdf-window.png"), &win, &[]) {
         v.push(Plot {
             file: "iperf-cdf-window.png".into(),
@@ -527,7 +567,10 @@ fn report(out: &Path, raw: &Raw) -> Result<()> {
     r.push_str(&format!("\n## Summary\n\nBaseline `none`. α = {}. Verdicts: **equivalent** needs the TOST to pass (and no difference test to reject); **different**: Welch, KS or AD rejects at α; otherwise **not shown equivalent**. Margins: ±{:.0} % of the baseline's mean throughput for the whole run, ±{:.0} % for the windows. The last row (with ≥ 4 baseline runs) is the instruments' A/A check: the baseline's even-round runs against its odd-round runs, no treatment on either side.\n\n", stasis_eval::iperf::ALPHA, s.margin * 100.0, s.window_margin * 100.0));
     r.push_str(&tbl);
     if !raw.failures.is_empty() {
-        r.push_str(&format!("\nUnusable runs (left out): {}\n", raw.failures.iter().map(|f| f.to_string()).collect::<Vec<_>>().join("; ")));
+        r.push_str(&format!(
+            "\nUnusable runs (left out): {}\n",
+            raw.failures.iter().map(|f| f.to_string()).collect::<Vec<_>>().join("; ")
+        ));
     }
     r.push_str("\n## Plots\n\n");
     for p in &plots {
@@ -543,7 +586,16 @@ fn report(out: &Path, raw: &Raw) -> Result<()> {
             x.metrics.window_mbps.map(|v| format!("{v:.2}")).unwrap_or("–".into()),
             x.metrics.retransmits,
             x.metrics.mean_rtt_ms.map(|v| format!("{v:.1}")).unwrap_or("–".into()),
-            x.events.iter().map(|e| format!("{}{:.2} ({:.0})", if e.done { "" } else { "skipped " }, e.at_s, e.frozen_ns as f64 / 1e6)).collect::<Vec<_>>().join(", ")
+            x.events
+                .iter()
+                .map(|e| format!(
+                    "{}{:.2} ({:.0})",
+                    if e.done { "" } else { "skipped " },
+                    e.at_s,
+                    e.frozen_ns as f64 / 1e6
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     r.push_str(&format!(
@@ -569,7 +621,10 @@ mod tests {
         let a = arms(false, 2000);
         assert_eq!(a.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(), ["none", "control", "ckpt"]);
         assert_eq!(schedule(&a, 3), [0, 1, 2, 1, 2, 0, 2, 0, 1]);
-        assert_eq!(arms(true, 2000).last().map(|a| a.treatment.clone()), Some(Treatment::Checkpoint(vec!["--live".into()])));
+        assert_eq!(
+            arms(true, 2000).last().map(|a| a.treatment.clone()),
+            Some(Treatment::Checkpoint(vec!["--live".into()]))
+        );
     }
 
     #[test]

@@ -2,12 +2,14 @@
 //!
 //! `stasis-eval time [--pauses 1,10,60] [--checkpoints-per-pause N] [--out DIR] [--quick]`
 //! `stasis-eval iperf [--runs N] [--duration S] [--quick] [--out DIR] [--replot]`
+//! `stasis-eval cpu [--runs N] [--pre S] [--post S] [--quick] [--out DIR] [--replot]`
 //! `stasis-eval bt [--runs N] [--quick] [--out DIR] [--replot]`
 //! `stasis-eval skew [--checkpoints 50] [--out DIR] [--quick] [--no-rt] [--rt-qemu] [--qemu-nice -20] [--spin-us 300] [--stagger-us 0]`
 //! `stasis-eval store [--cache DIR] [--out DIR] [--capture-only]`
 //! `stasis-eval downtime [--n 5] [--out DIR]`
 
 mod bt_cmd;
+mod cpu_cmd;
 mod iperf_cmd;
 
 use anyhow::{bail, Context, Result};
@@ -15,7 +17,9 @@ use clap::{Parser, Subcommand};
 use stasis_core::clock::mono_ns;
 use stasis_eval::plot::{line_plot, Axes, Series};
 use stasis_eval::run::{Experiment, Line};
-use stasis_eval::time::{analyse, host_frozen, spec, steady, summarise, table, CheckpointRecord, Summary, Windows, CLOCKS, NODES};
+use stasis_eval::time::{
+    analyse, host_frozen, spec, steady, summarise, table, CheckpointRecord, Summary, Windows, CLOCKS, NODES,
+};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -90,6 +94,45 @@ enum Cmd {
         #[arg(long)]
         stasis: Option<PathBuf>,
         /// Run nothing: recompute the summary, report and PNGs of --out from its iperf-eval.json
+        #[arg(long)]
+        replot: bool,
+    },
+    /// CPU allocation: each guest's work per guest second before and after checkpoints, and a non-transparent control
+    Cpu {
+        /// Runs per arm (one event each)
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Window before each event, guest seconds
+        #[arg(long, default_value_t = 10.0)]
+        pre: f64,
+        /// Window after each event, guest seconds
+        #[arg(long, default_value_t = 10.0)]
+        post: f64,
+        /// Time between one run's post window and the next run's pre window, s
+        #[arg(long, default_value_t = 2.0)]
+        gap: f64,
+        /// The control arm: how long the host stops both QEMUs after its event, ms
+        #[arg(long, default_value_t = 1000)]
+        throttle_ms: u64,
+        /// Equivalence margin, relative
+        #[arg(long, default_value_t = 0.02)]
+        margin: f64,
+        /// Arms, comma-separated: control, ckpt, live [default: all the binary offers]
+        #[arg(long, value_delimiter = ',')]
+        arms: Option<Vec<String>>,
+        /// Leave the QEMUs unpinned (default: each VM's threads on its own host CPU)
+        #[arg(long)]
+        no_pin: bool,
+        /// 1 run per arm, 4 s windows (a system test)
+        #[arg(long)]
+        quick: bool,
+        /// Output directory (raw data, report, plot)
+        #[arg(long, default_value = "eval-out/cpu")]
+        out: PathBuf,
+        /// The stasis binary [default: target/debug/stasis next to this one]
+        #[arg(long)]
+        stasis: Option<PathBuf>,
+        /// Run nothing: redo the analysis, plot and report of --out from its cpu-eval.json and console-lines.jsonl
         #[arg(long)]
         replot: bool,
     },
@@ -181,9 +224,12 @@ enum Cmd {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,statime=warn".into()),
-    ).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,statime=warn".into()),
+        )
+        .init();
     match Cli::parse().cmd {
         Cmd::Bt { replot: true, out, .. } => bt_cmd::replot(&out),
         Cmd::Bt { runs, quick, out, bandwidth, arms, stasis, .. } => {
@@ -198,7 +244,8 @@ fn main() -> Result<()> {
         }
         Cmd::Skew { checkpoints, out, quick, no_rt, rt_qemu, qemu_nice, spin_us, stagger_us } => {
             use stasis_eval::skew::bench::{run, SkewConfig};
-            let mut cfg = if quick { SkewConfig::quick(out) } else { SkewConfig { checkpoints, ..SkewConfig::full(out) } };
+            let mut cfg =
+                if quick { SkewConfig::quick(out) } else { SkewConfig { checkpoints, ..SkewConfig::full(out) } };
             cfg.checkpoints = cfg.checkpoints.max(1);
             cfg.realtime = !no_rt;
             cfg.qemu_realtime = rt_qemu;
@@ -225,9 +272,53 @@ fn main() -> Result<()> {
             }
             time_eval(&bin, &pauses, checkpoints_per_pause.max(1), &out, quick)
         }
-        Cmd::Iperf { runs, duration, events, bandwidth, delay, freeze_ms, gap, margin, window_margin, arms, quick, out, stasis, replot } => {
-            iperf_cmd::main(iperf_cmd::Options { runs, duration, events, bandwidth, delay, freeze_ms, gap, margin, window_margin, arms, quick, out, stasis, replot })
+        Cmd::Cpu { runs, pre, post, gap, throttle_ms, margin, arms, no_pin, quick, out, stasis, replot } => {
+            cpu_cmd::main(cpu_cmd::Options {
+                runs,
+                pre,
+                post,
+                gap,
+                throttle_ms,
+                margin,
+                arms,
+                no_pin,
+                quick,
+                out,
+                stasis,
+                replot,
+            })
         }
+        Cmd::Iperf {
+            runs,
+            duration,
+            events,
+            bandwidth,
+            delay,
+            freeze_ms,
+            gap,
+            margin,
+            window_margin,
+            arms,
+            quick,
+            out,
+            stasis,
+            replot,
+        } => iperf_cmd::main(iperf_cmd::Options {
+            runs,
+            duration,
+            events,
+            bandwidth,
+            delay,
+            freeze_ms,
+            gap,
+            margin,
+            window_margin,
+            arms,
+            quick,
+            out,
+            stasis,
+            replot,
+        }),
         Cmd::Downtime { n, out, stasis } => {
             let bin = match stasis {
                 Some(b) => b,
@@ -291,13 +382,21 @@ fn time_eval(bin: &Path, pauses: &[u64], per_pause: usize, out: &Path, quick: bo
         .map(|(pause_s, index, s, e, checkpoint, show)| {
             let (nodes, theta) = analyse(&lines, s, e, &w);
             let (host_frozen_ns, predicted_dtheta_ns) = host_frozen(&show);
-            CheckpointRecord { pause_s, index, host_start_ns: s, host_end_ns: e, checkpoint, nodes, theta, host_frozen_ns, predicted_dtheta_ns }
+            CheckpointRecord {
+                pause_s,
+                index,
+                host_start_ns: s,
+                host_end_ns: e,
+                checkpoint,
+                nodes,
+                theta,
+                host_frozen_ns,
+                predicted_dtheta_ns,
+            }
         })
         .collect();
-    let sums: Vec<Summary> = pauses
-        .iter()
-        .map(|&p| summarise(p, &recs.iter().filter(|r| r.pause_s == p).collect::<Vec<_>>()))
-        .collect();
+    let sums: Vec<Summary> =
+        pauses.iter().map(|&p| summarise(p, &recs.iter().filter(|r| r.pause_s == p).collect::<Vec<_>>())).collect();
 
     let raw = serde_json::json!({
         "eval": "time", "quick": quick, "pauses_s": pauses, "checkpoints_per_pause": per_pause,
@@ -307,7 +406,15 @@ fn time_eval(bin: &Path, pauses: &[u64], per_pause: usize, out: &Path, quick: bo
     std::fs::write(out.join("time-eval.json"), serde_json::to_string_pretty(&raw)?)?;
     write_csv(&out.join("time-eval.csv"), &recs)?;
     write_lines(&out.join("console-lines.jsonl"), &lines)?;
-    let spans: Vec<Span> = recs.iter().map(|r| Span { pause_s: r.pause_s, start: r.host_start_ns, end: r.host_end_ns, theta_base: r.theta.before_median_ns }).collect();
+    let spans: Vec<Span> = recs
+        .iter()
+        .map(|r| Span {
+            pause_s: r.pause_s,
+            start: r.host_start_ns,
+            end: r.host_end_ns,
+            theta_base: r.theta.before_median_ns,
+        })
+        .collect();
     let plots = plots(out, &lines, &spans, pauses)?;
     let tbl = table(&sums);
     let report = report_md(&tbl, &st, &recs, &plots, pauses, per_pause, quick);
@@ -337,7 +444,10 @@ fn write_csv(path: &Path, recs: &[CheckpointRecord]) -> Result<()> {
     let o = |v: Option<f64>| v.map(|x| format!("{x}")).unwrap_or_default();
     for r in recs {
         for n in &r.nodes {
-            s.push_str(&format!("{},{},{},{},{}", r.pause_s, r.index, n.node, r.checkpoint["frozen_duration_ns"], n.kmod_windows));
+            s.push_str(&format!(
+                "{},{},{},{},{}",
+                r.pause_s, r.index, n.node, r.checkpoint["frozen_duration_ns"], n.kmod_windows
+            ));
             for c in CLOCKS {
                 s.push_str(&format!(",{}", o(n.kmod_step_ns.get(c).map(|v| v as f64))));
             }
@@ -467,13 +577,28 @@ fn plots(out: &Path, lines: &[Line], recs: &[Span], pauses: &[u64]) -> Result<Ve
         }
         let file = format!("work-{p}s.png");
         if let Ok(a) = line_plot(&out.join(&file), &series, &marks) {
-            v.push(Plot { file, caption: caption(&a, &format!("Pause {p} s: busy-loop iterations per guest ms, node a (red), b (blue), 100 ms windows"), "iterations / guest ms") });
+            v.push(Plot {
+                file,
+                caption: caption(
+                    &a,
+                    &format!("Pause {p} s: busy-loop iterations per guest ms, node a (red), b (blue), 100 ms windows"),
+                    "iterations / guest ms",
+                ),
+            });
         }
     }
     Ok(v)
 }
 
-fn report_md(tbl: &str, st: &stasis_eval::time::Steady, recs: &[CheckpointRecord], plots: &[Plot], pauses: &[u64], per_pause: usize, quick: bool) -> String {
+fn report_md(
+    tbl: &str,
+    st: &stasis_eval::time::Steady,
+    recs: &[CheckpointRecord],
+    plots: &[Plot],
+    pauses: &[u64],
+    per_pause: usize,
+    quick: bool,
+) -> String {
     use stasis_eval::time::ms;
     let mut s = format!(
         "# Time eval\n\n`stasis-eval time --pauses {} --checkpoints-per-pause {per_pause}{}`: 2 TCG VMs (a, b) on one 0 ms link; per pause, {per_pause} checkpoints with `stasis checkpoint --pause-ms`.\n\n",
@@ -520,7 +645,14 @@ fn report_md(tbl: &str, st: &stasis_eval::time::Steady, recs: &[CheckpointRecord
     s
 }
 
-fn store_eval(bin: &Path, cache: &Path, out: &Path, kernel_args: &str, interval: Duration, capture_only: bool) -> Result<()> {
+fn store_eval(
+    bin: &Path,
+    cache: &Path,
+    out: &Path,
+    kernel_args: &str,
+    interval: Duration,
+    capture_only: bool,
+) -> Result<()> {
     use stasis_eval::store;
     let streams = store::Streams::at(cache);
     if !bin.exists() && !streams.idle.iter().chain(&streams.guests).all(|p| p.is_file()) {

@@ -211,7 +211,13 @@ mod tests {
     fn staggered_agents_are_compared_at_their_own_offsets() {
         // agent 1 acted 2 ms after T on purpose: the same stops as above, shifted
         let mut rs = [rec(1, 0, 3_000, 100_000), rec(1, 1, -2_000, 140_000), rec(1, 2, 0, 120_000)];
-        for f in [&mut rs[1].target_ns, &mut rs[1].woke_ns, &mut rs[1].qmp_sent_ns, &mut rs[1].qmp_replied_ns, &mut rs[1].stop_ns] {
+        for f in [
+            &mut rs[1].target_ns,
+            &mut rs[1].woke_ns,
+            &mut rs[1].qmp_sent_ns,
+            &mut rs[1].qmp_replied_ns,
+            &mut rs[1].stop_ns,
+        ] {
             *f += 2_000_000;
         }
         rs[1].stagger_ns = 2_000_000;

@@ -180,7 +180,8 @@ fn welch(a: &[f64], b: &[f64]) -> Option<(f64, f64, f64)> {
     let d = mean(&b)? - mean(&a)?;
     let (sa, sb) = (va / na, vb / nb);
     let se = (sa + sb).sqrt();
-    let df = if sa + sb > 0.0 { (sa + sb).powi(2) / (sa * sa / (na - 1.0) + sb * sb / (nb - 1.0)) } else { na + nb - 2.0 };
+    let df =
+        if sa + sb > 0.0 { (sa + sb).powi(2) / (sa * sa / (na - 1.0) + sb * sb / (nb - 1.0)) } else { na + nb - 2.0 };
     Some((d, se, df))
 }
 
@@ -349,7 +350,8 @@ pub fn anderson_darling_k(samples: &[&[f64]]) -> Option<TwoSample> {
     // values: l_j copies of z_j, f_ij of them in sample i, and the counts
     // below z_j. Midranks: B_aj = (pooled < z_j) + l_j/2,
     // M_aij = (sample i < z_j) + f_ij/2.
-    let mut z: Vec<(f64, usize)> = samples.iter().enumerate().flat_map(|(i, s)| s.iter().map(move |&x| (x, i))).collect();
+    let mut z: Vec<(f64, usize)> =
+        samples.iter().enumerate().flat_map(|(i, s)| s.iter().map(move |&x| (x, i))).collect();
     z.sort_by(|x, y| x.0.total_cmp(&y.0));
     let nn = z.len();
     let distinct = 1 + z.windows(2).filter(|w| w[0].0 != w[1].0).count();
@@ -556,10 +558,12 @@ pub fn bootstrap_ci_mean_diff(a: &[f64], b: &[f64], reps: usize, level: f64, see
     }
     let mut rng = SplitMix(seed);
     let mut resample_mean = |v: &[f64]| (0..v.len()).map(|_| v[rng.below(v.len())]).sum::<f64>() / v.len() as f64;
-    let diffs: Vec<f64> = (0..reps).map(|_| {
-        let mb = resample_mean(&b);
-        mb - resample_mean(&a)
-    }).collect();
+    let diffs: Vec<f64> = (0..reps)
+        .map(|_| {
+            let mb = resample_mean(&b);
+            mb - resample_mean(&a)
+        })
+        .collect();
     let lo = percentile(&diffs, 50.0 * (1.0 - level))?;
     let hi = percentile(&diffs, 100.0 - 50.0 * (1.0 - level))?;
     Some((lo, hi))
@@ -590,7 +594,7 @@ pub fn max_curve_gap(a: &[(f64, f64)], b: &[(f64, f64)]) -> Option<f64> {
 mod tests {
     use super::*;
 
-        /// Deterministic N(mu, sd) samples (SplitMix64 + Box–Muller).
+    /// Deterministic N(mu, sd) samples (SplitMix64 + Box–Muller).
     fn normal(n: usize, mu: f64, sd: f64, seed: u64) -> Vec<f64> {
         let mut r = SplitMix(seed);
         let mut u = || (r.next() >> 11) as f64 / (1u64 << 53) as f64 + 1e-300;

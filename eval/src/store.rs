@@ -60,7 +60,9 @@ pub const GUESTS: usize = 4;
 /// The experiment spec: one idle 256 MiB guest, with `kernel_args` added
 /// to its kernel command line (e.g. `nokaslr`).
 pub fn spec(name: &str, kernel_args: &str) -> String {
-    format!("name = \"{name}\"\n[defaults]\nmemory = \"256M\"\nkernel_args = {kernel_args:?}\n\n[[node]]\nname = \"a\"\n")
+    format!(
+        "name = \"{name}\"\n[defaults]\nmemory = \"256M\"\nkernel_args = {kernel_args:?}\n\n[[node]]\nname = \"a\"\n"
+    )
 }
 
 /// The cached streams.
@@ -76,7 +78,13 @@ impl Streams {
         Streams {
             idle: (1..=IDLE_CHECKPOINTS).map(|i| cache.join("idle").join(format!("{i:02}.vmstate"))).collect(),
             guests: (1..=GUESTS)
-                .map(|i| if i == 1 { cache.join("idle").join("01.vmstate") } else { cache.join("guests").join(format!("g{i}.vmstate")) })
+                .map(|i| {
+                    if i == 1 {
+                        cache.join("idle").join("01.vmstate")
+                    } else {
+                        cache.join("guests").join(format!("g{i}.vmstate"))
+                    }
+                })
                 .collect(),
         }
     }
@@ -89,7 +97,14 @@ impl Streams {
 /// Boots a one-guest experiment, waits `settle` after `stasis up` returns
 /// (the guest is ready), takes `n` checkpoints `interval` apart, and
 /// writes each checkpoint's VM state stream to `out[i]`.
-fn capture_run(bin: &Path, name: &str, kernel_args: &str, settle: Duration, interval: Duration, out: &[PathBuf]) -> Result<(), StoreEvalError> {
+fn capture_run(
+    bin: &Path,
+    name: &str,
+    kernel_args: &str,
+    settle: Duration,
+    interval: Duration,
+    out: &[PathBuf],
+) -> Result<(), StoreEvalError> {
     let exp = Experiment::up(bin, name, &spec(name, kernel_args), &["a"])?;
     std::thread::sleep(settle);
     let mut ids = Vec::new();
@@ -98,7 +113,9 @@ fn capture_run(bin: &Path, name: &str, kernel_args: &str, settle: Duration, inte
             std::thread::sleep(interval);
         }
         let ck = exp.json(&["checkpoint"])?;
-        let id = ck["info"]["id"].as_str().ok_or_else(|| StoreEvalError::Capture(format!("checkpoint printed no id: {ck}")))?;
+        let id = ck["info"]["id"]
+            .as_str()
+            .ok_or_else(|| StoreEvalError::Capture(format!("checkpoint printed no id: {ck}")))?;
         eprintln!("  {name}: checkpoint {}/{} = {id}", i + 1, out.len());
         ids.push(id.to_owned());
     }
@@ -122,7 +139,13 @@ fn capture_run(bin: &Path, name: &str, kernel_args: &str, settle: Duration, inte
 }
 
 /// Captures the streams into `cache` unless they are there already.
-pub fn capture(bin: &Path, cache: &Path, kernel_args: &str, settle: Duration, interval: Duration) -> Result<Streams, StoreEvalError> {
+pub fn capture(
+    bin: &Path,
+    cache: &Path,
+    kernel_args: &str,
+    settle: Duration,
+    interval: Duration,
+) -> Result<Streams, StoreEvalError> {
     let streams = Streams::at(cache);
     if streams.complete() {
         eprintln!("stasis-eval store: using the cached streams in {}", cache.display());
@@ -263,7 +286,12 @@ pub struct StoreFigures {
 fn vm_draft(names: &[String]) -> ManifestDraft {
     let mut d = ManifestDraft::default();
     for n in names {
-        d.components.push(ComponentDraft { name: n.clone(), kind: ComponentKind::Vm, file: format!("vm-{n}"), ..Default::default() });
+        d.components.push(ComponentDraft {
+            name: n.clone(),
+            kind: ComponentKind::Vm,
+            file: format!("vm-{n}"),
+            ..Default::default()
+        });
     }
     d
 }
@@ -315,7 +343,17 @@ pub fn measure(streams: &Streams, work: &Path) -> Result<StoreFigures, StoreEval
     let mut restores = Vec::new();
     let timed = |what: String, bytes: u64, ns: u64, raw: f64| {
         let mib_s = mib_s(bytes, ns);
-        Timed { what, state_bytes: bytes, ns, mib_s, raw_mib_s: raw, share_of_raw: mib_s / raw, chunk_ns: None, publish_ns: None, cpu_ns: 0 }
+        Timed {
+            what,
+            state_bytes: bytes,
+            ns,
+            mib_s,
+            raw_mib_s: raw,
+            share_of_raw: mib_s / raw,
+            chunk_ns: None,
+            publish_ns: None,
+            cpu_ns: 0,
+        }
     };
 
     // (a) ten consecutive checkpoints of one idle guest.
@@ -327,7 +365,12 @@ pub fn measure(streams: &Streams, work: &Path) -> Result<StoreFigures, StoreEval
     for (i, s) in streams.idle.iter().enumerate() {
         let (w, _) = raw_disk(&raw_file, size_of(s)?)?;
         let (id, bytes, ns, [chunk_ns, publish_ns, cpu]) = commit(&store, &[s])?;
-        commits.push(Timed { chunk_ns, publish_ns, cpu_ns: cpu.unwrap_or(0), ..timed(format!("idle checkpoint {}", i + 1), bytes, ns, w) });
+        commits.push(Timed {
+            chunk_ns,
+            publish_ns,
+            cpu_ns: cpu.unwrap_or(0),
+            ..timed(format!("idle checkpoint {}", i + 1), bytes, ns, w)
+        });
         if i == 0 {
             one_stored = dir_bytes(&chunks);
         }
@@ -348,7 +391,10 @@ pub fn measure(streams: &Streams, work: &Path) -> Result<StoreFigures, StoreEval
         let (_, r) = raw_disk(&raw_file, size_of(&streams.idle[IDLE_CHECKPOINTS - 1])?)?;
         let (bytes, ns, cpu) = restore(&store, &last_id, &restore_dir)?;
         restores.push(Timed { cpu_ns: cpu, ..timed(format!("idle checkpoint {IDLE_CHECKPOINTS}"), bytes, ns, r) });
-        eprintln!("  restore idle {IDLE_CHECKPOINTS}: {:.0} MiB/s (raw cold read {r:.0} MiB/s)", restores.last().map_or(0.0, |t| t.mib_s));
+        eprintln!(
+            "  restore idle {IDLE_CHECKPOINTS}: {:.0} MiB/s (raw cold read {r:.0} MiB/s)",
+            restores.last().map_or(0.0, |t| t.mib_s)
+        );
     }
     let one_raw = size_of(&streams.idle[0])?;
     let ten_raw = streams.idle.iter().map(|p| size_of(p)).sum::<Result<u64, _>>()?;
@@ -368,7 +414,12 @@ pub fn measure(streams: &Streams, work: &Path) -> Result<StoreFigures, StoreEval
     let total: u64 = guests.iter().map(|p| size_of(p)).sum::<Result<u64, _>>()?;
     let (w, _) = raw_disk(&raw_file, total)?;
     let (id, bytes, ns, [chunk_ns, publish_ns, cpu]) = commit(&store, &guests)?;
-    commits.push(Timed { chunk_ns, publish_ns, cpu_ns: cpu.unwrap_or(0), ..timed(format!("{GUESTS} guests in one checkpoint"), bytes, ns, w) });
+    commits.push(Timed {
+        chunk_ns,
+        publish_ns,
+        cpu_ns: cpu.unwrap_or(0),
+        ..timed(format!("{GUESTS} guests in one checkpoint"), bytes, ns, w)
+    });
     let four_stored = dir_bytes(&b_root.join(stasis_store::CHUNKS_DIR));
     let (_, r) = raw_disk(&raw_file, total)?;
     let (bytes, ns, cpu) = restore(&store, &id, &restore_dir)?;
@@ -421,7 +472,9 @@ pub fn table(f: &StoreFigures) -> String {
     ));
     s.push_str(&format!(
         "| (b) 4 identical guests in one checkpoint | {:.1} MiB stored vs {:.1} MiB for one = **{:.2}×** | ≤ 1.5× |\n",
-        mib(f.four_stored_bytes), mib(f.four_stored_bytes) / f.four_vs_one_stored, f.four_vs_one_stored
+        mib(f.four_stored_bytes),
+        mib(f.four_stored_bytes) / f.four_vs_one_stored,
+        f.four_vs_one_stored
     ));
     s.push_str(&format!(
         "| (c) commit, first checkpoint ({:.0} MiB) | {:.0} MiB/s = **{:.0} %** of raw write ({:.0} MiB/s) | ≥ 80 % |\n",
@@ -433,7 +486,10 @@ pub fn table(f: &StoreFigures) -> String {
     ));
     s.push_str(&format!(
         "| (c) commit, 4 guests ({:.0} MiB) | {:.0} MiB/s = **{:.0} %** of raw write ({:.0} MiB/s) | ≥ 80 % |\n",
-        mib(four.state_bytes), four.mib_s, four.share_of_raw * 100.0, four.raw_mib_s
+        mib(four.state_bytes),
+        four.mib_s,
+        four.share_of_raw * 100.0,
+        four.raw_mib_s
     ));
     let cpu_per_mib = |t: &Timed| t.cpu_ns as f64 / 1e6 / (t.state_bytes as f64 / (1 << 20) as f64);
     s.push_str(&format!(
@@ -448,7 +504,10 @@ pub fn table(f: &StoreFigures) -> String {
     ));
     s.push_str(&format!(
         "| (c) restore, 4 guests ({:.0} MiB) | {:.0} MiB/s = **{:.0} %** of raw cold read ({:.0} MiB/s) | ≥ 80 % |\n",
-        mib(four_r.state_bytes), four_r.mib_s, four_r.share_of_raw * 100.0, four_r.raw_mib_s
+        mib(four_r.state_bytes),
+        four_r.mib_s,
+        four_r.share_of_raw * 100.0,
+        four_r.raw_mib_s
     ));
     s.push_str(&format!(
         "| CPU per MiB of state: restore one guest (median) / 4 guests | {:.1} / {:.1} ms | |\n",

@@ -73,7 +73,9 @@ impl Steps {
         }
     }
     fn fold(&mut self, obj: &Value) {
-        for (slot, c) in [(&mut self.mono, "mono"), (&mut self.real, "real"), (&mut self.boot, "boot"), (&mut self.tsc, "tsc")] {
+        for (slot, c) in
+            [(&mut self.mono, "mono"), (&mut self.real, "real"), (&mut self.boot, "boot"), (&mut self.tsc, "tsc")]
+        {
             if let Some(v) = obj[c].as_i64() {
                 *slot = Some(slot.map_or(v, |s| s.max(v)));
             }
@@ -318,7 +320,9 @@ pub struct Summary {
 
 /// Summarises the records of one pause.
 pub fn summarise(pause_s: u64, recs: &[&CheckpointRecord]) -> Summary {
-    let col = |f: &dyn Fn(&NodeFigures) -> Option<f64>| -> Vec<f64> { recs.iter().flat_map(|r| r.nodes.iter()).filter_map(f).collect() };
+    let col = |f: &dyn Fn(&NodeFigures) -> Option<f64>| -> Vec<f64> {
+        recs.iter().flat_map(|r| r.nodes.iter()).filter_map(f).collect()
+    };
     let per_clock = |probe: bool| {
         CLOCKS
             .iter()
@@ -332,9 +336,11 @@ pub fn summarise(pause_s: u64, recs: &[&CheckpointRecord]) -> Summary {
     let abs: Vec<f64> = dth.iter().map(|x| x.abs()).collect();
     let fast: Vec<f64> = recs.iter().filter_map(|r| r.theta.delta_fast_ns).collect();
     let fast_abs: Vec<f64> = fast.iter().map(|x| x.abs()).collect();
-    let vs_host: Vec<f64> = recs.iter().filter_map(|r| Some((r.theta.delta_ns? - r.predicted_dtheta_ns?).abs())).collect();
+    let vs_host: Vec<f64> =
+        recs.iter().filter_map(|r| Some((r.theta.delta_ns? - r.predicted_dtheta_ns?).abs())).collect();
     let ratios = col(&|n| n.work_ratio);
-    let frozen: Vec<f64> = recs.iter().filter_map(|r| r.checkpoint["frozen_duration_ns"].as_f64()).map(|x| x / 1e6).collect();
+    let frozen: Vec<f64> =
+        recs.iter().filter_map(|r| r.checkpoint["frozen_duration_ns"].as_f64()).map(|x| x / 1e6).collect();
     Summary {
         pause_s,
         checkpoints: recs.len(),
@@ -415,8 +421,16 @@ mod tests {
                 v.push(line(host, n, json!({"tool":"work","iters":iters,"len_ns":100_000_000})));
                 if i % 10 == 0 {
                     let step = if (12.0..13.0).contains(&host) { 5_000_000 } else { 1_000 };
-                    v.push(line(host, n, json!({"tool":"kmodw","kmod":{"max_step_ns":{"mono":step,"real":step,"boot":step,"tsc":step}}})));
-                    v.push(line(host, n, json!({"tool":"probe","max_step_ns":{"mono":step * 2,"real":0,"boot":0,"tsc":0}})));
+                    v.push(line(
+                        host,
+                        n,
+                        json!({"tool":"kmodw","kmod":{"max_step_ns":{"mono":step,"real":step,"boot":step,"tsc":step}}}),
+                    ));
+                    v.push(line(
+                        host,
+                        n,
+                        json!({"tool":"probe","max_step_ns":{"mono":step * 2,"real":0,"boot":0,"tsc":0}}),
+                    ));
                 }
             }
         }

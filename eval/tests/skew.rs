@@ -20,7 +20,12 @@ fn quick_skew_run_measures_every_stop() {
     assert_eq!(report.clocks.len(), AGENT_SKEWS.len());
     for c in &report.clocks {
         if c.offset_ns != 0 {
-            assert!(c.initial_error_ns.abs() >= c.offset_ns.unsigned_abs() as f64 * 0.9, "a{}: initial {}", c.agent, c.initial_error_ns);
+            assert!(
+                c.initial_error_ns.abs() >= c.offset_ns.unsigned_abs() as f64 * 0.9,
+                "a{}: initial {}",
+                c.agent,
+                c.initial_error_ns
+            );
         }
         assert!(c.converged_after_s > 0.0 && c.converged_after_s < cfg.converge_timeout.as_secs_f64());
         assert!(c.steady.count >= 20, "a{}: {} steady samples", c.agent, c.steady.count);
@@ -29,7 +34,11 @@ fn quick_skew_run_measures_every_stop() {
 
     // every round committed; one stop per agent per round
     assert_eq!(report.rounds.len() as u64, cfg.checkpoints);
-    assert!(report.rounds.iter().all(|r| r.committed), "{:?}", report.rounds.iter().filter(|r| !r.committed).collect::<Vec<_>>());
+    assert!(
+        report.rounds.iter().all(|r| r.committed),
+        "{:?}",
+        report.rounds.iter().filter(|r| !r.committed).collect::<Vec<_>>()
+    );
     assert_eq!(report.records.len(), cfg.checkpoints as usize * AGENT_SKEWS.len());
     assert_eq!(report.analysis.checkpoints.len() as u64, cfg.checkpoints);
     for r in &report.records {
@@ -37,7 +46,10 @@ fn quick_skew_run_measures_every_stop() {
         // after the command was written, within a second
         assert_eq!(r.stop_ns % 1000, 0);
         assert!(r.woke_ns >= r.target_ns, "{r:?}");
-        assert!(r.stop_ns + 1_000 >= r.qmp_sent_ns && r.stop_ns <= r.qmp_replied_ns + 1_000, "stop outside its command window: {r:?}");
+        assert!(
+            r.stop_ns + 1_000 >= r.qmp_sent_ns && r.stop_ns <= r.qmp_replied_ns + 1_000,
+            "stop outside its command window: {r:?}"
+        );
         assert!(r.latency_ns() > 0 && r.latency_ns() < 1_000_000_000, "{r:?}");
         // the clock's error at T is the converged error, not the injected one
         assert!((r.clock_error_ns.abs() as f64) < CONVERGED_NS, "{r:?}");
@@ -62,7 +74,11 @@ fn quick_skew_run_measures_every_stop() {
     // nothing left behind
     let ns = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
     let mine = format!("skw{}-", std::process::id());
-    assert!(!String::from_utf8_lossy(&ns.stdout).contains(&mine), "namespaces left: {}", String::from_utf8_lossy(&ns.stdout));
+    assert!(
+        !String::from_utf8_lossy(&ns.stdout).contains(&mine),
+        "namespaces left: {}",
+        String::from_utf8_lossy(&ns.stdout)
+    );
 }
 
 fn anyhow_chain(e: &dyn std::error::Error) -> Vec<String> {

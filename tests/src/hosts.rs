@@ -90,8 +90,18 @@ impl Lab {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let prefix = format!("smh{}-{n}", std::process::id());
         let key_file = dir.join("agents.key");
-        std::fs::write(&key_file, format!("test-key-{prefix}-0123456789abcdef\n")).expect("write key");
-        let mut lab = Lab { bridge_ns: format!("{prefix}-br"), prefix, dir: dir.to_owned(), key_file, agents: vec![], namespaces: vec![], others: vec![] };
+        // 0600: the agents and the CLI refuse a key file others can read.
+        stasis_core::private::write(&key_file, format!("test-key-{prefix}-0123456789abcdef0123456789\n").as_bytes())
+            .expect("write key");
+        let mut lab = Lab {
+            bridge_ns: format!("{prefix}-br"),
+            prefix,
+            dir: dir.to_owned(),
+            key_file,
+            agents: vec![],
+            namespaces: vec![],
+            others: vec![],
+        };
         let br = lab.bridge_ns.clone();
         ip(&["netns", "add", &br]);
         lab.namespaces.push(br.clone());
@@ -128,11 +138,33 @@ impl Lab {
 
     /// `[[host]]` entries for a spec.
     pub fn hosts_toml(&self) -> String {
-        self.agents.iter().map(|a| format!("[[host]]\nname = \"{}\"\nagent = \"{}\"\n", a.host, a.addr)).collect::<Vec<_>>().join("\n")
+        self.agents
+            .iter()
+            .map(|a| format!("[[host]]\nname = \"{}\"\nagent = \"{}\"\n", a.host, a.addr))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     pub fn agent(&self, host: &str) -> &Agent {
         self.agents.iter().find(|a| a.host == host).expect("known host")
+    }
+
+    /// The key file of `host`'s agent: its own key, derived from the
+    /// coordinator's master key (`stasis key host NAME`).
+    pub fn host_key_file(&self, host: &str) -> PathBuf {
+        let path = self.dir.join(format!("{host}.key"));
+        if !path.exists() {
+            let cli = crate::target_dir().join("debug").join("stasis");
+            let out = Command::new(&cli)
+                .arg("--key-file")
+                .arg(&self.key_file)
+                .args(["key", "host", host])
+                .output()
+                .expect("run stasis key host");
+            assert!(out.status.success(), "stasis key host {host}: {}", String::from_utf8_lossy(&out.stderr));
+            stasis_core::private::write(&path, &out.stdout).expect("write the host key");
+        }
+        path
     }
 
     /// Start (or restart) the agent of `host` in its namespace and wait
@@ -140,7 +172,7 @@ impl Lab {
     pub fn start_agent(&mut self, host: &str) {
         let bin = crate::target_dir().join("debug").join("stasis-agent");
         assert!(bin.exists(), "{} is missing: cargo build --bins", bin.display());
-        let key = self.key_file.clone();
+        let key = self.host_key_file(host);
         let a = self.agents.iter_mut().find(|a| a.host == host).expect("known host");
         let before = std::fs::read_to_string(&a.log).unwrap_or_default().matches("agent listening").count();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&a.log).expect("agent log");
@@ -213,7 +245,11 @@ impl Lab {
     /// Wrapper running a command as the coordinator (in the bridge
     /// namespace, with the key).
     pub fn coordinator_wrapper(&self) -> Vec<String> {
-        ["ip", "netns", "exec", &self.bridge_ns, "env"].iter().map(|s| s.to_string()).chain([format!("STASIS_KEY_FILE={}", self.key_file.display())]).collect()
+        ["ip", "netns", "exec", &self.bridge_ns, "env"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([format!("STASIS_KEY_FILE={}", self.key_file.display())])
+            .collect()
     }
 
     /// Make `host` unreachable (its link down) or reachable again.

@@ -2,6 +2,7 @@
 //! private state directory, reads the guests' serial consoles, and tears
 //! everything down when dropped, even when a test fails.
 
+pub mod garage;
 pub mod hosts;
 
 use serde_json::Value;
@@ -19,7 +20,11 @@ pub fn target_dir() -> PathBuf {
 /// The `stasis` binary built by `make build` (`cargo build --bins`).
 pub fn stasis_bin() -> PathBuf {
     let bin = target_dir().join("debug").join("stasis");
-    assert!(bin.exists(), "{} is missing: run `make test` (it builds the binaries and the guest image first)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: run `make test` (it builds the binaries and the guest image first)",
+        bin.display()
+    );
     let image = target_dir().join("guest").join("initrd.img");
     assert!(image.exists(), "{} is missing: run `make guest` first", image.display());
     bin
@@ -65,10 +70,7 @@ impl Experiment {
         if !args.contains(&"-e") {
             cmd.args(["-e", &self.name]);
         }
-        let out = cmd
-            .args(args)
-            .output()
-            .expect("run stasis");
+        let out = cmd.args(args).output().expect("run stasis");
         eprintln!(
             "$ stasis {}\n  exit {:?}\n  stdout: {}\n  stderr: {}",
             args.join(" "),
@@ -114,7 +116,14 @@ impl Experiment {
     }
 
     /// Wait until `pred` holds for a node's reports.
-    pub fn wait_for(&self, node: &str, incarnation: u32, timeout: Duration, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    pub fn wait_for(
+        &self,
+        node: &str,
+        incarnation: u32,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
         let deadline = Instant::now() + timeout;
         loop {
             let r = self.reports(node, incarnation);
@@ -137,7 +146,13 @@ impl Experiment {
             .as_array()
             .map(|a| {
                 a.iter()
-                    .map(|p| (p["name"].as_str().unwrap_or("").to_string(), p["pid"].as_u64().unwrap_or(0) as u32, p["alive"].as_bool().unwrap_or(false)))
+                    .map(|p| {
+                        (
+                            p["name"].as_str().unwrap_or("").to_string(),
+                            p["pid"].as_u64().unwrap_or(0) as u32,
+                            p["alive"].as_bool().unwrap_or(false),
+                        )
+                    })
                     .collect()
             })
             .unwrap_or_default()

@@ -38,12 +38,15 @@ fn quick_bt_eval_completes_verified_and_detects_the_control() {
     eprintln!("stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&res.stderr));
     assert!(res.status.success(), "stasis-eval bt --quick failed");
     assert!(stdout.contains("| control | 1/1 |"), "summary table printed");
-    for f in ["bt-eval.json", "bt-runs.csv", "report.md", "bt-progress-none.png", "bt-progress-control.png", "bt-cdf.png"] {
+    for f in
+        ["bt-eval.json", "bt-runs.csv", "report.md", "bt-progress-none.png", "bt-progress-control.png", "bt-cdf.png"]
+    {
         let p = out.path().join(f);
         let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
         assert!(len > 100, "{} missing or empty", p.display());
     }
-    let raw: Value = serde_json::from_slice(&std::fs::read(out.path().join("bt-eval.json")).expect("json")).expect("parse");
+    let raw: Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("bt-eval.json")).expect("json")).expect("parse");
     let runs = raw["runs"].as_array().expect("runs");
     assert_eq!(runs.len(), 2, "one run per arm");
     let mut stall = std::collections::HashMap::new();
@@ -65,11 +68,8 @@ fn quick_bt_eval_completes_verified_and_detects_the_control() {
         let max_stall = leechers
             .iter()
             .filter_map(|l| {
-                let p: Vec<(f64, f64)> = l["progress"]
-                    .as_array()?
-                    .iter()
-                    .filter_map(|x| Some((x[0].as_f64()?, x[1].as_f64()?)))
-                    .collect();
+                let p: Vec<(f64, f64)> =
+                    l["progress"].as_array()?.iter().filter_map(|x| Some((x[0].as_f64()?, x[1].as_f64()?))).collect();
                 let from = p.iter().position(|x| x.1 > 0.0)?;
                 p[from..].windows(2).map(|w| w[1].0 - w[0].0).reduce(f64::max)
             })
@@ -77,7 +77,11 @@ fn quick_bt_eval_completes_verified_and_detects_the_control() {
         if arm == "control" {
             let events = r["events"].as_array().expect("events");
             assert_eq!(events.len(), 1, "the control froze the delay node once");
-            assert!(events[0]["detail"]["frozen_for_ns"].as_f64().is_some_and(|f| f >= 3e9), "freeze: {}", events[0]["detail"]);
+            assert!(
+                events[0]["detail"]["frozen_for_ns"].as_f64().is_some_and(|f| f >= 3e9),
+                "freeze: {}",
+                events[0]["detail"]
+            );
         }
         stall.insert(arm, max_stall);
     }

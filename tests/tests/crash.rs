@@ -90,14 +90,18 @@ fn killed_checkpoints_and_gcs_leave_a_consistent_store() {
 
     // 1. The process dies between writing chunks and publishing the manifest
     //    (the store's failpoint aborts it there): orphan chunks, no checkpoint.
-    let out = stasis(&exp, &["checkpoint", "--name", "halfway"]).env("STASIS_STORE_FAILPOINT", "commit-after-chunks").output().unwrap();
+    let out = stasis(&exp, &["checkpoint", "--name", "halfway"])
+        .env("STASIS_STORE_FAILPOINT", "commit-after-chunks")
+        .output()
+        .unwrap();
     assert!(!out.status.success(), "the failpoint killed the commit");
     assert_eq!(list_names(&exp), ["first"]);
 
     // 2. SIGKILL while a VM's state is being saved.
     let events = exp.root().join("events.jsonl");
     let seen = std::fs::read_to_string(&events).unwrap().lines().count();
-    let mut child = stasis(&exp, &["checkpoint", "--name", "doomed"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child =
+        stasis(&exp, &["checkpoint", "--name", "doomed"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     wait_saving_a(&events, seen);
     child.kill().unwrap();
     child.wait().unwrap();
@@ -124,7 +128,11 @@ fn killed_checkpoints_and_gcs_leave_a_consistent_store() {
     // 2b. Ctrl-C (SIGINT) while a VM's state is being saved does not leave
     //     the experiment frozen: the checkpoint finishes first.
     let seen = std::fs::read_to_string(&events).unwrap().lines().count();
-    let child = stasis(&exp, &["checkpoint", "--name", "interrupted"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let child = stasis(&exp, &["checkpoint", "--name", "interrupted"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     wait_saving_a(&events, seen);
     let st = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(st.success());
@@ -167,7 +175,8 @@ fn killed_checkpoints_and_gcs_leave_a_consistent_store() {
     assert_eq!(before.len() - after.len(), gc["disks"]["images_removed"].as_u64().unwrap() as usize);
     let running = exp.json(&["status"]);
     assert!(running["processes"].as_array().unwrap().iter().all(|p| p["alive"] == true), "{running}");
-    let rt: serde_json::Value = serde_json::from_slice(&std::fs::read(exp.root().join("runtime.json")).unwrap()).unwrap();
+    let rt: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(exp.root().join("runtime.json")).unwrap()).unwrap();
     let live_top = PathBuf::from(rt["vms"][0]["disk"].as_str().unwrap());
     assert!(live_top.exists(), "the running VM's overlay is kept");
     assert!(first_disk["a"].exists(), "the frozen image of 'first' is kept");
@@ -179,18 +188,27 @@ fn killed_checkpoints_and_gcs_leave_a_consistent_store() {
 /// The backing chain of `image` is whole (qemu-img opens every file of it).
 fn base_chain_exists(image: &Path) {
     let out = Command::new("qemu-img").args(["info", "--backing-chain", "-U"]).arg(image).output().unwrap();
-    assert!(out.status.success(), "backing chain of {} broken: {}", image.display(), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "backing chain of {} broken: {}",
+        image.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A tmpfs mounted for one test, unmounted and removed on drop (after the
-/// experiment's own teardown, if declared before it).
+/// experiment's own teardown, if declared before it). Its root is 0700, as
+/// stasis requires of a state directory.
 struct Tmpfs(PathBuf);
 
 impl Tmpfs {
-    fn new(size_mib: u64) -> Tmpfs {
-        let dir = PathBuf::from(format!("/tmp/swap-enospc-{}", std::process::id()));
+    fn at(dir: PathBuf, size_mib: u64) -> Tmpfs {
         std::fs::create_dir_all(&dir).unwrap();
-        let st = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"]).arg(&dir).status().unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m,mode=0700"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .unwrap();
         assert!(st.success(), "mounting a tmpfs on {} (the test needs root)", dir.display());
         Tmpfs(dir)
     }
@@ -205,10 +223,12 @@ impl Drop for Tmpfs {
 
 #[test]
 fn a_full_state_dir_aborts_the_checkpoint_and_the_experiment_runs_on() {
-    let fs = Tmpfs::new(400);
+    // Declared first so that it is unmounted after the experiment is down,
+    // also when the test fails.
+    let fs: Tmpfs;
     let exp = Experiment::new("enospc", &spec("enospc", false));
-    // The state dir lives on the small tmpfs.
-    std::os::unix::fs::symlink(&fs.0, exp.state()).unwrap();
+    // The state dir is the small tmpfs itself (stasis refuses a symlinked one).
+    fs = Tmpfs::at(exp.state(), 400);
     exp.json(&["up", exp.spec.to_str().unwrap()]);
     traffic_flows(&exp, 1);
     exp.json(&["checkpoint", "--name", "first"]);

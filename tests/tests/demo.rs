@@ -58,7 +58,10 @@ fn mandelbrot_job_survives_two_killed_vms_bit_identically() {
     std::thread::sleep(Duration::from_secs(2));
 
     // Kill two workers' VMs mid-run.
-    assert!(decode_image(&lines(&exp, "nodea", 1)).is_err(), "the job must still run when the VMs die: make PARAMS longer");
+    assert!(
+        decode_image(&lines(&exp, "nodea", 1)).is_err(),
+        "the job must still run when the VMs die: make PARAMS longer"
+    );
     let at_kill = bands_done(&exp, 1);
     let total = u64::from(PARAMS.bands());
     assert!(at_kill < total, "{at_kill}/{total}");
@@ -75,7 +78,9 @@ fn mandelbrot_job_survives_two_killed_vms_bit_identically() {
     assert!(exp.run(&["down"]).status.success());
     let r = exp.json(&["restore", "mid"]);
     assert_eq!(r["summary"]["vms"], 4, "{r}");
-    wait("the image from the restored master", Duration::from_secs(150), || decode_image(&lines(&exp, "nodea", 2)).is_ok());
+    wait("the image from the restored master", Duration::from_secs(150), || {
+        decode_image(&lines(&exp, "nodea", 2)).is_ok()
+    });
     let restored = lines(&exp, "nodea", 2);
     let img = decode_image(&restored).expect("decodes");
 

@@ -78,10 +78,15 @@ fn restore_and_check(exp: &Experiment, args: &[&str], inc: u32, bracket: (u64, u
     exp.json(&a);
     // The state reassembled for QEMU and the delay node is gone once they have read it.
     assert!(!exp.root().join("restore").exists(), "restore leaves no state files behind");
-    exp.wait_for("a", inc, T, "two lines after the restore", |r| r.iter().filter(|v| v["disk_i"].is_u64()).count() >= 2);
+    exp.wait_for("a", inc, T, "two lines after the restore", |r| {
+        r.iter().filter(|v| v["disk_i"].is_u64()).count() >= 2
+    });
     assert_consistent(exp, inc);
     let first = lines(exp, inc)[0].0;
-    assert!(first >= bracket.0 && first <= bracket.1 + 1, "restored counter {first} outside the checkpoint's {bracket:?}");
+    assert!(
+        first >= bracket.0 && first <= bracket.1 + 1,
+        "restored counter {first} outside the checkpoint's {bracket:?}"
+    );
     first
 }
 
@@ -130,7 +135,8 @@ fn each_checkpoint_and_branch_sees_exactly_its_own_disk() {
     assert_eq!(log["branches"]["b1"]["head"], cb1.as_str());
     assert_eq!(log["branches"]["b2"]["head"], cb2.as_str());
     // Every checkpoint froze its own disk image; no two share one.
-    let images: std::collections::HashSet<String> = cks.iter().map(|c| c["disks"]["a"][0].as_str().unwrap().to_owned()).collect();
+    let images: std::collections::HashSet<String> =
+        cks.iter().map(|c| c["disks"]["a"][0].as_str().unwrap().to_owned()).collect();
     assert_eq!(images.len(), cks.len(), "{log}");
 
     let d = exp.json(&["diff", "c1", "c2"]);

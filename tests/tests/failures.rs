@@ -77,7 +77,12 @@ fn killing_a_vm_during_save_aborts_and_earlier_checkpoints_survive() {
     let list = exp.json(&["list"]);
     let names: Vec<_> = list.as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap_or("").to_string()).collect();
     assert_eq!(names, ["good"]);
-    let leftovers: Vec<_> = std::fs::read_dir(exp.root().join("checkpoints")).unwrap().flatten().map(|e| e.file_name()).filter(|n| n != "chunks").collect();
+    let leftovers: Vec<_> = std::fs::read_dir(exp.root().join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n != "chunks")
+        .collect();
     assert_eq!(leftovers.len(), 1, "only the good checkpoint is on disk: {leftovers:?}");
     let procs = exp.pids();
     assert!(procs.iter().any(|p| p.0 == "a" && p.2), "VM a keeps running: {procs:?}");
@@ -125,7 +130,11 @@ fn killing_a_vm_during_save_aborts_and_earlier_checkpoints_survive() {
     let o = exp.run(&["restore", "good"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("vm-a"), "the error names the damaged component: {}", stderr(&o));
-    let chunk_id = format!("{}{}", f.parent().unwrap().file_name().unwrap().to_string_lossy(), f.file_name().unwrap().to_string_lossy());
+    let chunk_id = format!(
+        "{}{}",
+        f.parent().unwrap().file_name().unwrap().to_string_lossy(),
+        f.file_name().unwrap().to_string_lossy()
+    );
     assert!(stderr(&o).contains(&chunk_id), "the error names the damaged chunk: {}", stderr(&o));
     // fsck names it too.
     let o = exp.run(&["fsck"]);
@@ -187,7 +196,8 @@ fn bad_specs_and_foreign_checkpoints_are_refused_clearly() {
     assert!(stderr(&o).contains("bad.toml:4"), "{}", stderr(&o));
 
     // Unknown node in a link.
-    std::fs::write(&exp.spec, "name = \"bad\"\n[[node]]\nname = \"a\"\n[[link]]\nname = \"l\"\na = \"a\"\nb = \"z\"\n").unwrap();
+    std::fs::write(&exp.spec, "name = \"bad\"\n[[node]]\nname = \"a\"\n[[link]]\nname = \"l\"\na = \"a\"\nb = \"z\"\n")
+        .unwrap();
     let o = exp.run(&["up", exp.spec.to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("\"z\""), "{}", stderr(&o));

@@ -38,7 +38,8 @@ const STEADY_WINDOWS: usize = 6;
 
 /// Every guest second: print the counters, reset them (after boot noise
 /// settles).
-const KMOD_LOOP: &str = "sleep 3; echo reset > /proc/stasis_fw; while sleep 1; do cat /proc/stasis_fw; echo reset > /proc/stasis_fw; done";
+const KMOD_LOOP: &str =
+    "sleep 3; echo reset > /proc/stasis_fw; while sleep 1; do cat /proc/stasis_fw; echo reset > /proc/stasis_fw; done";
 
 /// Every guest second: the RTC (whole seconds, from the emulated CMOS
 /// clock) next to CLOCK_REALTIME. QEMU runs the RTC on the VM's virtual
@@ -48,7 +49,11 @@ const RTC_LOOP: &str = r#"while sleep 1; do echo \"{\\\"tool\\\":\\\"rtc\\\",\\\
 
 /// RTC − CLOCK_REALTIME of every `rtc` line, s.
 fn rtc_offsets(reports: &[Value]) -> Vec<i64> {
-    reports.iter().filter(|r| r["tool"] == "rtc").filter_map(|r| Some(r["rtc"].as_i64()? - r["real"].as_i64()?)).collect()
+    reports
+        .iter()
+        .filter(|r| r["tool"] == "rtc")
+        .filter_map(|r| Some(r["rtc"].as_i64()? - r["real"].as_i64()?))
+        .collect()
 }
 
 fn spec(name: &str, extra_a: &str) -> String {
@@ -114,7 +119,10 @@ fn kmod_sees_no_step_across_checkpoint_and_restore() {
         assert!(k["kvm"]["reason"].as_str().is_some_and(|s| !s.is_empty()), "{k}");
         // The first window may hold the boot's tail; the rest are steady.
         let s = max_step(&w[1..]);
-        eprintln!("{n} steady state: largest step per second (ms) {:?}", steps(&w[1..]).iter().map(|s| s / 1_000_000).collect::<Vec<_>>());
+        eprintln!(
+            "{n} steady state: largest step per second (ms) {:?}",
+            steps(&w[1..]).iter().map(|s| s / 1_000_000).collect::<Vec<_>>()
+        );
         assert!(s < EXCESS_BOUND_NS, "{n}: steady noise {s} ns already hides a leak; the test cannot discriminate");
         for k in &w[1..] {
             assert!(kmod_violations(k, u64::MAX, DIS_BOUND_NS).is_empty(), "{n} steady: {k}");
@@ -133,8 +141,17 @@ fn kmod_sees_no_step_across_checkpoint_and_restore() {
         let w = wait_windows(&exp, n, 1, n1 + 2, "kmod windows after the checkpoint");
         let around = &w[n0[i]..n1 + 2];
         let s = max_step(around);
-        eprintln!("{n} across the checkpoint: largest step per second (ms) {:?}", steps(around).iter().map(|s| s / 1_000_000).collect::<Vec<_>>());
-        worst.push((n.to_string(), "checkpoint", s, steady[i], around.iter().flat_map(|k| kmod_violations(k, u64::MAX, DIS_BOUND_NS)).collect::<Vec<_>>()));
+        eprintln!(
+            "{n} across the checkpoint: largest step per second (ms) {:?}",
+            steps(around).iter().map(|s| s / 1_000_000).collect::<Vec<_>>()
+        );
+        worst.push((
+            n.to_string(),
+            "checkpoint",
+            s,
+            steady[i],
+            around.iter().flat_map(|k| kmod_violations(k, u64::MAX, DIS_BOUND_NS)).collect::<Vec<_>>(),
+        ));
     }
 
     // Kill, restore: the module's state comes back with guest memory and
@@ -145,15 +162,26 @@ fn kmod_sees_no_step_across_checkpoint_and_restore() {
     for (i, n) in ["a", "b"].iter().enumerate() {
         let w = wait_windows(&exp, n, 2, 3, "kmod windows after restore");
         let s = max_step(&w);
-        eprintln!("{n} after the restore: largest step per second (ms) {:?}", steps(&w).iter().map(|s| s / 1_000_000).collect::<Vec<_>>());
+        eprintln!(
+            "{n} after the restore: largest step per second (ms) {:?}",
+            steps(&w).iter().map(|s| s / 1_000_000).collect::<Vec<_>>()
+        );
         assert!(w.last().unwrap()["samples"].as_u64().unwrap() > 100, "still sampling after restore: {w:?}");
-        worst.push((n.to_string(), "restore", s, steady[i], w.iter().flat_map(|k| kmod_violations(k, u64::MAX, DIS_BOUND_NS)).collect()));
+        worst.push((
+            n.to_string(),
+            "restore",
+            s,
+            steady[i],
+            w.iter().flat_map(|k| kmod_violations(k, u64::MAX, DIS_BOUND_NS)).collect(),
+        ));
     }
     // The guest's RTC did not see the pause or the time until the restore:
     // RTC − REALTIME stays where it was (±1 s: two whole-second reads).
     let mut rtc = rtc_offsets(&exp.reports("b", 1));
     let before = rtc[0];
-    rtc.extend(rtc_offsets(&exp.wait_for("b", 2, Duration::from_secs(30), "rtc lines after restore", |r| rtc_offsets(r).len() >= 2)));
+    rtc.extend(rtc_offsets(
+        &exp.wait_for("b", 2, Duration::from_secs(30), "rtc lines after restore", |r| rtc_offsets(r).len() >= 2),
+    ));
     eprintln!("b: RTC − REALTIME (s) over both timelines: {rtc:?}");
     assert!(rtc.iter().all(|o| (o - before).abs() <= 1), "the RTC moved against REALTIME: {rtc:?}");
     for (n, when, s, st, v) in &worst {

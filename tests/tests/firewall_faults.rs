@@ -38,7 +38,9 @@ const FAULT_DTHETA_SLACK_NS: i64 = 40_000_000;
 const STEP_BOUND_NS: u64 = 1_000_000_000;
 
 fn spec(name: &str) -> String {
-    let probe = |n: &str| format!("sleep 3; echo reset > /proc/stasis_fw; stasis-probe --node {n} --report-ms 500 --kmod /proc/stasis_fw");
+    let probe = |n: &str| {
+        format!("sleep 3; echo reset > /proc/stasis_fw; stasis-probe --node {n} --report-ms 500 --kmod /proc/stasis_fw")
+    };
     format!(
         r#"
 name = "{name}"
@@ -89,7 +91,8 @@ fn around(exp: &Experiment, args: &[&str]) -> (Value, Window, usize, usize) {
     assert!(before.len() >= 20, "b has exchanged with a before the checkpoint: {}", before.len());
     let out = exp.json(args);
     let n1 = clockx(&exp.reports("b", 1)).len();
-    let r = exp.wait_for("b", 1, Duration::from_secs(60), "20 exchanges after the checkpoint", |r| clockx(r).len() >= n1 + 20);
+    let r = exp
+        .wait_for("b", 1, Duration::from_secs(60), "20 exchanges after the checkpoint", |r| clockx(r).len() >= n1 + 20);
     let after = clockx(&r);
     let th = |w: &[(i64, i64)]| median(w.iter().map(|x| x.0).collect());
     let b = th(&before[before.len() - 20..]);
@@ -139,7 +142,8 @@ fn the_instruments_pass_a_clean_checkpoint_and_catch_two_broken_ones() {
     }
 
     // 2. Late resume of a: the host's report and the guests' θ both see it.
-    let (c, w, ra, _) = around(&exp, &["checkpoint", "--name", "late", "--pause-ms", "1000", "--fault", "late-resume=a:200ms"]);
+    let (c, w, ra, _) =
+        around(&exp, &["checkpoint", "--name", "late", "--pause-ms", "1000", "--fault", "late-resume=a:200ms"]);
     assert_eq!(c["verdict"]["clean"], false, "{c}");
     let show = exp.json(&["show", "late"]);
     let err_a = frozen_error(&show, "a");
@@ -156,8 +160,13 @@ fn the_instruments_pass_a_clean_checkpoint_and_catch_two_broken_ones() {
 
     // 3. SIGSTOP bypass of a: the host's durations look right, the guest's
     //    kmod and probe see the 2 s, and so does θ.
-    let (c, w, ra, rb) = around(&exp, &["checkpoint", "--name", "bypass", "--pause-ms", "1000", "--fault", "sigstop=a:2s"]);
-    eprintln!("sigstop: host verdict {} (stop skew {} ms)", c["verdict"], c["stop_skew_ns"].as_u64().unwrap_or(0) / 1_000_000);
+    let (c, w, ra, rb) =
+        around(&exp, &["checkpoint", "--name", "bypass", "--pause-ms", "1000", "--fault", "sigstop=a:2s"]);
+    eprintln!(
+        "sigstop: host verdict {} (stop skew {} ms)",
+        c["verdict"],
+        c["stop_skew_ns"].as_u64().unwrap_or(0) / 1_000_000
+    );
     assert!(c["stop_skew_ns"].as_u64().unwrap() >= SIGSTOP_NS, "a's QMP stop came after the SIGSTOP: {c}");
     let ka = kmod_after(&exp, "a", ra);
     eprintln!("a after SIGSTOP: max_step_ns {}", ka["max_step_ns"]);

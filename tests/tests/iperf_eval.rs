@@ -38,14 +38,17 @@ fn quick_iperf_eval_reports_and_detects_the_control_dip() {
     eprintln!("stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&res.stderr));
     assert!(res.status.success(), "stasis-eval iperf --quick failed");
     assert!(stdout.contains("| control | 1 |") && stdout.contains("| ckpt | 1 |"), "summary table printed");
-    for f in ["iperf-eval.json", "runs.csv", "report.md", "iperf-around-events.png", "iperf-timeseries.png", "iperf-cdf.png"] {
+    for f in
+        ["iperf-eval.json", "runs.csv", "report.md", "iperf-around-events.png", "iperf-timeseries.png", "iperf-cdf.png"]
+    {
         let p = out.path().join(f);
         let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
         assert!(len > 100, "{} missing or empty", p.display());
     }
     let csv = std::fs::read_to_string(out.path().join("runs.csv")).expect("csv");
     assert_eq!(csv.lines().count(), 1 + 3, "header + one run per arm:\n{csv}");
-    let raw: Value = serde_json::from_slice(&std::fs::read(out.path().join("iperf-eval.json")).expect("json")).expect("parse");
+    let raw: Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("iperf-eval.json")).expect("json")).expect("parse");
     let runs = raw["runs"].as_array().expect("runs");
     assert_eq!(runs.len(), 3, "failures: {}", raw["failures"]);
     for r in runs {
@@ -71,5 +74,8 @@ fn quick_iperf_eval_reports_and_detects_the_control_dip() {
     let ckpt = arm("ckpt");
     assert!(ckpt["events"][0]["frozen_ns"].as_u64().unwrap_or(0) > 0, "the checkpoint froze the VMs");
     let report = std::fs::read_to_string(out.path().join("report.md")).expect("report");
-    assert!(report.contains("## Summary") && report.contains("![iperf-around-events.png]"), "report has the table and plots");
+    assert!(
+        report.contains("## Summary") && report.contains("![iperf-around-events.png]"),
+        "report has the table and plots"
+    );
 }

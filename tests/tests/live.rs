@@ -66,7 +66,11 @@ fn live_checkpoint_and_swap_out_in_lose_and_duplicate_nothing() {
     assert_eq!(downtimes.len(), 2, "{live}");
     let live_max = live["max_downtime_ns"].as_u64().unwrap();
     let stop_d = stop["frozen_duration_ns"].as_u64().unwrap();
-    eprintln!("guest downtime: stop-and-copy {:.1} ms, live {:.1} ms (per VM {downtimes:?})", stop_d as f64 / 1e6, live_max as f64 / 1e6);
+    eprintln!(
+        "guest downtime: stop-and-copy {:.1} ms, live {:.1} ms (per VM {downtimes:?})",
+        stop_d as f64 / 1e6,
+        live_max as f64 / 1e6
+    );
     assert!(live_max > 0, "a live checkpoint still stops each guest for its device state: {live}");
     assert!(live_max * 2 < stop_d, "live downtime {live_max} ns is not far below stop-and-copy {stop_d} ns");
     // `stasis show` reports it.
@@ -74,7 +78,11 @@ fn live_checkpoint_and_swap_out_in_lose_and_duplicate_nothing() {
     let text = String::from_utf8_lossy(&show.stdout);
     assert!(show.status.success() && text.contains("live") && text.contains("downtime       a:"), "{text}");
 
-    eprintln!("largest probe steps over both checkpoints: a {:?}, b {:?}", max_steps(&exp.reports("a", 1)), max_steps(&exp.reports("b", 1)));
+    eprintln!(
+        "largest probe steps over both checkpoints: a {:?}, b {:?}",
+        max_steps(&exp.reports("a", 1)),
+        max_steps(&exp.reports("b", 1))
+    );
 
     // Swap out (the original timeline went on after the live checkpoint:
     // the swap-in below checks its frames too): a checkpoint, then nothing

@@ -73,11 +73,20 @@ fn checkpoint_across_three_hosts_then_restore_loses_and_duplicates_nothing() {
     let parts = c1["checkpoint"]["parts"].as_array().unwrap();
     let held: Vec<(String, Vec<String>)> = parts
         .iter()
-        .map(|p| (p["host"].as_str().unwrap().to_string(), p["components"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap().to_string()).collect()))
+        .map(|p| {
+            (
+                p["host"].as_str().unwrap().to_string(),
+                p["components"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap().to_string()).collect(),
+            )
+        })
         .collect();
     assert_eq!(
         held,
-        [("h1".into(), vec!["a".into()]), ("h2".into(), vec!["b".into(), "delay-node".into()]), ("h3".into(), vec!["c".into()])],
+        [
+            ("h1".into(), vec!["a".into()]),
+            ("h2".into(), vec!["b".into(), "delay-node".into()]),
+            ("h3".into(), vec!["c".into()])
+        ],
         "each host holds its own part: {c1}"
     );
     assert!(c1["frozen_duration_ns"].as_u64().unwrap() >= 1_000_000_000, "{c1}");
@@ -92,12 +101,17 @@ fn checkpoint_across_three_hosts_then_restore_loses_and_duplicates_nothing() {
     for (h, vm) in [("h1", "a"), ("h2", "b"), ("h3", "c")] {
         let events = std::fs::read_to_string(lab.agent(h).state.join("mh").join("events.jsonl")).unwrap_or_default();
         for kind in ["\"planned\"", "\"stopped\"", "\"saved\"", "\"resumed\""] {
-            assert!(events.contains(kind) && events.contains(&format!("\"{vm}\"")), "{h}: no {kind} event of {vm}: {events}");
+            assert!(
+                events.contains(kind) && events.contains(&format!("\"{vm}\"")),
+                "{h}: no {kind} event of {vm}: {events}"
+            );
         }
     }
     // Traffic goes on in the original timeline (or has finished).
     let before = received(&exp.reports("c", 1));
-    exp.wait_for("c", 1, Duration::from_secs(30), "traffic after the checkpoint", |r| received(r) > before + 100 || received(r) == PER_FLOW);
+    exp.wait_for("c", 1, Duration::from_secs(30), "traffic after the checkpoint", |r| {
+        received(r) > before + 100 || received(r) == PER_FLOW
+    });
 
     // Kill everything on every host, then restore.
     let down = exp.json(&["down"]);
@@ -148,7 +162,9 @@ fn assert_aborted_cleanly(exp: &Experiment, out: &std::process::Output, why: &st
     let list = exp.json(&["list"]);
     assert_eq!(list.as_array().map(Vec::len), Some(listed), "no partial checkpoint listed: {list}");
     let before = probes(exp);
-    exp.wait_for("a", 1, Duration::from_secs(30), "the VM running on after the abort", |r| r.iter().filter(|x| x["tool"] == "probe").count() > before + 5);
+    exp.wait_for("a", 1, Duration::from_secs(30), "the VM running on after the abort", |r| {
+        r.iter().filter(|x| x["tool"] == "probe").count() > before + 5
+    });
 }
 
 #[test]
@@ -160,7 +176,8 @@ fn failed_save_silent_host_and_killed_agent_abort_and_wrong_key_is_refused() {
     // A coordinator with the wrong key is refused; the agents serve on.
     let good = exp.wrapper.clone();
     let wrong_key = exp.dir.path().join("wrong.key");
-    std::fs::write(&wrong_key, "not-the-agents-key-at-all").unwrap();
+    // 0600 and 32 bytes, or the CLI refuses the file before it tries the key.
+    stasis_core::private::write(&wrong_key, b"not-the-agents-key-at-all, 32 b.").unwrap();
     exp.wrapper = lab.coordinator_wrapper();
     *exp.wrapper.last_mut().unwrap() = format!("STASIS_KEY_FILE={}", wrong_key.display());
     let out = exp.run(&["status"]);
@@ -286,7 +303,10 @@ fn ptp_synchronised_agents_freeze_at_one_instant() {
         lab.spawn_in(&br, &gm, &["--iface", "br0", "--gm"], &log);
         for (h, off, drift) in [("h1", "3000000", "50"), ("h2", "-2000000", "-30"), ("h3", "0", "0")] {
             let a = lab.agents.iter_mut().find(|a| a.host == h).unwrap();
-            a.extra_args = ["--ptp", "eth0", "--clock-offset-ns", off, "--clock-drift-ppm", drift].iter().map(|s| s.to_string()).collect();
+            a.extra_args = ["--ptp", "eth0", "--clock-offset-ns", off, "--clock-drift-ppm", drift]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
         }
         lab.start_agents();
         (exp, lab)
@@ -297,7 +317,12 @@ fn ptp_synchronised_agents_freeze_at_one_instant() {
     // Converged: every agent's true error under 10 µs.
     loop {
         let st = exp.json(&["status"]);
-        let errs: Vec<f64> = st.as_array().unwrap().iter().map(|s| s["clock"]["true_error_ns"].as_f64().unwrap_or(f64::MAX).abs()).collect();
+        let errs: Vec<f64> = st
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["clock"]["true_error_ns"].as_f64().unwrap_or(f64::MAX).abs())
+            .collect();
         if errs.iter().all(|e| *e < 10_000.0) {
             eprintln!("PTP converged after {:.1} s: true errors {errs:?} ns", t0.elapsed().as_secs_f64());
             break;
@@ -314,8 +339,17 @@ fn ptp_synchronised_agents_freeze_at_one_instant() {
         let mut f = Vec::new();
         for h in ["h1", "h2", "h3"] {
             let log = lab.log(h);
-            let line = log.lines().find(|l| l.contains("freeze fired") && l.contains(&ckpt)).unwrap_or_else(|| panic!("{h} fired checkpoint {ckpt}"));
-            let field = |k: &str| line.split(&format!("{k}=")).nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse::<u64>().ok()).unwrap();
+            let line = log
+                .lines()
+                .find(|l| l.contains("freeze fired") && l.contains(&ckpt))
+                .unwrap_or_else(|| panic!("{h} fired checkpoint {ckpt}"));
+            let field = |k: &str| {
+                line.split(&format!("{k}="))
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap()
+            };
             p.push(field("planned_realtime_ns"));
             f.push(field("fired_realtime_ns"));
         }

@@ -48,7 +48,8 @@ fn quick_time_eval_writes_plausible_figures() {
     }
     let csv = std::fs::read_to_string(out.path().join("time-eval.csv")).expect("csv");
     assert_eq!(csv.lines().count(), 1 + 2 * 2, "header + 2 checkpoints × 2 nodes:\n{csv}");
-    let raw: Value = serde_json::from_slice(&std::fs::read(out.path().join("time-eval.json")).expect("json")).expect("parse");
+    let raw: Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("time-eval.json")).expect("json")).expect("parse");
     let recs = raw["checkpoints"].as_array().expect("checkpoints");
     assert_eq!(recs.len(), 2);
     for r in recs {
@@ -57,7 +58,11 @@ fn quick_time_eval_writes_plausible_figures() {
         assert!(frozen >= 1e9, "frozen {frozen} < the 1 s pause");
         let dth = r["theta"]["delta_ns"].as_f64().expect("Δθ measured");
         assert!(dth.abs() < DTHETA_BOUND_NS, "Δθ {dth} ns");
-        assert!(r["theta"]["n_before"].as_u64().unwrap_or(0) >= 10 && r["theta"]["n_after"].as_u64().unwrap_or(0) >= 10, "θ samples: {}", r["theta"]);
+        assert!(
+            r["theta"]["n_before"].as_u64().unwrap_or(0) >= 10 && r["theta"]["n_after"].as_u64().unwrap_or(0) >= 10,
+            "θ samples: {}",
+            r["theta"]
+        );
         let nodes = r["nodes"].as_array().expect("nodes");
         assert_eq!(nodes.len(), 2);
         for n in nodes {

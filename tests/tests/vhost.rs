@@ -105,7 +105,8 @@ fn vhost_user_checkpoint_kill_restore_is_exact() {
     assert!(stops >= 6, "{stops} port_stopped events, expected 3 per checkpoint");
     // Each VM's device stop relative to the node's freeze instant T (the
     // agent stops the VMs at T): the in-band marker says when each really stopped.
-    let freezes: Vec<i64> = events.iter().filter(|e| e["event"] == "freeze").filter_map(|e| e["mono_ns"].as_i64()).collect();
+    let freezes: Vec<i64> =
+        events.iter().filter(|e| e["event"] == "freeze").filter_map(|e| e["mono_ns"].as_i64()).collect();
     let offsets: Vec<i64> = events
         .iter()
         .filter(|e| e["event"] == "port_stopped")

@@ -38,7 +38,12 @@ pub enum CoordError {
     #[error("experiment {0:?} has no [[host]]: not a multi-host experiment")]
     NotMultiHost(String),
     #[error("cannot reach the agent of host {host:?} at {addr}")]
-    Connect { host: String, addr: std::net::SocketAddr, #[source] source: HandshakeError },
+    Connect {
+        host: String,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: HandshakeError,
+    },
     #[error("agent of host {host:?}: {message}")]
     Agent { host: String, message: String },
     #[error("agent of host {host:?} went away")]
@@ -56,9 +61,17 @@ pub enum CoordError {
     #[error("guests not ready after {0:?}: {1}")]
     NotReady(Duration, String),
     #[error("{path}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path} is damaged")]
-    Catalogue { path: PathBuf, #[source] source: serde_json::Error },
+    Catalogue {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 /// One component of a checkpoint as its agent reported it.
@@ -129,6 +142,7 @@ pub struct MhRestoreSummary {
 /// The coordinator of one multi-host experiment.
 pub struct Coordinator {
     exp: Experiment,
+    /// The master key; host `h`'s agent holds `key.for_host(h)`.
     key: Key,
     dir: PathBuf,
 }
@@ -167,7 +181,7 @@ impl Coordinator {
     }
 
     async fn connect(&self, h: &stasis_core::spec::Host) -> Result<Connection, CoordError> {
-        match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(h.agent, &self.key)).await {
+        match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(h.agent, &self.key.for_host(&h.name))).await {
             Ok(r) => r.map_err(|source| CoordError::Connect { host: h.name.clone(), addr: h.agent, source }),
             Err(_) => Err(CoordError::Connect { host: h.name.clone(), addr: h.agent, source: HandshakeError::Timeout }),
         }
@@ -187,7 +201,9 @@ impl Coordinator {
                 }
             }
         };
-        let r = tokio::time::timeout(REQUEST_TIMEOUT, wait).await.map_err(|_| CoordError::Timeout { host: name.clone() })??;
+        let r = tokio::time::timeout(REQUEST_TIMEOUT, wait)
+            .await
+            .map_err(|_| CoordError::Timeout { host: name.clone() })??;
         if !r.ok {
             return Err(CoordError::Agent { host: name, message: r.message });
         }
@@ -195,7 +211,11 @@ impl Coordinator {
     }
 
     /// Send `op(host)` to every agent at once; the first error wins.
-    async fn request_all(&self, conns: &mut [Connection], op: impl Fn(&str) -> Option<Op>) -> Result<Vec<serde_json::Value>, CoordError> {
+    async fn request_all(
+        &self,
+        conns: &mut [Connection],
+        op: impl Fn(&str) -> Option<Op>,
+    ) -> Result<Vec<serde_json::Value>, CoordError> {
         let futs = conns.iter_mut().enumerate().map(|(i, c)| {
             let op = op(&self.hosts()[i].name);
             async move {
@@ -288,7 +308,9 @@ impl Coordinator {
                 continue;
             }
             let text = std::fs::read(&p).map_err(io(&p))?;
-            out.push(serde_json::from_slice(&text).map_err(|source| CoordError::Catalogue { path: p.clone(), source })?);
+            out.push(
+                serde_json::from_slice(&text).map_err(|source| CoordError::Catalogue { path: p.clone(), source })?,
+            );
         }
         out.sort_by_key(|c: &MhCheckpoint| (c.index, c.ckpt));
         Ok(out)
@@ -301,11 +323,17 @@ impl Coordinator {
         let found = if which == "latest" {
             all.last().cloned()
         } else {
-            all.iter().find(|c| c.name.as_deref() == Some(which) || c.ckpt.to_string() == which || Some(c.index) == idx).cloned()
+            all.iter()
+                .find(|c| c.name.as_deref() == Some(which) || c.ckpt.to_string() == which || Some(c.index) == idx)
+                .cloned()
         };
         found.ok_or_else(|| CoordError::Unknown {
             which: which.into(),
-            known: if all.is_empty() { "none".into() } else { all.iter().map(|c| format!("#{} {}", c.index, c.label())).collect::<Vec<_>>().join(", ") },
+            known: if all.is_empty() {
+                "none".into()
+            } else {
+                all.iter().map(|c| format!("#{} {}", c.index, c.label())).collect::<Vec<_>>().join(", ")
+            },
         })
     }
 
@@ -353,7 +381,12 @@ impl Coordinator {
                         store_name: part_name(ckpt),
                         components: cs
                             .iter()
-                            .map(|c| PartComponent { name: c.name.clone(), bytes: c.bytes, blake3: c.blake3.iter().map(|b| format!("{b:02x}")).collect(), stop_ns: c.stop_ns })
+                            .map(|c| PartComponent {
+                                name: c.name.clone(),
+                                bytes: c.bytes,
+                                blake3: c.blake3.iter().map(|b| format!("{b:02x}")).collect(),
+                                stop_ns: c.stop_ns,
+                            })
                             .collect(),
                     })
                     .collect();
@@ -391,11 +424,18 @@ impl Coordinator {
         .await;
         if !outcome.committed {
             let reason = match &outcome.abort {
-                Some(stasis_proto::AbortReason::SaveFailed { agent, reason }) => format!("host {:?} could not save: {reason}", self.hosts()[*agent].name),
-                Some(stasis_proto::AbortReason::Deadline { missing }) => {
-                    format!("no SAVED by the deadline from {}", missing.iter().map(|i| self.hosts()[*i].name.clone()).collect::<Vec<_>>().join(", "))
+                Some(stasis_proto::AbortReason::SaveFailed { agent, reason }) => {
+                    format!("host {:?} could not save: {reason}", self.hosts()[*agent].name)
                 }
-                Some(stasis_proto::AbortReason::Lost { agent }) => format!("lost the agent of host {:?} before it saved", self.hosts()[*agent].name),
+                Some(stasis_proto::AbortReason::Deadline { missing }) => {
+                    format!(
+                        "no SAVED by the deadline from {}",
+                        missing.iter().map(|i| self.hosts()[*i].name.clone()).collect::<Vec<_>>().join(", ")
+                    )
+                }
+                Some(stasis_proto::AbortReason::Lost { agent }) => {
+                    format!("lost the agent of host {:?} before it saved", self.hosts()[*agent].name)
+                }
                 Some(stasis_proto::AbortReason::Manifest(m)) => format!("catalogue manifest: {m}"),
                 None => "unknown".into(),
             };
@@ -414,7 +454,12 @@ impl Coordinator {
         if !outcome.not_resumed.is_empty() {
             tracing::error!(hosts = ?outcome.not_resumed, "checkpoint committed but some hosts did not report resuming");
         }
-        Ok(MhCheckpointSummary { checkpoint: m, frozen_duration_ns: d, max_frozen_error_ns: max_err, round_ns: outcome.decided_at.saturating_sub(outcome.started) })
+        Ok(MhCheckpointSummary {
+            checkpoint: m,
+            frozen_duration_ns: d,
+            max_frozen_error_ns: max_err,
+            round_ns: outcome.decided_at.saturating_sub(outcome.started),
+        })
     }
 
     /// Remove parts the agents hold of checkpoints the catalogue does not
@@ -442,7 +487,13 @@ impl Coordinator {
     pub async fn restore(&self, which: &str, margin_ns: u64) -> Result<MhRestoreSummary, CoordError> {
         let m = self.open(which)?;
         if m.experiment != self.exp.name || m.digest != self.exp.digest() {
-            return Err(CoordError::Foreign { ckpt: m.label(), found: m.experiment, found_digest: m.digest, expected: self.exp.name.clone(), expected_digest: self.exp.digest() });
+            return Err(CoordError::Foreign {
+                ckpt: m.label(),
+                found: m.experiment,
+                found_digest: m.digest,
+                expected: self.exp.name.clone(),
+                expected_digest: self.exp.digest(),
+            });
         }
         let started = realtime_ns();
         let ckpt = CkptId::new(m.ckpt).expect("catalogue ids are nonzero");
@@ -454,7 +505,8 @@ impl Coordinator {
         self.request_all(&mut conns, |h| Some(self.start_op(h, false, true, Some(ckpt), &spec))).await?;
         let at = realtime_ns() + margin_ns;
         let resumed = self.request_all(&mut conns, |_| Some(Op::ResumeAt { at })).await?;
-        let instants: Vec<u64> = resumed.iter().filter_map(|v| v.as_object()).flat_map(|o| o.values().filter_map(|x| x.as_u64())).collect();
+        let instants: Vec<u64> =
+            resumed.iter().filter_map(|v| v.as_object()).flat_map(|o| o.values().filter_map(|x| x.as_u64())).collect();
         Ok(MhRestoreSummary {
             checkpoint: m.label(),
             hosts: conns.len(),

@@ -34,6 +34,7 @@ use delay_node::control::Client as DelayClient;
 use futures::future::join_all;
 use stasis_core::clock::{mono_ns, realtime_ns, MonoNs};
 use stasis_core::spec::Experiment;
+use stasis_core::versioned::{self, FormatVersion, Persisted};
 use stasis_proto::msg::{CkptId, Component, ErrorCode, ErrorMsg, Op, Reply, ResumedComponent};
 use stasis_proto::transport::{BindError, Connection, Listener};
 use stasis_proto::{AgentAction, AgentConfig, AgentCore, AgentState, Key, Message};
@@ -174,17 +175,33 @@ pub enum RequestError {
     #[error("starting")]
     Up(#[from] UpError),
     #[error("VM {node:?} did not start")]
-    Vm { node: String, #[source] source: stasis_qemu::vm::LaunchError },
+    Vm {
+        node: String,
+        #[source]
+        source: stasis_qemu::vm::LaunchError,
+    },
     #[error("VM {node:?} did not load its state")]
-    Incoming { node: String, #[source] source: stasis_qemu::vm::VmError },
+    Incoming {
+        node: String,
+        #[source]
+        source: stasis_qemu::vm::VmError,
+    },
     #[error("resuming VM {node:?}")]
-    Resume { node: String, #[source] source: stasis_qemu::vm::VmError },
+    Resume {
+        node: String,
+        #[source]
+        source: stasis_qemu::vm::VmError,
+    },
     #[error("delay node")]
     Delay(#[from] delay_node::control::ControlError),
     #[error("checkpoint store")]
     Store(#[from] stasis_store::StoreError),
     #[error("{path}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
@@ -229,6 +246,11 @@ struct ShareRecord {
     vms: Vec<VmProc>,
 }
 
+impl Persisted for ShareRecord {
+    const FORMAT: &'static str = "stasis-share";
+    const VERSION: FormatVersion = FormatVersion::new(1, 0);
+}
+
 fn share_file(state_dir: &std::path::Path) -> PathBuf {
     state_dir.join("share.json")
 }
@@ -236,9 +258,9 @@ fn share_file(state_dir: &std::path::Path) -> PathBuf {
 /// The share a previous life of this agent left running, if any of it runs.
 fn load_share(state_dir: &std::path::Path) -> Option<Share> {
     let path = share_file(state_dir);
-    let text = std::fs::read(&path).ok()?;
-    let rec: ShareRecord = match serde_json::from_slice(&text) {
-        Ok(r) => r,
+    let rec: ShareRecord = match versioned::read_opt(&path) {
+        Ok(Some(r)) => r,
+        Ok(None) => return None,
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "ignoring a damaged share record");
             return None;
@@ -247,7 +269,8 @@ fn load_share(state_dir: &std::path::Path) -> Option<Share> {
     let exp = Experiment::from_toml_str(&rec.spec_toml, None).ok()?;
     // A host with nothing placed on it still takes part in every round.
     let empty = rec.vms.is_empty() && rec.delay.is_none();
-    let alive = rec.vms.iter().any(|v| host::pid_alive(v.pid)) || rec.delay.as_ref().is_some_and(|d| host::pid_alive(d.pid));
+    let alive =
+        rec.vms.iter().any(|v| host::pid_alive(v.pid)) || rec.delay.as_ref().is_some_and(|d| host::pid_alive(d.pid));
     if !alive && !empty {
         let _ = std::fs::remove_file(&path);
         return None;
@@ -290,7 +313,8 @@ pub async fn serve(cfg: DaemonConfig) -> Result<(), DaemonError> {
     tracing::info!(addr = %listener.local_addr(), "agent listening");
     let (host_tx, host_rx) = mpsc::unbounded_channel();
     let share = load_share(&cfg.state_dir);
-    let mut agent = Agent { core: AgentCore::new(cfg.agent), cfg, share, host_tx, host_rx, resume_tx: None, discard: None };
+    let mut agent =
+        Agent { core: AgentCore::new(cfg.agent), cfg, share, host_tx, host_rx, resume_tx: None, discard: None };
     loop {
         match listener.accept().await {
             Ok(conn) => {
@@ -326,7 +350,9 @@ impl Agent {
             if tx.is_none() && self.core.state() == &AgentState::Idle && self.resume_tx.is_none() {
                 break;
             }
-            let sleep = timer.map(|at| Duration::from_nanos(at.saturating_sub(self.now()))).unwrap_or(Duration::from_secs(3600));
+            let sleep = timer
+                .map(|at| Duration::from_nanos(at.saturating_sub(self.now())))
+                .unwrap_or(Duration::from_secs(3600));
             let acts = tokio::select! {
                 m = net_rx.recv(), if tx.is_some() => match m {
                     Some(Ok(Message::Request(r))) => {
@@ -439,9 +465,7 @@ impl Agent {
             delay_frozen: s.delay_frozen,
             vms: s.vms.clone(),
         };
-        let tmp = path.with_extension("json.tmp");
-        let r = std::fs::write(&tmp, serde_json::to_vec_pretty(&rec).expect("serialises")).and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = r {
+        if let Err(e) = versioned::write_atomic(&path, &rec) {
             tracing::warn!(path = %path.display(), error = %e, "cannot record the share");
         }
     }
@@ -473,7 +497,9 @@ impl Agent {
 
     async fn request(&mut self, op: Op) -> Result<serde_json::Value, RequestError> {
         match op {
-            Op::Start { spec_toml, host, delay, vms, restore } => self.start(&spec_toml, &host, delay, vms, restore).await,
+            Op::Start { spec_toml, host, delay, vms, restore } => {
+                self.start(&spec_toml, &host, delay, vms, restore).await
+            }
             Op::ResumeAt { at } => self.resume_at(at).await,
             Op::Down => Ok(serde_json::json!({ "stopped": self.down().await })),
             Op::Status => Ok(self.status()),
@@ -484,7 +510,14 @@ impl Agent {
         }
     }
 
-    async fn start(&mut self, spec_toml: &str, host: &str, delay: bool, vms: bool, restore: Option<CkptId>) -> Result<serde_json::Value, RequestError> {
+    async fn start(
+        &mut self,
+        spec_toml: &str,
+        host: &str,
+        delay: bool,
+        vms: bool,
+        restore: Option<CkptId>,
+    ) -> Result<serde_json::Value, RequestError> {
         let exp = Experiment::from_toml_str(spec_toml, None)?;
         let placement = exp.placement.as_ref().ok_or(RequestError::NotMultiHost)?;
         let me = placement.host(host).ok_or_else(|| RequestError::UnknownHost(host.into()))?;
@@ -498,14 +531,27 @@ impl Agent {
         }
         if self.share.is_none() {
             let layout = Layout::new(&self.cfg.state_dir, &exp.name);
-            std::fs::create_dir_all(layout.root()).map_err(|source| RequestError::Io { path: layout.root().to_owned(), source })?;
+            std::fs::create_dir_all(layout.root())
+                .map_err(|source| RequestError::Io { path: layout.root().to_owned(), source })?;
             let incarnation = host::next_incarnation(&layout)?;
-            self.share = Some(Share { exp: exp.clone(), host: host.into(), layout, incarnation, delay: None, delay_frozen: false, vms: vec![], stopped: vec![] });
+            self.share = Some(Share {
+                exp: exp.clone(),
+                host: host.into(),
+                layout,
+                incarnation,
+                delay: None,
+                delay_frozen: false,
+                vms: vec![],
+                stopped: vec![],
+            });
         }
         let share = self.share.as_mut().expect("set above");
         let layout = share.layout.clone();
         let part = match restore {
-            Some(ckpt) if (delay && placement::runs_delay_node(&exp, host)) || (vms && !placement::nodes_on(&exp, host).is_empty()) => {
+            Some(ckpt)
+                if (delay && placement::runs_delay_node(&exp, host))
+                    || (vms && !placement::nodes_on(&exp, host).is_empty()) =>
+            {
                 let store = Store::open(&layout.checkpoints())?;
                 let c = store.open_checkpoint(&part_name(ckpt))?;
                 Some(c.materialized(&layout.root().join("restore"))?)
@@ -530,15 +576,26 @@ impl Agent {
                     return Err(RequestError::AlreadyRunning { what: format!("VM {}", node.name) });
                 }
                 let spec = placement::vm_spec_on_host(&exp, node, &layout, &self.cfg.tools)?;
-                std::fs::create_dir_all(&spec.run_dir).map_err(|source| RequestError::Io { path: spec.run_dir.clone(), source })?;
+                std::fs::create_dir_all(&spec.run_dir)
+                    .map_err(|source| RequestError::Io { path: spec.run_dir.clone(), source })?;
                 let serial = layout.serial_log(&node.name, share.incarnation);
                 let incoming = part.as_ref().map(|c| c.file(&format!("vm-{}", node.name)));
-                let mut vm = Vm::launch(&spec, &serial, incoming.as_deref()).await.map_err(|source| RequestError::Vm { node: node.name.clone(), source })?;
+                let mut vm = Vm::launch(&spec, &serial, incoming.as_deref())
+                    .await
+                    .map_err(|source| RequestError::Vm { node: node.name.clone(), source })?;
                 share.vms.retain(|v| v.name != node.name);
-                share.vms.push(VmProc { name: node.name.clone(), pid: vm.pid, qmp: vm.qmp_path.clone(), serial_log: serial, disk: None });
+                share.vms.push(VmProc {
+                    name: node.name.clone(),
+                    pid: vm.pid,
+                    qmp: vm.qmp_path.clone(),
+                    serial_log: serial,
+                    disk: None,
+                });
                 started.insert(node.name.clone(), vm.pid.into());
                 if incoming.is_some() {
-                    vm.wait_incoming(Duration::from_secs(120)).await.map_err(|source| RequestError::Incoming { node: node.name.clone(), source })?;
+                    vm.wait_incoming(Duration::from_secs(120))
+                        .await
+                        .map_err(|source| RequestError::Incoming { node: node.name.clone(), source })?;
                     share.stopped.push((node.name.clone(), vm));
                 }
             }
@@ -607,7 +664,9 @@ impl Agent {
     }
 
     fn status(&self) -> serde_json::Value {
-        let Some(s) = &self.share else { return serde_json::json!({ "running": false, "clock": self.cfg.clock.metrics() }) };
+        let Some(s) = &self.share else {
+            return serde_json::json!({ "running": false, "clock": self.cfg.clock.metrics() });
+        };
         let vms: Vec<_> = s
             .vms
             .iter()
@@ -683,7 +742,10 @@ impl RoundJob {
         let _ = ev.send(HostEvent::Resumed(resumed));
     }
 
-    async fn freeze_and_save(&self, ev: &mpsc::UnboundedSender<HostEvent>) -> (Frozen, Result<Vec<Component>, (String, Vec<u64>)>) {
+    async fn freeze_and_save(
+        &self,
+        ev: &mpsc::UnboundedSender<HostEvent>,
+    ) -> (Frozen, Result<Vec<Component>, (String, Vec<u64>)>) {
         let mut frozen = Frozen { vms: vec![], delay: None };
         let Some(share) = &self.share else {
             let _ = ev.send(HostEvent::Frozen);
@@ -696,7 +758,8 @@ impl RoundJob {
         log.event(&Event::Planned { checkpoint: ckpt_name.clone(), freeze_at: t });
         let fail = |frozen: Frozen, reason: String| {
             log.event(&Event::Aborted { checkpoint: ckpt_name.clone(), reason: reason.clone() });
-            let stops = frozen.vms.iter().filter_map(|(_, _, s)| s.map(|s| clock.synced_of_mono(s.instant()))).collect();
+            let stops =
+                frozen.vms.iter().filter_map(|(_, _, s)| s.map(|s| clock.synced_of_mono(s.instant()))).collect();
             (frozen, Err((reason, stops)))
         };
         // Attach before T.
@@ -736,7 +799,11 @@ impl RoundJob {
             match r {
                 Ok(s) => {
                     log.event(&Event::Stopped { component: node.clone(), sent: s.sent, replied: s.replied });
-                    *stamp = Some(StopStamp { sent: s.sent, replied: s.replied, reported: host::reported_instant(vm, "STOP") });
+                    *stamp = Some(StopStamp {
+                        sent: s.sent,
+                        replied: s.replied,
+                        reported: host::reported_instant(vm, "STOP"),
+                    });
                 }
                 Err(e) => {
                     failure.get_or_insert(format!("stopping VM {node}: {e}"));
@@ -760,7 +827,11 @@ impl RoundJob {
                 let t0 = mono_ns();
                 match c.save(&pending.path("delay-node")).await {
                     Ok(r) => {
-                        log.event(&Event::Saved { component: "delay-node".into(), bytes: r.bytes, save_ns: mono_ns() - t0 });
+                        log.event(&Event::Saved {
+                            component: "delay-node".into(),
+                            bytes: r.bytes,
+                            save_ns: mono_ns() - t0,
+                        });
                         node_report = Some((r, mono_ns() - t0));
                     }
                     Err(e) => failure = Some(format!("saving the delay node: {e}")),
@@ -784,7 +855,15 @@ impl RoundJob {
                     Ok(rep) => {
                         log.event(&Event::Saved { component: node.clone(), bytes: rep.bytes, save_ns });
                         let stop = stamp.map(|s| s.instant()).unwrap_or(t);
-                        drafts.push(ComponentDraft { name: node.clone(), kind: ComponentKind::Vm, file: format!("vm-{node}"), stop_ns: stop, resume_ns: 0, frozen_ns: 0, save_ns });
+                        drafts.push(ComponentDraft {
+                            name: node.clone(),
+                            kind: ComponentKind::Vm,
+                            file: format!("vm-{node}"),
+                            stop_ns: stop,
+                            resume_ns: 0,
+                            frozen_ns: 0,
+                            save_ns,
+                        });
                     }
                     Err(e) => {
                         failure.get_or_insert(format!("saving VM {node}: {e}"));
@@ -796,9 +875,18 @@ impl RoundJob {
             pending.abort();
             return fail(frozen, reason);
         }
-        let (frames_in_flight, frames_held) = node_report.as_ref().map(|(r, _)| (r.frames_in_flight, r.frames_held)).unwrap_or((0, 0));
+        let (frames_in_flight, frames_held) =
+            node_report.as_ref().map(|(r, _)| (r.frames_in_flight, r.frames_held)).unwrap_or((0, 0));
         if let (Some((_, save_ns)), Some((_, at))) = (&node_report, &frozen.delay) {
-            drafts.push(ComponentDraft { name: "delay-node".into(), kind: ComponentKind::DelayNode, file: "delay-node".into(), stop_ns: *at, resume_ns: 0, frozen_ns: 0, save_ns: *save_ns });
+            drafts.push(ComponentDraft {
+                name: "delay-node".into(),
+                kind: ComponentKind::DelayNode,
+                file: "delay-node".into(),
+                stop_ns: *at,
+                resume_ns: 0,
+                frozen_ns: 0,
+                save_ns: *save_ns,
+            });
         }
         let stops: Vec<u64> = drafts.iter().map(|d| d.stop_ns).collect();
         let skew = stops.iter().max().unwrap_or(&0) - stops.iter().min().unwrap_or(&0);
@@ -807,7 +895,14 @@ impl RoundJob {
             experiment: share.exp.clone(),
             components: drafts,
             files: vec![],
-            freeze: FreezeReport { planned_ns: t, lead_ns: self.hold_lead_ns, stop_skew_ns: skew, frozen_duration_ns: 0, frames_in_flight, frames_held },
+            freeze: FreezeReport {
+                planned_ns: t,
+                lead_ns: self.hold_lead_ns,
+                stop_skew_ns: skew,
+                frozen_duration_ns: 0,
+                frames_in_flight,
+                frames_held,
+            },
             timings: Timings { total_save_ns: mono_ns().saturating_sub(t), commit_ns: 0, extra: Default::default() },
         };
         // Durable before SAVED: once the coordinator's manifest names this
@@ -834,7 +929,12 @@ impl RoundJob {
         let components = manifest
             .components
             .iter()
-            .map(|c| Component { name: c.name.clone(), bytes: c.bytes, blake3: hex32(&c.blake3), stop_ns: clock.synced_of_mono(c.stop_ns) })
+            .map(|c| Component {
+                name: c.name.clone(),
+                bytes: c.bytes,
+                blake3: hex32(&c.blake3),
+                stop_ns: clock.synced_of_mono(c.stop_ns),
+            })
             .collect();
         (frozen, Ok(components))
     }
@@ -866,7 +966,11 @@ impl RoundJob {
                     if let Some(l) = &log {
                         l.event(&Event::Resumed { component: node.clone(), at: s.instant(), planned: stop + d });
                     }
-                    out.push(ResumedComponent { name: node, stop_ns: clock.synced_of_mono(stop), resume_ns: clock.synced_of_mono(s.instant()) });
+                    out.push(ResumedComponent {
+                        name: node,
+                        stop_ns: clock.synced_of_mono(stop),
+                        resume_ns: clock.synced_of_mono(s.instant()),
+                    });
                 }
                 Err(e) => tracing::error!(%node, error = %e, "VM did not resume"),
             }
@@ -876,7 +980,11 @@ impl RoundJob {
                 if let Some(l) = &log {
                     l.event(&Event::Resumed { component: "delay-node".into(), at: r.thawed_at, planned: at + d });
                 }
-                out.push(ResumedComponent { name: "delay-node".into(), stop_ns: clock.synced_of_mono(at), resume_ns: clock.synced_of_mono(r.thawed_at) });
+                out.push(ResumedComponent {
+                    name: "delay-node".into(),
+                    stop_ns: clock.synced_of_mono(at),
+                    resume_ns: clock.synced_of_mono(r.thawed_at),
+                });
             }
             Some((_, Err(e))) => tracing::error!(error = %e, "delay node did not thaw"),
             None => {}

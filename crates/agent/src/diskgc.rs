@@ -13,11 +13,12 @@
 //! lock a commit holds shared; the CLI holds it shared around every command
 //! that creates or switches images until a record names them.
 
-use crate::host::{Runtime, DISKS_FILE};
+use crate::history::{FrozenDisks, DISKS_FILE};
+use crate::host::Runtime;
 use crate::layout::Layout;
 use serde::Serialize;
 use stasis_store::Store;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -29,7 +30,11 @@ pub enum DiskGcError {
     #[error("{path} is damaged: {reason}; refusing to collect disk images")]
     BadRecord { path: PathBuf, reason: String },
     #[error("{path}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What [`gc_disks`] did.
@@ -68,12 +73,9 @@ fn canonical(p: &Path) -> PathBuf {
 
 fn read_disks(dir: &Path) -> Result<Vec<PathBuf>, DiskGcError> {
     let path = dir.join(DISKS_FILE);
-    match std::fs::read(&path) {
-        Ok(b) => serde_json::from_slice::<BTreeMap<String, PathBuf>>(&b)
-            .map(|m| m.into_values().collect())
-            .map_err(|e| DiskGcError::BadRecord { path, reason: e.to_string() }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(source) => Err(DiskGcError::Io { path, source }),
+    match stasis_core::versioned::read_opt::<FrozenDisks>(&path) {
+        Ok(m) => Ok(m.map(|m| m.0.into_values().collect()).unwrap_or_default()),
+        Err(e) => Err(DiskGcError::BadRecord { path, reason: e.to_string() }),
     }
 }
 
@@ -145,6 +147,7 @@ pub fn gc_disks(layout: &Layout, store: &Store) -> Result<DiskGcReport, DiskGcEr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn backing_chain_is_read_from_qcow2_headers() {
@@ -176,9 +179,10 @@ mod tests {
         stasis_qemu::disk::create_overlay(&p("ov-4.qcow2"), &p("base-1.qcow2")).unwrap();
         let pending = store.begin(None).unwrap();
         let map: BTreeMap<String, PathBuf> = [("a".to_string(), p("ov-2.qcow2"))].into_iter().collect();
-        std::fs::write(pending.path(DISKS_FILE), serde_json::to_vec(&map).unwrap()).unwrap();
+        stasis_core::versioned::write_atomic(&pending.path(DISKS_FILE), &FrozenDisks(map)).unwrap();
         let r = gc_disks(&layout, &store).unwrap();
-        let mut removed: Vec<String> = r.removed.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        let mut removed: Vec<String> =
+            r.removed.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
         removed.sort();
         assert_eq!(removed, ["ov-3.qcow2", "ov-4.qcow2"]);
         assert_eq!(r.images_kept, 3);

@@ -29,7 +29,12 @@ pub struct FreezeConfig {
 
 impl Default for FreezeConfig {
     fn default() -> Self {
-        FreezeConfig { margin_ns: 300_000_000, hold_lead_ns: 20_000_000, resume_margin_ns: 100_000_000, min_frozen_ns: 0 }
+        FreezeConfig {
+            margin_ns: 300_000_000,
+            hold_lead_ns: 20_000_000,
+            resume_margin_ns: 100_000_000,
+            min_frozen_ns: 0,
+        }
     }
 }
 
@@ -54,7 +59,9 @@ impl StopStamp {
     /// inside the bracket, else the middle of the bracket.
     pub fn instant(&self) -> MonoNs {
         match self.reported {
-            Some(r) if r + Self::SLACK >= self.sent && r <= self.replied + Self::SLACK => r.clamp(self.sent, self.replied),
+            Some(r) if r + Self::SLACK >= self.sent && r <= self.replied + Self::SLACK => {
+                r.clamp(self.sent, self.replied)
+            }
             _ => self.sent + (self.replied.saturating_sub(self.sent)) / 2,
         }
     }
@@ -99,8 +106,7 @@ pub fn fidelity(planned: MonoNs, duration: u64, measured: &[(MonoNs, MonoNs)]) -
     let stops = measured.iter().map(|m| m.0);
     let (lo, hi) = stops.clone().fold((u64::MAX, 0), |(lo, hi), s| (lo.min(s), hi.max(s)));
     let stop_skew_ns = if measured.is_empty() { 0 } else { hi - lo };
-    let max_frozen_error_ns =
-        measured.iter().map(|&(s, r)| r.saturating_sub(s).abs_diff(duration)).max().unwrap_or(0);
+    let max_frozen_error_ns = measured.iter().map(|&(s, r)| r.saturating_sub(s).abs_diff(duration)).max().unwrap_or(0);
     let max_stop_lateness_ns = stops.map(|s| s.abs_diff(planned)).max().unwrap_or(0);
     Fidelity { stop_skew_ns, max_frozen_error_ns, max_stop_lateness_ns }
 }
@@ -126,7 +132,9 @@ pub enum Fault {
 
 /// A `--fault` argument that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("fault {text:?}: {reason} (expected late-resume=NODE:DURATION or sigstop=NODE:DURATION, e.g. late-resume=a:200ms)")]
+#[error(
+    "fault {text:?}: {reason} (expected late-resume=NODE:DURATION or sigstop=NODE:DURATION, e.g. late-resume=a:200ms)"
+)]
 pub struct FaultError {
     pub text: String,
     pub reason: String,
@@ -166,10 +174,13 @@ impl Fault {
 /// Extra delay the faults add to `node`'s resume.
 #[must_use]
 pub fn late_resume_ns(faults: &[Fault], node: &str) -> u64 {
-    faults.iter().map(|f| match f {
-        Fault::LateResume { node: n, by_ns } if n == node => *by_ns,
-        _ => 0,
-    }).sum()
+    faults
+        .iter()
+        .map(|f| match f {
+            Fault::LateResume { node: n, by_ns } if n == node => *by_ns,
+            _ => 0,
+        })
+        .sum()
 }
 
 /// How long `node`'s QEMU is to be held with SIGSTOP at T, if at all.
@@ -274,13 +285,25 @@ mod tests {
     }
     #[test]
     fn faults_parse_and_bad_ones_are_named() {
-        assert_eq!("late-resume=a:200ms".parse::<Fault>(), Ok(Fault::LateResume { node: "a".into(), by_ns: 200_000_000 }));
-        assert_eq!("sigstop=vm-b:2s".parse::<Fault>(), Ok(Fault::SigStop { node: "vm-b".into(), for_ns: 2_000_000_000 }));
-        for bad in ["late-resume", "late-resume=a", "late-resume=:2s", "late-resume=a:0ms", "late-resume=a:2", "freeze=a:2s"] {
+        assert_eq!(
+            "late-resume=a:200ms".parse::<Fault>(),
+            Ok(Fault::LateResume { node: "a".into(), by_ns: 200_000_000 })
+        );
+        assert_eq!(
+            "sigstop=vm-b:2s".parse::<Fault>(),
+            Ok(Fault::SigStop { node: "vm-b".into(), for_ns: 2_000_000_000 })
+        );
+        for bad in
+            ["late-resume", "late-resume=a", "late-resume=:2s", "late-resume=a:0ms", "late-resume=a:2", "freeze=a:2s"]
+        {
             let e = bad.parse::<Fault>().unwrap_err();
             assert!(e.to_string().contains(bad), "{e}");
         }
-        let f = ["late-resume=a:200ms".parse().unwrap(), "late-resume=a:1ms".parse().unwrap(), "sigstop=b:2s".parse().unwrap()];
+        let f = [
+            "late-resume=a:200ms".parse().unwrap(),
+            "late-resume=a:1ms".parse().unwrap(),
+            "sigstop=b:2s".parse().unwrap(),
+        ];
         assert_eq!(late_resume_ns(&f, "a"), 201_000_000);
         assert_eq!(late_resume_ns(&f, "b"), 0);
         assert_eq!(sigstop_ns(&f, "b"), Some(2_000_000_000));

@@ -32,6 +32,7 @@ use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 use stasis_core::clock::{mono_ns, wait_until, MonoNs};
 use stasis_core::spec::{Experiment, Node};
+use stasis_core::versioned::{self, FormatVersion, Persisted};
 use stasis_qemu::accel::Accel;
 use stasis_qemu::vm::{NicSpec, Vm, VmSpec};
 use stasis_store::manifest::{ComponentDraft, ComponentKind, ExperimentRef, FreezeReport, ManifestDraft, Timings};
@@ -103,17 +104,39 @@ pub enum UpError {
     #[error("delay node did not start: {0}")]
     DelayNode(String),
     #[error("VM {node:?} did not start")]
-    Vm { node: String, #[source] source: stasis_qemu::vm::LaunchError },
+    Vm {
+        node: String,
+        #[source]
+        source: stasis_qemu::vm::LaunchError,
+    },
     #[error("VM {node:?} did not load its checkpointed state")]
-    Incoming { node: String, #[source] source: stasis_qemu::vm::VmError },
+    Incoming {
+        node: String,
+        #[source]
+        source: stasis_qemu::vm::VmError,
+    },
     #[error("resuming VM {node:?}")]
-    Resume { node: String, #[source] source: stasis_qemu::vm::VmError },
+    Resume {
+        node: String,
+        #[source]
+        source: stasis_qemu::vm::VmError,
+    },
     #[error("delay node control")]
     Control(#[from] delay_node::control::ControlError),
     #[error("{path}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("checkpoint {checkpoint:?} belongs to experiment {found:?} (spec digest {found_digest}), not to {expected:?} (digest {expected_digest})")]
-    ForeignCheckpoint { checkpoint: String, found: String, found_digest: String, expected: String, expected_digest: String },
+    ForeignCheckpoint {
+        checkpoint: String,
+        found: String,
+        found_digest: String,
+        expected: String,
+        expected_digest: String,
+    },
     #[error("checkpoint {checkpoint:?} has no state for {component:?}")]
     IncompleteCheckpoint { checkpoint: String, component: String },
     #[error("checkpointed spec does not parse")]
@@ -121,7 +144,11 @@ pub enum UpError {
     #[error("checkpoint store")]
     Store(#[from] stasis_store::StoreError),
     #[error("data disk of node {node:?}")]
-    Disk { node: String, #[source] source: stasis_qemu::disk::DiskError },
+    Disk {
+        node: String,
+        #[source]
+        source: stasis_qemu::disk::DiskError,
+    },
     #[error("checkpoint {checkpoint:?} has no disk image for node {node:?}: {reason}")]
     MissingDisk { checkpoint: String, node: String, reason: String },
 }
@@ -131,9 +158,17 @@ pub enum AttachError {
     #[error("experiment is not running (no {0})")]
     NotRunning(PathBuf),
     #[error("{path} is damaged")]
-    BadRuntime { path: PathBuf, #[source] source: serde_json::Error },
+    BadRuntime {
+        path: PathBuf,
+        #[source]
+        source: stasis_core::versioned::VersionedError,
+    },
     #[error("{path}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,7 +176,11 @@ pub enum CheckpointError {
     #[error("VM {node:?} is not running (pid {pid})")]
     VmGone { node: String, pid: u32 },
     #[error("cannot reach VM {node:?}")]
-    Attach { node: String, #[source] source: stasis_qemu::qmp::QmpError },
+    Attach {
+        node: String,
+        #[source]
+        source: stasis_qemu::qmp::QmpError,
+    },
     #[error("cannot reach the delay node")]
     DelayAttach(#[source] delay_node::control::ControlError),
     #[error("checkpoint aborted, experiment resumed: {reason}")]
@@ -183,16 +222,20 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> UpError + '_ {
     move |source| UpError::Io { path: path.to_owned(), source }
 }
 
+impl Persisted for Runtime {
+    const FORMAT: &'static str = "stasis-runtime";
+    const VERSION: FormatVersion = FormatVersion::new(1, 0);
+}
+
 impl Runtime {
     /// Read `runtime.json`.
     pub fn load(layout: &Layout) -> Result<Runtime, AttachError> {
         let path = layout.runtime_file();
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(AttachError::NotRunning(path)),
-            Err(source) => return Err(AttachError::Io { path, source }),
-        };
-        serde_json::from_str(&text).map_err(|source| AttachError::BadRuntime { path, source })
+        match versioned::read_opt(&path) {
+            Ok(Some(rt)) => Ok(rt),
+            Ok(None) => Err(AttachError::NotRunning(path)),
+            Err(source) => Err(AttachError::BadRuntime { path, source }),
+        }
     }
 
     fn store(&self, layout: &Layout) -> Result<(), UpError> {
@@ -200,11 +243,7 @@ impl Runtime {
     }
 
     pub(crate) fn store_at(&self, path: &Path) -> Result<(), UpError> {
-        let path = path.to_owned();
-        let tmp = path.with_extension("json.tmp");
-        let text = serde_json::to_string_pretty(self).expect("runtime serialises");
-        std::fs::write(&tmp, text).map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io(&path))
+        versioned::write_atomic(path, self).map_err(io(path))
     }
 
     /// Liveness of every process.
@@ -299,7 +338,13 @@ pub(crate) fn vm_spec(exp: &Experiment, node: &Node, layout: &Layout, tools: &To
     })
 }
 
-fn start_delay_node(layout: &Layout, tools: &Tools, exp: &Experiment, incarnation: u32, restore: Option<&Path>) -> Result<DelayProc, UpError> {
+fn start_delay_node(
+    layout: &Layout,
+    tools: &Tools,
+    exp: &Experiment,
+    incarnation: u32,
+    restore: Option<&Path>,
+) -> Result<DelayProc, UpError> {
     let topo = topology_for(exp, layout, seed_of(&exp.name));
     spawn_delay_node(layout, tools, &topo, incarnation, restore)
 }
@@ -322,7 +367,8 @@ pub(crate) fn spawn_delay_node(
     let sockets = layout.run_dir().join("p");
     std::fs::create_dir_all(&sockets).map_err(io(&sockets))?;
     let topo_path = layout.delay_topology();
-    std::fs::write(&topo_path, serde_json::to_vec_pretty(topo).expect("topology serialises")).map_err(io(&topo_path))?;
+    std::fs::write(&topo_path, serde_json::to_vec_pretty(topo).expect("topology serialises"))
+        .map_err(io(&topo_path))?;
     let control = layout.delay_control();
     let _ = std::fs::remove_file(&control);
     let log_path = layout.delay_log(incarnation);
@@ -421,7 +467,9 @@ pub(crate) fn next_overlay(dir: &Path) -> PathBuf {
     let n = std::fs::read_dir(dir)
         .map(|rd| {
             rd.flatten()
-                .filter_map(|e| e.file_name().to_str()?.strip_prefix("ov-")?.strip_suffix(".qcow2")?.parse::<u64>().ok())
+                .filter_map(|e| {
+                    e.file_name().to_str()?.strip_prefix("ov-")?.strip_suffix(".qcow2")?.parse::<u64>().ok()
+                })
                 .max()
                 .unwrap_or(0)
         })
@@ -429,30 +477,7 @@ pub(crate) fn next_overlay(dir: &Path) -> PathBuf {
     dir.join(format!("ov-{}.qcow2", n + 1))
 }
 
-/// Per-checkpoint record of the frozen disk images (`disks.json`: node → absolute path).
-pub const DISKS_FILE: &str = "disks.json";
-/// Per-checkpoint record of its place in history (`lineage.json`: branch, previous checkpoint).
-pub const LINEAGE_FILE: &str = "lineage.json";
-/// The branch a timeline extends when none was named.
-pub const MAIN_BRANCH: &str = "main";
-
-/// Where a checkpoint sits in the history tree (its `lineage.json`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Lineage {
-    pub branch: String,
-    /// The checkpoint this one follows on its timeline (the last checkpoint
-    /// taken, or the one restored); None for the first.
-    pub prev: Option<String>,
-}
-
-/// The lineage of a checkpoint: its `lineage.json`, or for checkpoints
-/// without one, `main` after the checkpoint it was restored from.
-pub fn lineage_of(ckpt: &Checkpoint) -> Lineage {
-    std::fs::read(ckpt.dir.join(LINEAGE_FILE))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_else(|| Lineage { branch: MAIN_BRANCH.into(), prev: ckpt.manifest.parent.clone() })
-}
+pub use crate::history::{lineage_of, Lineage, DISKS_FILE, LINEAGE_FILE, MAIN_BRANCH};
 
 async fn launch_all(
     exp: &Experiment,
@@ -494,7 +519,13 @@ async fn launch_all(
             .await
             .map_err(|source| UpError::Vm { node: spec.name.clone(), source })?;
         obs.event(&Event::VmLaunched { node: spec.name.clone(), pid: vm.pid, incarnation });
-        rt.vms.push(VmProc { name: spec.name.clone(), pid: vm.pid, qmp: vm.qmp_path.clone(), serial_log: serial, disk: spec.disk.clone() });
+        rt.vms.push(VmProc {
+            name: spec.name.clone(),
+            pid: vm.pid,
+            qmp: vm.qmp_path.clone(),
+            serial_log: serial,
+            disk: spec.disk.clone(),
+        });
         rt.store(layout)?;
         vms.push((spec.name.clone(), vm));
     }
@@ -533,7 +564,7 @@ pub async fn wait_ready(rt: &Runtime, timeout: Duration, obs: &dyn Observer) -> 
 /// sent, on the monotonic clock: better than the QMP round trip's middle,
 /// which includes however long QEMU's main loop took to pick the command up.
 pub(crate) fn reported_instant(vm: &mut Vm, event: &str) -> Option<MonoNs> {
-    let ev = vm.qmp().drain_events().into_iter().filter(|e| e.name == event).last()?;
+    let ev = vm.qmp().drain_events().into_iter().rfind(|e| e.name == event)?;
     ev.qemu_time_us.map(|us| stasis_core::clock::wall_to_mono(us * 1_000))
 }
 
@@ -541,7 +572,12 @@ pub(crate) fn reported_instant(vm: &mut Vm, event: &str) -> Option<MonoNs> {
 /// early by a thread armed for it ([`Vm::cont_at`]); with `armed` off (the
 /// before/after comparison path) after a sleep instead. The stamp carries
 /// QEMU's own RESUME instant when it reported one.
-pub(crate) async fn cont_vm_at(vm: &mut Vm, at: MonoNs, lead: u64, armed: bool) -> Result<StopStamp, stasis_qemu::VmError> {
+pub(crate) async fn cont_vm_at(
+    vm: &mut Vm,
+    at: MonoNs,
+    lead: u64,
+    armed: bool,
+) -> Result<StopStamp, stasis_qemu::VmError> {
     let c = if armed {
         vm.cont_at(at.saturating_sub(lead)).await
     } else {
@@ -605,7 +641,7 @@ pub(crate) async fn switch_disks(
             }
         }
         let path = pending.path(DISKS_FILE);
-        if let Err(e) = std::fs::write(&path, serde_json::to_vec_pretty(&frozen_disks).expect("serialises")) {
+        if let Err(e) = versioned::write_atomic(&path, &crate::history::FrozenDisks(frozen_disks.clone())) {
             failure.get_or_insert(format!("writing {}: {e}", path.display()));
         }
     }
@@ -676,9 +712,14 @@ pub async fn checkpoint_with_faults(
     let pids: Vec<(String, u32)> = a.vms.iter().map(|(n, vm)| (n.clone(), vm.pid)).collect();
     let boost = async {
         sleep_until(t.saturating_sub(1_000_000)).await;
-        if want_boost { boost_all(&pids) } else { Vec::new() }
+        if want_boost {
+            boost_all(&pids)
+        } else {
+            Vec::new()
+        }
     };
-    let (stop_boost, stops) = futures::join!(boost, join_all(a.vms.iter_mut().map(|(node, vm)| stop_vm(node, vm, t, faults, legacy))));
+    let (stop_boost, stops) =
+        futures::join!(boost, join_all(a.vms.iter_mut().map(|(node, vm)| stop_vm(node, vm, t, faults, legacy))));
     drop(stop_boost);
     let mut stamps: Vec<Option<StopStamp>> = Vec::new();
     let mut stop_events: Vec<Option<MonoNs>> = Vec::new();
@@ -760,7 +801,11 @@ pub async fn checkpoint_with_faults(
     let mut saved_virtual: Vec<Option<i64>> = Vec::new();
     let mut freeze_source: Vec<&'static str> = Vec::new();
     for (((node, _), proc), (stamp, event)) in a.vms.iter().zip(&rt.vms).zip(stamps.iter_mut().zip(&stop_events)) {
-        let v = stamp.and_then(|_| stasis_qemu::vmstate::saved_virtual_clock_ns(&pending.path(&format!("vm-{node}"))).map_err(|e| tracing::debug!(vm = %node, error = %e, "no virtual clock in the saved state")).ok());
+        let v = stamp.and_then(|_| {
+            stasis_qemu::vmstate::saved_virtual_clock_ns(&pending.path(&format!("vm-{node}")))
+                .map_err(|e| tracing::debug!(vm = %node, error = %e, "no virtual clock in the saved state"))
+                .ok()
+        });
         let mut source = "estimate";
         let anchor = if legacy { None } else { ClockAnchor::load(proc, rt.incarnation) };
         if let (Some(s), Some(v), Some(anchor)) = (stamp.as_mut(), v, anchor) {
@@ -773,7 +818,9 @@ pub async fn checkpoint_with_faults(
                     s.reported = Some(at.clamp(s.sent, hi));
                     source = "vmstate";
                 }
-                _ => tracing::warn!(vm = %node, ?at, sent = s.sent, stop_event = ?event, "freeze instant from the saved state is outside the stop's bracket; using the estimate"),
+                _ => {
+                    tracing::warn!(vm = %node, ?at, sent = s.sent, stop_event = ?event, "freeze instant from the saved state is outside the stop's bracket; using the estimate")
+                }
             }
         }
         saved_virtual.push(v);
@@ -789,7 +836,8 @@ pub async fn checkpoint_with_faults(
     // time instead of adding the manifest's hashing and fsyncs to it.
     let saved_at = mono_ns();
     let d = freeze::frozen_duration(&stop_instants, saved_at, cfg);
-    let (resumed, resume_errors, hold_lateness, resume_detail) = resume(&mut a, &stamps, frozen_at, d, faults, obs).await;
+    let (resumed, resume_errors, hold_lateness, resume_detail) =
+        resume(&mut a, &stamps, frozen_at, d, faults, obs).await;
     let resumed_of = |stop: MonoNs| resumed.iter().find(|m| m.0 == stop).map(|m| m.1).unwrap_or(0);
     // Each resumed VM's new anchor: its RESUME instant and the virtual clock
     // it resumed with (the one it froze at).
@@ -842,14 +890,18 @@ pub async fn checkpoint_with_faults(
     let commit_start = mono_ns();
     let lineage = Lineage { branch: rt.branch.clone().unwrap_or_else(|| MAIN_BRANCH.into()), prev: rt.head.clone() };
     let mut files = vec![LINEAGE_FILE.to_string()];
-    if let Err(e) = std::fs::write(pending.path(LINEAGE_FILE), serde_json::to_vec_pretty(&lineage).expect("serialises")) {
+    if let Err(e) = versioned::write_atomic(&pending.path(LINEAGE_FILE), &lineage) {
         let reason = format!("writing {LINEAGE_FILE}: {e}");
         pending.abort();
         obs.event(&Event::Aborted { checkpoint: id, reason: reason.clone() });
         return Err(CheckpointError::Aborted { reason });
     }
-    let mut extra: std::collections::BTreeMap<String, u64> =
-        [("max_frozen_error_ns".to_string(), f.max_frozen_error_ns), ("max_hold_lateness_ns".to_string(), hold_lateness)].into_iter().collect();
+    let mut extra: std::collections::BTreeMap<String, u64> = [
+        ("max_frozen_error_ns".to_string(), f.max_frozen_error_ns),
+        ("max_hold_lateness_ns".to_string(), hold_lateness),
+    ]
+    .into_iter()
+    .collect();
     if !frozen_disks.is_empty() {
         files.push(DISKS_FILE.to_string());
         // Time the disk switches added to the frozen window (all VMs, concurrently).
@@ -857,7 +909,11 @@ pub async fn checkpoint_with_faults(
     }
     let draft = ManifestDraft {
         parent: rt.restored_from.clone(),
-        experiment: ExperimentRef { name: rt.experiment.clone(), digest: rt.spec_digest.clone(), spec_toml: rt.spec_toml.clone() },
+        experiment: ExperimentRef {
+            name: rt.experiment.clone(),
+            digest: rt.spec_digest.clone(),
+            spec_toml: rt.spec_toml.clone(),
+        },
         components: records,
         files,
         freeze: FreezeReport {
@@ -868,11 +924,7 @@ pub async fn checkpoint_with_faults(
             frames_in_flight: nr.frames_in_flight,
             frames_held: nr.frames_held,
         },
-        timings: Timings {
-            total_save_ns: saved_at - t,
-            commit_ns: 0,
-            extra: extra.into_iter().collect(),
-        },
+        timings: Timings { total_save_ns: saved_at - t, commit_ns: 0, extra: extra.into_iter().collect() },
     };
     let summary = commit_checkpoint(
         pending,
@@ -918,13 +970,18 @@ struct ClockAnchor {
     virtual_ns: i64,
 }
 
+impl Persisted for ClockAnchor {
+    const FORMAT: &'static str = "stasis-clock-anchor";
+    const VERSION: FormatVersion = FormatVersion::new(1, 0);
+}
+
 impl ClockAnchor {
     fn path(proc: &VmProc) -> PathBuf {
         proc.qmp.with_file_name("clock-anchor.json")
     }
 
     fn load(proc: &VmProc, incarnation: u32) -> Option<ClockAnchor> {
-        let a: ClockAnchor = serde_json::from_slice(&std::fs::read(Self::path(proc)).ok()?).ok()?;
+        let a: ClockAnchor = versioned::read(&Self::path(proc)).ok()?;
         (a.incarnation == incarnation).then_some(a)
     }
 
@@ -934,9 +991,15 @@ impl ClockAnchor {
         let r = match at {
             Some((resumed_ns, virtual_ns)) => {
                 let a = ClockAnchor { incarnation, resumed_ns, virtual_ns };
-                std::fs::write(&path, serde_json::to_vec(&a).expect("serialises"))
+                versioned::write_atomic(&path, &a)
             }
-            None => std::fs::remove_file(&path).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }),
+            None => std::fs::remove_file(&path).or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }),
         };
         if let Err(e) = r {
             tracing::warn!(path = %path.display(), error = %e, "clock anchor not recorded; the next checkpoint estimates this VM's freeze instant");
@@ -953,7 +1016,13 @@ impl ClockAnchor {
 /// Stop one VM at T through QMP; with a `sigstop` fault, first freeze its
 /// QEMU process with SIGSTOP for the fault's duration (its guest clocks run
 /// on meanwhile: the leak the fault exists to produce).
-async fn stop_vm(node: &str, vm: &mut Vm, t: MonoNs, faults: &[Fault], legacy: bool) -> Result<stasis_qemu::Stamp, stasis_qemu::VmError> {
+async fn stop_vm(
+    node: &str,
+    vm: &mut Vm,
+    t: MonoNs,
+    faults: &[Fault],
+    legacy: bool,
+) -> Result<stasis_qemu::Stamp, stasis_qemu::VmError> {
     if legacy {
         sleep_until(t).await;
         return vm.stop().await;
@@ -1013,7 +1082,11 @@ fn freeze_instant(sent: MonoNs, stop_event: MonoNs) -> MonoNs {
 }
 
 pub(crate) fn resume_lead_ns() -> u64 {
-    std::env::var("STASIS_RESUME_LEAD_US").ok().and_then(|v| v.parse::<u64>().ok()).map(|us| us * 1_000).unwrap_or(RESUME_LEAD_NS)
+    std::env::var("STASIS_RESUME_LEAD_US")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|us| us * 1_000)
+        .unwrap_or(RESUME_LEAD_NS)
 }
 
 /// Resume every stopped VM at its own stop + `d` and thaw the delay node at
@@ -1142,7 +1215,13 @@ pub(crate) fn commit_checkpoint(
 /// `report.json`: the summary, each component's measured (stop, resume),
 /// the instants around each VM's stop and resume command ([stops, resumes]),
 /// and the faults injected.
-fn write_report(store: &Store, summary: &CheckpointSummary, resumed: &[(MonoNs, MonoNs)], detail: &[Vec<serde_json::Value>; 2], faults: &[Fault]) {
+fn write_report(
+    store: &Store,
+    summary: &CheckpointSummary,
+    resumed: &[(MonoNs, MonoNs)],
+    detail: &[Vec<serde_json::Value>; 2],
+    faults: &[Fault],
+) {
     let path = store.root().join(&summary.info.id).join("report.json");
     let body = serde_json::json!({ "summary": summary, "measured_stop_resume_ns": resumed, "stops": detail[0], "resumes": detail[1], "faults": faults });
     let tmp = path.with_extension("json.tmp");
@@ -1192,6 +1271,9 @@ pub(crate) fn is_ours(pid: u32, needle: &str) -> bool {
 
 /// Replace whatever runs with the state of `ckpt`, and resume everything at
 /// one instant.
+// The one-engine work (issue 12) replaces these arguments with the engine's
+// round parameters; until then they stay explicit.
+#[allow(clippy::too_many_arguments)]
 pub async fn restore(
     exp_name: &str,
     expected_digest: Option<&str>,
@@ -1222,8 +1304,13 @@ pub async fn restore(
     // Disks: the checkpoint's frozen image of each node with a disk.
     let frozen: std::collections::BTreeMap<String, PathBuf> = if exp.nodes.iter().any(|n| n.disk_bytes.is_some()) {
         let path = ckpt.file(DISKS_FILE);
-        let text = std::fs::read(&path).map_err(|e| UpError::MissingDisk { checkpoint: ckpt.info.id.clone(), node: "*".into(), reason: format!("{}: {e}", path.display()) })?;
-        serde_json::from_slice(&text).map_err(|e| UpError::MissingDisk { checkpoint: ckpt.info.id.clone(), node: "*".into(), reason: format!("{}: {e}", path.display()) })?
+        versioned::read::<crate::history::FrozenDisks>(&path)
+            .map_err(|e| UpError::MissingDisk {
+                checkpoint: ckpt.info.id.clone(),
+                node: "*".into(),
+                reason: e.to_string(),
+            })?
+            .0
     } else {
         Default::default()
     };
@@ -1240,7 +1327,8 @@ pub async fn restore(
         if node.disk_bytes.is_none() {
             continue;
         }
-        let missing = |reason: String| UpError::MissingDisk { checkpoint: ckpt.info.id.clone(), node: node.name.clone(), reason };
+        let missing =
+            |reason: String| UpError::MissingDisk { checkpoint: ckpt.info.id.clone(), node: node.name.clone(), reason };
         let image = frozen.get(&node.name).ok_or_else(|| missing("not in disks.json".into()))?;
         if !image.exists() {
             return Err(missing(format!("{} is gone", image.display())));
@@ -1248,7 +1336,8 @@ pub async fn restore(
         let dir = disk_dir(layout, &node.name);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let top = next_overlay(&dir);
-        stasis_qemu::disk::create_overlay(&top, image).map_err(|source| UpError::Disk { node: node.name.clone(), source })?;
+        stasis_qemu::disk::create_overlay(&top, image)
+            .map_err(|source| UpError::Disk { node: node.name.clone(), source })?;
         spec.disk = Some(top);
     }
     let incarnation = next_incarnation(layout)?;
@@ -1287,7 +1376,12 @@ pub async fn restore(
         tracing::warn!(dir = %restore_dir.display(), error = %e, "cannot remove the restored state files");
     }
     obs.event(&Event::Restored { checkpoint: ckpt.info.id.clone(), resumed_at: at });
-    let summary = RestoreSummary { checkpoint: ckpt.info.id.clone(), vms: rt.vms.len(), restore_ns: mono_ns() - started, resume_skew_ns: skew };
+    let summary = RestoreSummary {
+        checkpoint: ckpt.info.id.clone(),
+        vms: rt.vms.len(),
+        restore_ns: mono_ns() - started,
+        resume_skew_ns: skew,
+    };
     Ok((rt, summary))
 }
 
@@ -1301,7 +1395,13 @@ mod tests {
         assert_eq!(a.freeze_instant(5_500), Some(1_500));
         assert_eq!(a.freeze_instant(4_000), None, "a virtual clock that went back is not believed");
         let dir = tempfile::tempdir().unwrap();
-        let proc = VmProc { name: "a".into(), pid: 1, qmp: dir.path().join("qmp.sock"), serial_log: dir.path().join("s.log"), disk: None };
+        let proc = VmProc {
+            name: "a".into(),
+            pid: 1,
+            qmp: dir.path().join("qmp.sock"),
+            serial_log: dir.path().join("s.log"),
+            disk: None,
+        };
         assert!(ClockAnchor::load(&proc, 2).is_none());
         ClockAnchor::store(&proc, 2, Some((7, 9)));
         let l = ClockAnchor::load(&proc, 2).unwrap();
@@ -1314,7 +1414,15 @@ mod tests {
 
     #[test]
     fn base64_matches_rfc4648_vectors() {
-        for (i, o) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE="), ("foobar", "Zm9vYmFy")] {
+        for (i, o) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
             assert_eq!(base64(i.as_bytes()), o);
         }
     }

@@ -7,17 +7,18 @@
 
 pub mod coordinator;
 pub mod daemon;
-pub mod event;
-pub mod freeze;
-pub mod host;
-pub mod layout;
-pub mod placement;
-pub mod topology;
 /// Collection of qcow2 disk images nothing references.
 pub mod diskgc;
+pub mod event;
+pub mod freeze;
+pub mod history;
+pub mod host;
+pub mod layout;
 /// Live checkpoints (guest RAM written by QEMU's background snapshot while guests run).
 pub mod live;
-/// Swap-out (checkpoint, then release everything) and swap-in records.
-pub mod swap;
+pub mod placement;
 /// An experiment a dead checkpoint left frozen: finding it, resuming it.
 pub mod recover;
+/// Swap-out (checkpoint, then release everything) and swap-in records.
+pub mod swap;
+pub mod topology;

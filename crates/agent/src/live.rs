@@ -34,8 +34,8 @@
 use crate::event::{Event, Observer};
 use crate::freeze::{self, FreezeConfig, StopStamp};
 use crate::host::{
-    attach, commit_checkpoint, reported_instant, switch_disks, sleep_until, CheckpointError, CheckpointSummary, Lineage, Measured, Runtime, DISKS_FILE, LINEAGE_FILE,
-    MAIN_BRANCH,
+    attach, commit_checkpoint, reported_instant, sleep_until, switch_disks, CheckpointError, CheckpointSummary,
+    Lineage, Measured, Runtime, DISKS_FILE, LINEAGE_FILE, MAIN_BRANCH,
 };
 use futures::future::join_all;
 use serde::Serialize;
@@ -110,9 +110,9 @@ pub async fn checkpoint_live(
     // Everything QEMU needs for the snapshot is set before the freeze, so a
     // stopped guest waits for one `migrate` only.
     for (node, vm) in &mut a.vms {
-        vm.prepare_background_save()
-            .await
-            .map_err(|e| CheckpointError::Aborted { reason: format!("preparing the background snapshot of VM {node}: {e}") })?;
+        vm.prepare_background_save().await.map_err(|e| CheckpointError::Aborted {
+            reason: format!("preparing the background snapshot of VM {node}: {e}"),
+        })?;
     }
     let pending = store.begin(name).map_err(CheckpointError::from)?;
     let id = pending.id().to_string();
@@ -234,14 +234,22 @@ pub async fn checkpoint_live(
         match vm.status().await {
             Ok(stasis_qemu::vm::RunState::Running) => resumed_at[i] = Some(mono_ns()),
             _ => match vm.cont().await {
-                Ok(c) => resumed_at[i] = Some(StopStamp { sent: c.sent, replied: c.replied, reported: reported_instant(vm, "RESUME") }.instant()),
+                Ok(c) => {
+                    resumed_at[i] = Some(
+                        StopStamp { sent: c.sent, replied: c.replied, reported: reported_instant(vm, "RESUME") }
+                            .instant(),
+                    )
+                }
                 Err(e) => resume_errors.push(format!("VM {node}: {e}")),
             },
         }
     }
     // The delay node stays frozen as long as the longest-stopped VM.
-    let vm_frozen: Vec<u64> =
-        stamps.iter().zip(&resumed_at).filter_map(|(s, r)| Some(r.as_ref()?.saturating_sub(s.as_ref()?.instant()))).collect();
+    let vm_frozen: Vec<u64> = stamps
+        .iter()
+        .zip(&resumed_at)
+        .filter_map(|(s, r)| Some(r.as_ref()?.saturating_sub(s.as_ref()?.instant())))
+        .collect();
     let d = vm_frozen.iter().copied().max().unwrap_or(0).max(mono_ns().saturating_sub(frozen_at) + 1_000_000);
     let mut node_resume = 0;
     let mut hold_lateness = 0;
@@ -331,7 +339,7 @@ pub async fn checkpoint_live(
     let commit_start = mono_ns();
     let lineage = Lineage { branch: rt.branch.clone().unwrap_or_else(|| MAIN_BRANCH.into()), prev: rt.head.clone() };
     let mut files = vec![LINEAGE_FILE.to_string()];
-    if let Err(e) = std::fs::write(pending.path(LINEAGE_FILE), serde_json::to_vec_pretty(&lineage).expect("serialises")) {
+    if let Err(e) = stasis_core::versioned::write_atomic(&pending.path(LINEAGE_FILE), &lineage) {
         return Err(aborted(pending, format!("writing {LINEAGE_FILE}: {e}")).into());
     }
     if !frozen_disks.is_empty() {
@@ -351,7 +359,11 @@ pub async fn checkpoint_live(
     extra.extend(downtime.iter().map(|v| (format!("{DOWNTIME_KEY}{}", v.node), v.downtime_ns)));
     let draft = ManifestDraft {
         parent: rt.restored_from.clone(),
-        experiment: ExperimentRef { name: rt.experiment.clone(), digest: rt.spec_digest.clone(), spec_toml: rt.spec_toml.clone() },
+        experiment: ExperimentRef {
+            name: rt.experiment.clone(),
+            digest: rt.spec_digest.clone(),
+            spec_toml: rt.spec_toml.clone(),
+        },
         components: records,
         files,
         freeze: FreezeReport {
@@ -381,7 +393,14 @@ pub async fn checkpoint_live(
         },
         obs,
     )?;
-    let live = LiveSummary { summary, live: true, downtime, max_downtime_ns, vhost_ports_held: held.len(), vhost_hold_ns: if held.is_empty() { 0 } else { held_ns } };
+    let live = LiveSummary {
+        summary,
+        live: true,
+        downtime,
+        max_downtime_ns,
+        vhost_ports_held: held.len(),
+        vhost_hold_ns: if held.is_empty() { 0 } else { held_ns },
+    };
     let path = store.root().join(&live.summary.info.id).join("report.json");
     let body = serde_json::json!({ "summary": live, "measured_stop_resume_ns": measured });
     let tmp = path.with_extension("json.tmp");
@@ -390,4 +409,3 @@ pub async fn checkpoint_live(
     }
     Ok(live)
 }
-

@@ -23,9 +23,19 @@ pub fn remote_port_addr(exp: &Experiment, node: &str, iface: &str) -> Option<Soc
     if n.host.as_deref() == Some(p.delay_host.as_str()) {
         return None;
     }
-    let k = exp.nodes.iter().flat_map(|n| n.ifaces.iter().map(move |i| (n.name.as_str(), i.name.as_str()))).position(|x| x == (node, iface))?;
+    let k = exp
+        .nodes
+        .iter()
+        .flat_map(|n| n.ifaces.iter().map(move |i| (n.name.as_str(), i.name.as_str())))
+        .position(|x| x == (node, iface))?;
     let ip = p.host(&p.delay_host)?.agent.ip();
     Some(SocketAddr::new(ip, p.delay_port_base + k as u16))
+}
+
+/// The address of the host `node` runs on (its agent's).
+fn vm_host_ip(exp: &Experiment, node: &str) -> Option<std::net::IpAddr> {
+    let p = exp.placement.as_ref()?;
+    Some(p.host(exp.node(node)?.host.as_deref()?)?.agent.ip())
 }
 
 /// The nodes placed on `host`.
@@ -39,7 +49,8 @@ pub fn runs_delay_node(exp: &Experiment, host: &str) -> bool {
 }
 
 /// The delay node's topology: as on one host, with TCP ports for the VMs
-/// on other hosts.
+/// on other hosts, each accepting only its VM's host (that host's agent
+/// address: the VM's QEMU reaches the delay node from it).
 pub fn topology_on_delay_host(exp: &Experiment, layout: &Layout) -> Topology {
     let mut topo = topology_for(exp, layout, host::seed_of(&exp.name));
     for n in &exp.nodes {
@@ -49,6 +60,7 @@ pub fn topology_on_delay_host(exp: &Experiment, layout: &Layout) -> Topology {
                 if let Some(p) = topo.ports.iter_mut().find(|p| p.name == name) {
                     p.kind = PortKind::Tcp;
                     p.socket = addr.to_string().into();
+                    p.peer = vm_host_ip(exp, &n.name);
                 }
             }
         }
@@ -109,9 +121,15 @@ b = "c"
         let exp = Experiment::from_toml_str(SPEC, None).unwrap();
         let layout = Layout::new(std::path::Path::new("/state"), "t");
         let topo = topology_on_delay_host(&exp, &layout);
-        let ports: Vec<_> = topo.ports.iter().map(|p| (p.name.as_str(), p.kind, p.socket.to_string_lossy().into_owned())).collect();
+        let ports: Vec<_> =
+            topo.ports.iter().map(|p| (p.name.as_str(), p.kind, p.socket.to_string_lossy().into_owned())).collect();
         // Ports in order: a.eth0 a.eth1 b.eth0 c.eth0 c.eth1.
         assert_eq!(ports[0], ("a.eth0", PortKind::Tcp, "10.77.0.2:9000".into()));
+        // Each TCP port accepts its VM's host only.
+        let peers: Vec<_> = topo.ports.iter().map(|p| p.peer.map(|ip| ip.to_string())).collect();
+        let h1 = Some("10.77.0.1".to_string());
+        assert_eq!(peers, [h1.clone(), h1.clone(), None, h1.clone(), h1]);
+        topo.validate().unwrap();
         assert_eq!(ports[1], ("a.eth1", PortKind::Tcp, "10.77.0.2:9001".into()));
         assert_eq!((ports[2].0, ports[2].1), ("b.eth0", PortKind::VhostUser));
         assert_eq!(ports[3], ("c.eth0", PortKind::Tcp, "10.77.0.2:9003".into()));

@@ -39,7 +39,10 @@ impl FrozenParts {
     pub fn describe(&self) -> String {
         let mut parts = Vec::new();
         if !self.vms.is_empty() {
-            parts.push(format!("VMs {}", self.vms.iter().map(|(n, s)| format!("{n} ({s})")).collect::<Vec<_>>().join(", ")));
+            parts.push(format!(
+                "VMs {}",
+                self.vms.iter().map(|(n, s)| format!("{n} ({s})")).collect::<Vec<_>>().join(", ")
+            ));
         }
         if self.delay_node {
             parts.push("delay node frozen".into());
@@ -69,7 +72,11 @@ pub enum ResumeError {
     #[error(transparent)]
     Attach(#[from] CheckpointError),
     #[error("asking VM {node:?} for its state")]
-    Status { node: String, #[source] source: VmError },
+    Status {
+        node: String,
+        #[source]
+        source: VmError,
+    },
     #[error("asking the delay node for its state")]
     Delay(#[source] ControlError),
     #[error("VM {node:?} is in state {state}, which `cont` cannot leave; `stasis restore` a checkpoint instead")]
@@ -139,7 +146,12 @@ pub async fn frozen_parts(rt: &Runtime) -> Result<FrozenParts, ResumeError> {
 /// experiment itself). A VM still writing a snapshot (its checkpoint died
 /// mid-save) is waited for, up to `save_wait`. `Ok` with an empty
 /// [`ResumeReport::frozen`] when nothing was frozen.
-pub async fn resume_frozen(rt: &Runtime, store: &stasis_store::Store, lead_ns: u64, save_wait: Duration) -> Result<ResumeReport, ResumeError> {
+pub async fn resume_frozen(
+    rt: &Runtime,
+    store: &stasis_store::Store,
+    lead_ns: u64,
+    save_wait: Duration,
+) -> Result<ResumeReport, ResumeError> {
     let pids = store.checkpoints_in_progress()?;
     if !pids.is_empty() {
         return Err(ResumeError::InProgress { pids });
@@ -148,11 +160,16 @@ pub async fn resume_frozen(rt: &Runtime, store: &stasis_store::Store, lead_ns: u
     let waited = std::time::Instant::now();
     let (frozen, states) = loop {
         let (frozen, states) = inspect(&mut a).await?;
-        let saving = a.vms.iter().zip(&states).find(|(_, s)| matches!(s, RunState::FinishMigrate | RunState::InMigrate));
+        let saving =
+            a.vms.iter().zip(&states).find(|(_, s)| matches!(s, RunState::FinishMigrate | RunState::InMigrate));
         match saving {
             None => break (frozen, states),
             Some(((node, _), s)) if waited.elapsed() >= save_wait => {
-                return Err(ResumeError::StillSaving { node: node.clone(), state: state_name(s), waited_s: save_wait.as_secs() })
+                return Err(ResumeError::StillSaving {
+                    node: node.clone(),
+                    state: state_name(s),
+                    waited_s: save_wait.as_secs(),
+                })
             }
             Some(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
@@ -167,9 +184,12 @@ pub async fn resume_frozen(rt: &Runtime, store: &stasis_store::Store, lead_ns: u
     }
     let at = mono_ns() + lead_ns;
     let lead = resume_lead_ns();
-    let vm_futs = a.vms.iter_mut().zip(&states).filter(|(_, s)| **s != RunState::Running).map(|((node, vm), _)| async move {
-        (node.clone(), cont_vm_at(vm, at, lead, true).await)
-    });
+    let vm_futs = a
+        .vms
+        .iter_mut()
+        .zip(&states)
+        .filter(|(_, s)| **s != RunState::Running)
+        .map(|((node, vm), _)| async move { (node.clone(), cont_vm_at(vm, at, lead, true).await) });
     let delay = &mut a.delay;
     let node_fut = async {
         let mut errs = Vec::new();
@@ -222,7 +242,19 @@ mod tests {
     fn state_names_are_qemus() {
         assert_eq!(state_name(&RunState::Paused), "paused");
         assert_eq!(state_name(&RunState::PostMigrate), "postmigrate");
-        for s in ["running", "paused", "inmigrate", "postmigrate", "finish-migrate", "prelaunch", "shutdown", "guest-panicked", "internal-error", "io-error", "colo"] {
+        for s in [
+            "running",
+            "paused",
+            "inmigrate",
+            "postmigrate",
+            "finish-migrate",
+            "prelaunch",
+            "shutdown",
+            "guest-panicked",
+            "internal-error",
+            "io-error",
+            "colo",
+        ] {
             assert_eq!(state_name(&RunState::from_qmp(s)), s);
         }
         assert_eq!(state_name(&RunState::Other("colo".into())), "colo");

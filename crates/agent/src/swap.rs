@@ -13,6 +13,7 @@ use crate::freeze::FreezeConfig;
 use crate::host::{self, CheckpointError, CheckpointSummary, Runtime};
 use crate::layout::Layout;
 use serde::{Deserialize, Serialize};
+use stasis_core::versioned::{self, FormatVersion, Persisted};
 use stasis_store::Store;
 use std::path::PathBuf;
 
@@ -35,15 +36,28 @@ pub struct SwapRecord {
     pub stopped: usize,
 }
 
+impl Persisted for SwapRecord {
+    const FORMAT: &'static str = "stasis-swap";
+    const VERSION: FormatVersion = FormatVersion::new(1, 0);
+}
+
 /// Errors of [`swap_out`].
 #[derive(Debug, thiserror::Error)]
 pub enum SwapError {
     #[error("swap-out checkpoint failed, nothing was released")]
     Checkpoint(#[from] CheckpointError),
     #[error("checkpoint {checkpoint} committed, but releasing the experiment failed")]
-    Release { checkpoint: String, #[source] source: host::AttachError },
+    Release {
+        checkpoint: String,
+        #[source]
+        source: host::AttachError,
+    },
     #[error("recording the swap-out in {path}")]
-    Record { path: PathBuf, #[source] source: std::io::Error },
+    Record {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn now_ms() -> u64 {
@@ -89,10 +103,7 @@ pub async fn swap_out(
         stopped,
     };
     let path = layout.root().join(SWAP_FILE);
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&rec).expect("serialises"))
-        .and_then(|()| std::fs::rename(&tmp, &path))
-        .map_err(|source| SwapError::Record { path: path.clone(), source })?;
+    versioned::write_atomic(&path, &rec).map_err(|source| SwapError::Record { path: path.clone(), source })?;
     tracing::info!(checkpoint = %rec.checkpoint, stopped, "swapped out");
     Ok((summary, rec))
 }
@@ -123,7 +134,13 @@ pub fn free_bytes(dir: &std::path::Path) -> Option<u64> {
 
 /// The swap-out record, if the experiment is swapped out.
 pub fn swapped_out(layout: &Layout) -> Option<SwapRecord> {
-    std::fs::read(layout.root().join(SWAP_FILE)).ok().and_then(|b| serde_json::from_slice(&b).ok())
+    match versioned::read_opt(&layout.root().join(SWAP_FILE)) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring an unreadable swap-out record");
+            None
+        }
+    }
 }
 
 /// Forget the swap-out (after a swap-in, or when the experiment was started

@@ -30,12 +30,14 @@ pub fn topology_for(exp: &Experiment, layout: &Layout, seed: u64) -> Topology {
                 name: port_name(&node.name, &iface.name),
                 socket: layout.port_socket(&node.name, &iface.name),
                 kind: port_kind(node.nic),
+                peer: None,
             });
         }
     }
     let port_on = |node: &str, network: &str| -> String {
         let n = exp.node(node).expect("spec validated: member is a node");
-        let iface = n.ifaces.iter().find(|i| i.network == network).expect("spec validated: member has an iface on its network");
+        let iface =
+            n.ifaces.iter().find(|i| i.network == network).expect("spec validated: member has an iface on its network");
         port_name(node, &iface.name)
     };
     let lans = exp

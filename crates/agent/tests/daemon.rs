@@ -19,9 +19,14 @@ fn key(k: &str) -> Key {
 fn cfg(listen: SocketAddr, dir: &std::path::Path) -> DaemonConfig {
     DaemonConfig {
         listen,
-        key: key("the-agents-shared-key"),
+        key: key("the-agents-shared-key, 32 bytes long"),
         state_dir: dir.to_owned(),
-        tools: Tools { delay_node_bin: "/nonexistent".into(), default_kernel: "/nonexistent".into(), default_initrd: "/nonexistent".into(), accel: stasis_qemu::accel::Accel::Tcg },
+        tools: Tools {
+            delay_node_bin: "/nonexistent".into(),
+            default_kernel: "/nonexistent".into(),
+            default_initrd: "/nonexistent".into(),
+            accel: stasis_qemu::accel::Accel::Tcg,
+        },
         clock: Arc::new(RealtimeClock),
         agent: Default::default(),
         faults: Faults::default(),
@@ -34,11 +39,9 @@ fn free_port() -> SocketAddr {
 
 async fn request(c: &mut Connection, id: u64, op: Op) -> stasis_proto::msg::Reply {
     c.send(&Message::Request(Request { id, op })).await.unwrap();
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), c.recv()).await.expect("reply in time").unwrap() {
-            Message::Reply(r) if r.id == id => return r,
-            other => panic!("unexpected {other:?}"),
-        }
+    match tokio::time::timeout(Duration::from_secs(10), c.recv()).await.expect("reply in time").unwrap() {
+        Message::Reply(r) if r.id == id => r,
+        other => panic!("unexpected {other:?}"),
     }
 }
 
@@ -52,7 +55,7 @@ async fn refuses_wildcards_foreign_placements_and_wrong_keys_and_finishes_an_emp
     let agent = tokio::spawn(serve(cfg(addr, dir.path())));
     let mut conn = None;
     for _ in 0..100 {
-        match Connection::connect(addr, &key("the-agents-shared-key")).await {
+        match Connection::connect(addr, &key("the-agents-shared-key, 32 bytes long")).await {
             Ok(c) => {
                 conn = Some(c);
                 break;
@@ -63,14 +66,33 @@ async fn refuses_wildcards_foreign_placements_and_wrong_keys_and_finishes_an_emp
     let mut c = conn.expect("the agent serves");
 
     // A second coordinator with the wrong key is refused (while the first is served).
-    let wrong = Connection::connect(addr, &key("some-other-key-entirely")).await;
+    let wrong = Connection::connect(addr, &key("some-other-key-entirely, 32 bytes long")).await;
     assert!(wrong.is_err(), "wrong key refused");
 
     let elsewhere = free_port();
-    let spec = format!("name = \"t\"\nnic = \"stream\"\n[[host]]\nname = \"h1\"\nagent = \"{elsewhere}\"\n[[node]]\nname = \"a\"\n");
-    let r = request(&mut c, 1, Op::Start { spec_toml: spec, host: "h1".into(), delay: true, vms: true, restore: None }).await;
-    assert!(!r.ok && r.message.contains(&format!("this agent listens on {addr}")) && r.message.contains(&elsewhere.to_string()), "{r:?}");
-    let r = request(&mut c, 2, Op::Start { spec_toml: "name = \"t\"\n[[node]]\nname = \"a\"\n".into(), host: "h1".into(), delay: false, vms: true, restore: None }).await;
+    let spec = format!(
+        "name = \"t\"\nnic = \"stream\"\n[[host]]\nname = \"h1\"\nagent = \"{elsewhere}\"\n[[node]]\nname = \"a\"\n"
+    );
+    let r = request(&mut c, 1, Op::Start { spec_toml: spec, host: "h1".into(), delay: true, vms: true, restore: None })
+        .await;
+    assert!(
+        !r.ok
+            && r.message.contains(&format!("this agent listens on {addr}"))
+            && r.message.contains(&elsewhere.to_string()),
+        "{r:?}"
+    );
+    let r = request(
+        &mut c,
+        2,
+        Op::Start {
+            spec_toml: "name = \"t\"\n[[node]]\nname = \"a\"\n".into(),
+            host: "h1".into(),
+            delay: false,
+            vms: true,
+            restore: None,
+        },
+    )
+    .await;
     assert!(!r.ok && r.message.contains("not a multi-host experiment"), "{r:?}");
     let r = request(&mut c, 3, Op::Status).await;
     assert!(r.ok && r.detail.contains("\"running\":false"), "{r:?}");
@@ -80,7 +102,14 @@ async fn refuses_wildcards_foreign_placements_and_wrong_keys_and_finishes_an_emp
     for n in [1u64, 2] {
         let ckpt = CkptId::new(n).unwrap();
         let now = stasis_core::clock::realtime_ns();
-        c.send(&Message::Prepare(Prepare { ckpt, freeze_at: now + 50_000_000, hold_lead_ns: 0, deadline: now + 5_000_000_000 })).await.unwrap();
+        c.send(&Message::Prepare(Prepare {
+            ckpt,
+            freeze_at: now + 50_000_000,
+            hold_lead_ns: 0,
+            deadline: now + 5_000_000_000,
+        }))
+        .await
+        .unwrap();
         match tokio::time::timeout(Duration::from_secs(10), c.recv()).await.unwrap().unwrap() {
             Message::SaveFailed(f) => assert!(f.reason.contains("nothing runs on this host"), "{f:?}"),
             other => panic!("expected SaveFailed, got {other:?}"),

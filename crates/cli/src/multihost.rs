@@ -2,7 +2,10 @@
 //! `[[host]]`s): every command goes to the hosts' agents
 //! (`stasis_agent::coordinator`). See docs/multihost.md.
 
-use crate::{mib, ms, print_json, Cli, Cmd};
+use crate::commands::{checkpoint, restore, show, up, Cmd};
+use crate::context::Ctx;
+use crate::context::FreezeArgs;
+use crate::ui::{mib, ms, print_json};
 use anyhow::{anyhow, bail, Context, Result};
 use stasis_agent::coordinator::Coordinator;
 use stasis_agent::layout::Layout;
@@ -11,15 +14,20 @@ use stasis_proto::coordinator::CoordConfig;
 use std::path::Path;
 use std::time::Duration;
 
-/// The shared key: `--key-file`, else `$STASIS_KEY_FILE`.
-fn key(cli: &Cli) -> Result<stasis_proto::Key> {
-    let path = cli
-        .key_file
-        .clone()
-        .or_else(|| std::env::var_os("STASIS_KEY_FILE").map(Into::into))
-        .ok_or_else(|| anyhow!("a multi-host experiment needs the agents' shared key: pass --key-file (or set STASIS_KEY_FILE)"))?;
-    let bytes = std::fs::read(&path).with_context(|| format!("reading the key file {}", path.display()))?;
-    stasis_proto::Key::new(bytes.strip_suffix(b"\n").unwrap_or(&bytes)).map_err(|e| anyhow!("key file {}: {e}", path.display()))
+/// The coordinator's master key: `--key-file`, else `$STASIS_KEY_FILE`.
+/// Each host's agent holds the key derived from it for that host
+/// (`stasis key host NAME`).
+pub(crate) fn master_key(ctx: &Ctx) -> Result<stasis_proto::Key> {
+    let path = ctx.global.key_file.clone().or_else(|| std::env::var_os("STASIS_KEY_FILE").map(Into::into)).ok_or_else(
+        || {
+            anyhow!(
+                "a multi-host experiment needs the coordinator's master key: pass --key-file (or set STASIS_KEY_FILE)"
+            )
+        },
+    )?;
+    let bytes = stasis_core::private::read_secret(&path).context("the key file")?;
+    stasis_proto::Key::new(bytes.strip_suffix(b"\n").unwrap_or(&bytes))
+        .map_err(|e| anyhow!("key file {}: {e}", path.display()))
 }
 
 /// The recorded spec of experiment `name`, if it is a multi-host one.
@@ -29,17 +37,18 @@ fn recorded(state: &Path, name: &str) -> Option<Experiment> {
 }
 
 /// Run `cli` if it concerns a multi-host experiment; `Ok(false)` otherwise.
-pub async fn dispatch(cli: &Cli, state: &Path) -> Result<bool> {
-    let exp = match &cli.cmd {
-        Cmd::Up { spec, .. } => {
-            let exp = Experiment::from_file(spec)?;
+pub async fn dispatch(ctx: &Ctx, cmd: &Cmd) -> Result<bool> {
+    let state: &Path = &ctx.state;
+    let exp = match cmd {
+        Cmd::Up(a) => {
+            let exp = super::commands::up::experiment(a)?;
             if exp.placement.is_none() {
                 return Ok(false);
             }
             exp
         }
         _ => {
-            let Ok(name) = crate::experiment_name(cli, state) else { return Ok(false) };
+            let Ok(name) = ctx.experiment_name() else { return Ok(false) };
             match recorded(state, &name) {
                 Some(e) => e,
                 None => return Ok(false),
@@ -47,28 +56,34 @@ pub async fn dispatch(cli: &Cli, state: &Path) -> Result<bool> {
         }
     };
     let layout = Layout::new(state, &exp.name);
-    let coord = Coordinator::new(exp.clone(), key(cli)?, &layout)?;
-    match &cli.cmd {
-        Cmd::Up { no_wait, .. } => {
+    let coord = Coordinator::new(exp.clone(), master_key(ctx)?, &layout)?;
+    match cmd {
+        Cmd::Up(up::Args { no_wait, .. }) => {
             std::fs::create_dir_all(layout.root()).with_context(|| format!("creating {}", layout.root().display()))?;
             std::fs::write(layout.root().join("experiment.toml"), exp.to_toml()).context("recording the spec")?;
             let st = coord.up((!no_wait).then_some(Duration::from_secs(180))).await?;
-            if cli.json {
+            if ctx.json() {
                 print_json(&st);
             } else {
                 println!("experiment {} up on {} hosts", exp.name, st.len());
                 print_status(&st);
             }
         }
-        Cmd::Status => {
+        Cmd::Status(_) => {
             let st = coord.status().await?;
-            if cli.json {
+            if ctx.json() {
                 print_json(&st);
             } else {
                 print_status(&st);
             }
         }
-        Cmd::Checkpoint { name, margin_ms, hold_lead_ms, pause_ms, live, faults } => {
+        Cmd::Checkpoint(checkpoint::Args {
+            name,
+            freeze: FreezeArgs { margin_ms, hold_lead_ms },
+            pause_ms,
+            live,
+            faults,
+        }) => {
             if *live || !faults.is_empty() {
                 bail!("--live and --fault are not supported on a multi-host experiment yet");
             }
@@ -78,11 +93,15 @@ pub async fn dispatch(cli: &Cli, state: &Path) -> Result<bool> {
                 min_frozen_ns: pause_ms * 1_000_000,
                 // Saves of TCG guests plus the chunked commit take seconds on a
                 // busy host; STASIS_SAVE_BUDGET_MS shortens it (fault drills).
-                save_budget_ns: std::env::var("STASIS_SAVE_BUDGET_MS").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(120_000) * 1_000_000,
+                save_budget_ns: std::env::var("STASIS_SAVE_BUDGET_MS")
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(120_000)
+                    * 1_000_000,
                 ..CoordConfig::default()
             };
             let s = coord.checkpoint(name.as_deref(), cfg).await?;
-            if cli.json {
+            if ctx.json() {
                 print_json(&s);
             } else {
                 let c = &s.checkpoint;
@@ -98,9 +117,9 @@ pub async fn dispatch(cli: &Cli, state: &Path) -> Result<bool> {
                 );
             }
         }
-        Cmd::List => {
+        Cmd::List(_) => {
             let list = coord.list()?;
-            if cli.json {
+            if ctx.json() {
                 print_json(&list);
             } else if list.is_empty() {
                 println!("no checkpoints of {}", exp.name);
@@ -108,13 +127,20 @@ pub async fn dispatch(cli: &Cli, state: &Path) -> Result<bool> {
                 println!("{:>3}  {:<22} {:<16} {:>12}  hosts", "#", "id", "name", "size");
                 for c in &list {
                     let hosts: Vec<&str> = c.parts.iter().map(|p| p.host.as_str()).collect();
-                    println!("{:>3}  {:<22} {:<16} {:>12}  {}", c.index, c.ckpt, c.name.as_deref().unwrap_or("-"), mib(c.bytes), hosts.join(","));
+                    println!(
+                        "{:>3}  {:<22} {:<16} {:>12}  {}",
+                        c.index,
+                        c.ckpt,
+                        c.name.as_deref().unwrap_or("-"),
+                        mib(c.bytes),
+                        hosts.join(",")
+                    );
                 }
             }
         }
-        Cmd::Show { checkpoint } => {
+        Cmd::Show(show::Args { checkpoint }) => {
             let c = coord.open(checkpoint)?;
-            if cli.json {
+            if ctx.json() {
                 print_json(&c);
             } else {
                 println!("checkpoint {} ({}) of experiment {}", c.index, c.label(), c.experiment);
@@ -123,25 +149,37 @@ pub async fn dispatch(cli: &Cli, state: &Path) -> Result<bool> {
                 for p in &c.parts {
                     println!("  host {} (part {}):", p.host, p.store_name);
                     for comp in &p.components {
-                        println!("    {:<12} {:>12}  stop {:+.3} ms from plan  blake3 {}", comp.name, mib(comp.bytes), (comp.stop_ns as f64 - c.freeze_at as f64) / 1e6, &comp.blake3[..16]);
+                        println!(
+                            "    {:<12} {:>12}  stop {:+.3} ms from plan  blake3 {}",
+                            comp.name,
+                            mib(comp.bytes),
+                            (comp.stop_ns as f64 - c.freeze_at as f64) / 1e6,
+                            &comp.blake3[..16]
+                        );
                     }
                 }
             }
         }
-        Cmd::Restore { checkpoint, branch } => {
+        Cmd::Restore(restore::Args { checkpoint, branch }) => {
             if branch.is_some() {
                 bail!("branches are not supported for multi-host experiments yet");
             }
             let s = coord.restore(checkpoint, 300_000_000).await?;
-            if cli.json {
+            if ctx.json() {
                 print_json(&s);
             } else {
-                println!("restored {} on {} hosts in {}, resume skew {}", s.checkpoint, s.hosts, ms(s.restore_ns), ms(s.resume_skew_ns));
+                println!(
+                    "restored {} on {} hosts in {}, resume skew {}",
+                    s.checkpoint,
+                    s.hosts,
+                    ms(s.restore_ns),
+                    ms(s.resume_skew_ns)
+                );
             }
         }
-        Cmd::Down => {
+        Cmd::Down(_) => {
             let n = coord.down().await?;
-            if cli.json {
+            if ctx.json() {
                 print_json(&serde_json::json!({"experiment": exp.name, "stopped": n}));
             } else {
                 println!("experiment {} down ({n} processes stopped)", exp.name);
@@ -158,7 +196,11 @@ fn print_status(st: &[serde_json::Value]) {
             println!("  (a host runs nothing)");
             continue;
         }
-        let delay = if s["delay_node"].is_null() { String::new() } else { format!(", delay node pid {}", s["delay_node"]["pid"]) };
+        let delay = if s["delay_node"].is_null() {
+            String::new()
+        } else {
+            format!(", delay node pid {}", s["delay_node"]["pid"])
+        };
         println!("  host {}{delay}", s["host"].as_str().unwrap_or("?"));
         for v in s["vms"].as_array().into_iter().flatten() {
             println!(

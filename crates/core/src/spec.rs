@@ -8,6 +8,8 @@
 // Errors are rare and parsing is not hot; a large error keeps its fields plain.
 #![allow(clippy::result_large_err)]
 
+mod describe;
+mod images;
 mod ns;
 mod placement;
 mod units;
@@ -21,10 +23,13 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+pub use describe::{Description, InterfaceDescription, LanDescription, LinkDescription, NodeDescription};
+pub use images::{probe_image, ImageCatalog, ImageDir, ImageError, ImageFormat, BUILTIN_OS};
+pub use ns::ENV_TCLSH;
 pub use placement::{Host, Placement, DEFAULT_DELAY_PORT_BASE};
 pub use units::{
-    format_bandwidth_bps, format_bytes, format_duration_ns, format_memory_mib, parse_bandwidth_bps,
-    parse_bytes, parse_duration_ns, parse_memory_mib,
+    format_bandwidth_bps, format_bytes, format_duration_ns, format_memory_mib, parse_bandwidth_bps, parse_bytes,
+    parse_duration_ns, parse_memory_mib,
 };
 
 /// Smallest guest memory accepted (MiB).
@@ -62,6 +67,10 @@ pub struct Experiment {
     /// Hosts and what runs where; `None`: everything on this host.
     #[serde(default)]
     pub placement: Option<Placement>,
+    /// What parsing noticed but accepted (an OS name no image maps, …);
+    /// not part of the experiment.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 /// One VM.
@@ -90,6 +99,39 @@ pub struct Node {
     /// The host the node runs on (multi-host experiments only; always set there).
     #[serde(default)]
     pub host: Option<String>,
+    /// The OS asked for by name (`os = "…"`, Emulab's `tb-set-node-os`), as written.
+    #[serde(default)]
+    pub os: Option<String>,
+    /// The root disk: the user's qcow2 or raw image, never written (each node
+    /// runs on its own overlay of it; docs/images.md). `None`: the project's
+    /// busybox guest, kernel and initramfs only.
+    #[serde(default)]
+    pub image: Option<PathBuf>,
+    /// How the node boots.
+    #[serde(default)]
+    pub boot: Boot,
+}
+
+/// How a node boots (`boot = "firmware" | "kernel"`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Boot {
+    /// QEMU loads `kernel` and `initrd` itself (the busybox guest; an OS
+    /// image with its kernel and `root=` given).
+    #[default]
+    Kernel,
+    /// SeaBIOS runs the image's own bootloader, as a cloud image expects.
+    Firmware,
+}
+
+impl Boot {
+    /// The spelling in a spec.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Boot::Kernel => "kernel",
+            Boot::Firmware => "firmware",
+        }
+    }
 }
 
 /// How a node's NICs attach to the delay node (`nic = "stream" | "vhost-user"`).
@@ -214,6 +256,12 @@ pub enum SpecErrorKind {
     TooMany,
     /// An NS-script command outside the supported subset.
     Unsupported,
+    /// The NS script stopped with a Tcl error (or hit the interpreter's limits).
+    Script,
+    /// The Tcl interpreter could not be run.
+    Interpreter,
+    /// A missing or unusable image, or an OS name no image maps.
+    Image,
 }
 
 /// A refused spec. Displays as `file:line:col: subject: message in field f`
@@ -250,11 +298,7 @@ impl fmt::Display for SpecError {
             write!(f, "{subject}: ")?;
         }
         write!(f, "{}", self.message)?;
-        if let Some(field) = self
-            .field
-            .as_ref()
-            .filter(|f| !self.message.contains(&format!("`{f}`")))
-        {
+        if let Some(field) = self.field.as_ref().filter(|f| !self.message.contains(&format!("`{f}`"))) {
             write!(f, " in field {field}")?;
         }
         Ok(())
@@ -271,7 +315,7 @@ impl std::error::Error for SpecError {
 
 type Quantity = Option<Spanned<toml::Value>>;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawSpec {
     name: Option<Spanned<String>>,
@@ -286,6 +330,9 @@ struct RawSpec {
     #[serde(default)]
     host: Vec<placement::RawHost>,
     delay: Option<placement::RawDelay>,
+    /// OS names (`os`, `tb-set-node-os`) → image paths.
+    #[serde(default)]
+    images: BTreeMap<String, Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -296,6 +343,9 @@ struct RawDefaults {
     kernel: Option<Spanned<String>>,
     initrd: Option<Spanned<String>>,
     kernel_args: Option<Spanned<String>>,
+    image: Option<Spanned<String>>,
+    os: Option<Spanned<String>>,
+    boot: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -316,6 +366,30 @@ struct RawNode {
     /// Multi-host experiments: the host the node runs on.
     #[serde(default)]
     host: Option<Spanned<String>>,
+    image: Option<Spanned<String>>,
+    os: Option<Spanned<String>>,
+    boot: Option<Spanned<String>>,
+}
+
+impl RawNode {
+    /// A node with nothing but its name (NS scripts fill in the rest).
+    fn named(name: Spanned<String>) -> RawNode {
+        RawNode {
+            name,
+            memory: None,
+            vcpus: None,
+            kernel: None,
+            initrd: None,
+            kernel_args: None,
+            nic: None,
+            disk: None,
+            run: Vec::new(),
+            host: None,
+            image: None,
+            os: None,
+            boot: None,
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -406,15 +480,9 @@ impl Source<'_> {
     fn toml_error(&self, err: toml::de::Error) -> SpecError {
         let message = err.message().trim().replace('\n', "; ");
         let (kind, field) = if let Some(rest) = message.strip_prefix("unknown field `") {
-            (
-                SpecErrorKind::UnknownField,
-                rest.split('`').next().map(str::to_owned),
-            )
+            (SpecErrorKind::UnknownField, rest.split('`').next().map(str::to_owned))
         } else if let Some(rest) = message.strip_prefix("missing field `") {
-            (
-                SpecErrorKind::MissingField,
-                rest.split('`').next().map(str::to_owned),
-            )
+            (SpecErrorKind::MissingField, rest.split('`').next().map(str::to_owned))
         } else {
             (SpecErrorKind::Syntax, None)
         };
@@ -435,10 +503,8 @@ impl Source<'_> {
         let before = &self.text[..offset];
         let line = &before[before.rfind('\n').map_or(0, |i| i + 1)..];
         let key = line.trim_end().strip_suffix('=')?.trim();
-        let bare = !key.is_empty()
-            && key
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
+        let bare =
+            !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
         bare.then(|| key.to_owned())
     }
 }
@@ -450,12 +516,19 @@ fn is_name(name: &str, max: usize) -> bool {
         && name.len() <= max
 }
 
+/// An NS-imported experiment is named after the file's stem, or `ns-import`.
+fn ns_experiment_name(source: Option<&Path>) -> String {
+    let stem = source.and_then(Path::file_stem).map(|s| s.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    let name: String = stem.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).take(40).collect();
+    if is_experiment_name(&name) {
+        name
+    } else {
+        "ns-import".into()
+    }
+}
+
 fn is_experiment_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 40
-        && name
-            .chars()
-            .all(|c| matches!(c, 'a'..='z' | '0'..='9' | '-'))
+    !name.is_empty() && name.len() <= 40 && name.chars().all(|c| matches!(c, 'a'..='z' | '0'..='9' | '-'))
 }
 
 const NAME_MAX: usize = 32;
@@ -463,24 +536,15 @@ const NAME_MAX: usize = 32;
 struct Resolver<'a> {
     src: Source<'a>,
     base_dir: Option<PathBuf>,
+    catalog: &'a ImageCatalog,
 }
 
 impl Resolver<'_> {
-    fn memory(
-        &self,
-        value: &Spanned<toml::Value>,
-        subject: &Option<String>,
-    ) -> Result<u32, SpecError> {
+    fn memory(&self, value: &Spanned<toml::Value>, subject: &Option<String>) -> Result<u32, SpecError> {
         let span = value.span();
         let mib = match value.get_ref() {
             toml::Value::String(s) => parse_memory_mib(s).map_err(|m| {
-                self.src.error(
-                    SpecErrorKind::BadUnit,
-                    span.clone(),
-                    subject.clone(),
-                    Some("memory"),
-                    m,
-                )
+                self.src.error(SpecErrorKind::BadUnit, span.clone(), subject.clone(), Some("memory"), m)
             })?,
             toml::Value::Integer(i) if *i >= 0 => *i as u64,
             toml::Value::Integer(i) => {
@@ -498,10 +562,7 @@ impl Resolver<'_> {
                     span,
                     subject.clone(),
                     Some("memory"),
-                    format!(
-                        "expected a size such as \"256M\", found {}",
-                        other.type_str()
-                    ),
+                    format!("expected a size such as \"256M\", found {}", other.type_str()),
                 ))
             }
         };
@@ -553,12 +614,7 @@ impl Resolver<'_> {
         Ok(v as u32)
     }
 
-    fn text_field(
-        &self,
-        value: &Spanned<String>,
-        subject: &Option<String>,
-        field: &str,
-    ) -> Result<String, SpecError> {
+    fn text_field(&self, value: &Spanned<String>, subject: &Option<String>, field: &str) -> Result<String, SpecError> {
         let s = value.get_ref();
         if s.contains(['\n', '\r', '\0']) {
             return Err(self.src.error(
@@ -572,12 +628,7 @@ impl Resolver<'_> {
         Ok(s.clone())
     }
 
-    fn path(
-        &self,
-        value: &Spanned<String>,
-        subject: &Option<String>,
-        field: &str,
-    ) -> Result<PathBuf, SpecError> {
+    fn path(&self, value: &Spanned<String>, subject: &Option<String>, field: &str) -> Result<PathBuf, SpecError> {
         let s = self.text_field(value, subject, field)?;
         if s.is_empty() {
             return Err(self.src.error(
@@ -609,10 +660,7 @@ impl Resolver<'_> {
                 value.span(),
                 subject.clone(),
                 Some(field),
-                format!(
-                    "expected a string with a unit such as \"{example}\", found {}",
-                    other.type_str()
-                ),
+                format!("expected a string with a unit such as \"{example}\", found {}", other.type_str()),
             )),
         }
     }
@@ -627,22 +675,10 @@ impl Resolver<'_> {
         let mut p = base;
         let field = |name: &str| format!("{prefix}{name}");
         let unit_err = |v: &Spanned<toml::Value>, f: &str, m: String| {
-            self.src.error(
-                SpecErrorKind::BadUnit,
-                v.span(),
-                subject.clone(),
-                Some(f),
-                m,
-            )
+            self.src.error(SpecErrorKind::BadUnit, v.span(), subject.clone(), Some(f), m)
         };
         let range_err = |v: &Spanned<toml::Value>, f: &str, m: String| {
-            self.src.error(
-                SpecErrorKind::OutOfRange,
-                v.span(),
-                subject.clone(),
-                Some(f),
-                m,
-            )
+            self.src.error(SpecErrorKind::OutOfRange, v.span(), subject.clone(), Some(f), m)
         };
         if let Some(v) = &raw.bandwidth {
             let f = field("bandwidth");
@@ -671,10 +707,7 @@ impl Resolver<'_> {
                     return Err(range_err(
                         v,
                         &f,
-                        format!(
-                            "expected a probability such as 0.01, found {}",
-                            other.type_str()
-                        ),
+                        format!("expected a probability such as 0.01, found {}", other.type_str()),
                     ))
                 }
             };
@@ -687,22 +720,12 @@ impl Resolver<'_> {
         if let Some(v) = &raw.queue {
             let f = field("queue");
             match v.get_ref() {
-                toml::Value::Integer(i) if (1..=MAX_QUEUE_PACKETS as i64).contains(i) => {
-                    p.queue_packets = *i as u32
-                }
+                toml::Value::Integer(i) if (1..=MAX_QUEUE_PACKETS as i64).contains(i) => p.queue_packets = *i as u32,
                 toml::Value::Integer(i) => {
-                    return Err(range_err(
-                        v,
-                        &f,
-                        format!("queue {i} is outside 1..={MAX_QUEUE_PACKETS} packets"),
-                    ))
+                    return Err(range_err(v, &f, format!("queue {i} is outside 1..={MAX_QUEUE_PACKETS} packets")))
                 }
                 other => {
-                    return Err(range_err(
-                        v,
-                        &f,
-                        format!("expected a number of packets, found {}", other.type_str()),
-                    ))
+                    return Err(range_err(v, &f, format!("expected a number of packets, found {}", other.type_str())))
                 }
             }
         }
@@ -715,19 +738,12 @@ impl Resolver<'_> {
                     return Err(range_err(
                         v,
                         &f,
-                        format!(
-                            "expected a size such as \"64KB\", found {}",
-                            other.type_str()
-                        ),
+                        format!("expected a size such as \"64KB\", found {}", other.type_str()),
                     ))
                 }
             };
             if !(1..=MAX_QUEUE_BYTES).contains(&p.queue_bytes) {
-                return Err(range_err(
-                    v,
-                    &f,
-                    format!("queue_bytes {} is outside 1B..=1G", p.queue_bytes),
-                ));
+                return Err(range_err(v, &f, format!("queue_bytes {} is outside 1B..=1G", p.queue_bytes)));
             }
             // Emulab's queue-in-bytes: a byte limit given alone replaces the
             // packet limit; given together, both apply.
@@ -746,9 +762,7 @@ impl Resolver<'_> {
         subject: &Option<String>,
     ) -> Result<Vec<(Ipv4Addr, u8, Range<usize>)>, SpecError> {
         let Some(list) = raw else {
-            return Ok((1..=count)
-                .map(|i| (Ipv4Addr::new(10, 0, k as u8, i as u8), 24, 0..0))
-                .collect());
+            return Ok((1..=count).map(|i| (Ipv4Addr::new(10, 0, k as u8, i as u8), 24, 0..0)).collect());
         };
         if list.get_ref().len() != count {
             return Err(self.src.error(
@@ -792,13 +806,19 @@ impl Experiment {
     /// Parses and resolves a spec. `source` is the file it came from (used
     /// in errors and to resolve relative kernel/initrd paths).
     pub fn from_toml_str(text: &str, source: Option<&Path>) -> Result<Experiment, SpecError> {
-        let src = Source {
-            text,
-            file: source.map(Path::to_path_buf),
-        };
+        Experiment::from_toml_str_with(text, source, &ImageCatalog::default())
+    }
+
+    /// [`Experiment::from_toml_str`], OS names and images resolved through `catalog`.
+    pub fn from_toml_str_with(
+        text: &str,
+        source: Option<&Path>,
+        catalog: &ImageCatalog,
+    ) -> Result<Experiment, SpecError> {
+        let src = Source { text, file: source.map(Path::to_path_buf) };
         let raw: RawSpec = toml::from_str(text).map_err(|e| src.toml_error(e))?;
         let base_dir = source.map(|p| p.parent().unwrap_or(Path::new("")).to_path_buf());
-        let r = Resolver { src, base_dir };
+        let r = Resolver { src, base_dir, catalog };
         r.resolve(raw, source)
     }
 
@@ -806,30 +826,40 @@ impl Experiment {
     /// The experiment is named after the file (`source`'s stem), or
     /// `ns-import`. Errors point into the script.
     pub fn from_ns_script(text: &str, source: Option<&Path>) -> Result<Experiment, SpecError> {
-        let src = Source {
-            text,
-            file: source.map(Path::to_path_buf),
-        };
-        let stem = source
-            .and_then(Path::file_stem)
-            .map(|s| s.to_string_lossy().to_ascii_lowercase())
-            .unwrap_or_default();
-        let mut name: String = stem
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-            .take(40)
-            .collect();
-        if !is_experiment_name(&name) {
-            name = "ns-import".into();
-        }
-        let raw = ns::parse(text, &src, name)?;
+        Experiment::from_ns_script_with(text, source, &ImageCatalog::default())
+    }
+
+    /// [`Experiment::from_ns_script`], `tb-set-node-os` names resolved through `catalog`.
+    pub fn from_ns_script_with(
+        text: &str,
+        source: Option<&Path>,
+        catalog: &ImageCatalog,
+    ) -> Result<Experiment, SpecError> {
+        let src = Source { text, file: source.map(Path::to_path_buf) };
+        let raw = ns::parse(text, &src, ns_experiment_name(source))?;
         let base_dir = source.map(|p| p.parent().unwrap_or(Path::new("")).to_path_buf());
-        Resolver { src, base_dir }.resolve(raw, source)
+        Resolver { src, base_dir, catalog }.resolve(raw, source)
+    }
+
+    /// The second half of an NS import: the experiment from what the Tcl
+    /// interpreter printed about `text` (for the fuzz target, which feeds
+    /// hostile records without running a process per input).
+    #[doc(hidden)]
+    pub fn from_ns_records(printed: &[u8], text: &str, source: Option<&Path>) -> Result<Experiment, SpecError> {
+        let src = Source { text, file: source.map(Path::to_path_buf) };
+        let raw = ns::records(printed, text, &src, ns_experiment_name(source))?;
+        let base_dir = source.map(|p| p.parent().unwrap_or(Path::new("")).to_path_buf());
+        Resolver { src, base_dir, catalog: &ImageCatalog::default() }.resolve(raw, source)
     }
 
     /// Reads and parses a spec file: TOML, or an Emulab NS script when the
     /// file name ends in `.ns` or `.tcl`.
     pub fn from_file(path: &Path) -> Result<Experiment, SpecError> {
+        Experiment::from_file_with(path, &ImageCatalog::default())
+    }
+
+    /// [`Experiment::from_file`], OS names and images resolved through `catalog`.
+    pub fn from_file_with(path: &Path, catalog: &ImageCatalog) -> Result<Experiment, SpecError> {
         let text = std::fs::read_to_string(path).map_err(|e| SpecError {
             kind: SpecErrorKind::Read,
             file: Some(path.to_path_buf()),
@@ -841,8 +871,8 @@ impl Experiment {
             source: Some(e),
         })?;
         match path.extension().and_then(|e| e.to_str()) {
-            Some("ns" | "tcl") => Experiment::from_ns_script(&text, Some(path)),
-            _ => Experiment::from_toml_str(&text, Some(path)),
+            Some("ns" | "tcl") => Experiment::from_ns_script_with(&text, Some(path), catalog),
+            _ => Experiment::from_toml_str_with(&text, Some(path), catalog),
         }
     }
 
@@ -892,6 +922,15 @@ impl Experiment {
             if let Some(h) = &n.host {
                 out += &format!("host = {}\n", q(h));
             }
+            if let Some(os) = &n.os {
+                out += &format!("os = {}\n", q(os));
+            }
+            // Only OS-image nodes say how they boot: the busybox guest's
+            // canonical form (and digest) stays what it was.
+            if let Some(image) = &n.image {
+                out += &format!("image = {}\n", q(&image.to_string_lossy()));
+                out += &format!("boot = {}\n", q(n.boot.as_str()));
+            }
         }
         let params = |p: &LinkParams| {
             let mut s = format!(
@@ -912,9 +951,7 @@ impl Experiment {
             let mut default = true;
             let mut ips = Vec::new();
             for (i, m) in members.iter().enumerate() {
-                let iface = self
-                    .node(m)
-                    .and_then(|n| n.ifaces.iter().find(|f| f.network == network));
+                let iface = self.node(m).and_then(|n| n.ifaces.iter().find(|f| f.network == network));
                 let Some(iface) = iface else {
                     return String::new();
                 };
@@ -936,23 +973,14 @@ impl Experiment {
         };
         for lan in &self.lans {
             k += 1;
-            out += &format!(
-                "\n[[lan]]\nname = {}\nmembers = {}\n",
-                q(&lan.name),
-                list(&lan.members)
-            );
+            out += &format!("\n[[lan]]\nname = {}\nmembers = {}\n", q(&lan.name), list(&lan.members));
             let members: Vec<&str> = lan.members.iter().map(String::as_str).collect();
             out += &ips_line(&lan.name, &members, k);
             out += &params(&lan.params);
         }
         for link in &self.links {
             k += 1;
-            out += &format!(
-                "\n[[link]]\nname = {}\na = {}\nb = {}\n",
-                q(&link.name),
-                q(&link.a),
-                q(&link.b)
-            );
+            out += &format!("\n[[link]]\nname = {}\na = {}\nb = {}\n", q(&link.name), q(&link.a), q(&link.b));
             out += &ips_line(&link.name, &[&link.a, &link.b], k);
             out += &params(&link.a_to_b);
             if link.b_to_a != link.a_to_b {
@@ -971,54 +999,26 @@ impl Resolver<'_> {
     fn resolve(&self, raw: RawSpec, source: Option<&Path>) -> Result<Experiment, SpecError> {
         use SpecErrorKind::*;
         let src = &self.src;
-        let name = raw.name.ok_or_else(|| {
-            src.error(
-                MissingField,
-                0..0,
-                None,
-                Some("name"),
-                "the experiment needs a name",
-            )
-        })?;
+        let name =
+            raw.name.ok_or_else(|| src.error(MissingField, 0..0, None, Some("name"), "the experiment needs a name"))?;
         if !is_experiment_name(name.get_ref()) {
             return Err(src.error(
                 BadName,
                 name.span(),
                 None,
                 Some("name"),
-                format!(
-                    "experiment name \"{}\" must be 1..=40 of [a-z0-9-]",
-                    name.get_ref()
-                ),
+                format!("experiment name \"{}\" must be 1..=40 of [a-z0-9-]", name.get_ref()),
             ));
         }
         if raw.node.is_empty() {
-            return Err(src.error(
-                Empty,
-                0..0,
-                None,
-                Some("node"),
-                "the experiment has no [[node]]",
-            ));
+            return Err(src.error(Empty, 0..0, None, Some("node"), "the experiment has no [[node]]"));
         }
         if raw.node.len() > MAX_NODES {
             let span = raw.node[MAX_NODES].name.span();
-            return Err(src.error(
-                TooMany,
-                span,
-                None,
-                None,
-                format!("more than {MAX_NODES} nodes"),
-            ));
+            return Err(src.error(TooMany, span, None, None, format!("more than {MAX_NODES} nodes")));
         }
         if raw.lan.len() + raw.link.len() > MAX_NETWORKS {
-            return Err(src.error(
-                TooMany,
-                0..0,
-                None,
-                None,
-                format!("more than {MAX_NETWORKS} lans and links"),
-            ));
+            return Err(src.error(TooMany, 0..0, None, None, format!("more than {MAX_NETWORKS} lans and links")));
         }
 
         // One namespace for nodes, lans and links.
@@ -1030,9 +1030,7 @@ impl Resolver<'_> {
                     n.span(),
                     Some(format!("{what} \"{}\"", n.get_ref())),
                     Some("name"),
-                    format!(
-                        "a name must match [a-z][a-z0-9-]* and be at most {NAME_MAX} characters"
-                    ),
+                    format!("a name must match [a-z][a-z0-9-]* and be at most {NAME_MAX} characters"),
                 ));
             }
             if let Some(earlier) = names.insert(n.get_ref().clone(), what) {
@@ -1058,6 +1056,7 @@ impl Resolver<'_> {
 
         let (mut def_mem, mut def_vcpus) = (DEFAULT_MEMORY_MIB, 1);
         let (mut def_kernel, mut def_initrd, mut def_args) = (None, None, String::new());
+        let mut def_image = images::NodeImageRaw::default();
         if let Some(d) = &raw.defaults {
             let subject = Some("[defaults]".to_owned());
             if let Some(m) = &d.memory {
@@ -1075,7 +1074,9 @@ impl Resolver<'_> {
             if let Some(a) = &d.kernel_args {
                 def_args = self.text_field(a, &subject, "kernel_args")?;
             }
+            def_image = images::NodeImageRaw { image: d.image.clone(), os: d.os.clone(), boot: d.boot.clone() };
         }
+        let mut warnings = Vec::new();
 
         let def_nic = match &raw.nic {
             Some(v) => self.nic(v, &None)?,
@@ -1088,13 +1089,7 @@ impl Resolver<'_> {
             for cmd in &n.run {
                 let c = self.text_field(cmd, &subject, "run")?;
                 if c.trim().is_empty() {
-                    return Err(src.error(
-                        OutOfRange,
-                        cmd.span(),
-                        subject,
-                        Some("run"),
-                        "empty command",
-                    ));
+                    return Err(src.error(OutOfRange, cmd.span(), subject, Some("run"), "empty command"));
                 }
                 run.push(c);
             }
@@ -1139,17 +1134,19 @@ impl Resolver<'_> {
                     None => None,
                 },
                 host: None,
+                os: None,
+                image: None,
+                boot: Boot::Kernel,
             });
+            let node = nodes.last_mut().expect("just pushed");
+            let own = images::NodeImageRaw { image: n.image.clone(), os: n.os.clone(), boot: n.boot.clone() };
+            let explicit_kernel = n.kernel.is_some() || def_kernel.is_some();
+            let explicit_args = n.kernel_args.as_ref().or(raw.defaults.as_ref().and_then(|d| d.kernel_args.as_ref()));
+            self.node_image(node, &own, &def_image, &raw.images, explicit_kernel, explicit_args, &mut warnings)?;
         }
         let known: HashSet<&str> = raw.node.iter().map(|n| n.name.get_ref().as_str()).collect();
         let unknown_node = |subject: &Option<String>, field: &str, m: &Spanned<String>| {
-            src.error(
-                UnknownNode,
-                m.span(),
-                subject.clone(),
-                Some(field),
-                format!("unknown node \"{}\"", m.get_ref()),
-            )
+            src.error(UnknownNode, m.span(), subject.clone(), Some(field), format!("unknown node \"{}\"", m.get_ref()))
         };
 
         let mut plans = Vec::new();
@@ -1169,13 +1166,7 @@ impl Resolver<'_> {
                 ));
             }
             if members.len() > 254 {
-                return Err(src.error(
-                    TooMany,
-                    l.members.span(),
-                    subject,
-                    Some("members"),
-                    "more than 254 members",
-                ));
+                return Err(src.error(TooMany, l.members.span(), subject, Some("members"), "more than 254 members"));
             }
             let mut seen = HashSet::new();
             for m in members {
@@ -1207,11 +1198,7 @@ impl Resolver<'_> {
                 members: member_names.clone(),
                 addrs: self.ips(&l.ips, members.len(), k, &subject)?,
             });
-            lans.push(Lan {
-                name: l.name.get_ref().clone(),
-                members: member_names,
-                params,
-            });
+            lans.push(Lan { name: l.name.get_ref().clone(), members: member_names, params });
         }
         let mut links = Vec::new();
         for l in &raw.link {
@@ -1276,10 +1263,7 @@ impl Resolver<'_> {
                         format!("address {addr} is already used in \"{other}\""),
                     ));
                 }
-                let node_index = nodes
-                    .iter()
-                    .position(|n| &n.name == member)
-                    .expect("member checked");
+                let node_index = nodes.iter().position(|n| &n.name == member).expect("member checked");
                 let node = &mut nodes[node_index];
                 let iface_index = node.ifaces.len();
                 if iface_index > 255 {
@@ -1309,6 +1293,7 @@ impl Resolver<'_> {
             links,
             source: source.map(Path::to_path_buf),
             placement,
+            warnings,
         })
     }
 }

@@ -33,15 +33,27 @@ impl Default for AgentConfig {
 pub enum AgentState {
     Idle,
     /// The freeze is scheduled.
-    Prepared { prepare: Prepare },
+    Prepared {
+        prepare: Prepare,
+    },
     /// Every component stopped; saving.
-    Frozen { prepare: Prepare },
+    Frozen {
+        prepare: Prepare,
+    },
     /// Saved and reported; waiting for Commit or Abort.
-    Saved { prepare: Prepare },
+    Saved {
+        prepare: Prepare,
+    },
     /// The save failed and was reported; waiting for Abort.
-    Failed { prepare: Prepare },
+    Failed {
+        prepare: Prepare,
+    },
     /// Told to resume (or resuming on its own).
-    Resuming { ckpt: CkptId, committed: bool, orphaned: bool },
+    Resuming {
+        ckpt: CkptId,
+        committed: bool,
+        orphaned: bool,
+    },
 }
 
 impl AgentState {
@@ -108,7 +120,10 @@ impl AgentCore {
 
     fn prepare(&self) -> Option<&Prepare> {
         match &self.state {
-            AgentState::Prepared { prepare } | AgentState::Frozen { prepare } | AgentState::Saved { prepare } | AgentState::Failed { prepare } => Some(prepare),
+            AgentState::Prepared { prepare }
+            | AgentState::Frozen { prepare }
+            | AgentState::Saved { prepare }
+            | AgentState::Failed { prepare } => Some(prepare),
             _ => None,
         }
     }
@@ -152,9 +167,14 @@ impl AgentCore {
                     return Err(self.refuse("Abort"));
                 }
                 self.state = AgentState::Resuming { ckpt: a.ckpt, committed: false, orphaned: false };
-                Ok(vec![AgentAction::Resume { ckpt: a.ckpt, after_ns: a.resume_after_ns }, AgentAction::Discard { ckpt: a.ckpt }])
+                Ok(vec![
+                    AgentAction::Resume { ckpt: a.ckpt, after_ns: a.resume_after_ns },
+                    AgentAction::Discard { ckpt: a.ckpt },
+                ])
             }
-            Message::Ping(p) => Ok(vec![AgentAction::Send(Message::Pong(Pong { seq: p.seq, sent_ns: p.sent_ns, agent_ns: now }))]),
+            Message::Ping(p) => {
+                Ok(vec![AgentAction::Send(Message::Pong(Pong { seq: p.seq, sent_ns: p.sent_ns, agent_ns: now }))])
+            }
             other => Err(self.refuse(other.name())),
         }
     }
@@ -203,7 +223,11 @@ impl AgentCore {
         match self.state {
             AgentState::Resuming { ckpt, orphaned, .. } => {
                 self.state = AgentState::Idle;
-                Ok(if orphaned { vec![] } else { vec![AgentAction::Send(Message::Resumed(Resumed { ckpt, components }))] })
+                Ok(if orphaned {
+                    vec![]
+                } else {
+                    vec![AgentAction::Send(Message::Resumed(Resumed { ckpt, components }))]
+                })
             }
             _ => Err(self.refuse("resumed")),
         }
@@ -272,7 +296,13 @@ mod tests {
     fn happy_path() {
         let mut a = core();
         let acts = a.on_message(0, prepare(1)).unwrap();
-        assert_eq!(acts, vec![AgentAction::FreezeAndSave { ckpt: id(1), at: 1_000, hold_lead_ns: 10 }, AgentAction::SetTimer { at: 6_000 }]);
+        assert_eq!(
+            acts,
+            vec![
+                AgentAction::FreezeAndSave { ckpt: id(1), at: 1_000, hold_lead_ns: 10 },
+                AgentAction::SetTimer { at: 6_000 }
+            ]
+        );
         assert!(a.frozen(1_000).unwrap().is_empty());
         let acts = a.saved(2_000, vec![]).unwrap();
         assert_eq!(acts, vec![AgentAction::Send(Message::Saved(Saved { ckpt: id(1), components: vec![] }))]);
@@ -302,7 +332,10 @@ mod tests {
         let acts = a.save_failed(500, "disk full".into(), vec![]).unwrap();
         assert!(matches!(&acts[0], AgentAction::Send(Message::SaveFailed(f)) if f.reason == "disk full"));
         assert_eq!(a.on_message(0, commit(1)), Err(Refusal::OutOfOrder { state: "Failed", got: "Commit" }));
-        assert_eq!(a.on_message(0, abort(1)).unwrap(), vec![AgentAction::Resume { ckpt: id(1), after_ns: 900 }, AgentAction::Discard { ckpt: id(1) }]);
+        assert_eq!(
+            a.on_message(0, abort(1)).unwrap(),
+            vec![AgentAction::Resume { ckpt: id(1), after_ns: 900 }, AgentAction::Discard { ckpt: id(1) }]
+        );
     }
 
     #[test]
@@ -343,7 +376,10 @@ mod tests {
         let _ = a.on_message(0, prepare(1)).unwrap();
         assert_eq!(a.saved(0, vec![]), Err(Refusal::OutOfOrder { state: "Prepared", got: "saved" }));
         let mut s = saved_core();
-        assert_eq!(s.save_failed(0, "x".into(), vec![]), Err(Refusal::OutOfOrder { state: "Saved", got: "save_failed" }));
+        assert_eq!(
+            s.save_failed(0, "x".into(), vec![]),
+            Err(Refusal::OutOfOrder { state: "Saved", got: "save_failed" })
+        );
     }
 
     #[test]

@@ -4,11 +4,20 @@
 //! hijacked, replayed nor reordered.
 //!
 //! ```text
-//!   proof_agent = HMAC(K, "stasis agent" ‖ version ‖ nonce_c ‖ nonce_a)
-//!   proof_coord = HMAC(K, "stasis coord" ‖ version ‖ nonce_c ‖ nonce_a)
-//!   session     = HMAC(K, "stasis session" ‖ version ‖ nonce_c ‖ nonce_a)
+//!   proof_coord = HMAC(K, "stasis coord" ‖ version ‖ offered ‖ nonce_c ‖ nonce_a)
+//!   proof_agent = HMAC(K, "stasis agent" ‖ version ‖ offered ‖ nonce_c ‖ nonce_a)
+//!   session     = HMAC(K, "stasis session" ‖ version ‖ offered ‖ nonce_c ‖ nonce_a)
 //!   sealed frame = seq (u64 BE) ‖ message ‖ HMAC(session, dir ‖ seq ‖ message)
 //! ```
+//! The client (coordinator) proves the key first; the agent answers with its
+//! own proof only to a client that proved it, so a peer without the key never
+//! gets a value computed from it (nothing to search offline).
+//!
+//! **Per-host keys.** `K` is each host's own key,
+//! `K_h = hex(HMAC(K_master, "stasis host key" ‖ len(h) ‖ h))` (see
+//! [`Key::for_host`]): the coordinator holds the master key and derives the
+//! key of every host it talks to; an agent holds only its own, so a
+//! compromised host can neither impersonate another host nor command one.
 //! `dir` is 1 for coordinator → agent and 2 for agent → coordinator, so a
 //! frame cannot be reflected back to its sender. Tags are compared in
 //! constant time (`hmac`'s `verify_slice`).
@@ -19,11 +28,16 @@ use sha2::Sha256;
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// Shortest key accepted: 256 bits, as many as the HMAC's output.
+pub const MIN_KEY_LEN: usize = 32;
+
 /// Length of a MAC tag.
 pub const TAG_LEN: usize = 32;
 const SEQ_LEN: usize = 8;
 
-/// A pre-shared key (at least 16 bytes). Its `Debug` does not print it.
+/// A pre-shared key of at least [`MIN_KEY_LEN`] bytes (make it random:
+/// `head -c 32 /dev/urandom`; a short or guessable key can be searched
+/// offline from one recorded handshake). Its `Debug` does not print it.
 #[derive(Clone)]
 pub struct Key(Vec<u8>);
 
@@ -36,48 +50,80 @@ impl std::fmt::Debug for Key {
 /// Why a key is unusable.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KeyError {
-    #[error("key of {0} bytes is shorter than 16")]
+    #[error("key of {0} bytes is shorter than {MIN_KEY_LEN}: use 32 random bytes (head -c 32 /dev/urandom)")]
     TooShort(usize),
 }
 
 impl Key {
     pub fn new(bytes: &[u8]) -> Result<Key, KeyError> {
-        if bytes.len() < 16 {
+        if bytes.len() < MIN_KEY_LEN {
             return Err(KeyError::TooShort(bytes.len()));
         }
         Ok(Key(bytes.to_vec()))
     }
 
-    fn mac(&self, label: &[u8], version: u16, nonce_c: &[u8; 32], nonce_a: &[u8; 32]) -> HmacSha256 {
+    /// The key of host `host`, derived from this (master) key: the 64 hex
+    /// digits of `HMAC(master, "stasis host key" ‖ u32 BE len(host) ‖ host)`,
+    /// as the host's key file holds them (`stasis key host NAME` prints them).
+    pub fn for_host(&self, host: &str) -> Key {
+        Key(self.host_key_hex(host).into_bytes())
+    }
+
+    /// The text of host `host`'s key file (see [`Key::for_host`]).
+    pub fn host_key_hex(&self, host: &str) -> String {
+        let mut m = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
+        m.update(b"stasis host key");
+        m.update(&(host.len() as u32).to_be_bytes());
+        m.update(host.as_bytes());
+        m.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Every proof and the session key cover the label, the chosen version,
+    /// the version range the coordinator offered (so a peer that rewrote the
+    /// Hello to force an older version breaks both proofs) and both nonces.
+    fn mac(&self, label: &[u8], version: u16, offered: Offered, nonce_c: &[u8; 32], nonce_a: &[u8; 32]) -> HmacSha256 {
         let mut m = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
         m.update(label);
         m.update(&version.to_be_bytes());
+        m.update(&offered.0.to_be_bytes());
+        m.update(&offered.1.to_be_bytes());
         m.update(nonce_c);
         m.update(nonce_a);
         m
     }
 
     /// The agent's proof of the key.
-    pub fn agent_proof(&self, version: u16, nonce_c: &[u8; 32], nonce_a: &[u8; 32]) -> [u8; 32] {
-        self.mac(b"stasis agent", version, nonce_c, nonce_a).finalize().into_bytes().into()
+    pub fn agent_proof(&self, version: u16, offered: Offered, nonce_c: &[u8; 32], nonce_a: &[u8; 32]) -> [u8; 32] {
+        self.mac(b"stasis agent", version, offered, nonce_c, nonce_a).finalize().into_bytes().into()
     }
 
     /// The coordinator's proof of the key.
-    pub fn coord_proof(&self, version: u16, nonce_c: &[u8; 32], nonce_a: &[u8; 32]) -> [u8; 32] {
-        self.mac(b"stasis coord", version, nonce_c, nonce_a).finalize().into_bytes().into()
+    pub fn coord_proof(&self, version: u16, offered: Offered, nonce_c: &[u8; 32], nonce_a: &[u8; 32]) -> [u8; 32] {
+        self.mac(b"stasis coord", version, offered, nonce_c, nonce_a).finalize().into_bytes().into()
     }
 
     /// Check a proof in constant time.
-    pub fn verify(&self, agent: bool, version: u16, nonce_c: &[u8; 32], nonce_a: &[u8; 32], proof: &[u8; 32]) -> bool {
+    pub fn verify(
+        &self,
+        agent: bool,
+        version: u16,
+        offered: Offered,
+        nonce_c: &[u8; 32],
+        nonce_a: &[u8; 32],
+        proof: &[u8; 32],
+    ) -> bool {
         let label: &[u8] = if agent { b"stasis agent" } else { b"stasis coord" };
-        self.mac(label, version, nonce_c, nonce_a).verify_slice(proof).is_ok()
+        self.mac(label, version, offered, nonce_c, nonce_a).verify_slice(proof).is_ok()
     }
 
     /// The key that seals this session's frames.
-    pub fn session(&self, version: u16, nonce_c: &[u8; 32], nonce_a: &[u8; 32]) -> SessionKey {
-        SessionKey(self.mac(b"stasis session", version, nonce_c, nonce_a).finalize().into_bytes().into())
+    pub fn session(&self, version: u16, offered: Offered, nonce_c: &[u8; 32], nonce_a: &[u8; 32]) -> SessionKey {
+        SessionKey(self.mac(b"stasis session", version, offered, nonce_c, nonce_a).finalize().into_bytes().into())
     }
 }
+
+/// The protocol version range (min, max) the coordinator offered in its Hello.
+pub type Offered = (u16, u16);
 
 /// The per-session key.
 #[derive(Clone)]
@@ -170,26 +216,44 @@ mod tests {
     use crate::msg::Ping;
 
     fn pair() -> (Sealer, Opener) {
-        let k = Key::new(b"0123456789abcdef").unwrap().session(1, &[1; 32], &[2; 32]);
+        let k = Key::new(b"0123456789abcdef0123456789abcdef").unwrap().session(1, (1, 1), &[1; 32], &[2; 32]);
         (Sealer::new(k.clone(), Direction::ToAgent), Opener::new(k, Direction::ToAgent))
     }
 
     #[test]
     fn short_keys_are_refused_and_not_printed() {
         assert_eq!(Key::new(b"short").unwrap_err(), KeyError::TooShort(5));
+        assert_eq!(Key::new(&[1; 31]).unwrap_err(), KeyError::TooShort(31));
         assert_eq!(format!("{:?}", Key::new(&[7; 32]).unwrap()), "Key(..)");
     }
 
     #[test]
+    fn host_keys_differ_per_host_and_from_the_master() {
+        let m = Key::new(&[9; 32]).unwrap();
+        let (a, b) = (m.for_host("h1"), m.for_host("h2"));
+        assert_eq!(a.0.len(), 64);
+        assert_ne!(a.0, b.0);
+        assert_ne!(a.0, m.0);
+        assert_eq!(a.0, m.for_host("h1").0, "deterministic");
+        assert_eq!(String::from_utf8(a.0.clone()).unwrap(), m.host_key_hex("h1"));
+        // The length prefix keeps ("h", "1…") and ("h1", "…") apart.
+        assert_ne!(m.for_host("h1").0, Key::new(&[9; 32]).unwrap().for_host("h").for_host("1").0);
+        assert_ne!(Key::new(&[8; 32]).unwrap().for_host("h1").0, a.0, "depends on the master");
+        let p = a.coord_proof(1, (1, 1), &[3; 32], &[4; 32]);
+        assert!(!b.verify(false, 1, (1, 1), &[3; 32], &[4; 32], &p), "h1's key does not open h2");
+    }
+
+    #[test]
     fn proofs_depend_on_key_role_and_nonces() {
-        let k = Key::new(&[1; 16]).unwrap();
-        let other = Key::new(&[2; 16]).unwrap();
-        let p = k.agent_proof(1, &[3; 32], &[4; 32]);
-        assert!(k.verify(true, 1, &[3; 32], &[4; 32], &p));
-        assert!(!other.verify(true, 1, &[3; 32], &[4; 32], &p));
-        assert!(!k.verify(false, 1, &[3; 32], &[4; 32], &p), "an agent proof is not a coordinator proof");
-        assert!(!k.verify(true, 1, &[3; 32], &[5; 32], &p));
-        assert!(!k.verify(true, 2, &[3; 32], &[4; 32], &p));
+        let k = Key::new(&[1; 32]).unwrap();
+        let other = Key::new(&[2; 32]).unwrap();
+        let p = k.agent_proof(1, (1, 1), &[3; 32], &[4; 32]);
+        assert!(k.verify(true, 1, (1, 1), &[3; 32], &[4; 32], &p));
+        assert!(!other.verify(true, 1, (1, 1), &[3; 32], &[4; 32], &p));
+        assert!(!k.verify(false, 1, (1, 1), &[3; 32], &[4; 32], &p), "an agent proof is not a coordinator proof");
+        assert!(!k.verify(true, 1, (1, 1), &[3; 32], &[5; 32], &p));
+        assert!(!k.verify(true, 2, (1, 1), &[3; 32], &[4; 32], &p));
+        assert!(!k.verify(true, 1, (1, 2), &[3; 32], &[4; 32], &p), "the offered range is bound");
     }
 
     #[test]
@@ -212,7 +276,7 @@ mod tests {
         f[9] ^= 1;
         assert_eq!(o.open(&f), Err(OpenError::BadMac));
         assert_eq!(o.open(&f[..10]), Err(OpenError::Short(10)));
-        let k = Key::new(b"0123456789abcdef").unwrap().session(1, &[1; 32], &[2; 32]);
+        let k = Key::new(b"0123456789abcdef0123456789abcdef").unwrap().session(1, (1, 1), &[1; 32], &[2; 32]);
         let mut back = Opener::new(k, Direction::ToCoordinator);
         let (mut s2, _) = pair();
         assert_eq!(back.open(&s2.seal(&Message::Ping(Ping { seq: 0, sent_ns: 0 }))), Err(OpenError::BadMac));

@@ -90,15 +90,25 @@ pub struct Outcome {
 /// What the driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CoordAction {
-    Send { to: AgentIdx, msg: Message },
+    Send {
+        to: AgentIdx,
+        msg: Message,
+    },
     /// Call [`CoordinatorCore::on_timer`] at this instant.
-    SetTimer { at: u64 },
+    SetTimer {
+        at: u64,
+    },
     /// Write the manifest durably, then call
     /// [`CoordinatorCore::manifest_committed`] or `manifest_failed`.
-    CommitManifest { ckpt: CkptId, components: Vec<(AgentIdx, Vec<Component>)> },
+    CommitManifest {
+        ckpt: CkptId,
+        components: Vec<(AgentIdx, Vec<Component>)>,
+    },
     /// Make sure no partial checkpoint is listed (agents discard their own
     /// files on Abort; this is the coordinator's share).
-    RemovePartial { ckpt: CkptId },
+    RemovePartial {
+        ckpt: CkptId,
+    },
     Done(Outcome),
 }
 
@@ -206,8 +216,14 @@ impl CoordinatorCore {
         self.freeze_at = now + self.cfg.margin_ns;
         self.deadline = self.freeze_at + self.cfg.save_budget_ns;
         self.phase = Phase::Preparing;
-        let p = Prepare { ckpt: self.ckpt, freeze_at: self.freeze_at, hold_lead_ns: self.cfg.hold_lead_ns, deadline: self.deadline };
-        let mut acts: Vec<CoordAction> = (0..self.slots.len()).map(|to| CoordAction::Send { to, msg: Message::Prepare(p.clone()) }).collect();
+        let p = Prepare {
+            ckpt: self.ckpt,
+            freeze_at: self.freeze_at,
+            hold_lead_ns: self.cfg.hold_lead_ns,
+            deadline: self.deadline,
+        };
+        let mut acts: Vec<CoordAction> =
+            (0..self.slots.len()).map(|to| CoordAction::Send { to, msg: Message::Prepare(p.clone()) }).collect();
         acts.push(CoordAction::SetTimer { at: self.deadline });
         if self.slots.is_empty() {
             self.phase = Phase::Committing;
@@ -258,7 +274,15 @@ impl CoordinatorCore {
                     .slots
                     .iter_mut()
                     .enumerate()
-                    .map(|(i, s)| (i, match std::mem::replace(s, Slot::Pending) { Slot::Saved(c) => c, _ => unreachable!("all saved") }))
+                    .map(|(i, s)| {
+                        (
+                            i,
+                            match std::mem::replace(s, Slot::Pending) {
+                                Slot::Saved(c) => c,
+                                _ => unreachable!("all saved"),
+                            },
+                        )
+                    })
                     .collect();
                 Ok(vec![CoordAction::CommitManifest { ckpt: self.ckpt, components }])
             }
@@ -307,7 +331,8 @@ impl CoordinatorCore {
     pub fn on_timer(&mut self, now: u64) -> Vec<CoordAction> {
         match self.phase {
             Phase::Preparing if now >= self.deadline => {
-                let missing = self.slots.iter().enumerate().filter(|(_, s)| **s == Slot::Pending).map(|(i, _)| i).collect();
+                let missing =
+                    self.slots.iter().enumerate().filter(|(_, s)| **s == Slot::Pending).map(|(i, _)| i).collect();
                 self.abort(now, AbortReason::Deadline { missing })
             }
             Phase::Resuming { .. } if now >= self.resume_deadline => self.finish(now),
@@ -352,7 +377,11 @@ impl CoordinatorCore {
                 continue;
             }
             self.awaiting_resume += 1;
-            let msg = if committed { Message::Commit(Commit { ckpt, resume_after_ns: d }) } else { Message::Abort(Abort { ckpt, resume_after_ns: d }) };
+            let msg = if committed {
+                Message::Commit(Commit { ckpt, resume_after_ns: d })
+            } else {
+                Message::Abort(Abort { ckpt, resume_after_ns: d })
+            };
             acts.push(CoordAction::Send { to, msg });
         }
         acts.push(CoordAction::SetTimer { at: self.resume_deadline });
@@ -398,16 +427,28 @@ mod tests {
         CkptId::new(7).unwrap()
     }
     fn cfg() -> CoordConfig {
-        CoordConfig { margin_ns: 100, hold_lead_ns: 10, save_budget_ns: 1_000, resume_margin_ns: 50, min_frozen_ns: 0, resume_timeout_ns: 500 }
+        CoordConfig {
+            margin_ns: 100,
+            hold_lead_ns: 10,
+            save_budget_ns: 1_000,
+            resume_margin_ns: 50,
+            min_frozen_ns: 0,
+            resume_timeout_ns: 500,
+        }
     }
     fn saved(stop: u64) -> Message {
-        Message::Saved(Saved { ckpt: id(), components: vec![Component { name: "vm".into(), bytes: 1, blake3: [0; 32], stop_ns: stop }] })
+        Message::Saved(Saved {
+            ckpt: id(),
+            components: vec![Component { name: "vm".into(), bytes: 1, blake3: [0; 32], stop_ns: stop }],
+        })
     }
     fn resumed() -> Message {
         Message::Resumed(Resumed { ckpt: id(), components: vec![] })
     }
     fn sends(acts: &[CoordAction]) -> Vec<(AgentIdx, Message)> {
-        acts.iter().filter_map(|a| if let CoordAction::Send { to, msg } = a { Some((*to, msg.clone())) } else { None }).collect()
+        acts.iter()
+            .filter_map(|a| if let CoordAction::Send { to, msg } = a { Some((*to, msg.clone())) } else { None })
+            .collect()
     }
     fn done(acts: &[CoordAction]) -> Option<Outcome> {
         acts.iter().find_map(|a| if let CoordAction::Done(o) = a { Some(o.clone()) } else { None })
@@ -419,7 +460,9 @@ mod tests {
         let acts = c.start(1_000);
         assert_eq!(sends(&acts).len(), 2);
         assert!(acts.contains(&CoordAction::SetTimer { at: 1_000 + 100 + 1_000 }));
-        assert!(matches!(&sends(&acts)[0].1, Message::Prepare(p) if p.freeze_at == 1_100 && p.deadline == 2_100 && p.hold_lead_ns == 10));
+        assert!(
+            matches!(&sends(&acts)[0].1, Message::Prepare(p) if p.freeze_at == 1_100 && p.deadline == 2_100 && p.hold_lead_ns == 10)
+        );
         assert!(c.on_message(1_300, 0, saved(1_102)).unwrap().is_empty());
         let acts = c.on_message(1_400, 1, saved(1_105)).unwrap();
         assert!(matches!(&acts[..], [CoordAction::CommitManifest { components, .. }] if components.len() == 2));
@@ -439,14 +482,23 @@ mod tests {
         let mut c = CoordinatorCore::new(id(), 3, cfg());
         let _ = c.start(0);
         let _ = c.on_message(150, 0, saved(101)).unwrap();
-        let acts = c.on_message(200, 1, Message::SaveFailed(SaveFailed { ckpt: id(), reason: "disk".into(), stops_ns: vec![100] })).unwrap();
+        let acts = c
+            .on_message(
+                200,
+                1,
+                Message::SaveFailed(SaveFailed { ckpt: id(), reason: "disk".into(), stops_ns: vec![100] }),
+            )
+            .unwrap();
         let s = sends(&acts);
         assert_eq!(s.len(), 3, "every agent, the saved one too");
         // Earliest possible stop: freeze_at - hold_lead = 90.
         assert!(s.iter().all(|(_, m)| *m == Message::Abort(Abort { ckpt: id(), resume_after_ns: 200 - 90 + 50 })));
         assert!(acts.contains(&CoordAction::RemovePartial { ckpt: id() }));
         // A late Saved after the abort is refused.
-        assert_eq!(c.on_message(210, 2, saved(100)), Err(CoordRefusal::OutOfOrder { agent: 2, phase: "Resuming", got: "Saved" }));
+        assert_eq!(
+            c.on_message(210, 2, saved(100)),
+            Err(CoordRefusal::OutOfOrder { agent: 2, phase: "Resuming", got: "Saved" })
+        );
         for i in 0..3 {
             let acts = c.on_message(300, i, resumed()).unwrap();
             if i == 2 {
@@ -522,15 +574,31 @@ mod tests {
     #[test]
     fn refusals() {
         let mut c = CoordinatorCore::new(id(), 2, cfg());
-        assert_eq!(c.on_message(0, 0, saved(1)), Err(CoordRefusal::OutOfOrder { agent: 0, phase: "Idle", got: "Saved" }));
+        assert_eq!(
+            c.on_message(0, 0, saved(1)),
+            Err(CoordRefusal::OutOfOrder { agent: 0, phase: "Idle", got: "Saved" })
+        );
         let _ = c.start(0);
         assert_eq!(c.on_message(0, 5, saved(1)), Err(CoordRefusal::NoSuchAgent(5)));
         let other = Message::Saved(Saved { ckpt: CkptId::new(8).unwrap(), components: vec![] });
-        assert_eq!(c.on_message(0, 0, other), Err(CoordRefusal::WrongCheckpoint { agent: 0, current: id(), got: CkptId::new(8).unwrap() }));
-        assert_eq!(c.on_message(0, 0, resumed()), Err(CoordRefusal::OutOfOrder { agent: 0, phase: "Preparing", got: "Resumed" }));
+        assert_eq!(
+            c.on_message(0, 0, other),
+            Err(CoordRefusal::WrongCheckpoint { agent: 0, current: id(), got: CkptId::new(8).unwrap() })
+        );
+        assert_eq!(
+            c.on_message(0, 0, resumed()),
+            Err(CoordRefusal::OutOfOrder { agent: 0, phase: "Preparing", got: "Resumed" })
+        );
         let _ = c.on_message(150, 0, saved(100)).unwrap();
-        assert_eq!(c.on_message(150, 0, saved(100)), Err(CoordRefusal::OutOfOrder { agent: 0, phase: "Preparing", got: "Saved" }), "twice");
+        assert_eq!(
+            c.on_message(150, 0, saved(100)),
+            Err(CoordRefusal::OutOfOrder { agent: 0, phase: "Preparing", got: "Saved" }),
+            "twice"
+        );
         let commit = Message::Commit(Commit { ckpt: id(), resume_after_ns: 1 });
-        assert_eq!(c.on_message(150, 0, commit), Err(CoordRefusal::OutOfOrder { agent: 0, phase: "Preparing", got: "Commit" }));
+        assert_eq!(
+            c.on_message(150, 0, commit),
+            Err(CoordRefusal::OutOfOrder { agent: 0, phase: "Preparing", got: "Commit" })
+        );
     }
 }

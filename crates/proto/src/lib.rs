@@ -8,8 +8,9 @@
 //!  coordinator                                   agent i (every host)
 //!    |  TCP connect (agent binds only its configured address)
 //!    |-- Hello{magic, versions min..=max, nonce_c} -->|
-//!    |<-- Welcome{version, nonce_a, proof_agent} -----|  disjoint versions → Error{VersionMismatch}
-//!    |-- Auth{proof_coord} -------------------------->|  wrong key → Error{AuthFailed}, closed
+//!    |<-- Welcome{version, nonce_a} ------------------|  disjoint versions → Error{VersionMismatch}
+//!    |-- Auth{proof_coord} -------------------------->|  the client proves first; wrong key → Error{AuthFailed}
+//!    |<-- Auth{proof_agent} --------------------------|  wrong agent proof → the coordinator refuses it
 //!    |   ... every later frame: seq ‖ message ‖ HMAC(session key) ...
 //!    |-- Ping -------------------------------------->|
 //!    |<-- Pong (RTT → freeze margin) -----------------|

@@ -42,16 +42,18 @@ pub struct Hello {
     pub nonce: [u8; 32],
 }
 
-/// Agent → coordinator: the chosen version, the agent's nonce and its proof
-/// that it knows the key: HMAC(key, "agent" ‖ version ‖ nonce_c ‖ nonce_a).
+/// Agent → coordinator: the chosen version and the agent's nonce. No proof:
+/// the client proves the key first ([`Auth`]), so a peer without the key
+/// learns nothing computed from it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Welcome {
     pub version: u16,
     pub nonce: [u8; 32],
-    pub proof: [u8; 32],
 }
 
-/// Coordinator → agent: HMAC(key, "coord" ‖ version ‖ nonce_c ‖ nonce_a).
+/// The sender's proof of the key (crate::auth): coordinator → agent first
+/// (`"stasis coord"`), then agent → coordinator (`"stasis agent"`) once the
+/// agent has checked the coordinator's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Auth {
     pub proof: [u8; 32],
@@ -224,7 +226,11 @@ pub enum DecodeError {
     #[error("unknown message type {0}")]
     UnknownType(u8),
     #[error("malformed {kind} body")]
-    Body { kind: &'static str, #[source] source: postcard::Error },
+    Body {
+        kind: &'static str,
+        #[source]
+        source: postcard::Error,
+    },
     #[error("{0} trailing bytes after the {1} body")]
     Trailing(usize, &'static str),
 }

@@ -267,7 +267,8 @@ impl World<'_> {
                                 self.report.late_resumes += 1;
                             }
                             if h.told_d.is_some() {
-                                self.report.max_frozen_err_ns = self.report.max_frozen_err_ns.max(now.saturating_sub(wanted));
+                                self.report.max_frozen_err_ns =
+                                    self.report.max_frozen_err_ns.max(now.saturating_sub(wanted));
                             }
                             wanted.max(now)
                         }
@@ -387,7 +388,13 @@ fn run_round(cfg: &SimConfig, ckpt: CkptId, seed: u64, report: &mut SimReport) -
             }
             ev => {
                 let i = match ev {
-                    Ev::ToAgent { i, .. } | Ev::AgentTimer { i } | Ev::Frozen { i, .. } | Ev::SaveDone { i, .. } | Ev::HostResumed { i } | Ev::AgentDisconnect { i } | Ev::Crash { i } => i,
+                    Ev::ToAgent { i, .. }
+                    | Ev::AgentTimer { i }
+                    | Ev::Frozen { i, .. }
+                    | Ev::SaveDone { i, .. }
+                    | Ev::HostResumed { i }
+                    | Ev::AgentDisconnect { i }
+                    | Ev::Crash { i } => i,
                     _ => unreachable!(),
                 };
                 if !w.hosts[i].alive {
@@ -425,13 +432,20 @@ fn run_round(cfg: &SimConfig, ckpt: CkptId, seed: u64, report: &mut SimReport) -
                         if h.fails_save {
                             h.core.save_failed(now, "simulated".into(), vec![stop]).unwrap_or_default()
                         } else {
-                            let c = |name: &str| Component { name: name.into(), bytes: 93 << 20, blake3: [0; 32], stop_ns: stop };
+                            let c = |name: &str| Component {
+                                name: name.into(),
+                                bytes: 93 << 20,
+                                blake3: [0; 32],
+                                stop_ns: stop,
+                            };
                             h.core.saved(now, vec![c("vm"), c("disk")]).unwrap_or_default()
                         }
                     }
                     Ev::HostResumed { .. } => {
                         let stop = h.stop_ns.unwrap_or(now);
-                        h.core.resumed(now, vec![ResumedComponent { name: "vm".into(), stop_ns: stop, resume_ns: now }]).unwrap_or_default()
+                        h.core
+                            .resumed(now, vec![ResumedComponent { name: "vm".into(), stop_ns: stop, resume_ns: now }])
+                            .unwrap_or_default()
                     }
                     _ => vec![],
                 };

@@ -15,7 +15,12 @@ fn ckpt() -> impl Strategy<Value = CkptId> {
 }
 
 fn component() -> impl Strategy<Value = Component> {
-    (".{0,12}", any::<u64>(), any::<[u8; 32]>(), any::<u64>()).prop_map(|(name, bytes, blake3, stop_ns)| Component { name, bytes, blake3, stop_ns })
+    (".{0,12}", any::<u64>(), any::<[u8; 32]>(), any::<u64>()).prop_map(|(name, bytes, blake3, stop_ns)| Component {
+        name,
+        bytes,
+        blake3,
+        stop_ns,
+    })
 }
 
 fn message() -> impl Strategy<Value = Message> {
@@ -28,28 +33,41 @@ fn message() -> impl Strategy<Value = Message> {
         Just(ErrorCode::Internal)
     ];
     prop_oneof![
-        (any::<[u8; 4]>(), any::<u16>(), any::<u16>(), any::<[u8; 32]>())
-            .prop_map(|(magic, min_version, max_version, nonce)| Message::Hello(Hello { magic, min_version, max_version, nonce })),
-        (any::<u16>(), any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(|(version, nonce, proof)| Message::Welcome(Welcome { version, nonce, proof })),
+        (any::<[u8; 4]>(), any::<u16>(), any::<u16>(), any::<[u8; 32]>()).prop_map(
+            |(magic, min_version, max_version, nonce)| Message::Hello(Hello { magic, min_version, max_version, nonce })
+        ),
+        (any::<u16>(), any::<[u8; 32]>()).prop_map(|(version, nonce)| Message::Welcome(Welcome { version, nonce })),
         any::<[u8; 32]>().prop_map(|proof| Message::Auth(Auth { proof })),
-        (ckpt(), any::<u64>(), any::<u64>(), any::<u64>())
-            .prop_map(|(ckpt, freeze_at, hold_lead_ns, deadline)| Message::Prepare(Prepare { ckpt, freeze_at, hold_lead_ns, deadline })),
-        (ckpt(), prop::collection::vec(component(), 0..4)).prop_map(|(ckpt, components)| Message::Saved(Saved { ckpt, components })),
-        (ckpt(), ".{0,20}", prop::collection::vec(any::<u64>(), 0..4)).prop_map(|(ckpt, reason, stops_ns)| Message::SaveFailed(SaveFailed { ckpt, reason, stops_ns })),
+        (ckpt(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(ckpt, freeze_at, hold_lead_ns, deadline)| {
+            Message::Prepare(Prepare { ckpt, freeze_at, hold_lead_ns, deadline })
+        }),
+        (ckpt(), prop::collection::vec(component(), 0..4))
+            .prop_map(|(ckpt, components)| Message::Saved(Saved { ckpt, components })),
+        (ckpt(), ".{0,20}", prop::collection::vec(any::<u64>(), 0..4))
+            .prop_map(|(ckpt, reason, stops_ns)| Message::SaveFailed(SaveFailed { ckpt, reason, stops_ns })),
         (ckpt(), any::<u64>()).prop_map(|(ckpt, resume_after_ns)| Message::Commit(Commit { ckpt, resume_after_ns })),
         (ckpt(), any::<u64>()).prop_map(|(ckpt, resume_after_ns)| Message::Abort(Abort { ckpt, resume_after_ns })),
-        (ckpt(), prop::collection::vec((".{0,8}", any::<u64>(), any::<u64>()), 0..4)).prop_map(|(ckpt, v)| Message::Resumed(Resumed {
-            ckpt,
-            components: v.into_iter().map(|(name, stop_ns, resume_ns)| ResumedComponent { name, stop_ns, resume_ns }).collect()
-        })),
+        (ckpt(), prop::collection::vec((".{0,8}", any::<u64>(), any::<u64>()), 0..4)).prop_map(|(ckpt, v)| {
+            Message::Resumed(Resumed {
+                ckpt,
+                components: v
+                    .into_iter()
+                    .map(|(name, stop_ns, resume_ns)| ResumedComponent { name, stop_ns, resume_ns })
+                    .collect(),
+            })
+        }),
         (any::<u64>(), any::<u64>()).prop_map(|(seq, sent_ns)| Message::Ping(Ping { seq, sent_ns })),
-        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(seq, sent_ns, agent_ns)| Message::Pong(Pong { seq, sent_ns, agent_ns })),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(seq, sent_ns, agent_ns)| Message::Pong(Pong {
+            seq,
+            sent_ns,
+            agent_ns
+        })),
         (code, ".{0,20}").prop_map(|(code, message)| Message::Error(ErrorMsg { code, message })),
     ]
 }
 
 fn session() -> (Sealer, Opener) {
-    let k = Key::new(&[5; 32]).unwrap().session(1, &[1; 32], &[2; 32]);
+    let k = Key::new(&[5; 32]).unwrap().session(1, (1, 1), &[1; 32], &[2; 32]);
     (Sealer::new(k.clone(), Direction::ToAgent), Opener::new(k, Direction::ToAgent))
 }
 

@@ -39,9 +39,9 @@ async fn raw_handshake(addr: SocketAddr, proof_key: &Key) -> (TcpStream, Sealer)
     let mut s = TcpStream::connect(addr).await.unwrap();
     let nonce_c = [9u8; 32];
     write_plain(&mut s, &Message::Hello(Hello { magic: MAGIC, min_version: 1, max_version: 1, nonce: nonce_c })).await;
-    let Message::Welcome(Welcome { version, nonce, .. }) = read_plain(&mut s).await else { panic!("no Welcome") };
-    write_plain(&mut s, &Message::Auth(Auth { proof: proof_key.coord_proof(version, &nonce_c, &nonce) })).await;
-    let sealer = Sealer::new(proof_key.session(version, &nonce_c, &nonce), Direction::ToAgent);
+    let Message::Welcome(Welcome { version, nonce }) = read_plain(&mut s).await else { panic!("no Welcome") };
+    write_plain(&mut s, &Message::Auth(Auth { proof: proof_key.coord_proof(version, (1, 1), &nonce_c, &nonce) })).await;
+    let sealer = Sealer::new(proof_key.session(version, (1, 1), &nonce_c, &nonce), Direction::ToAgent);
     (s, sealer)
 }
 
@@ -75,12 +75,12 @@ async fn wrong_key_is_refused_both_ways() {
     let mut l = listener().await;
     let addr = l.local_addr();
     let wrong = Key::new(b"not the shared key at all.......").unwrap();
-    // An honest coordinator with the wrong key finds out from the agent's proof.
+    // A coordinator with the wrong key proves first and is refused by the agent.
     let e = Connection::connect(addr, &wrong).await.err().unwrap();
     assert!(matches!(e, HandshakeError::AuthFailed), "{e}");
     let r = l.accept().await.err().unwrap();
-    assert!(matches!(r.error, HandshakeError::Refused { code: ErrorCode::AuthFailed, .. }), "{}", r.error);
-    // A client that ignores the agent's proof and answers with a guess is refused by the agent.
+    assert!(matches!(r.error, HandshakeError::AuthFailed), "{}", r.error);
+    // A hand-made client that guesses gets an Error, nothing else.
     let (mut s, _) = raw_handshake(addr, &wrong).await;
     let r = l.accept().await.err().unwrap();
     assert!(matches!(r.error, HandshakeError::AuthFailed), "{}", r.error);
@@ -91,13 +91,117 @@ async fn wrong_key_is_refused_both_ways() {
     assert!(ok.await.unwrap().is_ok());
 }
 
+/// Every 32-byte window of `bytes` that is a valid agent proof under `k`
+/// for this handshake (what a client without the key could search offline).
+fn agent_proofs_in(bytes: &[u8], k: &Key, nonce_c: &[u8; 32], nonce_a: &[u8; 32]) -> usize {
+    bytes.windows(32).filter(|w| k.verify(true, 1, (1, 1), nonce_c, nonce_a, &(*w).try_into().unwrap())).count()
+}
+
+/// The client proves the key first: a client without it receives nothing
+/// computed from the key (no agent proof to guess a weak key against).
+#[tokio::test]
+async fn a_client_without_the_key_gets_nothing_computed_from_it() {
+    let mut l = listener().await;
+    let mut s = TcpStream::connect(l.local_addr()).await.unwrap();
+    let nonce_c = [9u8; 32];
+    write_plain(&mut s, &Message::Hello(Hello { magic: MAGIC, min_version: 1, max_version: 1, nonce: nonce_c })).await;
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).await.unwrap();
+    let mut welcome = vec![0; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut welcome).await.unwrap();
+    // type id, version 1 (one varint byte), the agent's nonce: nothing else.
+    assert_eq!(welcome.len(), 1 + 1 + 32, "Welcome carries no proof: {welcome:?}");
+    let nonce_a: [u8; 32] = welcome[2..34].try_into().unwrap();
+    assert_eq!(agent_proofs_in(&welcome, &key(), &nonce_c, &nonce_a), 0);
+    write_plain(&mut s, &Message::Auth(Auth { proof: [0; 32] })).await;
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(agent_proofs_in(&rest, &key(), &nonce_c, &nonce_a), 0);
+    let (reply, _) = stasis_proto::wire::decode_frame(&rest).unwrap().unwrap();
+    assert!(matches!(Message::decode(reply).unwrap(), Message::Error(e) if e.code == ErrorCode::AuthFailed));
+    assert!(matches!(l.accept().await.err().unwrap().error, HandshakeError::AuthFailed));
+}
+
+/// An impostor at the agent's address (it does not know the key) cannot
+/// answer the coordinator's proof with its own: the coordinator refuses it.
+#[tokio::test]
+async fn an_impostor_agent_is_refused_by_the_coordinator() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let impostor = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let Message::Hello(_) = read_plain(&mut s).await else { panic!("no Hello") };
+        write_plain(&mut s, &Message::Welcome(Welcome { version: 1, nonce: [3; 32] })).await;
+        let Message::Auth(_) = read_plain(&mut s).await else { panic!("no Auth") };
+        write_plain(&mut s, &Message::Auth(Auth { proof: [7; 32] })).await;
+        read_plain(&mut s).await
+    });
+    let e = Connection::connect(addr, &key()).await.err().unwrap();
+    assert!(matches!(e, HandshakeError::AgentAuthFailed), "{e}");
+    assert!(matches!(impostor.await.unwrap(), Message::Error(e) if e.code == ErrorCode::AuthFailed));
+}
+
+/// Each agent holds only its host's key, derived from the coordinator's
+/// master key: the right host's key is served, another host's is refused.
+#[tokio::test]
+async fn per_host_keys_open_only_their_own_host() {
+    let master = Key::new(b"the coordinator's master key....").unwrap();
+    let mut l = Listener::bind("127.0.0.1:0".parse().unwrap(), master.for_host("h1")).await.unwrap();
+    let addr = l.local_addr();
+    let m = master.clone();
+    let ok = tokio::spawn(async move { Connection::connect(addr, &m.for_host("h1")).await });
+    assert!(l.accept().await.is_ok());
+    assert!(ok.await.unwrap().is_ok());
+    for wrong in [master.for_host("h2"), master.clone()] {
+        let e = Connection::connect(addr, &wrong).await.err().unwrap();
+        assert!(matches!(e, HandshakeError::AuthFailed), "{e}");
+        assert!(l.accept().await.is_err());
+    }
+}
+
+/// Both ends of a connection probe an idle peer (a host that lost power
+/// sends neither FIN nor RST) and give up on unacknowledged data.
+#[tokio::test]
+async fn connections_have_keepalive_and_a_user_timeout() {
+    use stasis_proto::transport::{keepalive_of, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES, USER_TIMEOUT};
+    let mut l = listener().await;
+    let addr = l.local_addr();
+    let c = tokio::spawn(async move { Connection::connect(addr, &key()).await.unwrap() });
+    let agent = l.accept().await.unwrap();
+    let coord = c.await.unwrap();
+    let want = (
+        true,
+        KEEPALIVE_IDLE.as_secs() as u32,
+        KEEPALIVE_INTERVAL.as_secs() as u32,
+        KEEPALIVE_PROBES,
+        USER_TIMEOUT.as_millis() as u32,
+    );
+    assert_eq!(keepalive_of(agent.raw_fd()).unwrap(), want, "agent side");
+    assert_eq!(keepalive_of(coord.raw_fd()).unwrap(), want, "coordinator side");
+}
+
+/// The application idle timeout: a peer alive at the TCP level that says
+/// nothing is reported, so the agent can drop it.
+#[tokio::test]
+async fn a_silent_authenticated_peer_is_reported_idle() {
+    let mut l = listener().await;
+    let addr = l.local_addr();
+    let c = tokio::spawn(async move { Connection::connect(addr, &key()).await.unwrap() });
+    let mut agent = l.accept().await.unwrap();
+    let _coord = c.await.unwrap();
+    let e = agent.recv_within(Duration::from_millis(200)).await.err().unwrap();
+    assert!(matches!(e, RecvError::Idle(d) if d == Duration::from_millis(200)), "{e}");
+}
+
 #[tokio::test]
 async fn version_mismatch_is_refused_with_a_clear_error() {
     let mut l = listener().await;
     let addr = l.local_addr();
     let e = Connection::connect_versions(addr, &key(), 2, 3).await.err().unwrap();
     match e {
-        HandshakeError::Refused { code: ErrorCode::VersionMismatch, message } => assert!(message.contains("ours 1..=1, theirs 2..=3"), "{message}"),
+        HandshakeError::Refused { code: ErrorCode::VersionMismatch, message } => {
+            assert!(message.contains("ours 1..=1, theirs 2..=3"), "{message}")
+        }
         e => panic!("{e}"),
     }
     let r = l.accept().await.err().unwrap();
@@ -114,12 +218,12 @@ async fn hostile_bytes_are_refused_and_the_listener_keeps_serving() {
     let addr = l.local_addr();
     let attacks: Vec<Vec<u8>> = vec![
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), // garbage (length 0x47455420: too long)
-        vec![0xff, 0xff, 0xff, 0xff],                 // oversize length
-        vec![0, 0, 0, 0],                             // empty frame
-        vec![0, 0, 0, 100, 1, 2, 3],                  // truncated frame, then EOF
-        vec![0, 0, 0, 1, 0],                          // reserved message type 0
-        vec![0, 0, 0, 2, 1, 0xff],                    // Hello with a malformed body
-        vec![0, 0, 0, 1, 77],                         // unknown type
+        vec![0xff, 0xff, 0xff, 0xff],                  // oversize length
+        vec![0, 0, 0, 0],                              // empty frame
+        vec![0, 0, 0, 100, 1, 2, 3],                   // truncated frame, then EOF
+        vec![0, 0, 0, 1, 0],                           // reserved message type 0
+        vec![0, 0, 0, 2, 1, 0xff],                     // Hello with a malformed body
+        vec![0, 0, 0, 1, 77],                          // unknown type
     ];
     let n = attacks.len();
     for a in attacks {
@@ -258,7 +362,13 @@ async fn round(behaviours: &[Behaviour]) -> Round {
         agents.push(tokio::spawn(run_agent(a, b)));
         conns.push(c.await.unwrap());
     }
-    let cfg = CoordConfig { margin_ns: 50_000_000, save_budget_ns: 500_000_000, resume_margin_ns: 20_000_000, resume_timeout_ns: 1_000_000_000, ..CoordConfig::default() };
+    let cfg = CoordConfig {
+        margin_ns: 50_000_000,
+        save_budget_ns: 500_000_000,
+        resume_margin_ns: 20_000_000,
+        resume_timeout_ns: 1_000_000_000,
+        ..CoordConfig::default()
+    };
     let manifests = Arc::new(Mutex::new(0));
     let removed = Arc::new(Mutex::new(0));
     let (m2, r2) = (manifests.clone(), removed.clone());
@@ -338,7 +448,9 @@ async fn a_stalled_client_does_not_block_others() {
         stalled.push(TcpStream::connect(addr).await.unwrap());
     }
     let ok = tokio::spawn(async move { Connection::connect(addr, &key()).await });
-    let c = tokio::time::timeout(Duration::from_secs(2), l.accept()).await.expect("served before the stalled ones time out");
+    let c = tokio::time::timeout(Duration::from_secs(2), l.accept())
+        .await
+        .expect("served before the stalled ones time out");
     assert!(c.is_ok());
     assert!(ok.await.unwrap().is_ok());
     drop(stalled);

@@ -104,21 +104,17 @@ pub fn decide(probe: &HostProbe) -> AccelChoice {
     let tcg = |why: String| AccelChoice { accel: Accel::Tcg, reason: format!("{prefix}{why}") };
     match &probe.kvm {
         Err(why) => tcg(format!("/dev/kvm unusable: {why}")),
-        Ok(info) if info.api_version != KVM_API_VERSION => tcg(format!(
-            "/dev/kvm reports API version {} (expected {KVM_API_VERSION})",
-            info.api_version
-        )),
-        Ok(info) if !info.user_memory => {
-            tcg("/dev/kvm lacks KVM_CAP_USER_MEMORY".to_owned())
+        Ok(info) if info.api_version != KVM_API_VERSION => {
+            tcg(format!("/dev/kvm reports API version {} (expected {KVM_API_VERSION})", info.api_version))
         }
-        Ok(_) if probe.pvm_loaded => tcg(
-            "/dev/kvm is the PVM software hypervisor (module kvm_pvm); stock guest kernels do not boot under it"
-                .to_owned(),
-        ),
-        Ok(_) => AccelChoice {
-            accel: Accel::Kvm,
-            reason: format!("{prefix}/dev/kvm usable (hardware virtualisation)"),
-        },
+        Ok(info) if !info.user_memory => tcg("/dev/kvm lacks KVM_CAP_USER_MEMORY".to_owned()),
+        Ok(_) if probe.pvm_loaded => {
+            tcg("/dev/kvm is the PVM software hypervisor (module kvm_pvm); stock guest kernels do not boot under it"
+                .to_owned())
+        }
+        Ok(_) => {
+            AccelChoice { accel: Accel::Kvm, reason: format!("{prefix}/dev/kvm usable (hardware virtualisation)") }
+        }
     }
 }
 

@@ -28,7 +28,10 @@ fn qemu_img(args: &[&str]) -> Result<(), DiskError> {
     let binary = std::env::var(ENV_QEMU_IMG).unwrap_or_else(|_| "qemu-img".to_owned());
     let out = Command::new(&binary).args(args).output().map_err(|source| DiskError::Spawn { binary, source })?;
     if !out.status.success() {
-        return Err(DiskError::Failed { args: args.join(" "), stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
+        return Err(DiskError::Failed {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
     }
     Ok(())
 }
@@ -67,6 +70,9 @@ mod tests {
         assert_eq!(v["virtual-size"], 1 << 20);
         assert_eq!(v["backing-filename"], base.to_str().unwrap());
         assert!(matches!(create_overlay(Path::new("rel.qcow2"), &base), Err(DiskError::BadPath(_))));
-        assert!(matches!(create_overlay(&dir.path().join("x.qcow2"), &dir.path().join("missing.qcow2")), Err(DiskError::Failed { .. })));
+        assert!(matches!(
+            create_overlay(&dir.path().join("x.qcow2"), &dir.path().join("missing.qcow2")),
+            Err(DiskError::Failed { .. })
+        ));
     }
 }

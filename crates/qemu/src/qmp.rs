@@ -110,9 +110,8 @@ impl Qmp {
     /// [`connect`](Self::connect) with a chosen wait for the greeting (which
     /// never comes while another client holds the socket).
     pub async fn connect_with_timeout(path: &Path, greeting_timeout: Duration) -> Result<Qmp, QmpError> {
-        let stream = UnixStream::connect(path)
-            .await
-            .map_err(|source| QmpError::Connect { path: path.to_owned(), source })?;
+        let stream =
+            UnixStream::connect(path).await.map_err(|source| QmpError::Connect { path: path.to_owned(), source })?;
         let mut qmp = Qmp {
             stream,
             path: path.to_owned(),
@@ -122,14 +121,9 @@ impl Qmp {
             greeting: Value::Null,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
         };
-        let greeting = tokio::time::timeout(greeting_timeout, qmp.read_message())
-            .await
-            .map_err(|_| {
-                QmpError::Timeout(format!(
-                    "the QMP greeting on {} (is another client connected?)",
-                    path.display()
-                ))
-            })??;
+        let greeting = tokio::time::timeout(greeting_timeout, qmp.read_message()).await.map_err(|_| {
+            QmpError::Timeout(format!("the QMP greeting on {} (is another client connected?)", path.display()))
+        })??;
         if greeting.get("QMP").is_none() {
             return Err(QmpError::Protocol(format!("expected a greeting, got {greeting}")));
         }
@@ -161,11 +155,7 @@ impl Qmp {
     }
 
     /// Like [`execute`](Self::execute), and also the instants around it.
-    pub async fn execute_timed(
-        &mut self,
-        cmd: &str,
-        args: Option<Value>,
-    ) -> Result<(Value, Stamp), QmpError> {
+    pub async fn execute_timed(&mut self, cmd: &str, args: Option<Value>) -> Result<(Value, Stamp), QmpError> {
         let (id, line) = self.command_line(cmd, args);
         let sent = mono_ns();
         self.stream.write_all(&line).await?;
@@ -213,19 +203,12 @@ impl Qmp {
 
     /// Run a command with a file descriptor attached (SCM_RIGHTS), as `getfd`
     /// and `add-fd` need. QEMU receives its own duplicate; the caller keeps `fd`.
-    pub async fn execute_with_fd(
-        &mut self,
-        cmd: &str,
-        args: Option<Value>,
-        fd: RawFd,
-    ) -> Result<Value, QmpError> {
+    pub async fn execute_with_fd(&mut self, cmd: &str, args: Option<Value>, fd: RawFd) -> Result<Value, QmpError> {
         let (id, line) = self.command_line(cmd, args);
         let sent = mono_ns();
         let written = loop {
             self.stream.writable().await?;
-            match self.stream.try_io(Interest::WRITABLE, || {
-                send_with_fd(self.stream.as_raw_fd(), &line, fd)
-            }) {
+            match self.stream.try_io(Interest::WRITABLE, || send_with_fd(self.stream.as_raw_fd(), &line, fd)) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e.into()),
@@ -261,9 +244,7 @@ impl Qmp {
                 }
             }
         };
-        tokio::time::timeout(timeout, wait)
-            .await
-            .map_err(|_| QmpError::Timeout(format!("QMP event {name}")))?
+        tokio::time::timeout(timeout, wait).await.map_err(|_| QmpError::Timeout(format!("QMP event {name}")))?
     }
 
     fn command_line(&mut self, cmd: &str, args: Option<Value>) -> (u64, Vec<u8>) {
@@ -330,9 +311,8 @@ impl Qmp {
                 if text.is_empty() {
                     continue;
                 }
-                return serde_json::from_slice(text).map_err(|e| {
-                    QmpError::Protocol(format!("bad JSON ({e}): {}", String::from_utf8_lossy(text)))
-                });
+                return serde_json::from_slice(text)
+                    .map_err(|e| QmpError::Protocol(format!("bad JSON ({e}): {}", String::from_utf8_lossy(text))));
             }
             if self.buf.len() > MAX_MESSAGE {
                 return Err(QmpError::Protocol(format!("message longer than {MAX_MESSAGE} bytes")));
@@ -361,12 +341,7 @@ fn parse_event(msg: &Value) -> Option<QmpEvent> {
         let us = t.get("microseconds")?.as_u64()?;
         Some(s * 1_000_000 + us)
     });
-    Some(QmpEvent {
-        name,
-        data: msg.get("data").cloned().unwrap_or(Value::Null),
-        qemu_time_us,
-        received: mono_ns(),
-    })
+    Some(QmpEvent { name, data: msg.get("data").cloned().unwrap_or(Value::Null), qemu_time_us, received: mono_ns() })
 }
 
 /// The calling thread in `SCHED_FIFO` (priority 1) until dropped, if allowed.
@@ -467,8 +442,7 @@ mod tests {
 
     #[test]
     fn events_parse_with_and_without_data() {
-        let ev = parse_event(&json!({"event": "STOP", "timestamp": {"seconds": 2, "microseconds": 5}}))
-            .unwrap();
+        let ev = parse_event(&json!({"event": "STOP", "timestamp": {"seconds": 2, "microseconds": 5}})).unwrap();
         assert_eq!(ev.name, "STOP");
         assert_eq!(ev.data, Value::Null);
         assert_eq!(ev.qemu_time_us, Some(2_000_005));

@@ -23,9 +23,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::accel::Accel;
+pub use crate::qmp::Stamp;
 use crate::qmp::{Qmp, QmpError};
 use stasis_core::clock::MonoNs;
-pub use crate::qmp::Stamp;
 
 /// Environment variable naming the QEMU binary (default `qemu-system-x86_64`).
 pub const ENV_QEMU: &str = "STASIS_QEMU";
@@ -86,10 +86,9 @@ pub enum NicBackend {
 impl NicSpec {
     /// The `ip:port` of a [`NicBackend::StreamTcp`] NIC.
     pub fn tcp_addr(&self) -> Result<std::net::SocketAddr, LaunchError> {
-        self.socket
-            .to_str()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| LaunchError::BadPath(format!("NIC {}: {} is not an ip:port address", self.id, self.socket.display())))
+        self.socket.to_str().and_then(|s| s.parse().ok()).ok_or_else(|| {
+            LaunchError::BadPath(format!("NIC {}: {} is not an ip:port address", self.id, self.socket.display()))
+        })
     }
 }
 
@@ -127,6 +126,13 @@ impl VmSpec {
     }
 }
 
+/// QEMU's `-sandbox` argument (docs/threat-model.md).
+/// `elevateprivileges` and `spawn` cannot be denied while QEMU is started
+/// with `-daemonize` (which calls setsid and fork after the filter is in
+/// place: QEMU then exits 1 with an empty log) and restores with
+/// `-incoming exec:cat`; a launch without either would deny both.
+pub const SANDBOX: &str = "on,obsolete=deny,resourcecontrol=deny";
+
 /// Quote `s` for `/bin/sh` (QEMU runs `exec:` URIs with `sh -c`).
 pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
@@ -160,6 +166,10 @@ pub fn qemu_args(spec: &VmSpec, serial_log: &Path, incoming: Option<&Path>) -> V
     }
     push(&["-m", &format!("{}M", spec.memory_mib), "-smp", &spec.vcpus.to_string()]);
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    // Seccomp, as libvirt runs QEMU: a guest that exploits a device model
+    // gets no obsolete system calls and cannot change scheduling or resource
+    // limits (see SANDBOX for what cannot be denied yet).
+    push(&["-sandbox", SANDBOX]);
     // The guest's RTC follows the VM's virtual clock, which stops with the
     // VM, not host time: with clock=host a checkpoint's pause (or the time
     // until a restore) shows up in /sys/class/rtc/rtc0 and hwclock
@@ -186,7 +196,10 @@ pub fn qemu_args(spec: &VmSpec, serial_log: &Path, incoming: Option<&Path>) -> V
                     // Validated at launch; an unparsable address connects nowhere.
                     Err(_) => (String::new(), 0),
                 };
-                push(&["-netdev", &format!("stream,id={},server=off,addr.type=inet,addr.host={host},addr.port={port}", nic.id)]);
+                push(&[
+                    "-netdev",
+                    &format!("stream,id={},server=off,addr.type=inet,addr.host={host},addr.port={port}", nic.id),
+                ]);
                 push(&["-device", &format!("virtio-net-pci,netdev={},mac={},romfile=", nic.id, nic.mac)]);
             }
             NicBackend::VhostUser => {
@@ -275,6 +288,18 @@ pub struct SaveReport {
     /// How long QEMU says the guest was paused by the save (ms resolution):
     /// meaningful for [`Vm::save_live`]; a stopped save reports its final phase.
     pub downtime: Option<Duration>,
+}
+
+/// Whether a background snapshot has begun writing guest RAM, from
+/// `query-migrate`: pages are counted (zero pages as `duplicate`, others as
+/// `normal`) only from the first iteration on, which QEMU starts after it
+/// has saved the device state and write-protected RAM. Its set-up phase
+/// writes only the RAM block list.
+pub fn bg_ram_started(query_migrate: &Value) -> bool {
+    let status = query_migrate.get("status").and_then(Value::as_str);
+    let ram = query_migrate.get("ram");
+    let pages = |k: &str| ram.and_then(|r| r.get(k)).and_then(Value::as_u64).unwrap_or(0);
+    matches!(status, Some("active" | "completed")) && pages("duplicate") + pages("normal") > 0
 }
 
 /// A background snapshot under way ([`Vm::begin_background_save`]).
@@ -374,8 +399,7 @@ pub fn absolutize(
     incoming: Option<&Path>,
 ) -> Result<(VmSpec, PathBuf, Option<PathBuf>), LaunchError> {
     let abs = |p: &Path| {
-        std::path::absolute(p)
-            .map_err(|e| LaunchError::BadPath(format!("cannot make {} absolute: {e}", p.display())))
+        std::path::absolute(p).map_err(|e| LaunchError::BadPath(format!("cannot make {} absolute: {e}", p.display())))
     };
     let mut s = spec.clone();
     s.kernel = abs(&spec.kernel)?;
@@ -516,11 +540,7 @@ impl Vm {
         if log_path.exists() {
             std::fs::rename(&log_path, log_path.with_extension("log.1")).map_err(run_dir_err)?;
         }
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(run_dir_err)?;
+        let log = OpenOptions::new().create(true).append(true).open(&log_path).map_err(run_dir_err)?;
 
         let binary = qemu_binary();
         let args = qemu_args(spec, serial_log, incoming);
@@ -636,10 +656,7 @@ impl Vm {
     /// Each netdev's id and QEMU's description of it (`info network`), e.g.
     /// `("n0", "type=stream,unix:/run/x.sock")` or `("n0", "type=stream,connection error")`.
     pub async fn nic_states(&mut self) -> Result<Vec<(String, String)>, QmpError> {
-        let out = self
-            .qmp
-            .execute("human-monitor-command", Some(json!({"command-line": "info network"})))
-            .await?;
+        let out = self.qmp.execute("human-monitor-command", Some(json!({"command-line": "info network"}))).await?;
         let text = out.as_str().unwrap_or("");
         Ok(text
             .lines()
@@ -724,7 +741,8 @@ impl Vm {
         if !state.is_saveable() {
             return Err(VmError::NotStopped(state));
         }
-        let overlay = std::path::absolute(overlay).map_err(|source| VmError::Io { what: format!("{}", overlay.display()), source })?;
+        let overlay = std::path::absolute(overlay)
+            .map_err(|source| VmError::Io { what: format!("{}", overlay.display()), source })?;
         self.qmp
             .execute(
                 "blockdev-snapshot-sync",
@@ -786,9 +804,7 @@ impl Vm {
 
     async fn save_into(&mut self, path: &Path, partial: &Path, live: bool, t0: Instant) -> Result<SaveReport, VmError> {
         let io_err = |what: String| move |source| VmError::Io { what, source };
-        self.qmp
-            .execute("migrate-set-parameters", Some(json!({"max-bandwidth": SAVE_MAX_BANDWIDTH})))
-            .await?;
+        self.qmp.execute("migrate-set-parameters", Some(json!({"max-bandwidth": SAVE_MAX_BANDWIDTH}))).await?;
         // Set either way: the capability persists across migrations.
         self.qmp
             .execute(
@@ -804,9 +820,7 @@ impl Vm {
             .open(partial)
             .map_err(io_err(format!("cannot create {}", partial.display())))?;
         const FDNAME: &str = "stasis-save";
-        self.qmp
-            .execute_with_fd("getfd", Some(json!({"fdname": FDNAME})), file.as_raw_fd())
-            .await?;
+        self.qmp.execute_with_fd("getfd", Some(json!({"fdname": FDNAME})), file.as_raw_fd()).await?;
         let t_migrate = Instant::now();
         if let Err(e) = self.qmp.execute("migrate", Some(json!({"uri": format!("fd:{FDNAME}")}))).await {
             let _ = self.qmp.execute("closefd", Some(json!({"fdname": FDNAME}))).await;
@@ -855,9 +869,7 @@ impl Vm {
     /// possible. Harmless if no save follows: a stop-and-copy save sets the
     /// capability again.
     pub async fn prepare_background_save(&mut self) -> Result<(), VmError> {
-        self.qmp
-            .execute("migrate-set-parameters", Some(json!({"max-bandwidth": SAVE_MAX_BANDWIDTH})))
-            .await?;
+        self.qmp.execute("migrate-set-parameters", Some(json!({"max-bandwidth": SAVE_MAX_BANDWIDTH}))).await?;
         self.qmp
             .execute(
                 "migrate-set-capabilities",
@@ -890,9 +902,19 @@ impl Vm {
     }
 
     /// After [`begin_background_save`](Self::begin_background_save): wait
-    /// until QEMU has resumed the guest (device state saved, RAM
-    /// write-protected). Fails if the snapshot failed first (the VM is then
+    /// until the guest runs again with its device state saved and its RAM
+    /// write-protected. Fails if the snapshot failed first (the VM is then
     /// left as it was: the caller resumes it).
+    ///
+    /// QEMU 7.2 resumes the guest itself once it has saved the device state
+    /// (`vm_start()` in its snapshot thread, whatever the state before).
+    /// Newer QEMUs (8.2 on: `vm_resume(vm_old_state)`) return it to the
+    /// state it had, so a guest that stasis stopped stays stopped; then
+    /// stasis resumes it, but only once RAM pages are being written
+    /// ([`bg_ram_started`]): QEMU saves the device state and starts the
+    /// write protection before its first page, all under its big lock, so a
+    /// `cont` before that could let the guest run before the device state
+    /// is taken and tear the snapshot.
     pub async fn wait_resumed(&mut self, timeout: Duration) -> Result<(), VmError> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -904,8 +926,15 @@ impl Vm {
                 let desc = info.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
                 return Err(VmError::Migration(desc.to_owned()));
             }
+            if bg_ram_started(&info) {
+                self.cont().await?;
+                return Ok(());
+            }
             if Instant::now() > deadline {
-                return Err(VmError::Timeout { what: "QEMU to resume the guest during its background snapshot".into(), timeout });
+                return Err(VmError::Timeout {
+                    what: "QEMU to resume the guest during its background snapshot".into(),
+                    timeout,
+                });
             }
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
@@ -1081,6 +1110,22 @@ fn sync_parent_dir(path: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_background_snapshot_has_begun_its_ram_only_once_pages_are_counted() {
+        // Set-up (device state not yet taken): RAM block list written, no pages.
+        let setup = json!({"status": "setup", "ram": {"transferred": 1200, "duplicate": 0, "normal": 0}});
+        let active_no_pages = json!({"status": "active", "ram": {"transferred": 1200, "duplicate": 0, "normal": 0}});
+        let active = json!({"status": "active", "ram": {"transferred": 9000, "duplicate": 17, "normal": 0}});
+        let done = json!({"status": "completed", "ram": {"duplicate": 60000, "normal": 5000}});
+        let failed = json!({"status": "failed", "ram": {"duplicate": 3, "normal": 1}});
+        assert!(!bg_ram_started(&setup));
+        assert!(!bg_ram_started(&active_no_pages));
+        assert!(!bg_ram_started(&json!({"status": "active"})), "no RAM stats yet");
+        assert!(bg_ram_started(&active));
+        assert!(bg_ram_started(&done));
+        assert!(!bg_ram_started(&failed));
+    }
+
     fn spec(accel: Accel) -> VmSpec {
         VmSpec {
             name: "node1".into(),
@@ -1090,8 +1135,18 @@ mod tests {
             initrd: "/img/initrd.img".into(),
             append: "console=ttyS0 quiet".into(),
             nics: vec![
-                NicSpec { id: "n0".into(), mac: "52:54:00:00:00:01".into(), socket: "/run/dn/a.sock".into(), backend: NicBackend::Stream },
-                NicSpec { id: "n1".into(), mac: "52:54:00:00:00:02".into(), socket: "/run/dn/b.sock".into(), backend: NicBackend::Stream },
+                NicSpec {
+                    id: "n0".into(),
+                    mac: "52:54:00:00:00:01".into(),
+                    socket: "/run/dn/a.sock".into(),
+                    backend: NicBackend::Stream,
+                },
+                NicSpec {
+                    id: "n1".into(),
+                    mac: "52:54:00:00:00:02".into(),
+                    socket: "/run/dn/b.sock".into(),
+                    backend: NicBackend::Stream,
+                },
             ],
             accel,
             run_dir: "/run/vm1".into(),
@@ -1119,7 +1174,10 @@ mod tests {
         s.nics[1].backend = NicBackend::StreamTcp;
         s.nics[1].socket = "10.77.0.1:7801".into();
         let a = qemu_args(&s, Path::new("/l"), None);
-        assert_eq!(value_after(&a, "-netdev")[1], "stream,id=n1,server=off,addr.type=inet,addr.host=10.77.0.1,addr.port=7801");
+        assert_eq!(
+            value_after(&a, "-netdev")[1],
+            "stream,id=n1,server=off,addr.type=inet,addr.host=10.77.0.1,addr.port=7801"
+        );
         assert!(!a.iter().any(|x| x.contains("memory-backend")), "no shared RAM needed");
         s.nics[1].socket = "/run/dn/b.sock".into();
         assert!(s.nics[1].tcp_addr().unwrap_err().to_string().contains("not an ip:port"));
@@ -1137,7 +1195,10 @@ mod tests {
         );
         assert_eq!(
             value_after(&a, "-device"),
-            ["virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01,romfile=", "virtio-net-pci,netdev=n1,mac=52:54:00:00:00:02,romfile="]
+            [
+                "virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01,romfile=",
+                "virtio-net-pci,netdev=n1,mac=52:54:00:00:00:02,romfile="
+            ]
         );
     }
 
@@ -1154,10 +1215,7 @@ mod tests {
             ["stream,id=n0,server=off,addr.type=unix,addr.path=/run/dn/a.sock", "vhost-user,id=n1,chardev=c1"]
         );
         assert_eq!(value_after(&a, "-chardev")[1..], ["socket,id=c1,path=/run/dn/b.sock"]);
-        assert_eq!(
-            value_after(&a, "-device")[1],
-            "virtio-net-pci,netdev=n1,mac=52:54:00:00:00:02,vectors=0,romfile="
-        );
+        assert_eq!(value_after(&a, "-device")[1], "virtio-net-pci,netdev=n1,mac=52:54:00:00:00:02,vectors=0,romfile=");
         // A restore launches the same devices.
         let restore = qemu_args(&s, Path::new("/l"), Some(Path::new("/ck/x")));
         assert_eq!(&restore[..a.len()], &a[..]);
@@ -1188,6 +1246,7 @@ mod tests {
         assert_eq!(value_after(&a, "-D"), ["/run/vm1/qemu.log"]);
         assert_eq!(value_after(&a, "-chardev"), ["file,id=serial0,path=/logs/serial.log,append=on"]);
         assert_eq!(value_after(&a, "-serial"), ["chardev:serial0"]);
+        assert_eq!(value_after(&a, "-sandbox"), ["on,obsolete=deny,resourcecontrol=deny"]);
         assert_eq!(value_after(&a, "-global"), ["migration.announce-rounds=0"]);
         assert!(!a.iter().any(|x| x == "-S" || x == "-incoming"));
     }
@@ -1198,10 +1257,7 @@ mod tests {
         let plain = qemu_args(&s, Path::new("/l"), None);
         let restore = qemu_args(&s, Path::new("/l"), Some(Path::new("/ck/it's here.vmstate")));
         assert_eq!(&restore[..plain.len()], &plain[..]);
-        assert_eq!(
-            &restore[plain.len()..],
-            ["-S", "-incoming", r"exec:cat -- '/ck/it'\''s here.vmstate'"]
-        );
+        assert_eq!(&restore[plain.len()..], ["-S", "-incoming", r"exec:cat -- '/ck/it'\''s here.vmstate'"]);
     }
 
     #[test]
@@ -1211,7 +1267,10 @@ mod tests {
         let mut s = spec(Accel::Tcg);
         s.disk = Some("/st/disks/node1/ov-1.qcow2".into());
         let a = qemu_args(&s, Path::new("/l"), None);
-        assert_eq!(value_after(&a, "-drive"), ["file=/st/disks/node1/ov-1.qcow2,format=qcow2,if=none,id=disk0,cache=writeback"]);
+        assert_eq!(
+            value_after(&a, "-drive"),
+            ["file=/st/disks/node1/ov-1.qcow2,format=qcow2,if=none,id=disk0,cache=writeback"]
+        );
         let devs = value_after(&a, "-device");
         assert_eq!(devs.len(), 3);
         assert_eq!(devs[2], "virtio-blk-pci,drive=disk0,id=vd0,romfile=");

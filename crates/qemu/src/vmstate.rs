@@ -23,7 +23,11 @@ const TAIL: u64 = 8 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum VmStateError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path}: no QEMU 7.2 `timer` section (version 2) in the last {TAIL} bytes")]
     NoTimerSection { path: PathBuf },
 }

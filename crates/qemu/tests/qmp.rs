@@ -262,7 +262,12 @@ async fn a_saved_state_holds_the_virtual_clock_at_the_freeze() {
     let (t1, v1) = saved[1];
     assert!(v0 >= 300_000_000, "ran ≥ 300 ms before the first freeze: {v0}");
     assert!(v1 - v0 >= 300_000_000, "the second run: {}", v1 - v0);
-    assert!(((v1 - v0) as u64) <= t1 - t0 + 1_000_000, "the clock did not run while stopped: {} vs {}", v1 - v0, t1 - t0);
+    assert!(
+        ((v1 - v0) as u64) <= t1 - t0 + 1_000_000,
+        "the clock did not run while stopped: {} vs {}",
+        v1 - v0,
+        t1 - t0
+    );
     match stasis_qemu::vmstate::saved_virtual_clock_ns(&dir.path().join("absent")) {
         Err(stasis_qemu::vmstate::VmStateError::Io { .. }) => {}
         other => panic!("{other:?}"),

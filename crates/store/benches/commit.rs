@@ -25,9 +25,8 @@ fn main() {
             for vm in 0..vms {
                 let file = format!("vm{vm}.state");
                 // Non-constant content so nothing compresses or dedups it.
-                let data: Vec<u8> = (0..mib << 20)
-                    .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3] ^ round)
-                    .collect();
+                let data: Vec<u8> =
+                    (0..mib << 20).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3] ^ round).collect();
                 fs::write(pending.path(&file), data).expect("write");
                 draft.components.push(ComponentDraft {
                     name: format!("vm{vm}"),

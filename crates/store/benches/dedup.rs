@@ -49,9 +49,7 @@ impl Rng {
 type Ram = Vec<Option<u64>>;
 
 fn initial_ram(rng: &mut Rng) -> Ram {
-    (0..PAGES)
-        .map(|_| (rng.next() % 100 < 30).then(|| rng.next()))
-        .collect()
+    (0..PAGES).map(|_| (rng.next() % 100 < 30).then(|| rng.next())).collect()
 }
 
 fn step(ram: &mut Ram, rng: &mut Rng) {
@@ -109,11 +107,7 @@ fn dir_bytes(dir: &Path) -> u64 {
     let mut n = 0;
     for e in fs::read_dir(dir).unwrap().flatten() {
         let m = e.metadata().unwrap();
-        n += if m.is_dir() {
-            dir_bytes(&e.path())
-        } else {
-            m.len()
-        };
+        n += if m.is_dir() { dir_bytes(&e.path()) } else { m.len() };
     }
     n
 }
@@ -165,33 +159,15 @@ fn main() {
         step(&mut ram, &mut rng);
     }
     let full = streams[0].len() as u64;
-    println!(
-        "synthetic 256 MiB guest: stream {:.1} MiB ({} data pages)",
-        mib(full),
-        ram.iter().flatten().count()
-    );
+    println!("synthetic 256 MiB guest: stream {:.1} MiB ({} data pages)", mib(full), ram.iter().flatten().count());
 
     // 1. Which chunking dedups these streams best (in memory).
     println!("\nchunking             1 ckpt stored   10 ckpts stored   ratio 10/1   chunks");
     let refs: Vec<&[u8]> = streams.iter().map(Vec::as_slice).collect();
     for (label, c) in [
-        (
-            "fastcdc 16/64/256K",
-            Chunking::FastCdc {
-                min: 16 << 10,
-                avg: 64 << 10,
-                max: 256 << 10,
-            },
-        ),
+        ("fastcdc 16/64/256K", Chunking::FastCdc { min: 16 << 10, avg: 64 << 10, max: 256 << 10 }),
         ("fastcdc 8/32/128K *", DEFAULT_CHUNKING),
-        (
-            "fastcdc 4/16/64K",
-            Chunking::FastCdc {
-                min: 4 << 10,
-                avg: 16 << 10,
-                max: 64 << 10,
-            },
-        ),
+        ("fastcdc 4/16/64K", Chunking::FastCdc { min: 4 << 10, avg: 16 << 10, max: 64 << 10 }),
         ("fixed 4K", Chunking::Fixed(4096)),
         ("fixed 64K", Chunking::Fixed(64 << 10)),
     ] {
@@ -220,10 +196,7 @@ fn main() {
     evict(&raw_path);
     let t = Instant::now();
     let mut buf = Vec::new();
-    File::open(&raw_path)
-        .unwrap()
-        .read_to_end(&mut buf)
-        .unwrap();
+    File::open(&raw_path).unwrap().read_to_end(&mut buf).unwrap();
     let raw_read = mib(full) / t.elapsed().as_secs_f64();
     fs::remove_file(&raw_path).unwrap();
     drop(buf);
@@ -310,26 +283,11 @@ fn main() {
     let one_guest = Store::open(&tmp.path().join("c/checkpoints")).unwrap();
     commit_one(&one_guest, &[("vm-a", &guests[0])]);
     let one = dir_bytes(&one_guest.root().join("chunks"));
-    let (_, secs) = commit_one(
-        &store4,
-        &[
-            ("vm-a", &guests[0]),
-            ("vm-b", &guests[1]),
-            ("vm-c", &guests[2]),
-            ("vm-d", &guests[3]),
-        ],
-    );
+    let (_, secs) =
+        commit_one(&store4, &[("vm-a", &guests[0]), ("vm-b", &guests[1]), ("vm-c", &guests[2]), ("vm-d", &guests[3])]);
     let four = dir_bytes(&store4.root().join("chunks"));
     let identical = Store::open(&tmp.path().join("d/checkpoints")).unwrap();
-    commit_one(
-        &identical,
-        &[
-            ("vm-a", &guests[0]),
-            ("vm-b", &guests[0]),
-            ("vm-c", &guests[0]),
-            ("vm-d", &guests[0]),
-        ],
-    );
+    commit_one(&identical, &[("vm-a", &guests[0]), ("vm-b", &guests[0]), ("vm-c", &guests[0]), ("vm-d", &guests[0])]);
     let same = dir_bytes(&identical.root().join("chunks"));
     println!(
         "4 guests: byte-identical {:.2}x one guest's stored state; 98 % alike {:.2}x ({:.1} vs {:.1} MiB; commit {:.0} MiB/s)",

@@ -13,9 +13,7 @@ fn main() {
     let path = std::env::args()
         .skip(1)
         .find(|a| !a.starts_with('-'))
-        .unwrap_or_else(|| {
-            concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/store-bench/idle/01.vmstate").into()
-        });
+        .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/store-bench/idle/01.vmstate").into());
     let data = match std::fs::read(&path) {
         Ok(d) => d,
         Err(e) => {
@@ -24,7 +22,9 @@ fn main() {
         }
     };
     let mib = data.len() as f64 / (1 << 20) as f64;
-    let rate = |t: Instant| format!("{:7.1} ms {:7.0} MiB/s", t.elapsed().as_secs_f64() * 1e3, mib / t.elapsed().as_secs_f64());
+    let rate = |t: Instant| {
+        format!("{:7.1} ms {:7.0} MiB/s", t.elapsed().as_secs_f64() * 1e3, mib / t.elapsed().as_secs_f64())
+    };
     println!("{path}: {mib:.1} MiB");
     let t = Instant::now();
     let cuts = chunk::cut(&data, DEFAULT_CHUNKING);

@@ -28,9 +28,7 @@ impl ChunkId {
 
     /// Parses 64 hex digits.
     pub fn from_hex(hex: &str) -> Option<ChunkId> {
-        blake3::Hash::from_hex(hex)
-            .ok()
-            .map(|h| ChunkId(*h.as_bytes()))
+        blake3::Hash::from_hex(hex).ok().map(|h| ChunkId(*h.as_bytes()))
     }
 }
 
@@ -60,11 +58,7 @@ pub enum Chunking {
 /// is not aligned and fixed-size chunks dedup nothing after the first
 /// change; 32 KiB dedups a third better than 64 KiB at 1.5x the chunk
 /// count (benchmark figures in `docs/checkpoint-format.md`).
-pub const DEFAULT_CHUNKING: Chunking = Chunking::FastCdc {
-    min: 8 << 10,
-    avg: 32 << 10,
-    max: 128 << 10,
-};
+pub const DEFAULT_CHUNKING: Chunking = Chunking::FastCdc { min: 8 << 10, avg: 32 << 10, max: 128 << 10 };
 
 /// zstd level used for chunks.
 pub const ZSTD_LEVEL: i32 = 1;
@@ -79,13 +73,12 @@ pub const MAX_CHUNK: usize = 16 << 20;
 /// The chunk boundaries of `data` as `(offset, length)`, in order.
 pub fn cut(data: &[u8], chunking: Chunking) -> Vec<(usize, usize)> {
     match chunking {
-        Chunking::FastCdc { min, avg, max } => fastcdc::v2020::FastCDC::new(data, min, avg, max)
-            .map(|c| (c.offset, c.length))
-            .collect(),
-        Chunking::Fixed(size) => (0..data.len())
-            .step_by(size as usize)
-            .map(|at| (at, (size as usize).min(data.len() - at)))
-            .collect(),
+        Chunking::FastCdc { min, avg, max } => {
+            fastcdc::v2020::FastCDC::new(data, min, avg, max).map(|c| (c.offset, c.length)).collect()
+        }
+        Chunking::Fixed(size) => {
+            (0..data.len()).step_by(size as usize).map(|at| (at, (size as usize).min(data.len() - at))).collect()
+        }
     }
 }
 
@@ -140,9 +133,8 @@ fn cut_segmented(data: &[u8], chunking: Chunking, segment: usize) -> Vec<(usize,
         let mut pos = out.last().copied().unwrap_or(0);
         let mut joined = None;
         'walk: while pos < data.len() {
-            let c = fastcdc::v2020::FastCDC::new(&data[pos..], min, avg, max)
-                .next()
-                .expect("non-empty input has a chunk");
+            let c =
+                fastcdc::v2020::FastCDC::new(&data[pos..], min, avg, max).next().expect("non-empty input has a chunk");
             pos += c.length;
             out.push(pos);
             while k < ends.len() && ends[k].last().is_some_and(|&l| l < pos) {
@@ -174,11 +166,7 @@ fn cut_segmented(data: &[u8], chunking: Chunking, segment: usize) -> Vec<(usize,
 }
 
 /// Cuts `reader` into chunks and calls `each` with every chunk's bytes, in order.
-pub fn split<R: Read>(
-    reader: R,
-    chunking: Chunking,
-    mut each: impl FnMut(&[u8]) -> io::Result<()>,
-) -> io::Result<()> {
+pub fn split<R: Read>(reader: R, chunking: Chunking, mut each: impl FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> {
     match chunking {
         Chunking::FastCdc { min, avg, max } => {
             // The whole input in memory, cut in place: `StreamCDC` copies
@@ -303,10 +291,7 @@ pub fn decode(id: &ChunkId, stored: &[u8]) -> Result<Vec<u8>, ChunkDamage> {
         _ => return Err(ChunkDamage::Header),
     };
     if data.len() != len {
-        return Err(ChunkDamage::Length {
-            expected: len,
-            actual: data.len(),
-        });
+        return Err(ChunkDamage::Length { expected: len, actual: data.len() });
     }
     let actual = ChunkId::of(&data);
     if actual != *id {
@@ -340,6 +325,64 @@ pub trait ChunkStorage: fmt::Debug + Send + Sync {
     /// Removes what unpublished transactions left behind; only called
     /// while no transaction runs. Returns how many objects it removed.
     fn remove_unpublished(&self) -> io::Result<usize>;
+    /// The encoded bytes of chunk `id` from the authoritative copy,
+    /// bypassing any cache (fsck). Default: [`ChunkStorage::get`].
+    fn get_uncached(&self, id: &ChunkId) -> io::Result<Vec<u8>> {
+        self.get(id)
+    }
+    /// Brings what `has` knows up to date (a remote store lists its chunks
+    /// once, at the start of a commit and of a restore, instead of asking
+    /// per chunk). Default: nothing to do.
+    fn refresh(&self) -> io::Result<()> {
+        Ok(())
+    }
+    /// How many readers a restore should run at once, if not the default
+    /// (a few per core): a remote store wants many requests in flight.
+    fn read_parallelism(&self) -> Option<usize> {
+        None
+    }
+    /// A hint that chunks `ids` are about to be read with `get`, roughly
+    /// in this order (a restore): a remote store starts fetching them in
+    /// large requests. Default: nothing to do.
+    fn prefetch(&self, _ids: &[ChunkId]) {}
+    /// Reads chunks `ids` from the authoritative copy, bypassing any cache
+    /// (fsck), calling `each` once per id with its encoded bytes or the
+    /// error (`NotFound` when absent) — from any thread, in any order.
+    /// Default: [`ChunkStorage::get_uncached`] of each, several at a time.
+    fn scan_uncached(&self, ids: &[ChunkId], each: &(dyn Fn(&ChunkId, io::Result<Vec<u8>>) + Sync)) {
+        crate::util::par_map(ids, |id| each(id, self.get_uncached(id)));
+    }
+    /// Removes every stored chunk not in `live` and returns what it did
+    /// (gc: the caller holds what keeps commits out). Default: list, then
+    /// delete each unreferenced chunk.
+    fn collect(&self, live: &HashSet<ChunkId>) -> io::Result<Collected> {
+        let mut out = Collected::default();
+        for (id, size) in self.list()? {
+            if live.contains(&id) {
+                out.chunks_kept += 1;
+                continue;
+            }
+            self.delete(&id)?;
+            out.chunks_removed += 1;
+            out.bytes_removed += size;
+            crate::failpoint::failpoint("gc-after-first-delete");
+        }
+        Ok(out)
+    }
+}
+
+/// What [`ChunkStorage::collect`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Collected {
+    pub chunks_kept: usize,
+    pub chunks_removed: usize,
+    /// Stored bytes freed (whole packs deleted, for a packed store).
+    pub bytes_removed: u64,
+    /// Packed stores: packs deleted, packs written by rewriting sparse
+    /// ones, and the bytes of live chunks copied into them.
+    pub packs_removed: usize,
+    pub packs_written: usize,
+    pub bytes_rewritten: u64,
 }
 
 /// Chunks in a local directory: `<dir>/ab/cdef…` (the id's first two hex
@@ -358,11 +401,8 @@ const INCOMING: &str = ".incoming";
 impl LocalChunks {
     /// The chunk directory `dir` (created if missing).
     pub fn open(dir: &Path) -> io::Result<LocalChunks> {
-        fs::create_dir_all(dir.join(INCOMING))?;
-        Ok(LocalChunks {
-            dir: dir.to_path_buf(),
-            staged: Mutex::new(HashSet::new()),
-        })
+        stasis_core::private::create_dir_all(&dir.join(INCOMING))?;
+        Ok(LocalChunks { dir: dir.to_path_buf(), staged: Mutex::new(HashSet::new()) })
     }
 
     /// The directory.
@@ -377,9 +417,20 @@ impl LocalChunks {
     }
 
     fn incoming(&self, txn: &str, id: &ChunkId) -> PathBuf {
-        self.dir
-            .join(INCOMING)
-            .join(format!("{}.{txn}", id.to_hex()))
+        self.dir.join(INCOMING).join(format!("{}.{txn}", id.to_hex()))
+    }
+
+    /// Keeps `encoded` as chunk `id` without a transaction or fsync (a
+    /// cache fill: a torn copy after a crash fails to decode and is read
+    /// again from the authoritative store).
+    pub fn insert_cached(&self, id: &ChunkId, encoded: &[u8]) -> io::Result<()> {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self.incoming(&format!("cache-{}-{n}", std::process::id()), id);
+        stasis_core::private::write(&tmp, encoded)?;
+        let target = self.path(id);
+        stasis_core::private::create_dir_all(target.parent().expect("chunk paths have a parent"))?;
+        fs::rename(&tmp, &target)
     }
 
     fn syncfs(&self) -> io::Result<()> {
@@ -399,16 +450,11 @@ impl ChunkStorage for LocalChunks {
         }
         // Claim it first, so a chunk repeated within the transaction (by
         // this thread or another) is written once.
-        if !self
-            .staged
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert((txn.to_owned(), *id))
-        {
+        if !self.staged.lock().unwrap_or_else(|e| e.into_inner()).insert((txn.to_owned(), *id)) {
             return Ok(false);
         }
         let path = self.incoming(txn, id);
-        let mut f = File::create(&path)?;
+        let mut f = stasis_core::private::create_file(&path)?;
         f.write_all(encoded)?;
         Ok(true)
     }
@@ -416,8 +462,7 @@ impl ChunkStorage for LocalChunks {
     fn publish(&self, txn: &str) -> io::Result<()> {
         let mine: Vec<ChunkId> = {
             let mut staged = self.staged.lock().unwrap_or_else(|e| e.into_inner());
-            let (mine, rest): (HashSet<_>, HashSet<_>) =
-                staged.drain().partition(|(t, _)| t == txn);
+            let (mine, rest): (HashSet<_>, HashSet<_>) = staged.drain().partition(|(t, _)| t == txn);
             *staged = rest;
             mine.into_iter().map(|(_, id)| id).collect()
         };
@@ -430,7 +475,7 @@ impl ChunkStorage for LocalChunks {
             let target = self.path(id);
             let parent = target.parent().expect("chunk paths have a parent");
             if dirs.insert(parent.to_path_buf()) {
-                fs::create_dir_all(parent)?;
+                stasis_core::private::create_dir_all(parent)?;
             }
             fs::rename(self.incoming(txn, id), &target)?;
         }
@@ -440,8 +485,7 @@ impl ChunkStorage for LocalChunks {
     fn discard(&self, txn: &str) -> io::Result<()> {
         let mine: Vec<ChunkId> = {
             let mut staged = self.staged.lock().unwrap_or_else(|e| e.into_inner());
-            let (mine, rest): (HashSet<_>, HashSet<_>) =
-                staged.drain().partition(|(t, _)| t == txn);
+            let (mine, rest): (HashSet<_>, HashSet<_>) = staged.drain().partition(|(t, _)| t == txn);
             *staged = rest;
             mine.into_iter().map(|(_, id)| id).collect()
         };
@@ -518,18 +562,13 @@ pub struct MemChunks {
 impl MemChunks {
     /// Replaces the stored bytes of chunk `id` (fault injection in tests).
     pub fn tamper(&self, id: &ChunkId, stored: Vec<u8>) {
-        self.published
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(*id, stored);
+        self.published.lock().unwrap_or_else(|e| e.into_inner()).insert(*id, stored);
     }
 
     fn take_staged(&self, txn: &str) -> Vec<(ChunkId, Vec<u8>)> {
         let mut staged = self.staged.lock().unwrap_or_else(|e| e.into_inner());
         let mine: Vec<(String, ChunkId)> = staged.keys().filter(|(t, _)| t == txn).cloned().collect();
-        mine.into_iter()
-            .filter_map(|k| staged.remove(&k).map(|v| (k.1, v)))
-            .collect()
+        mine.into_iter().filter_map(|k| staged.remove(&k).map(|v| (k.1, v))).collect()
     }
 }
 
@@ -548,10 +587,7 @@ impl ChunkStorage for MemChunks {
 
     fn publish(&self, txn: &str) -> io::Result<()> {
         let mine = self.take_staged(txn);
-        self.published
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(mine);
+        self.published.lock().unwrap_or_else(|e| e.into_inner()).extend(mine);
         Ok(())
     }
 
@@ -565,11 +601,7 @@ impl ChunkStorage for MemChunks {
     }
 
     fn has(&self, id: &ChunkId) -> io::Result<bool> {
-        Ok(self
-            .published
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(id))
+        Ok(self.published.lock().unwrap_or_else(|e| e.into_inner()).contains_key(id))
     }
 
     fn list(&self) -> io::Result<Vec<(ChunkId, u64)>> {
@@ -583,10 +615,7 @@ impl ChunkStorage for MemChunks {
     }
 
     fn delete(&self, id: &ChunkId) -> io::Result<()> {
-        self.published
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
+        self.published.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
         Ok(())
     }
 
@@ -614,9 +643,7 @@ mod tests {
         assert!(enc.len() < 1000, "zeros compress");
         let id = ChunkId::of(&zeros);
         assert_eq!(decode(&id, &enc).unwrap(), zeros);
-        let noise: Vec<u8> = (0..5000u32)
-            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-            .collect();
+        let noise: Vec<u8> = (0..5000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
         let enc2 = encode(&noise);
         assert_eq!(decode(&ChunkId::of(&noise), &enc2).unwrap(), noise);
         let mut bad = enc.clone();
@@ -624,10 +651,7 @@ mod tests {
         bad[last] ^= 1;
         assert!(decode(&id, &bad).is_err());
         assert_eq!(decode(&id, &enc[..5]), Err(ChunkDamage::Header));
-        assert!(matches!(
-            decode(&ChunkId::of(b"x"), &enc),
-            Err(ChunkDamage::Hash(_))
-        ));
+        assert!(matches!(decode(&ChunkId::of(b"x"), &enc), Err(ChunkDamage::Hash(_))));
     }
 
     #[test]
@@ -657,9 +681,7 @@ mod tests {
 
     #[test]
     fn split_covers_the_input_in_order() {
-        let data: Vec<u8> = (0..1_000_000u32)
-            .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8)
-            .collect();
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 7) as u8).collect();
         for chunking in [DEFAULT_CHUNKING, Chunking::Fixed(4096 * 16)] {
             let mut out = Vec::new();
             let mut sizes = Vec::new();
@@ -670,10 +692,7 @@ mod tests {
             })
             .unwrap();
             assert_eq!(out, data);
-            assert!(
-                sizes.len() > 3 && sizes.iter().all(|&s| s <= 256 << 10),
-                "{sizes:?}"
-            );
+            assert!(sizes.len() > 3 && sizes.iter().all(|&s| s <= 256 << 10), "{sizes:?}");
         }
     }
 
@@ -686,10 +705,7 @@ mod tests {
         assert!(!store.has(&id).unwrap());
         store.publish("t1").unwrap();
         assert!(store.has(&id).unwrap());
-        assert!(
-            !store.put("t2", &id, &encode(b"hello")).unwrap(),
-            "not rewritten"
-        );
+        assert!(!store.put("t2", &id, &encode(b"hello")).unwrap(), "not rewritten");
         assert_eq!(decode(&id, &store.get(&id).unwrap()).unwrap(), b"hello");
         assert_eq!(store.list().unwrap().len(), 1);
         store.delete(&id).unwrap();

@@ -16,7 +16,10 @@ pub const FORMAT: &str = "stasis-checkpoint";
 /// 1.1 added `components[].chunks`: the file is kept as chunks in the
 /// store's chunk directory instead of a whole file. 1.0 manifests (whole
 /// files) still read.
-pub const VERSION: ManifestVersion = ManifestVersion { major: 1, minor: 1 };
+pub const VERSION: ManifestVersion = ManifestVersion { major: 1, minor: 2 };
+/// The version written when no further file is chunked (1.1 readers read
+/// those); 1.2 added `files[].chunks`, written by remote stores.
+pub const VERSION_UNCHUNKED_FILES: ManifestVersion = ManifestVersion { major: 1, minor: 1 };
 /// The manifest's file name inside a checkpoint directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 
@@ -48,11 +51,7 @@ pub struct ExperimentRef {
 impl ExperimentRef {
     /// The reference to `experiment`.
     pub fn of(experiment: &stasis_core::spec::Experiment) -> ExperimentRef {
-        ExperimentRef {
-            name: experiment.name.clone(),
-            digest: experiment.digest(),
-            spec_toml: experiment.to_toml(),
-        }
+        ExperimentRef { name: experiment.name.clone(), digest: experiment.digest(), spec_toml: experiment.to_toml() }
     }
 }
 
@@ -116,6 +115,10 @@ pub struct FileEntry {
     pub file: String,
     pub bytes: u64,
     pub blake3: String,
+    /// Since 1.2: the file's chunks too (a remote store keeps every file
+    /// as chunks in the bucket, and the whole file in its local cache).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<Vec<ChunkRef>>,
 }
 
 /// How the synchronised freeze went.
@@ -189,8 +192,7 @@ impl Manifest {
 
     /// Total bytes of all recorded files.
     pub fn total_bytes(&self) -> u64 {
-        self.components.iter().map(|c| c.bytes).sum::<u64>()
-            + self.files.iter().map(|f| f.bytes).sum::<u64>()
+        self.components.iter().map(|c| c.bytes).sum::<u64>() + self.files.iter().map(|f| f.bytes).sum::<u64>()
     }
 
     /// Every recorded file as `(owner, file, bytes, blake3)`; the owner is
@@ -199,11 +201,7 @@ impl Manifest {
         self.components
             .iter()
             .map(|c| (c.name.as_str(), c.file.as_str(), c.bytes, c.blake3.as_str()))
-            .chain(
-                self.files
-                    .iter()
-                    .map(|f| (f.file.as_str(), f.file.as_str(), f.bytes, f.blake3.as_str())),
-            )
+            .chain(self.files.iter().map(|f| (f.file.as_str(), f.file.as_str(), f.bytes, f.blake3.as_str())))
     }
 
     /// Computes and sets `checksum`.
@@ -275,8 +273,7 @@ mod tests {
     #[test]
     fn canonical_json_sorts_keys_and_ignores_layout() {
         let a: Value = serde_json::from_str(r#"{"b": 1, "a": {"y": [1, 2], "x": "é\n"}}"#).unwrap();
-        let b: Value =
-            serde_json::from_str("{\"a\":{\"x\":\"é\\n\",\"y\":[1,2]},\"b\":1}").unwrap();
+        let b: Value = serde_json::from_str("{\"a\":{\"x\":\"é\\n\",\"y\":[1,2]},\"b\":1}").unwrap();
         let (mut ta, mut tb) = (String::new(), String::new());
         canonical_json(&a, &mut ta);
         canonical_json(&b, &mut tb);
@@ -295,10 +292,7 @@ mod tests {
 
     #[test]
     fn kinds_are_spelled_as_documented() {
-        assert_eq!(
-            serde_json::to_string(&ComponentKind::DelayNode).unwrap(),
-            "\"delay-node\""
-        );
+        assert_eq!(serde_json::to_string(&ComponentKind::DelayNode).unwrap(), "\"delay-node\"");
         assert_eq!(serde_json::to_string(&ComponentKind::Vm).unwrap(), "\"vm\"");
     }
 

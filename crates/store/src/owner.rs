@@ -32,12 +32,7 @@ impl Owner {
     /// This process as the owner.
     pub fn me(name: Option<String>, index: u64) -> Owner {
         let pid = std::process::id();
-        Owner {
-            pid,
-            start: process_start(pid).unwrap_or(0),
-            name,
-            index,
-        }
+        Owner { pid, start: process_start(pid).unwrap_or(0), name, index }
     }
 
     /// Whether the owning process still runs.
@@ -90,12 +85,7 @@ mod tests {
         let pid = child.id();
         let start = process_start(pid);
         child.wait().unwrap();
-        let owner = Owner {
-            pid,
-            start: start.unwrap_or(1),
-            name: None,
-            index: 1,
-        };
+        let owner = Owner { pid, start: start.unwrap_or(1), name: None, index: 1 };
         assert!(!owner.alive());
     }
 }

@@ -112,7 +112,12 @@ fn an_aborted_commit_leaves_nothing_in_the_backend() {
     // A draft naming a missing file fails after vm-a's chunks were put.
     let mut draft = ManifestDraft::default();
     for f in ["vm-a", "vm-missing"] {
-        draft.components.push(ComponentDraft { name: f.into(), kind: ComponentKind::Vm, file: f.into(), ..Default::default() });
+        draft.components.push(ComponentDraft {
+            name: f.into(),
+            kind: ComponentKind::Vm,
+            file: f.into(),
+            ..Default::default()
+        });
     }
     assert!(p.commit(draft).is_err());
     assert!(mem.list().unwrap().is_empty());

@@ -38,20 +38,12 @@ fn vm_state(seed: u64) -> Vec<u8> {
 
 fn draft(components: &[(&str, &str)]) -> ManifestDraft {
     ManifestDraft {
-        experiment: ExperimentRef {
-            name: "exp".into(),
-            digest: "d1".into(),
-            spec_toml: String::new(),
-        },
+        experiment: ExperimentRef { name: "exp".into(), digest: "d1".into(), spec_toml: String::new() },
         components: components
             .iter()
             .map(|(name, file)| ComponentDraft {
                 name: (*name).into(),
-                kind: if name.starts_with("vm") {
-                    ComponentKind::Vm
-                } else {
-                    ComponentKind::DelayNode
-                },
+                kind: if name.starts_with("vm") { ComponentKind::Vm } else { ComponentKind::DelayNode },
                 file: (*file).into(),
                 ..Default::default()
             })
@@ -83,13 +75,9 @@ fn chunk_path(store: &Store, id: &str) -> PathBuf {
 fn own_chunk(store: &Store, which: &str, component: &str) -> String {
     // Manifests straight from disk: a damaged checkpoint would not open.
     let infos = store.list().unwrap();
-    let manifest_of = |dir: &Path| -> Manifest {
-        serde_json::from_slice(&fs::read(dir.join(MANIFEST_FILE)).unwrap()).unwrap()
-    };
-    let mine_info = infos
-        .iter()
-        .find(|i| i.name.as_deref() == Some(which))
-        .unwrap();
+    let manifest_of =
+        |dir: &Path| -> Manifest { serde_json::from_slice(&fs::read(dir.join(MANIFEST_FILE)).unwrap()).unwrap() };
+    let mine_info = infos.iter().find(|i| i.name.as_deref() == Some(which)).unwrap();
     let mine = manifest_of(&mine_info.dir);
     let mut others = std::collections::HashSet::new();
     for info in &infos {
@@ -100,12 +88,7 @@ fn own_chunk(store: &Store, which: &str, component: &str) -> String {
         }
     }
     let comp = mine.component(component).unwrap();
-    comp.chunks
-        .iter()
-        .flatten()
-        .map(|r| r.id.clone())
-        .find(|id| !others.contains(id))
-        .expect("a chunk of its own")
+    comp.chunks.iter().flatten().map(|r| r.id.clone()).find(|id| !others.contains(id)).expect("a chunk of its own")
 }
 
 fn setup() -> (tempfile::TempDir, Store) {
@@ -119,49 +102,26 @@ fn identical_files_and_unchanged_data_are_stored_once() {
     let (tmp, store) = setup();
     let a = vm_state(0);
     // Two identical VMs and a small delay-node state.
-    commit(
-        &store,
-        "one",
-        &[
-            ("vm-a", a.clone()),
-            ("vm-b", a.clone()),
-            ("delay-node", b"net".to_vec()),
-        ],
-    );
+    commit(&store, "one", &[("vm-a", a.clone()), ("vm-b", a.clone()), ("delay-node", b"net".to_vec())]);
     let (n1, bytes1) = stored(&store);
     let c = store.open_checkpoint("one").unwrap();
     let ids = |n: &str| c.manifest.component(n).unwrap().chunks.clone().unwrap();
     assert_eq!(ids("vm-a"), ids("vm-b"));
     let distinct: std::collections::HashSet<_> = ids("vm-a").into_iter().map(|r| r.id).collect();
-    assert_eq!(
-        n1,
-        distinct.len() + 1,
-        "vm-b adds nothing, the delay node one chunk"
-    );
+    assert_eq!(n1, distinct.len() + 1, "vm-b adds nothing, the delay node one chunk");
     // Random pages are a quarter of 4 MiB; zeros compress to nothing.
     assert!(bytes1 < 1_300_000, "stored {bytes1} bytes");
 
     // Nine more checkpoints, each with a few changed pages.
     for k in 1..10u64 {
         let s = vm_state(k);
-        commit(
-            &store,
-            &format!("c{k}"),
-            &[
-                ("vm-a", s.clone()),
-                ("vm-b", s),
-                ("delay-node", b"net".to_vec()),
-            ],
-        );
+        commit(&store, &format!("c{k}"), &[("vm-a", s.clone()), ("vm-b", s), ("delay-node", b"net".to_vec())]);
     }
     let (_, bytes10) = stored(&store);
     // Without dedup: 10 × bytes1. Each changed page costs a whole chunk
     // (64 KiB on average) in a 4 MiB file, so this is far from the 256 MiB
     // figures of the benchmark.
-    assert!(
-        (bytes10 as f64) < 3.0 * bytes1 as f64,
-        "10 checkpoints store {bytes10} bytes, one {bytes1}"
-    );
+    assert!((bytes10 as f64) < 3.0 * bytes1 as f64, "10 checkpoints store {bytes10} bytes, one {bytes1}");
     // Every one reassembles exactly.
     for k in 1..10u64 {
         let c = store.open_checkpoint(&format!("c{k}")).unwrap();
@@ -178,16 +138,8 @@ fn identical_files_and_unchanged_data_are_stored_once() {
 #[test]
 fn a_damaged_chunk_is_named_by_fsck_verify_and_materialize() {
     let (tmp, store) = setup();
-    commit(
-        &store,
-        "one",
-        &[("vm-a", vm_state(0)), ("delay-node", noise(5, 3000))],
-    );
-    commit(
-        &store,
-        "two",
-        &[("vm-a", vm_state(3)), ("delay-node", noise(6, 3000))],
-    );
+    commit(&store, "one", &[("vm-a", vm_state(0)), ("delay-node", noise(5, 3000))]);
+    commit(&store, "two", &[("vm-a", vm_state(3)), ("delay-node", noise(6, 3000))]);
     let before = store.open_checkpoint("two").unwrap();
     let id = own_chunk(&store, "two", "vm-a");
     let path = chunk_path(&store, &id);
@@ -201,11 +153,7 @@ fn a_damaged_chunk_is_named_by_fsck_verify_and_materialize() {
     let p = &report.problems[0];
     assert_eq!(p.chunk.as_deref(), Some(id.as_str()));
     assert_eq!(p.component.as_deref(), Some("vm-a"));
-    assert!(
-        p.message.contains(&before.info.id) && p.message.contains("damaged"),
-        "{}",
-        p.message
-    );
+    assert!(p.message.contains(&before.info.id) && p.message.contains("damaged"), "{}", p.message);
 
     // Opening checks that chunks exist; their content is checked where
     // it is read: verify, and materialize (a restore reads each chunk once).
@@ -213,10 +161,7 @@ fn a_damaged_chunk_is_named_by_fsck_verify_and_materialize() {
     let e = opened.verify().unwrap_err();
     assert!(matches!(e, StoreError::ChunkDamaged { .. }), "{e}");
     let msg = e.to_string();
-    assert!(
-        msg.contains("vm-a") && msg.contains(&id) && msg.contains("two ("),
-        "{msg}"
-    );
+    assert!(msg.contains("vm-a") && msg.contains(&id) && msg.contains("two ("), "{msg}");
     let e = opened.materialized(&tmp.path().join("r-two")).unwrap_err();
     assert!(matches!(e, StoreError::ChunkDamaged { .. }), "{e}");
     assert!(e.to_string().contains(&id) && e.to_string().contains("two ("), "{e}");
@@ -232,10 +177,7 @@ fn a_damaged_chunk_is_named_by_fsck_verify_and_materialize() {
     // Damaged after open: materialize refuses too, and leaves no file.
     let out = tmp.path().join("restore");
     let e = before.materialize("vm-a", &out).unwrap_err();
-    assert!(
-        e.to_string().contains(&id) && e.to_string().contains("vm-a"),
-        "{e}"
-    );
+    assert!(e.to_string().contains(&id) && e.to_string().contains("vm-a"), "{e}");
     assert!(!out.join("vm-a").exists());
     // The other checkpoint is untouched.
     store.open_checkpoint("one").unwrap();
@@ -245,16 +187,10 @@ fn a_damaged_chunk_is_named_by_fsck_verify_and_materialize() {
     fs::remove_file(chunk_path(&store, &id)).unwrap();
     let e = store.open_checkpoint("one").unwrap_err();
     assert!(matches!(e, StoreError::ChunkMissing { .. }), "{e}");
-    assert!(
-        e.to_string().contains("delay-node") && e.to_string().contains(&id),
-        "{e}"
-    );
+    assert!(e.to_string().contains("delay-node") && e.to_string().contains(&id), "{e}");
     let report = store.fsck().unwrap();
     assert_eq!(report.problems.len(), 2, "{report:?}");
-    assert!(report
-        .problems
-        .iter()
-        .any(|p| p.chunk.as_deref() == Some(&id) && p.message.contains("missing")));
+    assert!(report.problems.iter().any(|p| p.chunk.as_deref() == Some(&id) && p.message.contains("missing")));
 }
 
 #[test]
@@ -270,10 +206,7 @@ fn old_whole_file_checkpoints_still_read() {
     v["checksum"] = manifest::checksum_of(&v).into();
     fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
     store.gc().unwrap();
-    assert!(
-        stored(&store).0 == 0,
-        "gc drops chunks only the chunk list referenced"
-    );
+    assert!(stored(&store).0 == 0, "gc drops chunks only the chunk list referenced");
     let c = store.open_checkpoint("old").unwrap();
     assert!(!c.is_chunked("vm-a"));
     let m = c.materialized(&tmp.path().join("r")).unwrap();
@@ -286,11 +219,7 @@ fn old_whole_file_checkpoints_still_read() {
     let mut d = draft(&[("vm-a", "vm-a")]);
     d.files.push("disks.json".into());
     p.commit(d).unwrap();
-    let m = store
-        .open_checkpoint("with-file")
-        .unwrap()
-        .materialized(&tmp.path().join("r2"))
-        .unwrap();
+    let m = store.open_checkpoint("with-file").unwrap().materialized(&tmp.path().join("r2")).unwrap();
     assert_eq!(fs::read(m.file("disks.json")).unwrap(), b"{}");
     assert_eq!(fs::read(m.file("vm-a")).unwrap(), vm_state(2));
 }
@@ -299,11 +228,7 @@ fn old_whole_file_checkpoints_still_read() {
 fn gc_removes_only_unreachable_chunks() {
     let (_tmp, store) = setup();
     commit(&store, "keep", &[("vm-a", vm_state(0))]);
-    let gone = commit(
-        &store,
-        "gone",
-        &[("vm-a", vm_state(7)), ("delay-node", noise(9, 50_000))],
-    );
+    let gone = commit(&store, "gone", &[("vm-a", vm_state(7)), ("delay-node", noise(9, 50_000))]);
     let (n_both, _) = stored(&store);
     let r = store.gc().unwrap();
     assert_eq!((r.chunks_removed, r.chunks_kept), (0, n_both));
@@ -346,8 +271,7 @@ fn gc_running_alongside_commits_never_takes_their_chunks() {
             fs::write(p.path("vm-a"), vm_state(k * 3)).unwrap();
             fs::write(p.path("delay-node"), noise(k, 70_000)).unwrap();
             std::thread::yield_now();
-            p.commit(draft(&[("vm-a", "vm-a"), ("delay-node", "delay-node")]))
-                .unwrap();
+            p.commit(draft(&[("vm-a", "vm-a"), ("delay-node", "delay-node")])).unwrap();
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         assert!(gc.join().unwrap() > 0);
@@ -364,13 +288,7 @@ fn gc_running_alongside_commits_never_takes_their_chunks() {
 /// `STASIS_STORE_FAILPOINT=failpoint`; returns whether the child succeeded.
 fn run_child(name: &str, root: &Path, failpoint: &str) -> bool {
     let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            name,
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--ignored", "--exact", name, "--nocapture", "--test-threads=1"])
         .env("STASIS_STORE_FAILPOINT", failpoint)
         .env("STASIS_TEST_STORE", root)
         .output()
@@ -385,11 +303,7 @@ fn child_commit() {
         return;
     };
     let store = Store::open(Path::new(&root)).unwrap();
-    commit(
-        &store,
-        "crashed",
-        &[("vm-a", vm_state(11)), ("delay-node", noise(11, 40_000))],
-    );
+    commit(&store, "crashed", &[("vm-a", vm_state(11)), ("delay-node", noise(11, 40_000))]);
 }
 
 #[test]
@@ -404,16 +318,9 @@ fn child_gc() {
 #[test]
 fn crash_after_chunks_before_manifest_leaves_orphans_that_gc_removes() {
     let (tmp, store) = setup();
-    commit(
-        &store,
-        "good",
-        &[("vm-a", vm_state(0)), ("delay-node", noise(1, 40_000))],
-    );
+    commit(&store, "good", &[("vm-a", vm_state(0)), ("delay-node", noise(1, 40_000))]);
     let (n_good, _) = stored(&store);
-    assert!(
-        !run_child("child_commit", store.root(), "commit-after-chunks"),
-        "the child must die"
-    );
+    assert!(!run_child("child_commit", store.root(), "commit-after-chunks"), "the child must die");
     // Its pending dir remains until a store is opened.
     let pending: Vec<_> = fs::read_dir(store.root())
         .unwrap()
@@ -422,23 +329,12 @@ fn crash_after_chunks_before_manifest_leaves_orphans_that_gc_removes() {
         .collect();
     assert_eq!(pending.len(), 1);
     let store = Store::open(store.root()).unwrap();
-    assert_eq!(
-        store.list().unwrap().len(),
-        1,
-        "the crashed checkpoint is not listed"
-    );
+    assert_eq!(store.list().unwrap().len(), 1, "the crashed checkpoint is not listed");
     let report = store.fsck().unwrap();
     assert!(report.is_clean(), "{report:?}");
-    assert!(
-        report.orphan_chunks > 0,
-        "its chunks were published: {report:?}"
-    );
+    assert!(report.orphan_chunks > 0, "its chunks were published: {report:?}");
     assert_eq!(stored(&store).0, n_good + report.orphan_chunks);
-    store
-        .open_checkpoint("good")
-        .unwrap()
-        .materialized(&tmp.path().join("r"))
-        .unwrap();
+    store.open_checkpoint("good").unwrap().materialized(&tmp.path().join("r")).unwrap();
     let r = store.gc().unwrap();
     assert_eq!(r.chunks_removed, report.orphan_chunks);
     assert_eq!(store.fsck().unwrap().orphan_chunks, 0);
@@ -451,25 +347,14 @@ fn crash_after_chunks_before_manifest_leaves_orphans_that_gc_removes() {
 fn killed_gc_leaves_the_store_consistent() {
     let (_tmp, store) = setup();
     commit(&store, "keep", &[("vm-a", vm_state(0))]);
-    let gone = commit(
-        &store,
-        "gone",
-        &[("vm-a", vm_state(9)), ("delay-node", noise(2, 100_000))],
-    );
+    let gone = commit(&store, "gone", &[("vm-a", vm_state(9)), ("delay-node", noise(2, 100_000))]);
     fs::remove_dir_all(&gone.dir).unwrap();
     let orphans = store.fsck().unwrap().orphan_chunks;
     assert!(orphans >= 2);
-    assert!(
-        !run_child("child_gc", store.root(), "gc-after-first-delete"),
-        "the child must die"
-    );
+    assert!(!run_child("child_gc", store.root(), "gc-after-first-delete"), "the child must die");
     let report = store.fsck().unwrap();
     assert!(report.is_clean(), "{report:?}");
-    assert_eq!(
-        report.orphan_chunks,
-        orphans - 1,
-        "exactly one removed before the kill"
-    );
+    assert_eq!(report.orphan_chunks, orphans - 1, "exactly one removed before the kill");
     store.open_checkpoint("keep").unwrap();
     // A later gc finishes the job.
     assert_eq!(store.gc().unwrap().chunks_removed, orphans - 1);
@@ -493,9 +378,7 @@ fn a_failed_commit_leaves_no_unpublished_chunks() {
     let (_tmp, store) = setup();
     let p = store.begin(Some("bad")).unwrap();
     fs::write(p.path("vm-a"), vm_state(4)).unwrap();
-    let e = p
-        .commit(draft(&[("vm-a", "vm-a"), ("vm-b", "vm-b")]))
-        .unwrap_err();
+    let e = p.commit(draft(&[("vm-a", "vm-a"), ("vm-b", "vm-b")])).unwrap_err();
     assert!(matches!(e, StoreError::FileMissing { .. }), "{e}");
     let incoming = store.root().join(CHUNKS_DIR).join(".incoming");
     assert_eq!(fs::read_dir(&incoming).unwrap().count(), 0);

@@ -10,11 +10,7 @@ use stasis_store::*;
 fn draft(components: &[(&str, ComponentKind, &str)]) -> ManifestDraft {
     ManifestDraft {
         parent: None,
-        experiment: ExperimentRef {
-            name: "exp".into(),
-            digest: "d1".into(),
-            spec_toml: "name = \"exp\"\n".into(),
-        },
+        experiment: ExperimentRef { name: "exp".into(), digest: "d1".into(), spec_toml: "name = \"exp\"\n".into() },
         components: components
             .iter()
             .map(|(name, kind, file)| ComponentDraft {
@@ -28,15 +24,8 @@ fn draft(components: &[(&str, ComponentKind, &str)]) -> ManifestDraft {
             })
             .collect(),
         files: vec![],
-        freeze: FreezeReport {
-            planned_ns: 7,
-            frames_in_flight: 3,
-            ..Default::default()
-        },
-        timings: Timings {
-            total_save_ns: 99,
-            ..Default::default()
-        },
+        freeze: FreezeReport { planned_ns: 7, frames_in_flight: 3, ..Default::default() },
+        timings: Timings { total_save_ns: 99, ..Default::default() },
     }
 }
 
@@ -45,11 +34,7 @@ fn commit(store: &Store, name: Option<&str>, seed: u8) -> CheckpointInfo {
     let p = store.begin(name).unwrap();
     fs::write(p.path("a.vmstate"), vec![seed; 100_000]).unwrap();
     fs::write(p.path("net.state"), format!("delay node {seed}")).unwrap();
-    p.commit(draft(&[
-        ("a", ComponentKind::Vm, "a.vmstate"),
-        ("net", ComponentKind::DelayNode, "net.state"),
-    ]))
-    .unwrap()
+    p.commit(draft(&[("a", ComponentKind::Vm, "a.vmstate"), ("net", ComponentKind::DelayNode, "net.state")])).unwrap()
 }
 
 /// Entries of the store dir but the chunk dir (there is no lock file: the
@@ -93,24 +78,16 @@ fn commit_then_list_and_open() {
     let c = store.open_checkpoint("first").unwrap();
     assert_eq!(c.info, info);
     assert_eq!(c.manifest.format, FORMAT);
-    assert_eq!(c.manifest.version, VERSION);
+    // A store not bound to a bucket keeps further files whole: 1.1.
+    assert_eq!(c.manifest.version, VERSION_UNCHUNKED_FILES);
     assert_eq!(c.manifest.experiment.digest, "d1");
     assert_eq!(c.manifest.freeze.frames_in_flight, 3);
     assert_eq!(c.manifest.timings.total_save_ns, 99);
     let a = c.manifest.component("a").unwrap();
     assert_eq!(a.bytes, 100_000);
-    assert_eq!(
-        a.blake3,
-        blake3::hash(&vec![1u8; 100_000]).to_hex().to_string()
-    );
-    assert_eq!(
-        c.manifest.component("net").unwrap().kind,
-        ComponentKind::DelayNode
-    );
-    assert!(
-        c.is_chunked("a") && !c.dir.join("a.vmstate").exists(),
-        "kept as chunks only"
-    );
+    assert_eq!(a.blake3, blake3::hash(&vec![1u8; 100_000]).to_hex().to_string());
+    assert_eq!(c.manifest.component("net").unwrap().kind, ComponentKind::DelayNode);
+    assert!(c.is_chunked("a") && !c.dir.join("a.vmstate").exists(), "kept as chunks only");
     let restore = _tmp.path().join("restore");
     let m = c.materialized(&restore).unwrap();
     assert_eq!(fs::read(m.file("a")).unwrap(), vec![1u8; 100_000]);
@@ -118,8 +95,7 @@ fn commit_then_list_and_open() {
     assert_eq!(fs::read(m.file("net")).unwrap(), b"delay node 1");
 
     // The manifest is plain JSON with the documented fields.
-    let json: serde_json::Value =
-        serde_json::from_slice(&fs::read(c.dir.join("manifest.json")).unwrap()).unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&fs::read(c.dir.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(json["format"], "stasis-checkpoint");
     assert_eq!(json["version"]["major"], 1);
     assert_eq!(json["components"][1]["kind"], "delay-node");
@@ -132,15 +108,7 @@ fn lookups_by_latest_index_id_and_name() {
     let one = commit(&store, Some("one"), 1);
     let two = commit(&store, None, 2);
     let three = commit(&store, Some("three"), 3);
-    assert_eq!(
-        store
-            .list()
-            .unwrap()
-            .iter()
-            .map(|i| i.index)
-            .collect::<Vec<_>>(),
-        vec![1, 2, 3]
-    );
+    assert_eq!(store.list().unwrap().iter().map(|i| i.index).collect::<Vec<_>>(), vec![1, 2, 3]);
     assert_eq!(store.open_checkpoint("latest").unwrap().info.id, three.id);
     assert_eq!(store.open_checkpoint("2").unwrap().info.id, two.id);
     assert_eq!(store.open_checkpoint("#1").unwrap().info.id, one.id);
@@ -148,14 +116,8 @@ fn lookups_by_latest_index_id_and_name() {
     assert_eq!(store.open_checkpoint("three").unwrap().info.index, 3);
     let (e, msg) = err_of(&store, "four");
     assert!(matches!(e, StoreError::UnknownCheckpoint { .. }));
-    assert!(
-        msg.contains("\"four\"") && msg.contains("#1 one (") && msg.contains("#3 three ("),
-        "{msg}"
-    );
-    assert!(matches!(
-        err_of(&store, "#9").0,
-        StoreError::UnknownCheckpoint { .. }
-    ));
+    assert!(msg.contains("\"four\"") && msg.contains("#1 one (") && msg.contains("#3 three ("), "{msg}");
+    assert!(matches!(err_of(&store, "#9").0, StoreError::UnknownCheckpoint { .. }));
 }
 
 #[test]
@@ -172,10 +134,7 @@ fn dropped_or_aborted_pending_leaves_nothing() {
     let p = store.begin(Some("dropped")).unwrap();
     fs::write(p.path("a.vmstate"), b"partial").unwrap();
     assert_eq!(entries(store.root()), vec![format!(".tmp-{}", p.id())]);
-    assert!(
-        store.list().unwrap().is_empty(),
-        "a pending checkpoint is never listed"
-    );
+    assert!(store.list().unwrap().is_empty(), "a pending checkpoint is never listed");
     drop(p);
     assert!(entries(store.root()).is_empty());
 
@@ -194,18 +153,11 @@ fn failed_commit_leaves_earlier_checkpoint_intact() {
     let first = commit(&store, Some("good"), 1);
     let p = store.begin(Some("bad")).unwrap();
     fs::write(p.path("a.vmstate"), b"written").unwrap();
-    let e = p
-        .commit(draft(&[
-            ("a", ComponentKind::Vm, "a.vmstate"),
-            ("b", ComponentKind::Vm, "b.vmstate"),
-        ]))
-        .unwrap_err();
+    let e =
+        p.commit(draft(&[("a", ComponentKind::Vm, "a.vmstate"), ("b", ComponentKind::Vm, "b.vmstate")])).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, StoreError::FileMissing { .. }), "{msg}");
-    assert!(
-        msg.contains("b: file") && msg.contains("b.vmstate"),
-        "{msg}"
-    );
+    assert!(msg.contains("b: file") && msg.contains("b.vmstate"), "{msg}");
     assert_eq!(entries(store.root()), vec![first.id.clone()]);
     assert_eq!(store.list().unwrap(), vec![first.clone()]);
     assert_eq!(store.open_checkpoint("latest").unwrap().info, first);
@@ -226,28 +178,18 @@ fn crash_before_rename_is_not_listed_and_cleaned_later() {
     let crashed = p.dir().to_path_buf();
     let id = p.id().to_owned();
     std::mem::forget(p);
-    fs::copy(
-        good.dir.join("manifest.json"),
-        crashed.join("manifest.json"),
-    )
-    .unwrap();
+    fs::copy(good.dir.join("manifest.json"), crashed.join("manifest.json")).unwrap();
     let mut child = std::process::Command::new("true").spawn().unwrap();
     let dead_pid = child.id();
     child.wait().unwrap();
-    fs::write(
-        crashed.join(".owner"),
-        format!("{{\"pid\":{dead_pid},\"start\":1,\"name\":\"crashed\",\"index\":2}}"),
-    )
-    .unwrap();
+    fs::write(crashed.join(".owner"), format!("{{\"pid\":{dead_pid},\"start\":1,\"name\":\"crashed\",\"index\":2}}"))
+        .unwrap();
 
     // An ownerless one, old, and an ownerless one, fresh.
     let old = root.join(".tmp-0009-00000000");
     fs::create_dir(&old).unwrap();
     let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
-    fs::File::open(&old)
-        .unwrap()
-        .set_modified(hour_ago)
-        .unwrap();
+    fs::File::open(&old).unwrap().set_modified(hour_ago).unwrap();
     let fresh = root.join(".tmp-0010-00000000");
     fs::create_dir(&fresh).unwrap();
 
@@ -255,14 +197,8 @@ fn crash_before_rename_is_not_listed_and_cleaned_later() {
     let live = store.begin(Some("live")).unwrap();
 
     assert_eq!(store.list().unwrap(), vec![good.clone()]);
-    assert!(matches!(
-        err_of(&store, "crashed").0,
-        StoreError::UnknownCheckpoint { .. }
-    ));
-    assert!(matches!(
-        err_of(&store, &id).0,
-        StoreError::UnknownCheckpoint { .. }
-    ));
+    assert!(matches!(err_of(&store, "crashed").0, StoreError::UnknownCheckpoint { .. }));
+    assert!(matches!(err_of(&store, &id).0, StoreError::UnknownCheckpoint { .. }));
 
     let reopened = Store::open(&root).unwrap();
     assert!(!crashed.exists(), "dead owner: removed");
@@ -272,14 +208,8 @@ fn crash_before_rename_is_not_listed_and_cleaned_later() {
     assert_eq!(reopened.list().unwrap(), vec![good]);
     // The live pending one still commits after the sweep.
     fs::write(live.path("a.vmstate"), b"x").unwrap();
-    let info = live
-        .commit(draft(&[("a", ComponentKind::Vm, "a.vmstate")]))
-        .unwrap();
-    assert!(
-        info.index > 10,
-        "index continues after leftover dirs: {}",
-        info.index
-    );
+    let info = live.commit(draft(&[("a", ComponentKind::Vm, "a.vmstate")])).unwrap();
+    assert!(info.index > 10, "index continues after leftover dirs: {}", info.index);
 }
 
 /// Commits a checkpoint with a component and a whole further file
@@ -297,27 +227,11 @@ fn commit_whole(store: &Store, name: &str) -> CheckpointInfo {
 fn truncated_file_is_refused() {
     let (_tmp, store) = setup();
     let info = commit_whole(&store, "c");
-    let f = fs::OpenOptions::new()
-        .write(true)
-        .open(info.dir.join("a.vmstate"))
-        .unwrap();
+    let f = fs::OpenOptions::new().write(true).open(info.dir.join("a.vmstate")).unwrap();
     f.set_len(50_000).unwrap();
     let (e, msg) = err_of(&store, "c");
-    assert!(
-        matches!(
-            e,
-            StoreError::FileSize {
-                recorded: 100_000,
-                actual: 50_000,
-                ..
-            }
-        ),
-        "{msg}"
-    );
-    assert!(
-        msg.contains(&info.id) && msg.contains("a.vmstate") && msg.contains("a.vmstate: file"),
-        "{msg}"
-    );
+    assert!(matches!(e, StoreError::FileSize { recorded: 100_000, actual: 50_000, .. }), "{msg}");
+    assert!(msg.contains(&info.id) && msg.contains("a.vmstate") && msg.contains("a.vmstate: file"), "{msg}");
 }
 
 #[test]
@@ -330,10 +244,7 @@ fn flipped_byte_is_refused() {
     fs::write(&path, bytes).unwrap();
     let (e, msg) = err_of(&store, "c");
     assert!(matches!(e, StoreError::FileDigest { .. }), "{msg}");
-    assert!(
-        msg.contains("c (") && msg.contains("a.vmstate") && msg.contains("BLAKE3"),
-        "{msg}"
-    );
+    assert!(msg.contains("c (") && msg.contains("a.vmstate") && msg.contains("BLAKE3"), "{msg}");
 }
 
 #[test]
@@ -343,10 +254,7 @@ fn missing_file_is_refused() {
     fs::remove_file(info.dir.join("a.vmstate")).unwrap();
     let (e, msg) = err_of(&store, "latest");
     assert!(matches!(e, StoreError::FileMissing { .. }), "{msg}");
-    assert!(
-        msg.contains("a.vmstate: file") && msg.contains("missing"),
-        "{msg}"
-    );
+    assert!(msg.contains("a.vmstate: file") && msg.contains("missing"), "{msg}");
 }
 
 fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
@@ -393,15 +301,9 @@ fn missing_manifest_is_refused() {
     fs::remove_file(info.dir.join("manifest.json")).unwrap();
     let (e, msg) = err_of(&store, &info.id);
     assert!(matches!(e, StoreError::MissingManifest { .. }), "{msg}");
-    assert!(
-        msg.contains(&info.id) && msg.contains("manifest.json"),
-        "{msg}"
-    );
+    assert!(msg.contains(&info.id) && msg.contains("manifest.json"), "{msg}");
     let (e, _) = err_of(&store, "1");
-    assert!(
-        matches!(e, StoreError::MissingManifest { .. }),
-        "by index a damaged one is reported, not unknown"
-    );
+    assert!(matches!(e, StoreError::MissingManifest { .. }), "by index a damaged one is reported, not unknown");
 }
 
 #[test]
@@ -409,11 +311,7 @@ fn bad_json_reports_line_and_column() {
     let (_tmp, store) = setup();
     let info = commit(&store, Some("c"), 1);
     let path = info.dir.join("manifest.json");
-    fs::write(
-        &path,
-        "{\n  \"format\": \"stasis-checkpoint\",\n  \"version\": oops\n}",
-    )
-    .unwrap();
+    fs::write(&path, "{\n  \"format\": \"stasis-checkpoint\",\n  \"version\": oops\n}").unwrap();
     let (e, msg) = err_of(&store, &info.id);
     assert!(matches!(e, StoreError::BadJson { line: 3, .. }), "{msg}");
     assert!(msg.contains("manifest.json:3:"), "{msg}");
@@ -431,13 +329,7 @@ fn wrong_format_and_versions_are_refused() {
     assert!(matches!(e, StoreError::WrongFormat { .. }), "{msg}");
     assert!(msg.contains("something-else"), "{msg}");
 
-    for (major, minor, ok) in [
-        (2, 0, false),
-        (1, 2, false),
-        (0, 9, false),
-        (1, 0, true),
-        (1, 1, true),
-    ] {
+    for (major, minor, ok) in [(2, 0, false), (1, 3, false), (0, 9, false), (1, 0, true), (1, 1, true), (1, 2, true)] {
         edit_manifest(&info.dir, |v| {
             v["format"] = FORMAT.into();
             v["version"] = serde_json::json!({"major": major, "minor": minor});
@@ -487,16 +379,7 @@ fn duplicate_and_invalid_names_are_refused() {
     let e = store.begin(Some("busy")).unwrap_err();
     assert!(matches!(e, StoreError::DuplicateName { .. }), "{e}");
     drop(pending);
-    for bad in [
-        "",
-        "latest",
-        "12",
-        "#x",
-        ".hidden",
-        "a/b",
-        "0003-deadbeef",
-        &"x".repeat(65),
-    ] {
+    for bad in ["", "latest", "12", "#x", ".hidden", "a/b", "0003-deadbeef", &"x".repeat(65)] {
         let e = store.begin(Some(bad)).unwrap_err();
         assert!(matches!(e, StoreError::InvalidName { .. }), "{bad:?}: {e}");
     }
@@ -545,8 +428,7 @@ fn extra_files_are_recorded_and_verified() {
 fn experiment_reference_refuses_another_experiment() {
     let spec = "name = \"exp\"\n[[node]]\nname = \"a\"\n";
     let exp = stasis_core::spec::Experiment::from_toml_str(spec, None).unwrap();
-    let other = stasis_core::spec::Experiment::from_toml_str(&spec.replace("\"a\"", "\"b\""), None)
-        .unwrap();
+    let other = stasis_core::spec::Experiment::from_toml_str(&spec.replace("\"a\"", "\"b\""), None).unwrap();
     let (_tmp, store) = setup();
     let p = store.begin(None).unwrap();
     fs::write(p.path("a.vmstate"), b"vm").unwrap();
@@ -555,13 +437,9 @@ fn experiment_reference_refuses_another_experiment() {
     p.commit(d).unwrap();
     let c = store.open_checkpoint("latest").unwrap();
     c.ensure_experiment(&exp.name, &exp.digest()).unwrap();
-    let e = c
-        .ensure_experiment(&other.name, &other.digest())
-        .unwrap_err();
+    let e = c.ensure_experiment(&other.name, &other.digest()).unwrap_err();
     assert!(matches!(e, StoreError::ExperimentMismatch { .. }), "{e}");
-    let restored =
-        stasis_core::spec::Experiment::from_toml_str(&c.manifest.experiment.spec_toml, None)
-            .unwrap();
+    let restored = stasis_core::spec::Experiment::from_toml_str(&c.manifest.experiment.spec_toml, None).unwrap();
     assert_eq!(restored.digest(), exp.digest());
 }
 
@@ -576,38 +454,21 @@ fn concurrent_writers_get_distinct_indices_and_names() {
                     (0..3)
                         .map(|i| {
                             // Every thread also tries the shared name "same".
-                            let name = if i == 0 {
-                                "same".to_owned()
-                            } else {
-                                format!("t{t}-{i}")
-                            };
+                            let name = if i == 0 { "same".to_owned() } else { format!("t{t}-{i}") };
                             let p = store.begin(Some(&name)).map_err(|e| e.to_string())?;
                             fs::write(p.path("f"), [t as u8, i as u8]).unwrap();
-                            p.commit(draft(&[("f", ComponentKind::Vm, "f")]))
-                                .map_err(|e| e.to_string())
+                            p.commit(draft(&[("f", ComponentKind::Vm, "f")])).map_err(|e| e.to_string())
                         })
                         .collect::<Vec<_>>()
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect()
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
     });
     let ok: Vec<&CheckpointInfo> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
     let refused: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    assert_eq!(
-        ok.len(),
-        17,
-        "one \"same\" and 16 others commit; refused: {refused:?}"
-    );
-    assert!(
-        refused
-            .iter()
-            .all(|e| e.contains("\"same\" already exists")),
-        "{refused:?}"
-    );
+    assert_eq!(ok.len(), 17, "one \"same\" and 16 others commit; refused: {refused:?}");
+    assert!(refused.iter().all(|e| e.contains("\"same\" already exists")), "{refused:?}");
     let mut indices: Vec<u64> = ok.iter().map(|i| i.index).collect();
     indices.sort();
     indices.dedup();

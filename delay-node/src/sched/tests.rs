@@ -4,7 +4,14 @@ use crate::config::{LanConfig, LanMember, LinkConfig, PortConfig};
 const MS: u64 = 1_000_000;
 
 fn ports(n: usize) -> Vec<PortConfig> {
-    (0..n).map(|i| PortConfig { name: format!("p{i}"), socket: format!("/nonexistent/p{i}").into(), kind: Default::default() }).collect()
+    (0..n)
+        .map(|i| PortConfig {
+            name: format!("p{i}"),
+            socket: format!("/nonexistent/p{i}").into(),
+            kind: Default::default(),
+            peer: None,
+        })
+        .collect()
 }
 
 fn link(s: Shaping) -> Topology {
@@ -91,11 +98,7 @@ fn serialisation_and_delay_are_exact_to_the_nanosecond() {
     let got = run(&mut s, 1_000, 20 * MS);
     assert_eq!(
         got,
-        vec![
-            (1, 1, 1_000 + 120_000 + 10 * MS),
-            (1, 2, 1_000 + 240_000 + 10 * MS),
-            (1, 3, 500_000 + 5_120 + 10 * MS),
-        ]
+        vec![(1, 1, 1_000 + 120_000 + 10 * MS), (1, 2, 1_000 + 240_000 + 10 * MS), (1, 3, 500_000 + 5_120 + 10 * MS),]
     );
     // Not one nanosecond early.
     let mut s = connected(&link(sh), 0);
@@ -311,7 +314,12 @@ fn lan_access_links_shape_each_direction() {
 fn unconnected_and_unattached_ports_drop_and_count() {
     let sh = Shaping { bandwidth_bps: 0, ..Shaping::default() };
     let mut t = link(sh);
-    t.ports.push(PortConfig { name: "lonely".into(), socket: "/nonexistent/l".into(), kind: Default::default() });
+    t.ports.push(PortConfig {
+        name: "lonely".into(),
+        socket: "/nonexistent/l".into(),
+        kind: Default::default(),
+        peer: None,
+    });
     let mut s = Scheduler::new(&t, 0);
     s.set_connected(0, true);
     s.ingress(0, 0, frame(1, 0, 1, 64));
@@ -340,9 +348,15 @@ fn save_is_refused_unless_frozen_and_thaw_unless_frozen() {
 /// exactly the future of a node that was never saved.
 #[test]
 fn restore_continues_exactly_like_the_original() {
-    let sh = Shaping { bandwidth_bps: 50_000_000, delay_ns: 3 * MS, jitter_ns: 100_000, loss: 0.05, ..Shaping::default() };
+    let sh =
+        Shaping { bandwidth_bps: 50_000_000, delay_ns: 3 * MS, jitter_ns: 100_000, loss: 0.05, ..Shaping::default() };
     let mut t = lan(3, sh);
-    t.ports.extend((3..5).map(|i| PortConfig { name: format!("p{i}"), socket: format!("/nonexistent/p{i}").into(), kind: Default::default() }));
+    t.ports.extend((3..5).map(|i| PortConfig {
+        name: format!("p{i}"),
+        socket: format!("/nonexistent/p{i}").into(),
+        kind: Default::default(),
+        peer: None,
+    }));
     t.links.push(LinkConfig { name: "l".into(), a: "p3".into(), b: "p4".into(), a_to_b: sh, b_to_a: sh });
     let traffic = |s: &mut Scheduler, from: u64, to: u64| {
         let mut out = Vec::new();
@@ -353,7 +367,11 @@ fn restore_continues_exactly_like_the_original() {
             s.poll(now, &mut out);
             got.extend(deliveries(&mut out));
             if !s.is_frozen() {
-                s.ingress(now, (q % 3) as usize, frame(((q + 1) % 3) as u8, (q % 3) as u8, q, 200 + (q as usize % 1200)));
+                s.ingress(
+                    now,
+                    (q % 3) as usize,
+                    frame(((q + 1) % 3) as u8, (q % 3) as u8, q, 200 + (q as usize % 1200)),
+                );
                 s.ingress(now, 3 + (q % 2) as usize, frame(9, 8, q, 1500));
             }
             q += 1;

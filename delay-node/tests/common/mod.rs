@@ -2,6 +2,8 @@
 //! guard that kills it on drop, and test clients speaking the stream framing.
 #![allow(dead_code)]
 
+pub mod scenario;
+
 use delay_node::control::Client;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;

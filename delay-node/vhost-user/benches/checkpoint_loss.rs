@@ -109,7 +109,8 @@ fn run(dir: &Path, stream_mode: bool, pps: u64, total: u64) -> serde_json::Value
     };
     let b = boot(&spec("b", "10.0.1.2", "52:54:00:00:01:02", recv_script, &b_sock, None, ""));
     let a = boot(&spec("a", "10.0.1.1", "52:54:00:00:01:01", &send_script, &a_sock, None, ""));
-    let received = |g: &common::Guest| last_json(g, &["\"role\":\"recv\""]).and_then(|v| v["received"].as_u64()).unwrap_or(0);
+    let received =
+        |g: &common::Guest| last_json(g, &["\"role\":\"recv\""]).and_then(|v| v["received"].as_u64()).unwrap_or(0);
     let deadline = Instant::now() + Duration::from_secs(90);
     while received(&b) < total / 3 {
         assert!(Instant::now() < deadline, "b received too little");
@@ -129,7 +130,9 @@ fn run(dir: &Path, stream_mode: bool, pps: u64, total: u64) -> serde_json::Value
         std::thread::sleep(Duration::from_millis(50));
     }
     q.cmd(r#"{"execute":"cont"}"#);
-    wait_serial(&a, "sender done", Duration::from_secs(120), |l| l.contains("\"role\":\"send\"") && l.contains("\"done\":true"));
+    wait_serial(&a, "sender done", Duration::from_secs(120), |l| {
+        l.contains("\"role\":\"send\"") && l.contains("\"done\":true")
+    });
     std::thread::sleep(Duration::from_secs(2));
     let v = last_json(&b2, &["\"role\":\"recv\""]).expect("restored receiver reports");
     drop((a, b2));

@@ -66,7 +66,9 @@ fn run_vhost(dir: &Path, stop_cycles: usize) -> (f64, Vec<(i64, i64)>) {
         qmp.cmd(r#"{"execute":"stop"}"#);
         let replied = mono_ns();
         let at = loop {
-            if let (Side::A, PortEvent::Stopped { at }) = rx.recv_timeout(Duration::from_secs(10)).expect("Stopped marker") {
+            if let (Side::A, PortEvent::Stopped { at }) =
+                rx.recv_timeout(Duration::from_secs(10)).expect("Stopped marker")
+            {
                 break at;
             }
         };

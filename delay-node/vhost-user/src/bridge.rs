@@ -75,7 +75,11 @@ enum Msg {
 impl Bridge {
     /// Serves `a` and `b`; `observe` sees every port event except frames (on
     /// the forwarding thread, after the bridge acted on it).
-    pub fn new(a: &Path, b: &Path, mut observe: impl FnMut(Side, &PortEvent) + Send + 'static) -> Result<Bridge, VhostError> {
+    pub fn new(
+        a: &Path,
+        b: &Path,
+        mut observe: impl FnMut(Side, &PortEvent) + Send + 'static,
+    ) -> Result<Bridge, VhostError> {
         let (tx, rx) = channel();
         let port = |side: Side, path: &Path| {
             let tx = tx.clone();
@@ -124,12 +128,7 @@ impl Drop for Bridge {
     }
 }
 
-fn forward(
-    ports: &[VhostPort; 2],
-    stats: &BridgeStats,
-    rx: Receiver<Msg>,
-    observe: &mut dyn FnMut(Side, &PortEvent),
-) {
+fn forward(ports: &[VhostPort; 2], stats: &BridgeStats, rx: Receiver<Msg>, observe: &mut dyn FnMut(Side, &PortEvent)) {
     let mut pending: [VecDeque<Vec<u8>>; 2] = [VecDeque::new(), VecDeque::new()];
     let flush = |side: Side, pending: &mut [VecDeque<Vec<u8>>; 2]| {
         let q = &mut pending[side.idx()];
@@ -159,6 +158,7 @@ fn forward(
         };
         match ev {
             PortEvent::Frame(f) => {
+                ports[side.idx()].tx_consumed(1);
                 let to = side.other();
                 let q = &mut pending[to.idx()];
                 if q.is_empty() {

@@ -93,7 +93,13 @@ mod tests {
     #[test]
     fn offers_no_offloads() {
         use virtio_bindings::virtio_net::*;
-        for bit in [VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_MQ] {
+        for bit in [
+            VIRTIO_NET_F_CSUM,
+            VIRTIO_NET_F_GUEST_CSUM,
+            VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_HOST_TSO4,
+            VIRTIO_NET_F_MQ,
+        ] {
             assert_eq!(OFFERED_FEATURES & (1 << bit), 0, "bit {bit}");
         }
     }

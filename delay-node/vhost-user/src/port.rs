@@ -18,10 +18,10 @@ use std::cell::RefCell;
 use std::fs::File;
 use std::io;
 use std::net::Shutdown;
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
 
@@ -30,9 +30,7 @@ use tracing::{debug, info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
-use vhost_user_backend::{
-    VhostUserBackend, VhostUserDaemon, VringRwLock, VringStateGuard, VringStateMutGuard, VringT,
-};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringStateGuard, VringStateMutGuard, VringT};
 use virtio_queue::{Error as VirtQueError, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -40,7 +38,15 @@ use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventF
 
 use crate::net_hdr::{HdrLayout, OFFERED_FEATURES};
 use crate::proxy;
-use crate::ring::{deliver_frame, drain_tx, Delivery, RingError};
+use crate::ring::{deliver_frame, drain_tx, Delivery, RingError, MAX_TX_CHAINS_PER_DRAIN};
+
+/// Frames a port hands to its consumer before the consumer says it took them
+/// ([`VhostPort::tx_consumed`]): beyond this the port leaves the guest's
+/// chains in its TX ring (the guest sees a full ring, as with a slow NIC)
+/// instead of copying more of its memory into the host. 1024 frames are at
+/// most 64 MiB per port and far more than a TCG guest sends between two
+/// turns of the node's loop.
+pub const MAX_TX_BACKLOG: usize = 1024;
 
 type Bitmap = BitmapMmapRegion;
 type Mem = GuestMemoryAtomic<GuestMemoryMmap<Bitmap>>;
@@ -90,6 +96,9 @@ pub struct PortStats {
     pub rx_frames: u64,
     /// `deliver` calls refused for lack of a buffer or a stopped device.
     pub rx_refused: u64,
+    /// TX chains refused because their length cannot be a frame (the guest
+    /// got them back as used, nothing was read).
+    pub tx_refused: u64,
     /// QEMU connections accepted.
     pub connections: u64,
 }
@@ -129,6 +138,9 @@ struct Shared {
     /// The current QEMU connection, to cut it on drop.
     shutdown_handle: Mutex<Option<UnixStream>>,
     tx_frames: AtomicU64,
+    tx_refused: AtomicU64,
+    /// Frames emitted and not yet acknowledged by the consumer.
+    tx_backlog: AtomicUsize,
     rx_frames: AtomicU64,
     rx_refused: AtomicU64,
     connections: AtomicU64,
@@ -342,16 +354,38 @@ fn transmit(shared: &Shared, vring: &NetVring, mem: &Mem) -> io::Result<()> {
             return Ok(());
         }
         let m = mem.memory();
-        let frames = drain_tx(st.get_queue_mut(), &*m, shared.layout()).map_err(io::Error::other)?;
-        // Report the frames before the ring lock is released: QEMU's stop
-        // (GET_VRING_BASE) takes the same lock, so by the time QMP `stop`
-        // returns, every frame the guest sees as sent is already in the
-        // caller's queue — a save right after the stop cannot miss one, however
-        // late this thread is scheduled.
-        shared.tx_frames.fetch_add(frames.len() as u64, Ordering::Relaxed);
-        let any = !frames.is_empty();
-        for f in frames {
-            shared.emit(PortEvent::Frame(f));
+        let mut any = false;
+        loop {
+            // Backpressure: the consumer has not taken what we gave it yet.
+            // The rest stays in the ring; `tx_consumed` drains it later.
+            if shared.tx_backlog.load(Ordering::SeqCst) >= MAX_TX_BACKLOG {
+                shared.tx_pending.store(true, Ordering::SeqCst);
+                // Checked again after the flag is up: a consumer that caught
+                // up in between may have seen no pending kick.
+                if shared.tx_backlog.load(Ordering::SeqCst) >= MAX_TX_BACKLOG {
+                    break;
+                }
+            }
+            let d = drain_tx(st.get_queue_mut(), &*m, shared.layout(), MAX_TX_CHAINS_PER_DRAIN)
+                .map_err(io::Error::other)?;
+            if d.refused > 0 {
+                shared.tx_refused.fetch_add(d.refused, Ordering::Relaxed);
+                warn!(port = %shared.name, chains = d.refused, "refused TX chains that cannot hold a frame");
+            }
+            // Report the frames before the ring lock is released: QEMU's stop
+            // (GET_VRING_BASE) takes the same lock, so by the time QMP `stop`
+            // returns, every frame the guest sees as sent is already in the
+            // caller's queue — a save right after the stop cannot miss one,
+            // however late this thread is scheduled.
+            shared.tx_frames.fetch_add(d.frames.len() as u64, Ordering::Relaxed);
+            shared.tx_backlog.fetch_add(d.frames.len(), Ordering::SeqCst);
+            any |= !d.frames.is_empty() || d.refused > 0;
+            for f in d.frames {
+                shared.emit(PortEvent::Frame(f));
+            }
+            if !d.more {
+                break;
+            }
         }
         if any {
             st.signal_used_queue()?;
@@ -374,8 +408,8 @@ impl VhostPort {
     /// everything the guest and QEMU do.
     pub fn serve(socket: &Path, events: impl FnMut(PortEvent) + Send + 'static) -> Result<VhostPort, VhostError> {
         let _ = std::fs::remove_file(socket);
-        let listener =
-            UnixListener::bind(socket).map_err(|e| VhostError::Listen { path: socket.to_path_buf(), msg: e.to_string() })?;
+        let listener = UnixListener::bind(socket)
+            .map_err(|e| VhostError::Listen { path: socket.to_path_buf(), msg: e.to_string() })?;
         let name = socket.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "vhost".into());
         let shared = Arc::new(Shared {
             name: name.clone(),
@@ -388,6 +422,8 @@ impl VhostPort {
             shutdown: AtomicBool::new(false),
             shutdown_handle: Mutex::new(None),
             tx_frames: AtomicU64::new(0),
+            tx_refused: AtomicU64::new(0),
+            tx_backlog: AtomicUsize::new(0),
             rx_frames: AtomicU64::new(0),
             rx_refused: AtomicU64::new(0),
             connections: AtomicU64::new(0),
@@ -458,6 +494,21 @@ impl VhostPort {
     /// the frames `deliver` refused.
     pub fn release(&self) {
         self.shared.held.store(false, Ordering::SeqCst);
+        self.retry_tx();
+    }
+
+    /// The consumer of this port's events has taken `n` more `Frame`s off
+    /// its queue. Until it does, at most [`MAX_TX_BACKLOG`] frames are handed
+    /// out; chains left in the guest's ring meanwhile are drained here.
+    pub fn tx_consumed(&self, n: usize) {
+        let _ = self.shared.tx_backlog.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| Some(b.saturating_sub(n)));
+        if self.shared.tx_backlog.load(Ordering::SeqCst) < MAX_TX_BACKLOG && !self.shared.held.load(Ordering::SeqCst) {
+            self.retry_tx();
+        }
+    }
+
+    /// Drains the TX ring now if a kick was left pending (held, or backlog).
+    fn retry_tx(&self) {
         if self.shared.tx_pending.swap(false, Ordering::SeqCst) {
             let ring = {
                 let conn = self.shared.conn.lock().unwrap_or_else(|p| p.into_inner());
@@ -486,6 +537,7 @@ impl VhostPort {
         let s = &self.shared;
         PortStats {
             tx_frames: s.tx_frames.load(Ordering::Relaxed),
+            tx_refused: s.tx_refused.load(Ordering::Relaxed),
             rx_frames: s.rx_frames.load(Ordering::Relaxed),
             rx_refused: s.rx_refused.load(Ordering::Relaxed),
             connections: s.connections.load(Ordering::Relaxed),
@@ -565,7 +617,8 @@ fn serve_one(shared: &Arc<Shared>, qemu: UnixStream, socket: &Path) -> Result<()
     for (i, v) in vrings.iter().enumerate() {
         let _ = v.hook.set((i, Arc::downgrade(shared)));
     }
-    *shared.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(Conn { rx: vrings[RX].clone(), tx: vrings[TX].clone(), mem });
+    *shared.conn.lock().unwrap_or_else(|p| p.into_inner()) =
+        Some(Conn { rx: vrings[RX].clone(), tx: vrings[TX].clone(), mem });
 
     let mut inner_path = socket.as_os_str().to_owned();
     inner_path.push(".backend");

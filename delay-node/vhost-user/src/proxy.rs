@@ -12,9 +12,16 @@
 //! first `SET_FEATURES` and then replays the last state QEMU asked for on
 //! each queue (QEMU 7.2 as shipped by Debian does not send it again: observed
 //! message order GET_FEATURES … SET_VRING_ENABLE×n … SET_FEATURES,
-//! SET_MEM_TABLE, per queue NUM/BASE/ADDR/KICK/CALL). `REPLY_ACK` is not
-//! offered, so a held request needs no answer. Everything else (including
-//! file descriptors) is passed through unchanged.
+//! SET_MEM_TABLE, per queue NUM/BASE/ADDR/KICK/CALL).
+//!
+//! A held request that asks for a reply gets one from the shim: the `vhost`
+//! crate adds `REPLY_ACK` to the protocol features the backend offers, and
+//! QEMU 10.0 sets `NEED_REPLY` on that early `SET_VRING_ENABLE` and then
+//! blocks in its start-up until the ack arrives (with `-daemonize` the
+//! parent process never returned: docs/qemu.md, "QEMU 10"). The ack cannot
+//! interleave with a backend reply: the frontend waits for each reply
+//! before it sends its next request. Everything else (including file
+//! descriptors) is passed through unchanged.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -30,6 +37,10 @@ const SET_FEATURES: u32 = 2;
 const SET_VRING_ENABLE: u32 = 18;
 /// Header: request, flags, payload size (little-endian u32 each).
 const HDR_LEN: usize = 12;
+/// Header flags: protocol version 1, "this is a reply", "reply wanted".
+const FLAG_VERSION: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
 /// The vhost-user spec caps payloads well below this; larger means garbage.
 const MAX_PAYLOAD: usize = 0x1000_0000;
 /// Most fds one message carries (`SET_MEM_TABLE`: one per region, ≤ 8... 509
@@ -88,6 +99,16 @@ impl Filter {
     }
 }
 
+/// The `REPLY_ACK` answer to `request`: success (a zero u64).
+pub(crate) fn ack(request: u32) -> Vec<u8> {
+    let mut m = Vec::with_capacity(HDR_LEN + 8);
+    m.extend(request.to_le_bytes());
+    m.extend((FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+    m.extend(8u32.to_le_bytes());
+    m.extend(0u64.to_le_bytes());
+    m
+}
+
 fn read_header(qemu: &UnixStream, hdr: &mut [u8; HDR_LEN]) -> io::Result<Option<Vec<OwnedFd>>> {
     let mut fds: [RawFd; MAX_FDS] = [-1; MAX_FDS];
     let (n, nfds) = {
@@ -133,7 +154,13 @@ pub(crate) fn pump_requests(qemu: UnixStream, backend: UnixStream, name: &str) -
         }
         match filter.judge(request, &msg[HDR_LEN..]) {
             Verdict::Swallow => {
-                debug!(port = name, request, "swallowed a SET_VRING_ENABLE sent before SET_FEATURES");
+                let flags = u32::from_le_bytes(hdr[4..8].try_into().expect("4 bytes"));
+                debug!(port = name, request, flags, "held a SET_VRING_ENABLE sent before SET_FEATURES");
+                if flags & FLAG_NEED_REPLY != 0 {
+                    if let Err(e) = (&qemu).write_all(&ack(request)) {
+                        break Err(e);
+                    }
+                }
                 continue;
             }
             Verdict::Forward => tracing::trace!(port = name, request, size, fds = fds.len(), "request"),
@@ -196,6 +223,29 @@ mod tests {
         assert_eq!(&r[0][..12], &[18, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0]);
         assert!(f.replay().is_empty(), "replayed once");
         assert_eq!(f.judge(SET_VRING_ENABLE, &enable(0, 0)), Verdict::Forward);
+    }
+
+    #[test]
+    fn a_held_request_that_wants_a_reply_is_acked_and_nothing_reaches_the_backend() {
+        let (qemu_side, qemu_end) = UnixStream::pair().unwrap();
+        let (backend_end, backend_side) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || pump_requests(qemu_end, backend_end, "t"));
+        let mut m = Vec::new();
+        m.extend(SET_VRING_ENABLE.to_le_bytes());
+        m.extend((FLAG_VERSION | FLAG_NEED_REPLY).to_le_bytes());
+        m.extend(8u32.to_le_bytes());
+        m.extend([0u8, 0, 0, 0, 1, 0, 0, 0]);
+        (&qemu_side).write_all(&m).unwrap();
+        let mut reply = [0u8; HDR_LEN + 8];
+        (&qemu_side).read_exact(&mut reply).unwrap();
+        assert_eq!(&reply[..], &ack(SET_VRING_ENABLE)[..]);
+        assert_eq!(&reply[..12], &[18, 0, 0, 0, 5, 0, 0, 0, 8, 0, 0, 0], "a reply (0x4) of version 1 with 8 bytes");
+        assert_eq!(&reply[12..], &[0; 8], "success");
+        drop(qemu_side);
+        t.join().unwrap().unwrap();
+        let mut rest = Vec::new();
+        (&backend_side).read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "the held request is not forwarded: {rest:?}");
     }
 
     #[test]

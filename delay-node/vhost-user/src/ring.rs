@@ -42,8 +42,6 @@ pub enum RingError {
     BufferTooSmall { frame: usize, capacity: usize },
     #[error("frame of {0} bytes is larger than any virtio-net frame")]
     FrameTooLarge(usize),
-    #[error("transmit chain of {0} bytes is shorter than the virtio-net header")]
-    ShortTxChain(usize),
 }
 
 /// Largest frame we put in a ring: 64 KiB covers any frame a no-offload
@@ -67,18 +65,21 @@ fn pop_chain<M: GuestMemory>(q: &mut Queue, mem: &M, writable: bool) -> Result<O
     let head = chain.head_index();
     let mut segments = Vec::new();
     let mut capacity = 0usize;
+    // The guest chooses every length: sum them saturating (a chain of
+    // 4 GiB descriptors must not wrap), and the caller checks the total
+    // before it allocates anything. The chain's length itself is bounded by
+    // the queue size (virtio-queue stops a chain after that many).
     for desc in chain {
         if desc.is_write_only() == writable {
             segments.push((desc.addr(), desc.len() as usize));
-            capacity += desc.len() as usize;
+            capacity = capacity.saturating_add(desc.len() as usize);
         }
     }
     Ok(Some(Chain { head, segments, capacity }))
 }
 
 fn write_at<M: GuestMemory>(mem: &M, addr: GuestAddress, bytes: &[u8]) -> Result<(), RingError> {
-    mem.write_slice(bytes, addr)
-        .map_err(|source| RingError::Memory { addr: addr.raw_value(), source })
+    mem.write_slice(bytes, addr).map_err(|source| RingError::Memory { addr: addr.raw_value(), source })
 }
 
 /// Publishes `elems` (head, written length) as the next used-ring entries and
@@ -181,57 +182,99 @@ fn give_back(q: &mut Queue, n: usize) {
     }
 }
 
-/// Takes every chain the guest has queued for transmission, strips the
-/// virtio-net header and returns the frames in order; each chain is returned
-/// to the guest (used, length 0) at once.
-pub fn drain_tx<M: GuestMemory>(q: &mut Queue, mem: &M, layout: HdrLayout) -> Result<Vec<Vec<u8>>, RingError> {
-    let mut frames = Vec::new();
+/// Most chains one [`drain_tx`] call takes; the caller drains again when
+/// [`TxDrain::more`] says so (after handing the frames on), so one kick never
+/// turns a whole ring's worth of guest-chosen buffers into host memory at once.
+pub const MAX_TX_CHAINS_PER_DRAIN: usize = 256;
+
+/// What one [`drain_tx`] took from the guest's TX ring.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct TxDrain {
+    /// The frames, virtio-net header stripped, in ring order.
+    pub frames: Vec<Vec<u8>>,
+    /// Chains refused without reading them (shorter than the header, or
+    /// longer than header plus [`MAX_FRAME`]); each was returned to the guest
+    /// as used with length 0, as a NIC drops a frame it cannot send.
+    pub refused: u64,
+    /// The call stopped at its chain limit; the ring may hold more.
+    pub more: bool,
+}
+
+/// Takes up to `max_chains` chains the guest has queued for transmission,
+/// strips the virtio-net header and returns the frames in order; each chain
+/// is returned to the guest (used, length 0). A chain whose guest-chosen
+/// length cannot be a frame is refused before anything is allocated for it.
+pub fn drain_tx<M: GuestMemory>(
+    q: &mut Queue,
+    mem: &M,
+    layout: HdrLayout,
+    max_chains: usize,
+) -> Result<TxDrain, RingError> {
+    let mut out = TxDrain::default();
     let mut done = Vec::new();
-    while let Some(c) = pop_chain(q, mem, false)? {
+    while done.len() < max_chains {
+        let Some(c) = pop_chain(q, mem, false)? else {
+            break;
+        };
         done.push((c.head, 0u32));
-        if c.capacity < layout.len() {
-            publish_used(q, mem, &done)?;
-            return Err(RingError::ShortTxChain(c.capacity));
+        if c.capacity < layout.len() || c.capacity - layout.len() > MAX_FRAME {
+            tracing::debug!(bytes = c.capacity, "refused a TX chain that cannot hold a frame");
+            out.refused += 1;
+            continue;
         }
         let mut buf = vec![0u8; c.capacity];
         let mut off = 0;
         for (addr, len) in c.segments {
-            mem.read_slice(&mut buf[off..off + len], addr)
-                .map_err(|source| RingError::Memory { addr: addr.raw_value(), source })?;
+            if let Err(source) = mem.read_slice(&mut buf[off..off + len], addr) {
+                // Give back what was taken before failing: the guest must not
+                // lose ring entries to our error.
+                publish_used(q, mem, &done)?;
+                return Err(RingError::Memory { addr: addr.raw_value(), source });
+            }
             off += len;
         }
         buf.drain(..layout.len());
-        frames.push(buf);
+        out.frames.push(buf);
     }
+    out.more = done.len() == max_chains;
     if !done.is_empty() {
         publish_used(q, mem, &done)?;
     }
-    Ok(frames)
+    Ok(out)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use vm_memory::GuestMemoryMmap;
+/// A split virtqueue laid out in plain memory and driven the way a guest
+/// driver would (descriptor table, available ring, used ring): for tests and
+/// fuzz targets of the ring code with fabricated guest memory.
+pub mod sim {
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
-    const WRITE: u16 = 2; // VRING_DESC_F_WRITE
-    const NEXT: u16 = 1; // VRING_DESC_F_NEXT
-    const BUF_BASE: u64 = 0x10_0000;
+    /// `VRING_DESC_F_NEXT`.
+    pub const NEXT: u16 = 1;
+    /// `VRING_DESC_F_WRITE`: device-writable (a receive buffer).
+    pub const WRITE: u16 = 2;
+    /// Where the simulated guest's buffers start.
+    pub const BUF_BASE: u64 = 0x10_0000;
+    /// Size of the simulated guest memory.
+    pub const MEM_SIZE: u64 = 0x40_0000;
     const DESC: u64 = 0x0;
     const AVAIL: u64 = 0x1_0000;
     const USED: u64 = 0x2_0000;
 
-    /// A split ring laid out in test memory, driven the way a guest driver would.
-    struct Guest {
-        mem: GuestMemoryMmap,
-        size: u16,
+    /// The guest side of one queue.
+    pub struct Guest {
+        pub mem: GuestMemoryMmap,
+        pub size: u16,
         next_desc: u16,
     }
 
     impl Guest {
-        fn new(size: u16) -> (Guest, Queue) {
-            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
-            let mut q = Queue::new(size).unwrap();
+        /// A guest with 4 MiB of memory and one ready queue of `size` entries.
+        pub fn new(size: u16) -> (Guest, Queue) {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
+                .expect("map simulated guest memory");
+            let mut q = Queue::new(size).expect("queue size is a power of two");
             q.set_size(size);
             q.set_desc_table_address(Some(DESC as u32), Some(0));
             q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
@@ -241,7 +284,7 @@ mod tests {
         }
 
         /// Posts one chain of `(addr, len, flags)` descriptors.
-        fn post(&mut self, descs: &[(u64, u32, u16)]) {
+        pub fn post(&mut self, descs: &[(u64, u32, u16)]) {
             let head = self.next_desc;
             for (i, &(addr, len, flags)) in descs.iter().enumerate() {
                 let d = (head + i as u16) % self.size;
@@ -249,45 +292,62 @@ mod tests {
                 let next = (d + 1) % self.size;
                 let flags = if last { flags & !NEXT } else { flags | NEXT };
                 let a = GuestAddress(DESC + 16 * u64::from(d));
-                self.mem.write_obj(addr, a).unwrap();
-                self.mem.write_obj(len, a.unchecked_add(8)).unwrap();
-                self.mem.write_obj(flags, a.unchecked_add(12)).unwrap();
-                self.mem.write_obj(if last { 0 } else { next }, a.unchecked_add(14)).unwrap();
+                self.write(a, addr);
+                self.write(a.unchecked_add(8), len);
+                self.write(a.unchecked_add(12), flags);
+                self.write(a.unchecked_add(14), if last { 0 } else { next });
             }
             self.next_desc = (head + descs.len() as u16) % self.size;
             let idx = self.avail_idx();
-            self.mem.write_obj(head, GuestAddress(AVAIL + 4 + 2 * u64::from(idx % self.size))).unwrap();
-            self.mem.write_obj(idx.wrapping_add(1), GuestAddress(AVAIL + 2)).unwrap();
+            self.write(GuestAddress(AVAIL + 4 + 2 * u64::from(idx % self.size)), head);
+            self.write(GuestAddress(AVAIL + 2), idx.wrapping_add(1));
         }
 
-        /// Posts `n` single-descriptor receive buffers of `len` bytes.
-        fn post_rx(&mut self, n: u16, len: u32) {
+        /// Posts `n` single-descriptor receive buffers of `len` bytes, each
+        /// at `BUF_BASE + 64 KiB × its descriptor index`.
+        pub fn post_rx(&mut self, n: u16, len: u32) {
             for _ in 0..n {
                 let addr = BUF_BASE + u64::from(self.next_desc) * 0x1_0000;
                 self.post(&[(addr, len, WRITE)]);
             }
         }
 
-        fn avail_idx(&self) -> u16 {
-            self.mem.read_obj(GuestAddress(AVAIL + 2)).unwrap()
+        /// Overwrites raw bytes anywhere in guest memory (rings included).
+        pub fn poke(&self, addr: u64, bytes: &[u8]) {
+            let _ = self.mem.write_slice(bytes, GuestAddress(addr));
         }
 
-        fn used_idx(&self) -> u16 {
-            self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+        fn write<T: vm_memory::ByteValued>(&self, a: GuestAddress, v: T) {
+            self.mem.write_obj(v, a).expect("inside simulated memory");
         }
 
-        fn used_elem(&self, slot: u64) -> (u32, u32) {
+        pub fn avail_idx(&self) -> u16 {
+            self.mem.read_obj(GuestAddress(AVAIL + 2)).unwrap_or(0)
+        }
+
+        pub fn used_idx(&self) -> u16 {
+            self.mem.read_obj(GuestAddress(USED + 2)).unwrap_or(0)
+        }
+
+        /// (head, length) of used-ring slot `slot`.
+        pub fn used_elem(&self, slot: u64) -> (u32, u32) {
             let a = GuestAddress(USED + 4 + 8 * slot);
-            (self.mem.read_obj(a).unwrap(), self.mem.read_obj(a.unchecked_add(4)).unwrap())
+            (self.mem.read_obj(a).unwrap_or(0), self.mem.read_obj(a.unchecked_add(4)).unwrap_or(0))
         }
 
-        fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+        pub fn read(&self, addr: u64, len: usize) -> Vec<u8> {
             let mut b = vec![0u8; len];
-            self.mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
+            self.mem.read_slice(&mut b, GuestAddress(addr)).expect("inside simulated memory");
             b
         }
     }
+}
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use sim::{Guest, BUF_BASE, WRITE};
     fn frame(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 7 + 3) as u8).collect()
     }
@@ -393,18 +453,52 @@ mod tests {
         g.mem.write_slice(&f2, GuestAddress(BUF_BASE + 0x2_0000)).unwrap();
         g.post(&[(BUF_BASE, hdr_and_f1.len() as u32, 0)]);
         g.post(&[(BUF_BASE + 0x1_0000, 12, 0), (BUF_BASE + 0x2_0000, 1514, 0)]);
-        let frames = drain_tx(&mut q, &g.mem, HdrLayout::MODERN_MRG).unwrap();
-        assert_eq!(frames, vec![f1, f2]);
+        let d = drain_tx(&mut q, &g.mem, HdrLayout::MODERN_MRG, 16).unwrap();
+        assert_eq!(d.frames, vec![f1, f2]);
+        assert_eq!((d.refused, d.more), (0, false));
         assert_eq!(g.used_idx(), 2);
-        assert!(drain_tx(&mut q, &g.mem, HdrLayout::MODERN_MRG).unwrap().is_empty());
+        assert_eq!(drain_tx(&mut q, &g.mem, HdrLayout::MODERN_MRG, 16).unwrap(), TxDrain::default());
     }
 
     #[test]
     fn short_tx_chain_is_refused_but_returned_to_the_guest() {
         let (mut g, mut q) = Guest::new(16);
         g.post(&[(BUF_BASE, 8, 0)]);
-        assert!(matches!(drain_tx(&mut q, &g.mem, HdrLayout::MODERN_MRG), Err(RingError::ShortTxChain(8))));
-        assert_eq!(g.used_idx(), 1);
+        g.post(&[(BUF_BASE, 12 + 60, 0)]);
+        let d = drain_tx(&mut q, &g.mem, HdrLayout::MODERN_MRG, 16).unwrap();
+        assert_eq!(d.refused, 1);
+        assert_eq!(d.frames.len(), 1, "the next chain is still taken");
+        assert_eq!(g.used_idx(), 2);
+    }
+
+    #[test]
+    fn oversize_tx_chain_is_refused_unread_and_returned_used() {
+        let (mut g, mut q) = Guest::new(16);
+        // 16 GiB claimed by four descriptors far outside guest memory: reading
+        // (or allocating) any of it would fail or abort.
+        g.post(&[(1 << 40, u32::MAX, 0); 4]);
+        // One byte more than any frame, inside guest memory.
+        g.post(&[(BUF_BASE, (12 + MAX_FRAME + 1) as u32, 0)]);
+        let d = drain_tx(&mut q, &g.mem, HdrLayout::MODERN_MRG, 16).unwrap();
+        assert_eq!((d.frames.len(), d.refused), (0, 2));
+        assert_eq!(g.used_idx(), 2);
+        assert_eq!(g.used_elem(0), (0, 0));
+        assert_eq!(g.used_elem(1), (4, 0));
+    }
+
+    #[test]
+    fn a_drain_takes_at_most_max_chains_and_says_more_remain() {
+        let (mut g, mut q) = Guest::new(16);
+        g.poke(BUF_BASE, &[0u8; 12 + 60]);
+        for _ in 0..10 {
+            g.post(&[(BUF_BASE, 12 + 60, 0)]);
+        }
+        let d = drain_tx(&mut q, &g.mem, HdrLayout::MODERN_MRG, 4).unwrap();
+        assert_eq!((d.frames.len(), d.more), (4, true));
+        assert_eq!(g.used_idx(), 4);
+        let d = drain_tx(&mut q, &g.mem, HdrLayout::MODERN_MRG, 8).unwrap();
+        assert_eq!((d.frames.len(), d.more), (6, false));
+        assert_eq!(g.used_idx(), 10);
     }
 
     #[test]

@@ -19,7 +19,13 @@ use stasis_vhost_user::{Bridge, PortEvent, Side};
 type Events = Receiver<(Side, PortEvent, u64)>;
 
 /// Waits for an event of `side` matching `pred`; returns it with its arrival time.
-fn wait_event(rx: &Events, side: Side, what: &str, timeout: Duration, pred: impl Fn(&PortEvent) -> bool) -> (PortEvent, u64) {
+fn wait_event(
+    rx: &Events,
+    side: Side,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&PortEvent) -> bool,
+) -> (PortEvent, u64) {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());

@@ -123,7 +123,13 @@ impl Session {
             .as_array()
             .map(|a| {
                 a.iter()
-                    .map(|p| (p["name"].as_str().unwrap_or("").to_string(), p["pid"].as_u64().unwrap_or(0) as u32, p["alive"].as_bool().unwrap_or(false)))
+                    .map(|p| {
+                        (
+                            p["name"].as_str().unwrap_or("").to_string(),
+                            p["pid"].as_u64().unwrap_or(0) as u32,
+                            p["alive"].as_bool().unwrap_or(false),
+                        )
+                    })
                     .collect()
             })
             .unwrap_or_default())
@@ -209,7 +215,14 @@ struct FailureRun {
     bands: u64,
 }
 
-fn failure_run(s: &mut Session, a: &Args, every: u64, exp: &Experiment, runs: &[String], kill: &[String]) -> Result<FailureRun> {
+fn failure_run(
+    s: &mut Session,
+    a: &Args,
+    every: u64,
+    exp: &Experiment,
+    runs: &[String],
+    kill: &[String],
+) -> Result<FailureRun> {
     let master = exp.nodes[0].name.clone();
     up(s, &a.spec, runs)?;
     let every = every as f64;
@@ -244,7 +257,8 @@ fn failure_run(s: &mut Session, a: &Args, every: u64, exp: &Experiment, runs: &[
             let procs = s.processes()?;
             let mut pids = Vec::new();
             for k in kill {
-                let (_, pid, _) = procs.iter().find(|p| p.0 == *k).with_context(|| format!("no process for node {k:?}"))?;
+                let (_, pid, _) =
+                    procs.iter().find(|p| p.0 == *k).with_context(|| format!("no process for node {k:?}"))?;
                 // SAFETY: kill(2) of a QEMU this demo's experiment started (pid from `stasis status`).
                 unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
                 pids.push(format!("{k} (pid {pid})"));
@@ -283,7 +297,16 @@ fn failure_run(s: &mut Session, a: &Args, every: u64, exp: &Experiment, runs: &[
     let restored = s.console(&master, inc);
     let first_restored_progress = progress(&restored).first().map_or(0, |p| p.0);
     let reconnections_after_restore = exp.nodes.iter().map(|n| connections(&s.console(&n.name, inc))).sum();
-    Ok(FailureRun { image, until_kill_s, total_s, checkpoints: ckpts, bands_at_kill, first_restored_progress, reconnections_after_restore, bands })
+    Ok(FailureRun {
+        image,
+        until_kill_s,
+        total_s,
+        checkpoints: ckpts,
+        bands_at_kill,
+        first_restored_progress,
+        reconnections_after_restore,
+        bands,
+    })
 }
 
 fn same(a: &Image, b: &Image) -> bool {
@@ -307,7 +330,8 @@ fn main() -> Result<()> {
     if exp.nodes.len() < 3 {
         bail!("{}: the demo needs at least 3 nodes (a master and two to kill)", a.spec.display());
     }
-    let kill: Vec<String> = if a.kill.is_empty() { exp.nodes[1..3].iter().map(|n| n.name.clone()).collect() } else { a.kill.clone() };
+    let kill: Vec<String> =
+        if a.kill.is_empty() { exp.nodes[1..3].iter().map(|n| n.name.clone()).collect() } else { a.kill.clone() };
     for k in &kill {
         if k == &exp.nodes[0].name || exp.node(k).is_none() {
             bail!("--kill {k}: not a worker node of {} (the master runs on {})", a.spec.display(), exp.nodes[0].name);
@@ -331,7 +355,9 @@ fn main() -> Result<()> {
     );
     let host = host_reference(&params);
 
-    let mut reference: Option<(Image, f64, Vec<(f64, String)>)> = None;
+    // The reference run: its image, when it finished (s) and its log lines.
+    type Reference = (Image, f64, Vec<(f64, String)>);
+    let mut reference: Option<Reference> = None;
     if !a.no_reference_run {
         println!("== 1. reference: the job without failures");
         let mut s = Session::new(&bin, &exp.name, "reference")?;
@@ -358,8 +384,18 @@ fn main() -> Result<()> {
     std::fs::write(a.out.join("restored.png"), &restored_png)?;
     let host_png = png(&host)?;
     let mut ok = same(&f.image, &host) && restored_png == host_png;
-    println!("  restored run: blake3 {} crc32 {:08x} -> {}", f.image.digest(), f.image.crc32, a.out.join("restored.png").display());
-    println!("  host-computed: blake3 {} crc32 {:08x} ({})", host.digest(), host.crc32, if same(&f.image, &host) { "identical" } else { "DIFFERENT" });
+    println!(
+        "  restored run: blake3 {} crc32 {:08x} -> {}",
+        f.image.digest(),
+        f.image.crc32,
+        a.out.join("restored.png").display()
+    );
+    println!(
+        "  host-computed: blake3 {} crc32 {:08x} ({})",
+        host.digest(),
+        host.crc32,
+        if same(&f.image, &host) { "identical" } else { "DIFFERENT" }
+    );
     let mut lost = None;
     if let Some((img, t, _)) = &reference {
         let ref_png = png(img)?;

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 
 use super::netns::{Lab, NetnsError};
 use super::node::{agent_main, coordinator_main, AgentSpec, CoordinatorSpec, NodeError, RoundRecord};
-use super::{analyse, dist_table, Analysis, AnalyseError, Dist, StopRecord};
+use super::{analyse, dist_table, AnalyseError, Analysis, Dist, StopRecord};
 
 /// Injected clock errors of the agents: (offset ns, drift ppm).
 pub const AGENT_SKEWS: [(i64, f64); 3] = [(3_000_000, 50.0), (-2_000_000, -30.0), (0, 0.0)];
@@ -83,7 +83,12 @@ impl SkewConfig {
 
     /// The measurement pipeline in well under a minute: 10 checkpoints.
     pub fn quick(out: PathBuf) -> SkewConfig {
-        SkewConfig { checkpoints: 10, steady: Duration::from_secs(3), settle: Duration::from_secs(1), ..SkewConfig::full(out) }
+        SkewConfig {
+            checkpoints: 10,
+            steady: Duration::from_secs(3),
+            settle: Duration::from_secs(1),
+            ..SkewConfig::full(out)
+        }
     }
 }
 
@@ -163,7 +168,8 @@ impl SkewReport {
             );
         }
         let committed = self.rounds.iter().filter(|r| r.committed).count();
-        let qemu = if self.config.qemu_realtime { "SCHED_FIFO".to_owned() } else { format!("nice {}", self.config.qemu_nice) };
+        let qemu =
+            if self.config.qemu_realtime { "SCHED_FIFO".to_owned() } else { format!("nice {}", self.config.qemu_nice) };
         s += &format!(
             "\nfreeze-instant skew over {} checkpoints ({} committed), {} VMs on {} agents; actuation {}, QEMU {qemu}, spin {} µs, stagger {} µs:\n\n",
             self.analysis.checkpoints.len(),
@@ -283,7 +289,7 @@ pub fn run(cfg: &SkewConfig) -> Result<SkewReport, BenchError> {
         .prefix("skw-")
         .tempdir()
         .map_err(|source| BenchError::Write { path: std::env::temp_dir(), source })?;
-    let key = Key::new(b"stasis skew benchmark key")?;
+    let key = Key::new(b"stasis skew benchmark key, 32 bytes")?;
 
     // Dropped in reverse order: the nodes (and their QEMUs) go before the namespaces.
     let mut lab = Lab::new();
@@ -324,11 +330,8 @@ pub fn run(cfg: &SkewConfig) -> Result<SkewReport, BenchError> {
     let (gm_tx, gm_rx) = mpsc::channel::<SyncedClock>();
     let (go_tx, go_rx) = watch::channel::<Option<u64>>(None);
     let (round_tx, round_rx) = mpsc::channel::<RoundRecord>();
-    let coord_cfg = CoordConfig {
-        save_budget_ns: 2_000_000_000,
-        resume_timeout_ns: 2_000_000_000,
-        ..CoordConfig::default()
-    };
+    let coord_cfg =
+        CoordConfig { save_budget_ns: 2_000_000_000, resume_timeout_ns: 2_000_000_000, ..CoordConfig::default() };
     {
         let spec = CoordinatorSpec { key: key.clone(), agents: addrs, cfg: coord_cfg, gap: cfg.gap };
         let sd = shutdown_rx.clone();
@@ -343,7 +346,11 @@ pub fn run(cfg: &SkewConfig) -> Result<SkewReport, BenchError> {
         clocks[i] = Some(c);
     }
     let clocks: Vec<SyncedClock> = clocks.into_iter().map(|c| c.expect("every agent reported")).collect();
-    eprintln!("skew: {} agents up after {:.1} s; waiting for their clocks to converge", clocks.len(), wall.elapsed().as_secs_f64());
+    eprintln!(
+        "skew: {} agents up after {:.1} s; waiting for their clocks to converge",
+        clocks.len(),
+        wall.elapsed().as_secs_f64()
+    );
 
     let reports = converge(cfg, &clocks, &mut nodes, start_mono)?;
     for r in &reports {
@@ -370,7 +377,14 @@ pub fn run(cfg: &SkewConfig) -> Result<SkewReport, BenchError> {
     let committed: Vec<u64> = rounds.iter().filter(|r| r.committed).map(|r| r.ckpt).collect();
     let analysed: Vec<StopRecord> = records.iter().copied().filter(|r| committed.contains(&r.ckpt)).collect();
     let analysis = analyse(&analysed, clocks.len())?;
-    let report = SkewReport { config: cfg.clone(), clocks: reports, rounds, records, analysis, wall_s: wall.elapsed().as_secs_f64() };
+    let report = SkewReport {
+        config: cfg.clone(),
+        clocks: reports,
+        rounds,
+        records,
+        analysis,
+        wall_s: wall.elapsed().as_secs_f64(),
+    };
     let path = cfg.out.join("skew.json");
     let json = serde_json::to_vec_pretty(&report).expect("the report serialises");
     std::fs::write(&path, json).map_err(|source| BenchError::Write { path: path.clone(), source })?;
@@ -380,7 +394,12 @@ pub fn run(cfg: &SkewConfig) -> Result<SkewReport, BenchError> {
 
 /// Sample every clock's true error each 100 ms until each has converged,
 /// then settle and measure the steady window.
-fn converge(cfg: &SkewConfig, clocks: &[SyncedClock], nodes: &mut Nodes, start_mono: u64) -> Result<Vec<ClockReport>, BenchError> {
+fn converge(
+    cfg: &SkewConfig,
+    clocks: &[SyncedClock],
+    nodes: &mut Nodes,
+    start_mono: u64,
+) -> Result<Vec<ClockReport>, BenchError> {
     let n = clocks.len();
     let mut conv: Vec<Convergence> = (0..n).map(|_| Convergence::new(CONVERGED_NS, CONVERGED_RUN)).collect();
     let mut initial: Vec<Option<f64>> = vec![None; n];
@@ -395,7 +414,11 @@ fn converge(cfg: &SkewConfig, clocks: &[SyncedClock], nodes: &mut Nodes, start_m
                 })
                 .collect::<Vec<_>>()
                 .join("; ");
-            return Err(BenchError::NotConverged { bound_ns: CONVERGED_NS, secs: cfg.converge_timeout.as_secs(), detail });
+            return Err(BenchError::NotConverged {
+                bound_ns: CONVERGED_NS,
+                secs: cfg.converge_timeout.as_secs(),
+                detail,
+            });
         }
         for (i, c) in clocks.iter().enumerate() {
             let m = c.metrics();

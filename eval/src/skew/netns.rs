@@ -38,10 +38,8 @@ pub enum NetnsError {
 /// Run `ip` with `args`; its stderr in the error.
 pub fn ip(args: &[&str]) -> Result<(), NetnsError> {
     let joined = args.join(" ");
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|source| NetnsError::Spawn { args: joined.clone(), source })?;
+    let out =
+        Command::new("ip").args(args).output().map_err(|source| NetnsError::Spawn { args: joined.clone(), source })?;
     if !out.status.success() {
         return Err(NetnsError::Ip { args: joined, stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
     }

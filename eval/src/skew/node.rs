@@ -310,7 +310,11 @@ async fn serve(
                             let _ = wait_until_synced_async(clock, at as i128, DEFAULT_SPIN_NS).await;
                             vm.qmp.execute("cont", None).await?;
                             tracing::debug!(agent = spec.index, "continued");
-                            comps.push(ResumedComponent { name: spec.name.clone(), stop_ns: s.stop_synced, resume_ns: at });
+                            comps.push(ResumedComponent {
+                                name: spec.name.clone(),
+                                stop_ns: s.stop_synced,
+                                resume_ns: at,
+                            });
                         } else {
                             // the freeze failed part-way: make sure the VM runs
                             let _ = vm.qmp.execute("cont", None).await;
@@ -434,9 +438,11 @@ pub async fn coordinator_main(
     for k in 1..=rounds {
         let mut conns = Vec::with_capacity(agents.len());
         for (i, addr) in agents.iter().enumerate() {
-            let c = Connection::connect(*addr, &key)
-                .await
-                .map_err(|source| NodeError::Connect { agent: i, addr: *addr, source })?;
+            let c = Connection::connect(*addr, &key).await.map_err(|source| NodeError::Connect {
+                agent: i,
+                addr: *addr,
+                source,
+            })?;
             conns.push(c);
         }
         let mut reported = vec![vec![]; agents.len()];

@@ -43,10 +43,7 @@ pub struct Flags {
 impl Flags {
     /// Splits `args` into pairs, refusing flags not in `known`. Accepts both
     /// `--flag value` and `--flag=value`.
-    pub fn parse<I: IntoIterator<Item = String>>(
-        args: I,
-        known: &[&str],
-    ) -> Result<Flags, ArgsError> {
+    pub fn parse<I: IntoIterator<Item = String>>(args: I, known: &[&str]) -> Result<Flags, ArgsError> {
         let mut pairs = Vec::new();
         let mut it = args.into_iter();
         while let Some(a) = it.next() {
@@ -59,9 +56,7 @@ impl Flags {
             }
             let value = match inline {
                 Some(v) => v,
-                None => it
-                    .next()
-                    .ok_or_else(|| ArgsError::MissingValue(flag.clone()))?,
+                None => it.next().ok_or_else(|| ArgsError::MissingValue(flag.clone()))?,
             };
             pairs.push((flag, value));
         }
@@ -77,10 +72,7 @@ impl Flags {
     pub fn opt<T: FromStr>(&self, flag: &str) -> Result<Option<T>, ArgsError> {
         match self.pairs.iter().rev().find(|(f, _)| f == flag) {
             None => Ok(None),
-            Some((f, v)) => v.parse().map(Some).map_err(|_| ArgsError::BadValue {
-                flag: f.clone(),
-                value: v.clone(),
-            }),
+            Some((f, v)) => v.parse().map(Some).map_err(|_| ArgsError::BadValue { flag: f.clone(), value: v.clone() }),
         }
     }
 
@@ -89,12 +81,7 @@ impl Flags {
         self.pairs
             .iter()
             .filter(|(f, _)| f == flag)
-            .map(|(f, v)| {
-                v.parse().map_err(|_| ArgsError::BadValue {
-                    flag: f.clone(),
-                    value: v.clone(),
-                })
-            })
+            .map(|(f, v)| v.parse().map_err(|_| ArgsError::BadValue { flag: f.clone(), value: v.clone() }))
             .collect()
     }
 }
@@ -109,11 +96,7 @@ mod tests {
 
     #[test]
     fn values_defaults_and_repeats() {
-        let f = parse(
-            "--port 5000 --to a --to=b --rate 2.5",
-            &["--port", "--to", "--rate", "--node"],
-        )
-        .unwrap();
+        let f = parse("--port 5000 --to a --to=b --rate 2.5", &["--port", "--to", "--rate", "--node"]).unwrap();
         assert_eq!(f.get::<u16>("--port", 1).unwrap(), 5000);
         assert_eq!(f.get::<f64>("--rate", 1.0).unwrap(), 2.5);
         assert_eq!(f.get::<String>("--node", "x".into()).unwrap(), "x");
@@ -122,18 +105,9 @@ mod tests {
 
     #[test]
     fn refusals() {
-        assert_eq!(
-            parse("--bogus 1", &["--port"]).unwrap_err(),
-            ArgsError::Unknown("--bogus".into())
-        );
-        assert_eq!(
-            parse("--port", &["--port"]).unwrap_err(),
-            ArgsError::MissingValue("--port".into())
-        );
+        assert_eq!(parse("--bogus 1", &["--port"]).unwrap_err(), ArgsError::Unknown("--bogus".into()));
+        assert_eq!(parse("--port", &["--port"]).unwrap_err(), ArgsError::MissingValue("--port".into()));
         let f = parse("--port x", &["--port"]).unwrap();
-        assert!(matches!(
-            f.get::<u16>("--port", 1),
-            Err(ArgsError::BadValue { .. })
-        ));
+        assert!(matches!(f.get::<u16>("--port", 1), Err(ArgsError::BadValue { .. })));
     }
 }

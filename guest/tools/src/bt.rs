@@ -312,7 +312,10 @@ mod tests {
             parse_status("| 0/2/3 [12/128/100] 3MB,0MB | 250,0K/s | 250,0K E:0,0"),
             Some(Status { have: 12, total: 128, avail: 100 })
         );
-        assert_eq!(parse_status("- 0/0/1 [0/32/0] 0MB,0MB | 0,0K/s | 0,0K E:0,0 Connecting"), Some(Status { have: 0, total: 32, avail: 0 }));
+        assert_eq!(
+            parse_status("- 0/0/1 [0/32/0] 0MB,0MB | 0,0K/s | 0,0K E:0,0 Connecting"),
+            Some(Status { have: 0, total: 32, avail: 0 })
+        );
         assert_eq!(parse_status("Creating file \"payload.bin\""), None);
         assert_eq!(parse_status("x [5/4/4]"), None);
         assert_eq!(parse_status("x [1/0/0]"), None);
@@ -323,7 +326,8 @@ mod tests {
 
     #[test]
     fn scrape_and_hex() {
-        let r = b"HTTP/1.0 200 OK\r\n\r\nd5:filesd20:xxxxxxxxxxxxxxxxxxxxd8:completei1e10:downloadedi0e10:incompletei2eeee";
+        let r =
+            b"HTTP/1.0 200 OK\r\n\r\nd5:filesd20:xxxxxxxxxxxxxxxxxxxxd8:completei1e10:downloadedi0e10:incompletei2eeee";
         assert_eq!(scrape_complete(r), Some(1));
         assert_eq!(scrape_complete(b"d5:filesdee"), None);
         assert_eq!(url_encode(&[0x0a, 0xff]), "%0A%FF");

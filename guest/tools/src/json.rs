@@ -19,10 +19,7 @@ impl Default for JsonLine {
 impl JsonLine {
     /// An empty object.
     pub fn new() -> Self {
-        JsonLine {
-            buf: String::from("{"),
-            empty: true,
-        }
+        JsonLine { buf: String::from("{"), empty: true }
     }
 
     fn key(&mut self, k: &str) {
@@ -171,11 +168,7 @@ mod tests {
             .object("inner", JsonLine::new().u64("x", 1).opt_i64("y", Some(-2)))
             .finish();
         assert!(line.ends_with("}\n"));
-        assert_eq!(
-            line.matches('\n').count(),
-            1,
-            "exactly one newline: {line:?}"
-        );
+        assert_eq!(line.matches('\n').count(), 1, "exactly one newline: {line:?}");
         let v: serde_json::Value = serde_json::from_str(line.trim_end()).unwrap();
         assert_eq!(v["node"], "a\"b\\c\nd\u{1}");
         assert_eq!(v["n"], 7);
@@ -189,10 +182,7 @@ mod tests {
     #[test]
     fn empty_object() {
         assert_eq!(JsonLine::new().finish(), "{}\n");
-        assert_eq!(
-            JsonLine::new().object("o", JsonLine::new()).finish(),
-            "{\"o\":{}}\n"
-        );
+        assert_eq!(JsonLine::new().object("o", JsonLine::new()).finish(), "{\"o\":{}}\n");
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub mod args;
 pub mod bt;
 pub mod clocks;
 pub mod clockx;
+#[cfg(feature = "agent")]
+pub mod ga;
 pub mod json;
 pub mod lines;
 pub mod mandel;

@@ -47,13 +47,7 @@ pub fn probe_line(node: &str, interval_ns: u64, r: &WindowReport) -> JsonLine {
 }
 
 /// A receiver's state of one flow at `mono_ns`.
-pub fn recv_line(
-    node: &str,
-    proto: &str,
-    key: &FlowKey,
-    t: &FlowTracker,
-    mono_ns: u64,
-) -> JsonLine {
+pub fn recv_line(node: &str, proto: &str, key: &FlowKey, t: &FlowTracker, mono_ns: u64) -> JsonLine {
     JsonLine::new()
         .str("tool", "traffic")
         .str("role", "recv")
@@ -70,14 +64,7 @@ pub fn recv_line(
 }
 
 /// A sender's progress towards one destination at `mono_ns`.
-pub fn send_line(
-    node: &str,
-    proto: &str,
-    dest: &str,
-    sent: u64,
-    done: bool,
-    mono_ns: u64,
-) -> JsonLine {
+pub fn send_line(node: &str, proto: &str, dest: &str, sent: u64, done: bool, mono_ns: u64) -> JsonLine {
     JsonLine::new()
         .str("tool", "traffic")
         .str("role", "send")
@@ -242,10 +229,7 @@ pub mod parse {
             return Ok(ConsoleLine::Text(line.to_string()));
         }
         let v: serde_json::Value = serde_json::from_str(line).map_err(LineError::Json)?;
-        let kind = (
-            v["tool"].as_str().unwrap_or(""),
-            v["role"].as_str().unwrap_or(""),
-        );
+        let kind = (v["tool"].as_str().unwrap_or(""), v["role"].as_str().unwrap_or(""));
         match kind {
             ("probe", _) => serde_json::from_value(v).map(ConsoleLine::Probe),
             ("traffic", "recv") => serde_json::from_value(v).map(ConsoleLine::Recv),
@@ -268,18 +252,11 @@ mod tests {
         let mut core = ProbeCore::new(10_000_000);
         for i in 0..5u64 {
             let t = 1_000_000_000 + i * 10_000_000 + if i == 4 { 2_000_000_000 } else { 0 };
-            core.push(Sample {
-                mono_ns: t,
-                real_ns: t + 5,
-                boot_ns: t + 7,
-                tsc: 2 * t,
-            });
+            core.push(Sample { mono_ns: t, real_ns: t + 5, boot_ns: t + 7, tsc: 2 * t });
         }
         let r = core.close_window().unwrap();
         let line = probe_line("n\"1", 10_000_000, &r).finish();
-        let ConsoleLine::Probe(p) = parse_line(&line).unwrap() else {
-            panic!("{line}")
-        };
+        let ConsoleLine::Probe(p) = parse_line(&line).unwrap() else { panic!("{line}") };
         assert_eq!(p.node, "n\"1");
         assert_eq!((p.window, p.samples, p.interval_ns), (1, 5, 10_000_000));
         assert_eq!(p.mono_ns, r.last.mono_ns);
@@ -290,16 +267,9 @@ mod tests {
     #[test]
     fn first_single_sample_window_parses_with_nulls() {
         let mut core = ProbeCore::new(10);
-        core.push(Sample {
-            mono_ns: 1,
-            real_ns: 1,
-            boot_ns: 1,
-            tsc: 1,
-        });
+        core.push(Sample { mono_ns: 1, real_ns: 1, boot_ns: 1, tsc: 1 });
         let line = probe_line("a", 10, &core.close_window().unwrap()).finish();
-        let ConsoleLine::Probe(p) = parse_line(&line).unwrap() else {
-            panic!("{line}")
-        };
+        let ConsoleLine::Probe(p) = parse_line(&line).unwrap() else { panic!("{line}") };
         assert_eq!(p.max_step_ns.real, None);
         assert_eq!(p.max_disagree_ns.boot_mono, None);
     }
@@ -307,21 +277,14 @@ mod tests {
     #[test]
     fn traffic_lines_round_trip() {
         let mut table = FlowTable::new();
-        let rec = |seq| crate::record::Record {
-            flow: 7,
-            seq,
-            total: 0,
-            send_mono_ns: 0,
-        };
+        let rec = |seq| crate::record::Record { flow: 7, seq, total: 0, send_mono_ns: 0 };
         let ip = "10.1.1.1".parse().unwrap();
         for s in [0, 2, 2, 1] {
             table.on_record(ip, &rec(s));
         }
         let (key, t) = table.iter_sorted()[0];
         let line = recv_line("b", "udp", &key, t, 42).finish();
-        let ConsoleLine::Recv(r) = parse_line(&line).unwrap() else {
-            panic!("{line}")
-        };
+        let ConsoleLine::Recv(r) = parse_line(&line).unwrap() else { panic!("{line}") };
         assert_eq!(
             r,
             RecvLine {
@@ -357,21 +320,9 @@ mod tests {
             parse_line("Booting from ROM..\x1b[0m.\rSTASIS-READY node=a\r").unwrap(),
             ConsoleLine::Ready { node: "a".into() }
         );
-        assert_eq!(
-            parse_line("iperf Done.").unwrap(),
-            ConsoleLine::Text("iperf Done.".into())
-        );
-        assert!(matches!(
-            parse_line("{\"tool\":\"probe\",\"node\":\"a\",\"win"),
-            Err(LineError::Json(_))
-        ));
-        assert!(matches!(
-            parse_line("{\"tool\":\"probe\"}"),
-            Err(LineError::Json(_))
-        ));
-        assert!(matches!(
-            parse_line("{\"tool\":\"other\"}"),
-            Err(LineError::UnknownTool(_))
-        ));
+        assert_eq!(parse_line("iperf Done.").unwrap(), ConsoleLine::Text("iperf Done.".into()));
+        assert!(matches!(parse_line("{\"tool\":\"probe\",\"node\":\"a\",\"win"), Err(LineError::Json(_))));
+        assert!(matches!(parse_line("{\"tool\":\"probe\"}"), Err(LineError::Json(_))));
+        assert!(matches!(parse_line("{\"tool\":\"other\"}"), Err(LineError::UnknownTool(_))));
     }
 }

@@ -364,7 +364,7 @@ pub fn base64_encode(data: &[u8]) -> String {
 /// Decodes standard base64 with padding.
 pub fn base64_decode(s: &str) -> Result<Vec<u8>, MandelError> {
     let b = s.as_bytes();
-    if b.len() % 4 != 0 {
+    if !b.len().is_multiple_of(4) {
         return Err(MandelError::BadBase64);
     }
     let val = |c: u8| -> Result<u32, MandelError> {

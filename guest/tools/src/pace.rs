@@ -34,11 +34,7 @@ pub const DEFAULT_MAX_LATE_NS: u64 = 100_000_000;
 impl Pacer {
     /// First send due at `start_ns`, then every `period_ns` (at least 1).
     pub fn new(start_ns: u64, period_ns: u64, max_late_ns: u64) -> Self {
-        Pacer {
-            period_ns: period_ns.max(1),
-            next_ns: start_ns,
-            max_late_ns,
-        }
+        Pacer { period_ns: period_ns.max(1), next_ns: start_ns, max_late_ns }
     }
 
     /// Period for `rate` sends per second (at least one per ~584 years).
@@ -100,12 +96,7 @@ mod tests {
         let mut p = Pacer::new(0, 10 * MS, DEFAULT_MAX_LATE_NS);
         assert_eq!(p.poll(0), Pace::Send { skipped_ns: 0 });
         // Guest paused 5 s: exactly one send, then the schedule restarts from now.
-        assert_eq!(
-            p.poll(5010 * MS),
-            Pace::Send {
-                skipped_ns: 5000 * MS
-            }
-        );
+        assert_eq!(p.poll(5010 * MS), Pace::Send { skipped_ns: 5000 * MS });
         assert_eq!(p.poll(5010 * MS), Pace::WaitUntil(5020 * MS));
         assert_eq!(p.poll(5020 * MS), Pace::Send { skipped_ns: 0 });
     }

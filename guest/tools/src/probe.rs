@@ -98,13 +98,7 @@ fn diff(a: u64, b: u64) -> i64 {
 impl ProbeCore {
     /// A probe sampling every `interval_ns`.
     pub fn new(interval_ns: u64) -> Self {
-        ProbeCore {
-            interval_ns,
-            prev: None,
-            window: Vec::new(),
-            window_no: 0,
-            tsc_ticks_per_ns: None,
-        }
+        ProbeCore { interval_ns, prev: None, window: Vec::new(), window_no: 0, tsc_ticks_per_ns: None }
     }
 
     /// Adds a sample to the current window.
@@ -199,12 +193,7 @@ mod tests {
         }
     }
 
-    fn window(
-        core: &mut ProbeCore,
-        range: std::ops::Range<u64>,
-        leak_from: u64,
-        leak: [u64; 4],
-    ) -> WindowReport {
+    fn window(core: &mut ProbeCore, range: std::ops::Range<u64>, leak_from: u64, leak: [u64; 4]) -> WindowReport {
         for i in range {
             core.push(sample(i, if i >= leak_from { leak } else { [0; 4] }));
         }
@@ -218,23 +207,8 @@ mod tests {
         assert_eq!(r.window, 1);
         assert_eq!(r.samples, 100);
         assert_eq!(r.tsc_ticks_per_ns, Some(3.0));
-        assert_eq!(
-            r.max_step,
-            Some(Steps {
-                mono: 0,
-                real: 0,
-                boot: 0,
-                tsc: 0
-            })
-        );
-        assert_eq!(
-            r.max_disagree,
-            Some(Disagreement {
-                real_mono: 0,
-                boot_mono: 0,
-                tsc_mono: 0
-            })
-        );
+        assert_eq!(r.max_step, Some(Steps { mono: 0, real: 0, boot: 0, tsc: 0 }));
+        assert_eq!(r.max_disagree, Some(Disagreement { real_mono: 0, boot_mono: 0, tsc_mono: 0 }));
         assert_eq!(r.last, sample(99, [0; 4]));
     }
 
@@ -260,15 +234,9 @@ mod tests {
         let leak = [0, 2 * SEC, 3 * SEC, 0];
         let r = window(&mut core, 0..100, 40, leak);
         let s = r.max_step.unwrap();
-        assert_eq!(
-            (s.mono, s.real, s.boot, s.tsc),
-            (0, 2 * SEC as i64, 3 * SEC as i64, 0)
-        );
+        assert_eq!((s.mono, s.real, s.boot, s.tsc), (0, 2 * SEC as i64, 3 * SEC as i64, 0));
         let d = r.max_disagree.unwrap();
-        assert_eq!(
-            (d.real_mono, d.boot_mono, d.tsc_mono),
-            (2 * SEC, 3 * SEC, 0)
-        );
+        assert_eq!((d.real_mono, d.boot_mono, d.tsc_mono), (2 * SEC, 3 * SEC, 0));
     }
 
     #[test]
@@ -278,19 +246,9 @@ mod tests {
         assert_eq!(r1.max_step.unwrap().mono, 0);
         let r2 = window(&mut core, 100..200, 100, [SEC; 4]);
         let s = r2.max_step.unwrap();
-        assert_eq!(
-            (s.mono, s.real, s.boot, s.tsc),
-            (SEC as i64, SEC as i64, SEC as i64, SEC as i64)
-        );
+        assert_eq!((s.mono, s.real, s.boot, s.tsc), (SEC as i64, SEC as i64, SEC as i64, SEC as i64));
         // Every clock moved together: no disagreement.
-        assert_eq!(
-            r2.max_disagree.unwrap(),
-            Disagreement {
-                real_mono: 0,
-                boot_mono: 0,
-                tsc_mono: 0
-            }
-        );
+        assert_eq!(r2.max_disagree.unwrap(), Disagreement { real_mono: 0, boot_mono: 0, tsc_mono: 0 });
     }
 
     #[test]

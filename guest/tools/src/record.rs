@@ -50,15 +50,9 @@ pub enum RecordError {
 impl fmt::Display for RecordError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            RecordError::Short(n) => write!(
-                f,
-                "record of {n} bytes is shorter than its {HEADER_LEN}-byte header"
-            ),
+            RecordError::Short(n) => write!(f, "record of {n} bytes is shorter than its {HEADER_LEN}-byte header"),
             RecordError::BadMagic(m) => write!(f, "bad record magic {m:#010x}"),
-            RecordError::BadLength(n) => write!(
-                f,
-                "record length {n} outside {HEADER_LEN}..={MAX_RECORD_LEN}"
-            ),
+            RecordError::BadLength(n) => write!(f, "record length {n} outside {HEADER_LEN}..={MAX_RECORD_LEN}"),
         }
     }
 }
@@ -91,12 +85,7 @@ impl Record {
         if magic != MAGIC {
             return Err(RecordError::BadMagic(magic));
         }
-        Ok(Record {
-            flow: u32_at(4),
-            seq: u64_at(8),
-            total: u64_at(16),
-            send_mono_ns: u64_at(24),
-        })
+        Ok(Record { flow: u32_at(4), seq: u64_at(8), total: u64_at(16), send_mono_ns: u64_at(24) })
     }
 }
 
@@ -116,12 +105,7 @@ mod tests {
 
     #[test]
     fn roundtrip_with_padding() {
-        let r = Record {
-            flow: 7,
-            seq: 1 << 40,
-            total: 200,
-            send_mono_ns: 123_456_789,
-        };
+        let r = Record { flow: 7, seq: 1 << 40, total: 200, send_mono_ns: 123_456_789 };
         let mut buf = vec![0xAA; 100];
         r.encode_into(&mut buf);
         assert!(buf[HEADER_LEN..].iter().all(|&b| b == 0));
@@ -134,18 +118,9 @@ mod tests {
     fn refuses_short_and_foreign_bytes() {
         assert_eq!(Record::decode(&[0; 31]), Err(RecordError::Short(31)));
         let mut buf = [0u8; 32];
-        Record {
-            flow: 1,
-            seq: 2,
-            total: 3,
-            send_mono_ns: 4,
-        }
-        .encode_into(&mut buf);
+        Record { flow: 1, seq: 2, total: 3, send_mono_ns: 4 }.encode_into(&mut buf);
         buf[0] = b'X';
-        assert!(matches!(
-            Record::decode(&buf),
-            Err(RecordError::BadMagic(_))
-        ));
+        assert!(matches!(Record::decode(&buf), Err(RecordError::BadMagic(_))));
     }
 
     #[test]

@@ -61,17 +61,10 @@ impl FlowTracker {
             }
         }
         // Insert seq, merging with the run ending at seq-1 and the one starting at seq+1.
-        let left = seq.checked_sub(1).and_then(|p| {
-            self.runs
-                .range(..=p)
-                .next_back()
-                .filter(|(_, &l)| l == p)
-                .map(|(&s, _)| s)
-        });
-        let last = seq
-            .checked_add(1)
-            .and_then(|n| self.runs.remove(&n))
-            .unwrap_or(seq);
+        let left = seq
+            .checked_sub(1)
+            .and_then(|p| self.runs.range(..=p).next_back().filter(|(_, &l)| l == p).map(|(&s, _)| s));
+        let last = seq.checked_add(1).and_then(|n| self.runs.remove(&n)).unwrap_or(seq);
         self.runs.insert(left.unwrap_or(seq), last);
         self.received += 1;
         match self.highest {
@@ -171,10 +164,7 @@ impl FlowTable {
     /// Accounts one record from `sender`; returns the classification and
     /// whether this arrival completed the flow (true once per flow).
     pub fn on_record(&mut self, sender: IpAddr, rec: &Record) -> (FlowKey, Arrival, bool) {
-        let key = FlowKey {
-            sender,
-            flow: rec.flow,
-        };
+        let key = FlowKey { sender, flow: rec.flow };
         let t = self.flows.entry(key).or_default();
         let arrival = t.record(rec.seq, rec.total);
         let completed = t.take_completion();
@@ -206,16 +196,7 @@ mod tests {
     fn in_order_flow_has_no_gaps() {
         let mut t = FlowTracker::new();
         feed(&mut t, &(0..1000).collect::<Vec<_>>());
-        assert_eq!(
-            (
-                t.received(),
-                t.highest(),
-                t.missing(),
-                t.dups(),
-                t.reordered()
-            ),
-            (1000, Some(999), 0, 0, 0)
-        );
+        assert_eq!((t.received(), t.highest(), t.missing(), t.dups(), t.reordered()), (1000, Some(999), 0, 0, 0));
         assert_eq!(t.next_expected(), 1000);
         assert_eq!(t.runs(), 1);
     }
@@ -238,10 +219,7 @@ mod tests {
         let mut t = FlowTracker::new();
         feed(&mut t, &[0, 1, 2, 7]);
         assert_eq!(feed(&mut t, &[0, 2, 7, 1]), vec![Arrival::Duplicate; 4]);
-        assert_eq!(
-            (t.received(), t.dups(), t.missing(), t.reordered()),
-            (4, 4, 4, 0)
-        );
+        assert_eq!((t.received(), t.dups(), t.missing(), t.reordered()), (4, 4, 4, 0));
         assert_eq!(t.record(3, 0), Arrival::Reordered);
         assert_eq!(t.record(3, 0), Arrival::Duplicate);
         assert_eq!((t.received(), t.dups(), t.missing()), (5, 5, 3));
@@ -261,10 +239,7 @@ mod tests {
         let mut t = FlowTracker::new();
         for s in [0, 1, 1, 1] {
             t.record(s, 3);
-            assert!(
-                !t.take_completion(),
-                "duplicates must not complete the flow"
-            );
+            assert!(!t.take_completion(), "duplicates must not complete the flow");
         }
         assert_eq!(t.total(), Some(3));
         t.record(2, 3);
@@ -325,10 +300,7 @@ mod tests {
         let h = hi.unwrap();
         assert_eq!(t.highest(), Some(h));
         assert_eq!(t.received(), seen.len() as u64);
-        assert_eq!(
-            t.missing(),
-            (0..=h).filter(|s| !seen.contains(s)).count() as u64
-        );
+        assert_eq!(t.missing(), (0..=h).filter(|s| !seen.contains(s)).count() as u64);
         assert_eq!((t.dups(), t.reordered()), (dups, reord));
     }
 
@@ -337,19 +309,11 @@ mod tests {
         let mut table = FlowTable::new();
         let a: IpAddr = "10.1.1.1".parse().unwrap();
         let b: IpAddr = "10.1.1.3".parse().unwrap();
-        let rec = |flow, seq| Record {
-            flow,
-            seq,
-            total: 2,
-            send_mono_ns: 0,
-        };
+        let rec = |flow, seq| Record { flow, seq, total: 2, send_mono_ns: 0 };
         table.on_record(a, &rec(7, 0));
         table.on_record(b, &rec(7, 1));
         let (key, arrival, done) = table.on_record(a, &rec(7, 1));
-        assert_eq!(
-            (key.to_string(), arrival, done),
-            ("10.1.1.1/7".to_string(), Arrival::InOrder, true)
-        );
+        assert_eq!((key.to_string(), arrival, done), ("10.1.1.1/7".to_string(), Arrival::InOrder, true));
         table.on_record(a, &rec(8, 0));
         let flows = table.iter_sorted();
         assert_eq!(flows.len(), 3);

@@ -17,7 +17,8 @@ struct Args {
     /// The one address to serve (the spec's `[[host]] agent`); wildcards are refused
     #[arg(long)]
     listen: SocketAddr,
-    /// File holding the key shared with the coordinator (at least 16 bytes)
+    /// File holding this host's key (`stasis --key-file MASTER key host NAME`;
+    /// at least 32 bytes, readable by its owner only)
     #[arg(long)]
     key_file: PathBuf,
     /// Where this host keeps its VMs' run state and its parts of checkpoints
@@ -47,17 +48,24 @@ struct Args {
 fn tools() -> Result<Tools> {
     let exe = std::env::current_exe().context("locating the stasis-agent binary")?;
     let bin_dir = exe.parent().context("binary has no directory")?.to_path_buf();
-    let delay_node_bin = std::env::var_os("STASIS_DELAY_NODE").map(PathBuf::from).unwrap_or_else(|| bin_dir.join("delay-node"));
-    let image = std::env::var_os("STASIS_IMAGE_DIR").map(PathBuf::from).unwrap_or_else(|| bin_dir.join("..").join("guest"));
+    let delay_node_bin =
+        std::env::var_os("STASIS_DELAY_NODE").map(PathBuf::from).unwrap_or_else(|| bin_dir.join("delay-node"));
+    let image =
+        std::env::var_os("STASIS_IMAGE_DIR").map(PathBuf::from).unwrap_or_else(|| bin_dir.join("..").join("guest"));
     let choice = stasis_qemu::accel::detect();
     if matches!(choice.accel, stasis_qemu::accel::Accel::Tcg) {
         tracing::warn!(reason = %choice.reason, "KVM not usable: running guests under TCG (software emulation, slower)");
     }
-    Ok(Tools { delay_node_bin, default_kernel: image.join("vmlinuz"), default_initrd: image.join("initrd.img"), accel: choice.accel })
+    Ok(Tools {
+        delay_node_bin,
+        default_kernel: image.join("vmlinuz"),
+        default_initrd: image.join("initrd.img"),
+        accel: choice.accel,
+    })
 }
 
 async fn run(args: Args) -> Result<()> {
-    let bytes = std::fs::read(&args.key_file).with_context(|| format!("reading the key file {}", args.key_file.display()))?;
+    let bytes = stasis_core::private::read_secret(&args.key_file).context("the key file")?;
     let key = match stasis_proto::Key::new(trim_newline(&bytes)) {
         Ok(k) => k,
         Err(e) => bail!("key file {}: {e}", args.key_file.display()),
@@ -81,7 +89,7 @@ async fn run(args: Args) -> Result<()> {
         }
         None => Arc::new(RealtimeClock),
     };
-    std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
+    stasis_core::private::ensure_private_dir(&args.state_dir).context("the agent's state directory")?;
     let cfg = DaemonConfig {
         listen: args.listen,
         key,
@@ -89,7 +97,11 @@ async fn run(args: Args) -> Result<()> {
         tools: tools()?,
         clock,
         agent: Default::default(),
-        faults: Faults { fail_save: args.fail_save, save_delay: Duration::from_millis(args.save_delay_ms), file: args.fault_file },
+        faults: Faults {
+            fail_save: args.fail_save,
+            save_delay: Duration::from_millis(args.save_delay_ms),
+            file: args.fault_file,
+        },
     };
     daemon::serve(cfg).await?;
     Ok(())
@@ -101,9 +113,15 @@ fn trim_newline(b: &[u8]) -> &[u8] {
 }
 
 fn main() -> std::process::ExitCode {
+    stasis_core::private::restrict_umask();
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("STASIS_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STASIS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     match rt.block_on(run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,170 +1,351 @@
-//! Importer for the subset of Emulab NS scripts that describes a topology:
-//! `$ns node`, `$ns duplex-link`, `$ns make-lan`, and the `tb-set-*`
-//! commands for loss, addresses, per-direction parameters and start
-//! commands. The script becomes the same raw spec a TOML file would, with
-//! spans into the script, so it is checked by the same rules and errors
-//! point into the `.ns` file.
+//! Emulab NS scripts, evaluated by a real Tcl interpreter the way Emulab's
+//! own parser runs them: `tclsh` runs `tb_compat.tcl` (this directory), which
+//! evaluates the script in a safe interpreter (no files, no exec, no sockets,
+//! a command-count and a time limit) and records every Simulator method and
+//! `tb-*` command with the line and text of the command that made it. So
+//! variables, arrays, `for`/`foreach`, `append`, `expr` and `proc` work as in
+//! Tcl. The records become the same raw spec a TOML file would, with spans
+//! into the script, so they are checked by the same rules and every refusal
+//! points at `file:line:column` of the script.
+//!
+//! Names are Emulab's: a node, LAN or link is named after the variable it is
+//! first stored in (`set` is wrapped to learn it), `ARRAY(INDEX)` as
+//! `ARRAY-INDEX`, lower-cased, `_` as `-`.
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::ops::Range;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
+use serde::Deserialize;
 use toml::Spanned;
 
 use super::{RawLan, RawLink, RawNode, RawParams, RawSpec, Source, SpecError, SpecErrorKind};
 
+/// The shim `tclsh` runs.
+const TB_COMPAT: &str = include_str!("tb_compat.tcl");
+/// Environment variable naming the Tcl shell (default `tclsh`, Debian's `tcl`).
+pub const ENV_TCLSH: &str = "STASIS_TCLSH";
+/// Tcl commands a script may run (loops included) before it is stopped.
+const COMMAND_LIMIT: u64 = 20_000_000;
+/// Seconds of evaluation before the interpreter stops the script.
+const TIME_LIMIT_S: u64 = 10;
+/// The process is killed if it runs this long (the limits above failed).
+const PROCESS_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest record document accepted from the interpreter.
+const MAX_OUTPUT: u64 = 64 << 20;
+/// Largest script accepted.
+pub const MAX_SCRIPT: usize = 4 << 20;
+/// Address space of the interpreter process.
+const MEMORY_LIMIT: u64 = 2 << 30;
+
 type Ips = Option<Spanned<Vec<Spanned<String>>>>;
 
-/// One Tcl word and where it is.
-#[derive(Debug, Clone)]
-struct Word {
-    text: String,
-    span: Range<usize>,
-    /// `[...]`: a command substitution (text is the inside).
-    bracket: bool,
+/// What the shim prints (see the top of `tb_compat.tcl`).
+#[derive(Debug, Deserialize)]
+struct Output {
+    records: Vec<Record>,
+    objects: Vec<Object>,
+    error: Option<TclError>,
 }
 
-/// Splits the script into commands of words. Understands `#` comments,
-/// `;` and newlines as separators, `\` line continuations, "quoted" and
-/// {braced} words and nested [brackets].
-fn commands(text: &str, src: &Source) -> Result<Vec<Vec<Word>>, SpecError> {
+#[derive(Debug, Deserialize)]
+struct Record {
+    op: String,
+    target: Option<String>,
+    created: Option<String>,
+    args: Vec<String>,
+    /// The word index of `args[0]` in `cmd`.
+    argw: usize,
+    line: usize,
+    cmd: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Object {
+    h: String,
+    kind: String,
+    name: Option<String>,
+    line: usize,
+    cmd: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct TclError {
+    message: String,
+    line: usize,
+}
+
+/// Runs the interpreter on `text` and returns what it printed (the records).
+fn evaluate(text: &str, src: &Source) -> Result<Vec<u8>, SpecError> {
+    let fail = |kind, message: String| SpecError {
+        kind,
+        file: src.file.clone(),
+        line: 0,
+        column: 0,
+        subject: None,
+        field: None,
+        message,
+        source: None,
+    };
+    if text.len() > MAX_SCRIPT {
+        return Err(fail(SpecErrorKind::TooMany, format!("the script is larger than {} MiB", MAX_SCRIPT >> 20)));
+    }
+    let interp = |e: std::io::Error, what: &str| {
+        let mut err = fail(SpecErrorKind::Interpreter, format!("cannot {what} the Tcl interpreter"));
+        err.source = Some(e);
+        err
+    };
+    // The script is evaluated from a private copy: the text given may not be
+    // what is on disk, and Tcl reports lines of the file it sourced.
+    let dir = tempfile::Builder::new().prefix("stasis-ns-").tempdir().map_err(|e| interp(e, "prepare"))?;
+    let shim = dir.path().join("tb_compat.tcl");
+    let script = dir.path().join("script.ns");
+    std::fs::write(&shim, TB_COMPAT).map_err(|e| interp(e, "prepare"))?;
+    std::fs::write(&script, text).map_err(|e| interp(e, "prepare"))?;
+    let tclsh = std::env::var_os(ENV_TCLSH).unwrap_or_else(|| "tclsh".into());
+    let mut cmd = Command::new(&tclsh);
+    cmd.arg(&shim)
+        .arg(&script)
+        .arg(COMMAND_LIMIT.to_string())
+        .arg(TIME_LIMIT_S.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    limit_memory(&mut cmd);
+    let mut child = cmd.spawn().map_err(|e| {
+        let mut err = interp(e, "start");
+        err.message = format!(
+            "cannot run {} to evaluate the NS script (install Debian's `tcl` package, or set {ENV_TCLSH})",
+            PathBuf::from(&tclsh).display()
+        );
+        err
+    })?;
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let r = (&mut stdout).take(MAX_OUTPUT + 1).read_to_end(&mut out);
+        r.map(|_| out)
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = (&mut stderr).take(64 << 10).read_to_end(&mut out);
+        out
+    });
+    let t0 = Instant::now();
+    let status = loop {
+        match child.try_wait().map_err(|e| interp(e, "wait for"))? {
+            Some(s) => break s,
+            None if t0.elapsed() > PROCESS_TIMEOUT => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(fail(
+                    SpecErrorKind::Interpreter,
+                    format!("the Tcl interpreter did not finish within {PROCESS_TIMEOUT:?}"),
+                ));
+            }
+            None => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    let out = reader.join().expect("reader").map_err(|e| interp(e, "read"))?;
+    let errtext = String::from_utf8_lossy(&err_reader.join().expect("reader")).trim().to_owned();
+    if !status.success() {
+        return Err(fail(SpecErrorKind::Interpreter, format!("the Tcl interpreter failed ({status}): {errtext}")));
+    }
+    if out.len() as u64 > MAX_OUTPUT {
+        return Err(fail(
+            SpecErrorKind::TooMany,
+            format!("the script recorded more than {} MiB of topology", MAX_OUTPUT >> 20),
+        ));
+    }
+    Ok(out)
+}
+
+/// Caps the interpreter's address space, so a script building a huge string
+/// fails there instead of filling the machine's memory.
+fn limit_memory(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let limit = libc::rlimit { rlim_cur: MEMORY_LIMIT, rlim_max: MEMORY_LIMIT };
+    // SAFETY: setrlimit is async-signal-safe and only reads `limit`, a plain
+    // value copied into the closure; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// One Tcl word of a command's text and where it is in that text.
+#[derive(Debug, Clone)]
+struct Word {
+    span: Range<usize>,
+}
+
+/// Splits one command's text into words (quoted, braced, bracketed, bare),
+/// for placing errors on the word they are about.
+fn words(text: &str) -> Vec<Word> {
     let bytes = text.as_bytes();
-    let mut cmds = Vec::new();
-    let mut cmd: Vec<Word> = Vec::new();
+    let mut out = Vec::new();
     let mut i = 0;
     while i < bytes.len() {
-        let c = bytes[i];
-        match c {
-            b'\n' | b';' => {
-                if !cmd.is_empty() {
-                    cmds.push(std::mem::take(&mut cmd));
-                }
-                i += 1;
-            }
+        match bytes[i] {
+            b' ' | b'\t' | b'\r' | b'\n' => i += 1,
             b'\\' if bytes.get(i + 1) == Some(&b'\n') => i += 2,
-            b' ' | b'\t' | b'\r' => i += 1,
-            b'#' if cmd.is_empty() => {
-                while i < bytes.len() && bytes[i] != b'\n' {
-                    i += 1;
-                }
-            }
-            b'"' | b'{' | b'[' => {
-                let (open, close) = match c {
-                    b'"' => (b'"', b'"'),
-                    b'{' => (b'{', b'}'),
-                    _ => (b'[', b']'),
-                };
+            c => {
                 let start = i;
-                let mut depth = 1;
-                i += 1;
-                while i < bytes.len() {
-                    if bytes[i] == b'\\' && c == b'"' {
-                        i += 2;
-                        continue;
-                    }
-                    if bytes[i] == close && (open != close || depth == 1) {
-                        depth -= 1;
-                        if depth == 0 {
-                            break;
+                if matches!(c, b'"' | b'{' | b'[') {
+                    let close = match c {
+                        b'"' => b'"',
+                        b'{' => b'}',
+                        _ => b']',
+                    };
+                    let mut depth = 1;
+                    i += 1;
+                    while i < bytes.len() && depth > 0 {
+                        if bytes[i] == b'\\' {
+                            i += 2;
+                            continue;
                         }
-                    } else if bytes[i] == open && open != close {
-                        depth += 1;
+                        if bytes[i] == close {
+                            depth -= 1;
+                        } else if bytes[i] == c && c != b'"' {
+                            depth += 1;
+                        }
+                        i += 1;
+                    }
+                }
+                while i < bytes.len() && !matches!(bytes[i], b' ' | b'\t' | b'\r' | b'\n') {
+                    if bytes[i] == b'\\' {
+                        i += 1;
+                    } else if bytes[i] == b'[' {
+                        // A bracket inside a bare word: skip to its end.
+                        let mut depth = 0;
+                        while i < bytes.len() {
+                            match bytes[i] {
+                                b'[' => depth += 1,
+                                b']' => {
+                                    depth -= 1;
+                                    if depth == 0 {
+                                        break;
+                                    }
+                                }
+                                _ => {}
+                            }
+                            i += 1;
+                        }
                     }
                     i += 1;
                 }
-                if i >= bytes.len() {
-                    return Err(src.error(
-                        SpecErrorKind::Syntax,
-                        start..start + 1,
-                        None,
-                        None,
-                        format!("unclosed `{}`", c as char),
-                    ));
+                let mut end = i.min(bytes.len());
+                while !text.is_char_boundary(end) {
+                    end += 1;
                 }
-                let raw = &text[start + 1..i];
-                // Only quoted words unescape; brackets keep their text so
-                // spans inside them stay exact.
-                let inner = if c == b'"' {
-                    raw.replace("\\\"", "\"")
-                } else {
-                    raw.to_owned()
-                };
-                cmd.push(Word {
-                    text: inner,
-                    span: start..i + 1,
-                    bracket: c == b'[',
-                });
-                i += 1;
-            }
-            _ => {
-                let start = i;
-                while i < bytes.len() && !matches!(bytes[i], b' ' | b'\t' | b'\r' | b'\n' | b';') {
-                    i += 1;
-                }
-                cmd.push(Word {
-                    text: text[start..i].to_owned(),
-                    span: start..i,
-                    bracket: false,
-                });
+                i = end;
+                out.push(Word { span: start..end });
             }
         }
     }
-    if !cmd.is_empty() {
-        cmds.push(cmd);
+    out
+}
+
+/// Places records in the script: byte spans from (line, command text, word).
+struct Locator<'a> {
+    text: &'a str,
+    line_starts: Vec<usize>,
+}
+
+impl<'a> Locator<'a> {
+    fn new(text: &'a str) -> Self {
+        let mut line_starts = vec![0];
+        line_starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+        Locator { text, line_starts }
     }
-    Ok(cmds)
-}
 
-/// The words of a `[...]` substitution, with spans in the whole script.
-fn inner_words(w: &Word, src: &Source) -> Result<Vec<Word>, SpecError> {
-    let offset = w.span.start + 1;
-    let mut cmds = commands(
-        &w.text,
-        &Source {
-            text: &w.text,
-            file: None,
-        },
-    )
-    .map_err(|mut e| {
-        // Re-place the error in the whole script.
-        let (line, column) = src.line_col(offset);
-        e.file = src.file.clone();
-        (e.line, e.column) = (line, column);
-        e
-    })?;
-    let mut words = cmds.pop().unwrap_or_default();
-    if !cmds.is_empty() {
-        return Err(src.error(
-            SpecErrorKind::Syntax,
-            w.span.clone(),
-            None,
-            None,
-            "one command per [...]",
-        ));
+    fn line_range(&self, line: usize) -> Option<Range<usize>> {
+        let start = *self.line_starts.get(line.checked_sub(1)?)?;
+        let end = self.text[start..].find('\n').map_or(self.text.len(), |i| start + i);
+        Some(start..end)
     }
-    for word in &mut words {
-        word.span = word.span.start + offset..word.span.end + offset;
+
+    /// The first non-blank character of `line`, or the start of the text.
+    fn line_start(&self, line: usize) -> Range<usize> {
+        match self.line_range(line) {
+            Some(r) => {
+                let indent = self.text[r.clone()].len() - self.text[r.clone()].trim_start().len();
+                r.start + indent..(r.start + indent + 1).min(r.end.max(r.start + indent))
+            }
+            None => 0..0,
+        }
     }
-    Ok(words)
+
+    /// Where command text `cmd` (starting on `line`) begins in the script.
+    fn command(&self, line: usize, cmd: &str) -> Option<usize> {
+        let r = self.line_range(line)?;
+        if cmd.is_empty() {
+            return None;
+        }
+        let first = cmd.lines().next().unwrap_or(cmd);
+        let at = self.text[r.clone()].find(first)? + r.start;
+        self.text[at..].starts_with(cmd).then_some(at)
+    }
+
+    /// The span of word `word` of command `cmd` on `line`; the command's
+    /// start when the word cannot be found (an expanded `{*}` list), the
+    /// line's start when the command cannot.
+    fn word(&self, line: usize, cmd: &str, word: usize) -> Range<usize> {
+        let Some(at) = self.command(line, cmd) else {
+            return self.line_start(line);
+        };
+        match words(cmd).get(word) {
+            Some(w) => w.span.start + at..w.span.end + at,
+            None => at..at + 1,
+        }
+    }
+
+    /// Where a Tcl error on `line` is: the variable it could not read, or
+    /// the line's first character.
+    fn tcl_error(&self, line: usize, message: &str) -> Range<usize> {
+        let var = message
+            .strip_prefix("can't read \"")
+            .and_then(|m| m.split('"').next())
+            .map(|v| v.split('(').next().unwrap_or(v));
+        if let (Some(var), Some(r)) = (var, self.line_range(line)) {
+            for needle in [format!("${var}"), format!("${{{var}}}")] {
+                if let Some(i) = self.text[r.clone()].find(&needle) {
+                    return r.start + i..r.start + i + needle.len();
+                }
+            }
+        }
+        self.line_start(line)
+    }
 }
 
-/// Emulab names are hostnames: case-insensitive, `-` for `_`.
-fn node_name(var: &str) -> String {
-    var.to_ascii_lowercase().replace('_', "-")
+/// Emulab names are hostnames: `ARRAY(INDEX)` → `ARRAY-INDEX`, lower case, `-` for `_`.
+fn object_name(var: &str) -> String {
+    var.trim_start_matches(':')
+        .replace('(', "-")
+        .replace([')'], "")
+        .replace(',', "-")
+        .to_ascii_lowercase()
+        .replace('_', "-")
 }
 
-fn value(w: &Word) -> Option<Spanned<toml::Value>> {
-    Some(Spanned::new(
-        w.span.clone(),
-        toml::Value::String(w.text.clone()),
-    ))
+fn value(span: Range<usize>, text: &str) -> Option<Spanned<toml::Value>> {
+    Some(Spanned::new(span, toml::Value::String(text.to_owned())))
 }
 
-fn number(w: &Word) -> Option<Spanned<toml::Value>> {
-    let v = match w.text.parse::<f64>() {
+fn number(span: Range<usize>, text: &str) -> Option<Spanned<toml::Value>> {
+    let v = match text.trim().parse::<f64>() {
         Ok(x) => toml::Value::Float(x),
-        Err(_) => toml::Value::String(w.text.clone()),
+        Err(_) => toml::Value::String(text.to_owned()),
     };
-    Some(Spanned::new(w.span.clone(), v))
+    Some(Spanned::new(span, v))
 }
 
 enum Net {
@@ -172,19 +353,20 @@ enum Net {
     Link(Box<RawLink>),
 }
 
-/// What a script variable names.
-enum Var {
-    Simulator,
+/// What a handle (`_o3`) stands for once the records are read.
+#[derive(Clone, Copy)]
+enum Obj {
+    Sim,
     Node(usize),
     Net(usize),
+    Other,
 }
 
-/// Testbed settings of one node (`tb-set-node-os $node OS`): nothing to
-/// emulate, but the node must exist.
-const IGNORED_PER_NODE: &[&str] = &["tb-set-node-os", "tb-set-hardware", "tb-set-node-failure-action"];
+/// Testbed settings of one node: nothing to emulate, but the node must exist.
+const IGNORED_PER_NODE: &[&str] = &["tb-set-hardware", "tb-set-node-failure-action"];
 
+/// Testbed-wide settings with nothing to emulate.
 const IGNORED: &[&str] = &[
-    "source",
     "tb-use-endnodeshaping",
     "tb-set-sync-server",
     "tb-set-colocate-factor",
@@ -192,186 +374,205 @@ const IGNORED: &[&str] = &[
     "tb-set-endnodeshaping",
 ];
 
-/// Parses an NS script into the raw spec.
+/// Evaluates an NS script into the raw spec.
 pub(super) fn parse(text: &str, src: &Source, name: String) -> Result<RawSpec, SpecError> {
+    records(&evaluate(text, src)?, text, src, name)
+}
+
+/// The raw spec from what the interpreter printed about `text`.
+pub(super) fn records(printed: &[u8], text: &str, src: &Source, name: String) -> Result<RawSpec, SpecError> {
     use SpecErrorKind::*;
-    let mut vars: BTreeMap<String, Var> = BTreeMap::new();
+    let out: Output = serde_json::from_slice(printed).map_err(|e| SpecError {
+        kind: Interpreter,
+        file: src.file.clone(),
+        line: 0,
+        column: 0,
+        subject: None,
+        field: None,
+        message: format!("the Tcl interpreter's records do not parse ({e})"),
+        source: None,
+    })?;
+    let loc = Locator::new(text);
+    let err = |kind, span: Range<usize>, message: String| src.error(kind, span, None, None, message);
+
+    // Objects: their kinds and names.
+    let mut objs: BTreeMap<&str, Obj> = BTreeMap::new();
     let mut nodes: Vec<RawNode> = Vec::new();
-    let mut nets: Vec<Net> = Vec::new();
-    // (network index, node name) → address word, from tb-set-ip-link/lan.
-    let mut ips: BTreeMap<(usize, String), Word> = BTreeMap::new();
-
-    let unsupported = |w: &Word, what: &str| {
-        src.error(
-            Unsupported,
-            w.span.clone(),
-            None,
-            None,
-            format!("unsupported NS {what} `{}`", w.text),
-        )
-    };
-    let arity = |cmd: &[Word], n: usize, usage: &str| -> Result<(), SpecError> {
-        if cmd.len() == n {
-            Ok(())
-        } else {
-            Err(src.error(
-                Syntax,
-                cmd[0].span.clone(),
-                None,
-                None,
-                format!("usage: {usage}"),
-            ))
-        }
-    };
-
-    for cmd in commands(text, src)? {
-        let head = &cmd[0];
-        match head.text.as_str() {
-            "set" => {
-                arity(&cmd, 3, "set <var> [<command>]")?;
-                let var = cmd[1].text.clone();
-                let rhs = &cmd[2];
-                if !rhs.bracket {
-                    return Err(unsupported(rhs, "value (expected a [command])"));
-                }
-                let w = inner_words(rhs, src)?;
-                let Some(first) = w.first() else {
-                    return Err(src.error(Syntax, rhs.span.clone(), None, None, "empty [ ]"));
+    let mut nets: Vec<Option<Net>> = Vec::new();
+    let mut net_names: Vec<Spanned<String>> = Vec::new();
+    for o in &out.objects {
+        let obj = match o.kind.as_str() {
+            "sim" => Obj::Sim,
+            "node" | "lan" | "link" => {
+                let Some(var) = &o.name else {
+                    return Err(err(
+                        Syntax,
+                        loc.line_start(o.line),
+                        format!(
+                            "this {} is not stored in a variable (`set NAME [$ns ...]`): \
+                             its name would be the variable's",
+                            o.kind
+                        ),
+                    ));
                 };
-                if first.text == "new" && w.get(1).is_some_and(|s| s.text == "Simulator") {
-                    vars.insert(var, Var::Simulator);
-                    continue;
+                let name = Spanned::new(loc.word(o.line, &o.cmd, 1), object_name(var));
+                if o.kind == "node" {
+                    nodes.push(RawNode::named(name));
+                    Obj::Node(nodes.len() - 1)
+                } else {
+                    net_names.push(name);
+                    Obj::Net(net_names.len() - 1)
                 }
-                let is_sim =
-                    var_of(first).is_some_and(|v| matches!(vars.get(v), Some(Var::Simulator)));
-                if !is_sim || w.len() < 2 {
-                    return Err(unsupported(first, "command"));
+            }
+            _ => Obj::Other,
+        };
+        objs.insert(&o.h, obj);
+    }
+
+    // (network index, node name) → address, from tb-set-ip-link/lan.
+    let mut ips: BTreeMap<(usize, String), Spanned<String>> = BTreeMap::new();
+    for r in &out.records {
+        let span = |i: usize| loc.word(r.line, &r.cmd, r.argw + i);
+        let head = || loc.word(r.line, &r.cmd, r.argw.saturating_sub(1));
+        let unsupported = |what: &str, name: &str| err(Unsupported, head(), format!("unsupported NS {what} `{name}`"));
+        let arity = |n: &[usize], usage: &str| -> Result<(), SpecError> {
+            if n.contains(&r.args.len()) {
+                Ok(())
+            } else {
+                Err(err(Syntax, head(), format!("usage: {usage}")))
+            }
+        };
+        let node_of = |i: usize| -> Result<usize, SpecError> {
+            match r.args.get(i).and_then(|a| objs.get(a.as_str())) {
+                Some(Obj::Node(n)) => Ok(*n),
+                _ => Err(err(
+                    UnknownNode,
+                    span(i),
+                    format!("`{}` is not a node", r.args.get(i).map_or("", String::as_str)),
+                )),
+            }
+        };
+        let net_of = |i: usize| -> Result<usize, SpecError> {
+            match r.args.get(i).and_then(|a| objs.get(a.as_str())) {
+                Some(Obj::Net(n)) => Ok(*n),
+                _ => Err(err(
+                    UnknownNode,
+                    span(i),
+                    format!("`{}` is not a lan or link", r.args.get(i).map_or("", String::as_str)),
+                )),
+            }
+        };
+        let target = r.target.as_deref().and_then(|t| objs.get(t).copied());
+        match (target, r.op.as_str()) {
+            (None, "!refuse") => {
+                let message = r.args.first().cloned().unwrap_or_default();
+                return Err(err(Unsupported, loc.word(r.line, &r.cmd, r.argw), message));
+            }
+            (None, "new") => {
+                if r.args.first().map(String::as_str) != Some("Simulator") {
+                    return Err(unsupported("object", r.args.first().map_or("", String::as_str)));
                 }
-                match w[1].text.as_str() {
-                    "node" => {
-                        arity(&w, 2, "[$ns node]")?;
-                        vars.insert(var.clone(), Var::Node(nodes.len()));
-                        nodes.push(RawNode {
-                            name: Spanned::new(cmd[1].span.clone(), node_name(&var)),
-                            memory: None,
-                            vcpus: None,
-                            kernel: None,
-                            initrd: None,
-                            kernel_args: None,
-                            nic: None,
-                            disk: None,
-                            run: Vec::new(),
-                            host: None,
-                        });
-                    }
-                    "duplex-link" => {
-                        if !(w.len() == 6 || w.len() == 7) {
-                            return Err(src.error(
-                                Syntax,
-                                rhs.span.clone(),
-                                None,
-                                None,
-                                "usage: [$ns duplex-link $a $b <bandwidth> <delay> [DropTail]]",
-                            ));
+            }
+            (Some(Obj::Sim), "node") => arity(&[0], "[$ns node]")?,
+            (Some(Obj::Sim), "duplex-link") => {
+                arity(&[4, 5], "[$ns duplex-link $a $b <bandwidth> <delay> [DropTail]]")?;
+                if r.args.get(4).is_some_and(|q| q != "DropTail") {
+                    return Err(err(
+                        Unsupported,
+                        span(4),
+                        format!("unsupported NS queue discipline (only DropTail) `{}`", r.args[4]),
+                    ));
+                }
+                let a = node_of(0)?;
+                let b = node_of(1)?;
+                let net = created_net(&objs, r)?;
+                nets_insert(
+                    &mut nets,
+                    net,
+                    Net::Link(Box::new(RawLink {
+                        name: net_names[net].clone(),
+                        a: Spanned::new(span(0), nodes[a].name.get_ref().clone()),
+                        b: Spanned::new(span(1), nodes[b].name.get_ref().clone()),
+                        ips: None,
+                        bandwidth: value(span(2), &r.args[2]),
+                        delay: value(span(3), &r.args[3]),
+                        jitter: None,
+                        loss: None,
+                        queue: None,
+                        queue_bytes: None,
+                        a_to_b: None,
+                        b_to_a: None,
+                    })),
+                );
+            }
+            (Some(Obj::Sim), "make-lan") => {
+                arity(&[2, 3], "[$ns make-lan \"$a $b ...\" <bandwidth> <delay>]")?;
+                let mut members = Vec::new();
+                for m in r.args[0].split_whitespace() {
+                    match objs.get(m) {
+                        Some(Obj::Node(n)) => members.push(Spanned::new(span(0), nodes[*n].name.get_ref().clone())),
+                        _ => {
+                            return Err(err(UnknownNode, span(0), format!("`{m}` in the lan's members is not a node")))
                         }
-                        if let Some(q) = w.get(6).filter(|q| q.text != "DropTail") {
-                            return Err(unsupported(q, "queue discipline (only DropTail)"));
-                        }
-                        let end = |w: &Word| {
-                            Spanned::new(w.span.clone(), node_name(var_of(w).unwrap_or(&w.text)))
-                        };
-                        vars.insert(var.clone(), Var::Net(nets.len()));
-                        nets.push(Net::Link(Box::new(RawLink {
-                            name: Spanned::new(cmd[1].span.clone(), node_name(&var)),
-                            a: end(&w[2]),
-                            b: end(&w[3]),
-                            ips: None,
-                            bandwidth: value(&w[4]),
-                            delay: value(&w[5]),
-                            jitter: None,
-                            loss: None,
-                            queue: None,
-                            queue_bytes: None,
-                            a_to_b: None,
-                            b_to_a: None,
-                        })));
                     }
-                    "make-lan" => {
-                        if !(4..=5).contains(&w.len()) {
-                            return Err(src.error(
-                                Syntax,
-                                rhs.span.clone(),
-                                None,
-                                None,
-                                "usage: [$ns make-lan \"$a $b ...\" <bandwidth> <delay>]",
-                            ));
-                        }
-                        let members_word = &w[2];
-                        let base = members_word.span.start + 1;
-                        let inner = members_word.text.as_str();
-                        let members = inner
-                            .split_whitespace()
-                            .map(|m| {
-                                let start = base + (m.as_ptr() as usize - inner.as_ptr() as usize);
-                                Spanned::new(
-                                    start..start + m.len(),
-                                    node_name(m.trim_start_matches('$')),
-                                )
-                            })
-                            .collect();
-                        vars.insert(var.clone(), Var::Net(nets.len()));
-                        nets.push(Net::Lan(Box::new(RawLan {
-                            name: Spanned::new(cmd[1].span.clone(), node_name(&var)),
-                            members: Spanned::new(members_word.span.clone(), members),
-                            ips: None,
-                            bandwidth: value(&w[3]),
-                            delay: w.get(4).and_then(value),
-                            jitter: None,
-                            loss: None,
-                            queue: None,
-                            queue_bytes: None,
-                        })));
-                    }
-                    _ => return Err(unsupported(&w[1], "simulator command")),
+                }
+                let net = created_net(&objs, r)?;
+                nets_insert(
+                    &mut nets,
+                    net,
+                    Net::Lan(Box::new(RawLan {
+                        name: net_names[net].clone(),
+                        members: Spanned::new(span(0), members),
+                        ips: None,
+                        bandwidth: value(span(1), &r.args[1]),
+                        delay: r.args.get(2).and_then(|d| value(span(2), d)),
+                        jitter: None,
+                        loss: None,
+                        queue: None,
+                        queue_bytes: None,
+                    })),
+                );
+            }
+            // No topology in them.
+            (Some(Obj::Sim), "rtproto" | "run") => {}
+            (Some(Obj::Sim), m) => return Err(unsupported("simulator command", m)),
+            (Some(_), m) => return Err(unsupported("method", m)),
+            (None, "tb-set-link-loss" | "tb-set-lan-loss") => {
+                arity(&[2], &format!("{} $net <loss>", r.op))?;
+                let net = net_of(0)?;
+                match nets.get_mut(net).and_then(Option::as_mut) {
+                    Some(Net::Lan(l)) => l.loss = number(span(1), &r.args[1]),
+                    Some(Net::Link(l)) => l.loss = number(span(1), &r.args[1]),
+                    None => return Err(err(UnknownNode, span(0), "the lan or link is not made yet".into())),
                 }
             }
-            "tb-set-link-loss" | "tb-set-lan-loss" => {
-                arity(&cmd, 3, &format!("{} $net <loss>", head.text))?;
-                let net = net_of(&cmd[1], &vars, src)?;
-                match &mut nets[net] {
-                    Net::Lan(l) => l.loss = number(&cmd[2]),
-                    Net::Link(l) => l.loss = number(&cmd[2]),
-                }
+            (None, "tb-set-node-startcmd") => {
+                arity(&[2], "tb-set-node-startcmd $node \"command\"")?;
+                let n = node_of(0)?;
+                nodes[n].run.push(Spanned::new(span(1), r.args[1].clone()));
             }
-            "tb-set-node-startcmd" => {
-                arity(&cmd, 3, "tb-set-node-startcmd $node \"command\"")?;
-                let n = node_of(&cmd[1], &vars, src)?;
-                nodes[n]
-                    .run
-                    .push(Spanned::new(cmd[2].span.clone(), cmd[2].text.clone()));
+            (None, "tb-set-node-os") => {
+                arity(&[2], "tb-set-node-os $node <os>")?;
+                let n = node_of(0)?;
+                nodes[n].os = Some(Spanned::new(span(1), r.args[1].clone()));
             }
-            "tb-set-ip-link" | "tb-set-ip-lan" => {
-                arity(&cmd, 4, &format!("{} $node $net <address>", head.text))?;
-                let n = node_of(&cmd[1], &vars, src)?;
-                let net = net_of(&cmd[2], &vars, src)?;
-                ips.insert((net, nodes[n].name.get_ref().clone()), cmd[3].clone());
+            (None, "tb-set-ip-link" | "tb-set-ip-lan") => {
+                arity(&[3], &format!("{} $node $net <address>", r.op))?;
+                let n = node_of(0)?;
+                let net = net_of(1)?;
+                ips.insert((net, nodes[n].name.get_ref().clone()), Spanned::new(span(2), r.args[2].clone()));
             }
-            "tb-set-link-simplex-params" => {
-                arity(
-                    &cmd,
-                    6,
-                    "tb-set-link-simplex-params $link $src <delay> <bandwidth> <loss>",
-                )?;
-                let net = net_of(&cmd[1], &vars, src)?;
-                let from = node_of(&cmd[2], &vars, src)?;
-                let from = nodes[from].name.get_ref().clone();
-                let Net::Link(l) = &mut nets[net] else {
-                    return Err(unsupported(&cmd[1], "simplex params on a lan"));
+            (None, "tb-set-link-simplex-params") => {
+                arity(&[5], "tb-set-link-simplex-params $link $src <delay> <bandwidth> <loss>")?;
+                let net = net_of(0)?;
+                let from = nodes[node_of(1)?].name.get_ref().clone();
+                let Some(Net::Link(l)) = nets.get_mut(net).and_then(Option::as_mut) else {
+                    return Err(err(Unsupported, span(0), "unsupported NS simplex params on a lan".into()));
                 };
                 let params = RawParams {
-                    delay: value(&cmd[3]),
-                    bandwidth: value(&cmd[4]),
-                    loss: number(&cmd[5]),
+                    delay: value(span(2), &r.args[2]),
+                    bandwidth: value(span(3), &r.args[3]),
+                    loss: number(span(4), &r.args[4]),
                     ..RawParams::default()
                 };
                 if *l.a.get_ref() == from {
@@ -381,50 +582,46 @@ pub(super) fn parse(text: &str, src: &Source, name: String) -> Result<RawSpec, S
                 } else {
                     return Err(src.error(
                         UnknownNode,
-                        cmd[2].span.clone(),
+                        span(1),
                         Some(format!("link \"{}\"", l.name.get_ref())),
                         Some("src"),
                         format!("node \"{from}\" is not an end of the link"),
                     ));
                 }
             }
-            other if IGNORED_PER_NODE.contains(&other) => {
-                arity(&cmd, 3, &format!("{other} $node <value>"))?;
-                node_of(&cmd[1], &vars, src)?;
+            (None, op) if IGNORED_PER_NODE.contains(&op) => {
+                arity(&[2], &format!("{op} $node <value>"))?;
+                node_of(0)?;
             }
-            other if IGNORED.contains(&other) => {}
-            _ if var_of(head).is_some_and(|v| matches!(vars.get(v), Some(Var::Simulator))) => {
-                // `$ns rtproto Static`, `$ns run`: no topology in them.
-                if !cmd
-                    .get(1)
-                    .is_some_and(|w| matches!(w.text.as_str(), "rtproto" | "run"))
-                {
-                    return Err(unsupported(cmd.get(1).unwrap_or(head), "simulator command"));
-                }
-            }
-            _ => return Err(unsupported(head, "command")),
+            (None, op) if IGNORED.contains(&op) => {}
+            (None, op) => return Err(unsupported("command", op)),
         }
+    }
+    if let Some(e) = &out.error {
+        let message = if e.message.contains("limit exceeded") {
+            format!("the script was stopped: {} (at most {COMMAND_LIMIT} Tcl commands and {TIME_LIMIT_S} s)", e.message)
+        } else {
+            format!("Tcl: {}", e.message.replace('\n', " "))
+        };
+        let span = if e.line > 0 { loc.tcl_error(e.line, &e.message) } else { 0..0 };
+        let mut error = err(Script, span, message);
+        if e.line == 0 {
+            (error.line, error.column) = (0, 0);
+        }
+        return Err(error);
     }
 
     // Addresses: all members of a network or none.
+    // Networks keep their creation index k (the key of `ips`).
     for (k, net) in nets.iter_mut().enumerate() {
+        let Some(net) = net else { continue };
         let (members, slot, span): (Vec<String>, &mut Ips, Range<usize>) = match net {
-            Net::Lan(l) => (
-                l.members
-                    .get_ref()
-                    .iter()
-                    .map(|m| m.get_ref().clone())
-                    .collect(),
-                &mut l.ips,
-                l.name.span(),
-            ),
-            Net::Link(l) => (
-                vec![l.a.get_ref().clone(), l.b.get_ref().clone()],
-                &mut l.ips,
-                l.name.span(),
-            ),
+            Net::Lan(l) => {
+                (l.members.get_ref().iter().map(|m| m.get_ref().clone()).collect(), &mut l.ips, l.name.span())
+            }
+            Net::Link(l) => (vec![l.a.get_ref().clone(), l.b.get_ref().clone()], &mut l.ips, l.name.span()),
         };
-        let given: Vec<Option<&Word>> = members.iter().map(|m| ips.get(&(k, m.clone()))).collect();
+        let given: Vec<Option<&Spanned<String>>> = members.iter().map(|m| ips.get(&(k, m.clone()))).collect();
         if given.iter().all(Option::is_none) {
             continue;
         }
@@ -439,279 +636,47 @@ pub(super) fn parse(text: &str, src: &Source, name: String) -> Result<RawSpec, S
                     format!("addresses are set for some members but not for \"{m}\""),
                 ));
             };
-            list.push(Spanned::new(w.span.clone(), w.text.clone()));
+            list.push((*w).clone());
         }
         *slot = Some(Spanned::new(span, list));
     }
 
     let (mut lan, mut link) = (Vec::new(), Vec::new());
-    for net in nets {
+    for net in nets.into_iter().flatten() {
         match net {
             Net::Lan(l) => lan.push(*l),
             Net::Link(l) => link.push(*l),
         }
     }
-    Ok(RawSpec {
-        name: Some(Spanned::new(0..0, name)),
-        defaults: None,
-        nic: None,
-        node: nodes,
-        lan,
-        link,
-        host: Vec::new(),
-        delay: None,
-    })
+    Ok(RawSpec { name: Some(Spanned::new(0..0, name)), node: nodes, lan, link, ..RawSpec::default() })
 }
 
-fn var_of(w: &Word) -> Option<&str> {
-    w.text.strip_prefix('$')
-}
-
-fn node_of(w: &Word, vars: &BTreeMap<String, Var>, src: &Source) -> Result<usize, SpecError> {
-    match w.text.strip_prefix('$').and_then(|v| vars.get(v)) {
-        Some(Var::Node(i)) => Ok(*i),
-        _ => Err(src.error(
-            SpecErrorKind::UnknownNode,
-            w.span.clone(),
-            None,
-            None,
-            format!("`{}` is not a node", w.text),
-        )),
+/// The network index of the object a record created.
+fn created_net(objs: &BTreeMap<&str, Obj>, r: &Record) -> Result<usize, SpecError> {
+    match r.created.as_deref().and_then(|h| objs.get(h)) {
+        Some(Obj::Net(n)) => Ok(*n),
+        // The shim always creates one; a record without is not its output.
+        _ => Err(SpecError {
+            kind: SpecErrorKind::Interpreter,
+            file: None,
+            line: r.line,
+            column: 1,
+            subject: None,
+            field: None,
+            message: format!("the interpreter recorded `{}` without the object it makes", r.op),
+            source: None,
+        }),
     }
 }
 
-fn net_of(w: &Word, vars: &BTreeMap<String, Var>, src: &Source) -> Result<usize, SpecError> {
-    match w.text.strip_prefix('$').and_then(|v| vars.get(v)) {
-        Some(Var::Net(i)) => Ok(*i),
-        _ => Err(src.error(
-            SpecErrorKind::UnknownNode,
-            w.span.clone(),
-            None,
-            None,
-            format!("`{}` is not a lan or link", w.text),
-        )),
+/// Networks are numbered in the order they were made, whatever order the
+/// records name them in.
+fn nets_insert(nets: &mut Vec<Option<Net>>, at: usize, net: Net) {
+    if nets.len() <= at {
+        nets.resize_with(at + 1, || None);
     }
+    nets[at] = Some(net);
 }
 
 #[cfg(test)]
-mod tests {
-    use super::super::{Experiment, SpecErrorKind};
-    use proptest::prelude::*;
-    use std::path::Path;
-
-    const SCRIPT: &str = r#"# Three nodes on a LAN and a shaped link.
-set ns [new Simulator]
-source tb_compat.tcl
-
-set nodeA [$ns node]
-set nodeB [$ns node]
-set node_c [$ns node]
-tb-set-node-os $nodeA UBUNTU22-64-STD
-tb-set-node-startcmd $nodeA "stasis-probe --node a"
-
-set lan0 [$ns make-lan "$nodeA $nodeB $node_c" 100Mb 10ms]
-tb-set-lan-loss $lan0 0.01
-set link0 [$ns duplex-link $nodeA $nodeB 10Mb 5ms DropTail]
-tb-set-link-simplex-params $link0 $nodeB 7ms 10Mb 0.25
-tb-set-ip-link $nodeA $link0 10.9.9.1
-tb-set-ip-link $nodeB $link0 10.9.9.2
-
-$ns rtproto Static
-$ns run
-"#;
-
-    const SAME_IN_TOML: &str = r#"name = "three"
-[[node]]
-name = "nodea"
-run = ["stasis-probe --node a"]
-[[node]]
-name = "nodeb"
-[[node]]
-name = "node-c"
-[[lan]]
-name = "lan0"
-members = ["nodea", "nodeb", "node-c"]
-bandwidth = "100Mb"
-delay = "10ms"
-loss = 0.01
-[[link]]
-name = "link0"
-a = "nodea"
-b = "nodeb"
-ips = ["10.9.9.1", "10.9.9.2"]
-bandwidth = "10Mb"
-delay = "5ms"
-[link.b_to_a]
-delay = "7ms"
-loss = 0.25
-"#;
-
-    fn ns(text: &str) -> Result<Experiment, super::SpecError> {
-        Experiment::from_ns_script(text, Some(Path::new("dir/three.ns")))
-    }
-
-    #[test]
-    fn script_imports_as_the_equivalent_toml() {
-        let from_ns = ns(SCRIPT).unwrap();
-        let from_toml = Experiment::from_toml_str(SAME_IN_TOML, None).unwrap();
-        assert_eq!(from_ns.name, "three");
-        assert_eq!(from_ns.nodes, from_toml.nodes);
-        assert_eq!(from_ns.lans, from_toml.lans);
-        assert_eq!(from_ns.links, from_toml.links);
-        assert_eq!(from_ns.to_toml(), from_toml.to_toml());
-        assert_eq!(
-            Experiment::from_ns_script("set ns [new Simulator]\nset a [$ns node]\n", None)
-                .unwrap()
-                .name,
-            "ns-import"
-        );
-    }
-
-    fn refused(text: &str, kind: SpecErrorKind, line: usize, needles: &[&str]) {
-        let e = ns(text).expect_err("refused");
-        let msg = e.to_string();
-        assert_eq!(e.kind, kind, "{msg}");
-        assert!(msg.starts_with(&format!("dir/three.ns:{line}:")), "{msg}");
-        for n in needles {
-            assert!(msg.contains(n), "{msg:?} lacks {n:?}");
-        }
-    }
-
-    const HEAD: &str = "set ns [new Simulator]\nset a [$ns node]\nset b [$ns node]\n";
-
-    #[test]
-    fn refusals_point_into_the_script() {
-        refused(
-            &format!("{HEAD}tb-set-magic $a 1\n"),
-            SpecErrorKind::Unsupported,
-            4,
-            &["tb-set-magic"],
-        );
-        refused(
-            &format!("{HEAD}set l [$ns duplex-link $a $z 10Mb 5ms DropTail]\n"),
-            SpecErrorKind::UnknownNode,
-            4,
-            &["unknown node \"z\"", "in field b"],
-        );
-        refused(
-            &format!("{HEAD}set l [$ns duplex-link $a $b 10Xb 5ms DropTail]\n"),
-            SpecErrorKind::BadUnit,
-            4,
-            &["Xb", "in field bandwidth"],
-        );
-        refused(
-            &format!("{HEAD}set l [$ns duplex-link $a $b 10Mb 5ms RED]\n"),
-            SpecErrorKind::Unsupported,
-            4,
-            &["RED"],
-        );
-        refused(
-            &format!("{HEAD}set l [$ns make-lan \"$a $b $a\" 10Mb 0ms]\n"),
-            SpecErrorKind::DuplicateMember,
-            4,
-            &["twice"],
-        );
-        refused(
-            &format!("{HEAD}set l [$ns node\n"),
-            SpecErrorKind::Syntax,
-            4,
-            &["unclosed"],
-        );
-        refused(
-            &format!("{HEAD}set l [$ns duplex-link $a $b 10Mb 5ms]\ntb-set-link-loss $l 2\n"),
-            SpecErrorKind::OutOfRange,
-            5,
-            &["in field loss"],
-        );
-        refused(
-            &format!(
-                "{HEAD}set l [$ns duplex-link $a $b 10Mb 5ms]\ntb-set-ip-link $a $l 10.1.1.1\n"
-            ),
-            SpecErrorKind::BadAddress,
-            4,
-            &["\"b\""],
-        );
-        refused(
-            &format!("{HEAD}tb-set-link-loss $a 0.1\n"),
-            SpecErrorKind::UnknownNode,
-            4,
-            &["not a lan or link"],
-        );
-        refused("set ns [new Simulator]\n", SpecErrorKind::Empty, 1, &[]);
-    }
-
-    /// The demo's script (issue 7), exactly as given there.
-    const GEC8: &str = include_str!("../../../../examples/gec8.ns");
-
-    #[test]
-    fn gec8_script_imports_as_is() {
-        let e = Experiment::from_ns_script(GEC8, Some(Path::new("examples/gec8.ns"))).unwrap();
-        assert_eq!(e.name, "gec8");
-        let names: Vec<&str> = e.nodes.iter().map(|n| n.name.as_str()).collect();
-        assert_eq!(names, ["nodea", "nodeb", "nodec", "noded"]);
-        assert_eq!(e.lans.len(), 1);
-        assert_eq!(e.lans[0].members, names);
-        assert_eq!(e.lans[0].params.bandwidth_bps, 1_000_000_000);
-        assert_eq!(e.lans[0].params.delay_ns, 0);
-        assert_eq!(e.nodes[0].ifaces[0].ip, "10.0.1.1");
-        assert!(e.nodes.iter().all(|n| n.run.is_empty()));
-    }
-
-    /// `GEC8` with `from` replaced by `to` on line `line` (1-based) must be
-    /// refused as `kind` at that line and at the column where `at` starts.
-    fn gec8_refused(line: usize, from: &str, to: &str, at: &str, kind: SpecErrorKind, needle: &str) {
-        let mut lines: Vec<String> = GEC8.lines().map(str::to_owned).collect();
-        assert!(lines[line - 1].contains(from), "{from:?} not on line {line}");
-        lines[line - 1] = lines[line - 1].replace(from, to);
-        let column = lines[line - 1].find(at).expect("`at` on the line") + 1;
-        let e = Experiment::from_ns_script(&lines.join("\n"), Some(Path::new("gec8.ns"))).expect_err("refused");
-        let msg = e.to_string();
-        assert_eq!((e.kind, e.line, e.column), (kind, line, column), "{msg}");
-        assert!(msg.starts_with(&format!("gec8.ns:{line}:{column}: ")), "{msg}");
-        assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
-    }
-
-    #[test]
-    fn gec8_mistakes_are_placed_by_line_and_column() {
-        use SpecErrorKind::*;
-        // Unknown commands, top-level and simulator.
-        gec8_refused(10, "tb-set-node-os $nodeC STASIS", "tb-set-node-colour $nodeC red", "tb-set-node-colour", Unsupported, "`tb-set-node-colour`");
-        gec8_refused(12, "$ns run", "$ns runn", "runn", Unsupported, "`runn`");
-        // Undefined nodes: in a LAN, and in a per-node setting.
-        gec8_refused(7, "$nodeD\"", "$nodeE\"", "$nodeE", UnknownNode, "unknown node \"nodee\"");
-        gec8_refused(11, "$nodeD STASIS", "$nodeX STASIS", "$nodeX", UnknownNode, "`$nodeX` is not a node");
-        // Bad bandwidth unit, and a bad delay unit.
-        gec8_refused(7, "1000Mb", "1000Xb", "1000Xb", BadUnit, "in field bandwidth");
-        gec8_refused(7, " 0ms]", " 0mz]", "0mz", BadUnit, "in field delay");
-    }
-
-    #[test]
-    fn documented_script_imports() {
-        let doc = include_str!("../../../../docs/spec.md");
-        let start = doc.find("```tcl\n").expect("a tcl block") + "```tcl\n".len();
-        let text = &doc[start..start + doc[start..].find("```").unwrap()];
-        let e =
-            Experiment::from_ns_script(text, None).unwrap_or_else(|e| panic!("docs/spec.md: {e}"));
-        assert_eq!((e.nodes.len(), e.lans.len(), e.links.len()), (2, 1, 1));
-        assert_eq!(e.links[0].b_to_a.loss, 0.25);
-        assert_eq!(e.links[0].a_to_b.loss, 0.01);
-        assert_eq!(e.node("nodea").unwrap().run, ["stasis-probe --node a"]);
-    }
-
-    proptest! {
-        #[test]
-        fn arbitrary_scripts_never_panic(text in "\\PC{0,300}") {
-            let _ = Experiment::from_ns_script(&text, None);
-        }
-
-        #[test]
-        fn mutated_script_never_panics(pos in 0usize..SCRIPT.len(), len in 0usize..6, insert in "[ -~\\n]{0,5}") {
-            let mut bytes = SCRIPT.as_bytes().to_vec();
-            let end = (pos + len).min(bytes.len());
-            bytes.splice(pos..end, insert.bytes());
-            if let Ok(text) = String::from_utf8(bytes) {
-                let _ = Experiment::from_ns_script(&text, Some(Path::new("m.ns")));
-            }
-        }
-    }
-}
+mod tests;

@@ -7,7 +7,7 @@
 //! (`-netdev stream` with an inet address); vhost-user shares guest memory
 //! with the delay node and so only works on the delay node's own host.
 
-use super::{Node, NicMode, RawNode, Source, SpecError, SpecErrorKind};
+use super::{NicMode, Node, RawNode, Source, SpecError, SpecErrorKind};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -69,7 +69,13 @@ pub(super) fn resolve(
     use SpecErrorKind::*;
     if hosts.is_empty() {
         if let Some(n) = raw_nodes.iter().find_map(|n| n.host.as_ref()) {
-            return Err(src.error(UnknownField, n.span(), None, Some("host"), "a node names a host but the spec has no [[host]]"));
+            return Err(src.error(
+                UnknownField,
+                n.span(),
+                None,
+                Some("host"),
+                "a node names a host but the spec has no [[host]]",
+            ));
         }
         if let Some(d) = delay {
             let span = d.host.as_ref().map(|h| h.span()).or(d.port_base.as_ref().map(|p| p.span())).unwrap_or(0..0);
@@ -82,19 +88,43 @@ pub(super) fn resolve(
     for h in hosts {
         let subject = Some(format!("host \"{}\"", h.name.get_ref()));
         if !super::is_name(h.name.get_ref(), super::NAME_MAX) {
-            return Err(src.error(BadName, h.name.span(), subject, Some("name"), "a host name must match [a-z][a-z0-9-]*"));
+            return Err(src.error(
+                BadName,
+                h.name.span(),
+                subject,
+                Some("name"),
+                "a host name must match [a-z][a-z0-9-]*",
+            ));
         }
         if out.iter().any(|o| &o.name == h.name.get_ref()) {
             return Err(src.error(DuplicateName, h.name.span(), subject, Some("name"), "two hosts have this name"));
         }
         let agent: SocketAddr = h.agent.get_ref().parse().map_err(|_| {
-            src.error(BadAddress, h.agent.span(), subject.clone(), Some("agent"), format!("\"{}\" is not an IP:port address", h.agent.get_ref()))
+            src.error(
+                BadAddress,
+                h.agent.span(),
+                subject.clone(),
+                Some("agent"),
+                format!("\"{}\" is not an IP:port address", h.agent.get_ref()),
+            )
         })?;
         if agent.ip().is_unspecified() || agent.port() == 0 {
-            return Err(src.error(BadAddress, h.agent.span(), subject, Some("agent"), "the agent address must be a concrete IP and a non-zero port"));
+            return Err(src.error(
+                BadAddress,
+                h.agent.span(),
+                subject,
+                Some("agent"),
+                "the agent address must be a concrete IP and a non-zero port",
+            ));
         }
         if let Some(other) = addrs.insert(agent, h.name.get_ref().clone()) {
-            return Err(src.error(BadAddress, h.agent.span(), subject, Some("agent"), format!("host \"{other}\" has the same agent address")));
+            return Err(src.error(
+                BadAddress,
+                h.agent.span(),
+                subject,
+                Some("agent"),
+                format!("host \"{other}\" has the same agent address"),
+            ));
         }
         out.push(Host { name: h.name.get_ref().clone(), agent });
     }
@@ -103,7 +133,13 @@ pub(super) fn resolve(
             Ok(name.get_ref().clone())
         } else {
             let names: Vec<&str> = out.iter().map(|h| h.name.as_str()).collect();
-            Err(src.error(UnknownNode, name.span(), subject, Some("host"), format!("unknown host \"{}\" (hosts: {})", name.get_ref(), names.join(", "))))
+            Err(src.error(
+                UnknownNode,
+                name.span(),
+                subject,
+                Some("host"),
+                format!("unknown host \"{}\" (hosts: {})", name.get_ref(), names.join(", ")),
+            ))
         }
     };
     let delay_host = match delay.and_then(|d| d.host.as_ref()) {
@@ -115,7 +151,13 @@ pub(super) fn resolve(
             let ports = nodes.iter().map(|n| n.ifaces.len()).sum::<usize>() as i64;
             let v = *p.get_ref();
             if !(1..=i64::from(u16::MAX) - ports).contains(&v) {
-                return Err(src.error(OutOfRange, p.span(), Some("[delay]".into()), Some("port_base"), format!("port_base {v} leaves no room for {ports} ports below 65536")));
+                return Err(src.error(
+                    OutOfRange,
+                    p.span(),
+                    Some("[delay]".into()),
+                    Some("port_base"),
+                    format!("port_base {v} leaves no room for {ports} ports below 65536"),
+                ));
             }
             v as u16
         }
@@ -128,7 +170,8 @@ pub(super) fn resolve(
             None => out[0].name.clone(),
         });
         if node.host.as_deref() != Some(delay_host.as_str()) && node.nic == NicMode::VhostUser {
-            let span = raw.nic.as_ref().map(|n| n.span()).or(raw.host.as_ref().map(|h| h.span())).unwrap_or(raw.name.span());
+            let span =
+                raw.nic.as_ref().map(|n| n.span()).or(raw.host.as_ref().map(|h| h.span())).unwrap_or(raw.name.span());
             return Err(src.error(
                 OutOfRange,
                 span,
@@ -141,7 +184,13 @@ pub(super) fn resolve(
             ));
         }
         if let Some(d) = &raw.disk {
-            return Err(src.error(Unsupported, d.span(), subject, Some("disk"), "data disks are not supported in multi-host experiments yet"));
+            return Err(src.error(
+                Unsupported,
+                d.span(),
+                subject,
+                Some("disk"),
+                "data disks are not supported in multi-host experiments yet",
+            ));
         }
     }
     Ok(Some(Placement { hosts: out, delay_host, delay_port_base }))

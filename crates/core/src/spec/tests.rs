@@ -53,10 +53,7 @@ fn refused(text: &str, kind: SpecErrorKind, line: usize, needles: &[&str]) -> Sp
     let msg = err.to_string();
     assert_eq!(err.kind, kind, "wrong kind for: {msg}");
     assert_eq!(err.line, line, "wrong line in: {msg}");
-    assert!(
-        msg.starts_with(&format!("three.toml:{line}:")),
-        "no place in: {msg}"
-    );
+    assert!(msg.starts_with(&format!("three.toml:{line}:")), "no place in: {msg}");
     for n in needles {
         assert!(msg.contains(n), "{msg:?} does not contain {n:?}");
     }
@@ -107,10 +104,7 @@ fn example_parses_with_defaults_addresses_and_macs() {
     let l0 = &e.links[0];
     assert_eq!(l0.a_to_b.delay_ns, 5_000_000);
     assert_eq!(l0.b_to_a.delay_ns, 7_000_000);
-    assert_eq!(
-        l0.b_to_a.bandwidth_bps, 10_000_000,
-        "override keeps the shared fields"
-    );
+    assert_eq!(l0.b_to_a.bandwidth_bps, 10_000_000, "override keeps the shared fields");
     assert_eq!(l0.b_to_a.loss, 0.25);
     assert_eq!(l0.a_to_b.loss, 0.0);
 }
@@ -119,20 +113,14 @@ fn example_parses_with_defaults_addresses_and_macs() {
 fn relative_paths_resolve_against_the_spec_dir() {
     let text = "name = \"x\"\n[[node]]\nname = \"a\"\nkernel = \"k/vmlinuz\"\n";
     let e = Experiment::from_toml_str(text, Some(Path::new("/exp/specs/x.toml"))).unwrap();
-    assert_eq!(
-        e.nodes[0].kernel.as_deref(),
-        Some(Path::new("/exp/specs/k/vmlinuz"))
-    );
+    assert_eq!(e.nodes[0].kernel.as_deref(), Some(Path::new("/exp/specs/k/vmlinuz")));
     let e = Experiment::from_toml_str(text, None).unwrap();
     assert_eq!(e.nodes[0].kernel.as_deref(), Some(Path::new("k/vmlinuz")));
 }
 
 #[test]
 fn defaults_are_emulab_like() {
-    let e = parse(&format!(
-        "{TWO}[[link]]\nname = \"l\"\na = \"a\"\nb = \"b\"\n"
-    ))
-    .unwrap();
+    let e = parse(&format!("{TWO}[[link]]\nname = \"l\"\na = \"a\"\nb = \"b\"\n")).unwrap();
     assert_eq!(e.links[0].a_to_b, LinkParams::default());
     assert_eq!(e.links[0].a_to_b.bandwidth_bps, 1_000_000_000);
     assert_eq!(e.nodes[0].memory_mib, DEFAULT_MEMORY_MIB);
@@ -141,10 +129,7 @@ fn defaults_are_emulab_like() {
 #[test]
 fn queue_bytes_alone_replaces_the_packet_limit() {
     let lan = |extra: &str| {
-        let e = parse(&format!(
-            "{TWO}[[lan]]\nname = \"l\"\nmembers = [\"a\", \"b\"]\n{extra}"
-        ))
-        .unwrap();
+        let e = parse(&format!("{TWO}[[lan]]\nname = \"l\"\nmembers = [\"a\", \"b\"]\n{extra}")).unwrap();
         let p = e.lans[0].params;
         assert_eq!(parse(&e.to_toml()).unwrap(), e, "round trip");
         (p.queue_packets, p.queue_bytes)
@@ -157,10 +142,9 @@ fn queue_bytes_alone_replaces_the_packet_limit() {
 
 #[test]
 fn explicit_ips_override() {
-    let e = parse(&format!(
-        "{TWO}[[link]]\nname = \"l\"\na = \"a\"\nb = \"b\"\nips = [\"10.9.9.1\", \"10.9.9.2/30\"]\n"
-    ))
-    .unwrap();
+    let e =
+        parse(&format!("{TWO}[[link]]\nname = \"l\"\na = \"a\"\nb = \"b\"\nips = [\"10.9.9.1\", \"10.9.9.2/30\"]\n"))
+            .unwrap();
     assert_eq!(e.nodes[0].ifaces[0].ip, "10.9.9.1");
     assert_eq!(e.nodes[1].ifaces[0].prefix_len, 30);
     let again = parse(&e.to_toml()).unwrap();
@@ -177,9 +161,7 @@ fn canonical_form_round_trips_and_digest_is_stable() {
     assert_eq!(again.digest(), e.digest());
     assert_eq!(e.digest().len(), 64);
     // The same experiment written differently has the same digest.
-    let respelled = EXAMPLE
-        .replace("\"100Mb\"", "\"100000Kb\"")
-        .replace("\"1G\"", "\"1024M\"");
+    let respelled = EXAMPLE.replace("\"100Mb\"", "\"100000Kb\"").replace("\"1G\"", "\"1024M\"");
     assert_eq!(parse(&respelled).unwrap().digest(), e.digest());
     // A different one has another.
     let changed = EXAMPLE.replace("\"10ms\"", "\"11ms\"");
@@ -200,11 +182,7 @@ fn from_file_reads_and_reports_the_path() {
     let path = dir.join("bad.toml");
     std::fs::write(&path, "name = \"x\"\n[[node]]\nname = \"a\"\nvcpus = 0\n").unwrap();
     let err = Experiment::from_file(&path).unwrap_err();
-    assert!(
-        err.to_string()
-            .starts_with(&format!("{}:4:9:", path.display())),
-        "{err}"
-    );
+    assert!(err.to_string().starts_with(&format!("{}:4:9:", path.display())), "{err}");
     let err = Experiment::from_file(&dir.join("missing.toml")).unwrap_err();
     assert_eq!(err.kind, SpecErrorKind::Read);
     assert!(std::error::Error::source(&err).is_some());
@@ -214,42 +192,20 @@ fn from_file_reads_and_reports_the_path() {
 
 #[test]
 fn refuses_toml_syntax() {
-    refused(
-        "name = \"x\"\n[[node]\nname = \"a\"\n",
-        SpecErrorKind::Syntax,
-        2,
-        &[],
-    );
+    refused("name = \"x\"\n[[node]\nname = \"a\"\n", SpecErrorKind::Syntax, 2, &[]);
 }
 
 #[test]
 fn refuses_wrong_value_type_naming_the_field() {
-    refused(
-        "name = \"x\"\n[[node]]\nname = \"a\"\nvcpus = \"two\"\n",
-        SpecErrorKind::Syntax,
-        4,
-        &["in field vcpus"],
-    );
+    refused("name = \"x\"\n[[node]]\nname = \"a\"\nvcpus = \"two\"\n", SpecErrorKind::Syntax, 4, &["in field vcpus"]);
 }
 
 #[test]
 fn refuses_unknown_fields() {
+    refused("name = \"x\"\n[[node]]\nname = \"a\"\nmemroy = \"1G\"\n", SpecErrorKind::UnknownField, 4, &["memroy"]);
+    refused("name = \"x\"\ncolour = 1\n[[node]]\nname = \"a\"\n", SpecErrorKind::UnknownField, 2, &["colour"]);
     refused(
-        "name = \"x\"\n[[node]]\nname = \"a\"\nmemroy = \"1G\"\n",
-        SpecErrorKind::UnknownField,
-        4,
-        &["memroy"],
-    );
-    refused(
-        "name = \"x\"\ncolour = 1\n[[node]]\nname = \"a\"\n",
-        SpecErrorKind::UnknownField,
-        2,
-        &["colour"],
-    );
-    refused(
-        &format!(
-            "{TWO}[[link]]\nname = \"l\"\na = \"a\"\nb = \"b\"\n[link.a_to_b]\nspeed = \"1Mb\"\n"
-        ),
+        &format!("{TWO}[[link]]\nname = \"l\"\na = \"a\"\nb = \"b\"\n[link.a_to_b]\nspeed = \"1Mb\"\n"),
         SpecErrorKind::UnknownField,
         11,
         &["speed"],
@@ -258,42 +214,22 @@ fn refuses_unknown_fields() {
 
 #[test]
 fn refuses_missing_fields() {
-    let e = refused(
-        "name = \"x\"\n[[node]]\nmemory = \"1G\"\n",
-        SpecErrorKind::MissingField,
-        2,
-        &["name"],
-    );
+    let e = refused("name = \"x\"\n[[node]]\nmemory = \"1G\"\n", SpecErrorKind::MissingField, 2, &["name"]);
     assert_eq!(e.field.as_deref(), Some("name"));
-    refused(
-        "[[node]]\nname = \"a\"\n",
-        SpecErrorKind::MissingField,
-        1,
-        &["in field name"],
-    );
+    refused("[[node]]\nname = \"a\"\n", SpecErrorKind::MissingField, 1, &["in field name"]);
 }
 
 #[test]
 fn refuses_unknown_node_in_link() {
     let text = format!("{TWO}[[link]]\nname = \"l0\"\na = \"a\"\nb = \"z\"\n");
-    let e = refused(
-        &text,
-        SpecErrorKind::UnknownNode,
-        9,
-        &["link \"l0\": unknown node \"z\" in field b"],
-    );
+    let e = refused(&text, SpecErrorKind::UnknownNode, 9, &["link \"l0\": unknown node \"z\" in field b"]);
     assert_eq!(e.column, 5);
 }
 
 #[test]
 fn refuses_unknown_node_in_lan() {
     let text = format!("{TWO}[[lan]]\nname = \"lan0\"\nmembers = [\"a\", \"q\"]\n");
-    let e = refused(
-        &text,
-        SpecErrorKind::UnknownNode,
-        8,
-        &["lan \"lan0\"", "\"q\"", "in field members"],
-    );
+    let e = refused(&text, SpecErrorKind::UnknownNode, 8, &["lan \"lan0\"", "\"q\"", "in field members"]);
     assert_eq!(e.column, 17);
 }
 
@@ -312,9 +248,7 @@ fn refuses_duplicate_names_across_kinds() {
         &["lan \"b\"", "in field name"],
     );
     refused(
-        &format!(
-            "{TWO}[[lan]]\nname = \"n\"\nmembers = [\"a\"]\n[[link]]\nname = \"n\"\na = \"a\"\nb = \"b\"\n"
-        ),
+        &format!("{TWO}[[lan]]\nname = \"n\"\nmembers = [\"a\"]\n[[link]]\nname = \"n\"\na = \"a\"\nb = \"b\"\n"),
         SpecErrorKind::DuplicateName,
         10,
         &["link \"n\"", "lan"],
@@ -323,28 +257,13 @@ fn refuses_duplicate_names_across_kinds() {
 
 #[test]
 fn refuses_bad_names() {
-    refused(
-        "name = \"Big Exp\"\n[[node]]\nname = \"a\"\n",
-        SpecErrorKind::BadName,
-        1,
-        &["in field name"],
-    );
-    refused(
-        "name = \"x\"\n[[node]]\nname = \"1a\"\n",
-        SpecErrorKind::BadName,
-        3,
-        &["node \"1a\""],
-    );
+    refused("name = \"Big Exp\"\n[[node]]\nname = \"a\"\n", SpecErrorKind::BadName, 1, &["in field name"]);
+    refused("name = \"x\"\n[[node]]\nname = \"1a\"\n", SpecErrorKind::BadName, 3, &["node \"1a\""]);
 }
 
 #[test]
 fn refuses_impossible_sizes() {
-    for (value, needle) in [
-        ("\"0\"", "\"0\""),
-        ("\"99T\"", "outside"),
-        ("\"32M\"", "32M"),
-        ("-5", "negative"),
-    ] {
+    for (value, needle) in [("\"0\"", "\"0\""), ("\"99T\"", "outside"), ("\"32M\"", "32M"), ("-5", "negative")] {
         refused(
             &format!("name = \"x\"\n[[node]]\nname = \"a\"\nmemory = {value}\n"),
             SpecErrorKind::BadSize,
@@ -358,12 +277,7 @@ fn refuses_impossible_sizes() {
         4,
         &["vcpus 0", "in field vcpus"],
     );
-    refused(
-        "name = \"x\"\n[[node]]\nname = \"a\"\nvcpus = 65\n",
-        SpecErrorKind::BadSize,
-        4,
-        &["vcpus"],
-    );
+    refused("name = \"x\"\n[[node]]\nname = \"a\"\nvcpus = 65\n", SpecErrorKind::BadSize, 4, &["vcpus"]);
     refused(
         "name = \"x\"\n[defaults]\nvcpus = 0\n[[node]]\nname = \"a\"\n",
         SpecErrorKind::BadSize,
@@ -393,16 +307,9 @@ fn refuses_bad_units() {
         9,
         &["in field delay"],
     );
+    refused("name = \"x\"\n[[node]]\nname = \"a\"\nmemory = \"4 gallons\"\n", SpecErrorKind::BadUnit, 4, &["gallons"]);
     refused(
-        "name = \"x\"\n[[node]]\nname = \"a\"\nmemory = \"4 gallons\"\n",
-        SpecErrorKind::BadUnit,
-        4,
-        &["gallons"],
-    );
-    refused(
-        &format!(
-            "{TWO}[[link]]\nname = \"l\"\na = \"a\"\nb = \"b\"\n[link.b_to_a]\njitter = \"3 fortnights\"\n"
-        ),
+        &format!("{TWO}[[link]]\nname = \"l\"\na = \"a\"\nb = \"b\"\n[link.b_to_a]\njitter = \"3 fortnights\"\n"),
         SpecErrorKind::BadUnit,
         11,
         &["in field b_to_a.jitter"],
@@ -475,9 +382,7 @@ fn refuses_an_empty_experiment() {
 #[test]
 fn refuses_bad_and_clashing_addresses() {
     refused(
-        &format!(
-            "{TWO}[[link]]\nname = \"l\"\na = \"a\"\nb = \"b\"\nips = [\"10.0.0.1\", \"banana\"]\n"
-        ),
+        &format!("{TWO}[[link]]\nname = \"l\"\na = \"a\"\nb = \"b\"\nips = [\"10.0.0.1\", \"banana\"]\n"),
         SpecErrorKind::BadAddress,
         10,
         &["banana", "in field ips"],
@@ -522,10 +427,7 @@ fn too_many_nodes_are_refused() {
 fn columns_count_characters_not_bytes() {
     let e = parse("name = \"x\" # ünïcödé\n[[node]]\nname = \"a\"\nvcpus = 0\n").unwrap_err();
     assert_eq!((e.line, e.column), (4, 9));
-    let src = Source {
-        text: "ab\n€x",
-        file: None,
-    };
+    let src = Source { text: "ab\n€x", file: None };
     assert_eq!(src.line_col(6), (2, 2));
 }
 
@@ -610,7 +512,12 @@ fn nic_mode_defaults_to_vhost_user_and_nodes_override_it() {
 
 #[test]
 fn refuses_unknown_nic_modes_with_their_place() {
-    refused("name = \"x\"\nnic = \"tap\"\n[[node]]\nname = \"a\"\n", SpecErrorKind::OutOfRange, 2, &["\"tap\"", "vhost-user", "nic"]);
+    refused(
+        "name = \"x\"\nnic = \"tap\"\n[[node]]\nname = \"a\"\n",
+        SpecErrorKind::OutOfRange,
+        2,
+        &["\"tap\"", "vhost-user", "nic"],
+    );
     refused(
         "name = \"x\"\n[[node]]\nname = \"a\"\nnic = \"vhost\"\n",
         SpecErrorKind::OutOfRange,
@@ -693,7 +600,12 @@ fn placement_mistakes_are_refused_with_their_place() {
     let unknown = HOSTS.replace("host = \"h2\"\nnic", "host = \"h9\"\nnic");
     refused(&unknown, SpecErrorKind::UnknownNode, 21, &["node \"b\"", "unknown host \"h9\"", "h1, h2", "field host"]);
     let vhost_remote = HOSTS.replace("[delay]\nhost = \"h2\"", "[delay]\nhost = \"h1\"");
-    refused(&vhost_remote, SpecErrorKind::OutOfRange, 22, &["node \"b\"", "vhost-user", "nic = \"stream\"", "field nic"]);
+    refused(
+        &vhost_remote,
+        SpecErrorKind::OutOfRange,
+        22,
+        &["node \"b\"", "vhost-user", "nic = \"stream\"", "field nic"],
+    );
     let bad_addr = HOSTS.replace("10.77.0.2:7700", "10.77.0.2");
     refused(&bad_addr, SpecErrorKind::BadAddress, 10, &["host \"h2\"", "not an IP:port", "field agent"]);
     let wildcard = HOSTS.replace("10.77.0.2:7700", "0.0.0.0:7700");

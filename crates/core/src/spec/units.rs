@@ -10,9 +10,7 @@
 /// Splits `"10.5 ms"` into `("10.5", "ms")`.
 fn split_number(text: &str) -> (&str, &str) {
     let text = text.trim();
-    let end = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '_'))
-        .unwrap_or(text.len());
+    let end = text.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '_')).unwrap_or(text.len());
     (&text[..end], text[end..].trim())
 }
 
@@ -34,19 +32,12 @@ fn scale_decimal(number: &str, unit: u128) -> Result<u128, String> {
         return Err("number too large".into());
     }
     let digits = format!("{int}{frac}");
-    let mantissa: u128 = if digits.is_empty() {
-        0
-    } else {
-        digits
-            .parse()
-            .map_err(|_| format!("\"{number}\" is not a number"))?
-    };
+    let mantissa: u128 =
+        if digits.is_empty() { 0 } else { digits.parse().map_err(|_| format!("\"{number}\" is not a number"))? };
     let divisor = 10u128.pow(frac.len() as u32);
     let product = mantissa.checked_mul(unit).ok_or("number too large")?;
     if product % divisor != 0 {
-        return Err(format!(
-            "\"{number}\" is not a whole number of the base unit"
-        ));
+        return Err(format!("\"{number}\" is not a whole number of the base unit"));
     }
     Ok(product / divisor)
 }
@@ -73,9 +64,8 @@ const SIZE_UNITS: &str = "B, K, KB, KiB, M, MB, MiB, G, GB, GiB, T, TB, TiB";
 /// Parses a byte size such as `"64KB"` or `"1.5G"` (binary multiples).
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
     let (number, suffix) = split_number(text);
-    let unit = size_unit(suffix).ok_or_else(|| {
-        format!("unknown size unit \"{suffix}\" in \"{text}\" (expected {SIZE_UNITS})")
-    })?;
+    let unit = size_unit(suffix)
+        .ok_or_else(|| format!("unknown size unit \"{suffix}\" in \"{text}\" (expected {SIZE_UNITS})"))?;
     let bytes = scale_decimal(number, unit)?;
     u64::try_from(bytes).map_err(|_| format!("\"{text}\" is too large"))
 }
@@ -86,9 +76,8 @@ pub fn parse_memory_mib(text: &str) -> Result<u64, String> {
     let unit = if suffix.is_empty() {
         MIB
     } else {
-        size_unit(suffix).ok_or_else(|| {
-            format!("unknown size unit \"{suffix}\" in \"{text}\" (expected {SIZE_UNITS})")
-        })?
+        size_unit(suffix)
+            .ok_or_else(|| format!("unknown size unit \"{suffix}\" in \"{text}\" (expected {SIZE_UNITS})"))?
     };
     let bytes = scale_decimal(number, unit)?;
     if bytes % MIB != 0 {
@@ -132,9 +121,7 @@ pub fn parse_bandwidth_bps(text: &str) -> Result<u64, String> {
     };
     let known = matches!(rest, "b" | "bit" | "bits" | "bps") || (rest.is_empty() && prefix == 1);
     if !known {
-        return Err(format!(
-            "unknown rate unit \"{suffix}\" in \"{text}\" (expected {RATE_UNITS}; rates count bits)"
-        ));
+        return Err(format!("unknown rate unit \"{suffix}\" in \"{text}\" (expected {RATE_UNITS}; rates count bits)"));
     }
     let bps = scale_decimal(number, prefix)?;
     u64::try_from(bps).map_err(|_| format!("\"{text}\" is too large"))
@@ -162,11 +149,7 @@ pub fn parse_duration_ns(text: &str) -> Result<u64, String> {
         "s" => 1_000_000_000,
         "" if scale_decimal(number, 1) == Ok(0) => 1,
         "" => return Err(format!("\"{text}\" needs a unit ({DURATION_UNITS})")),
-        _ => {
-            return Err(format!(
-                "unknown time unit \"{suffix}\" in \"{text}\" (expected {DURATION_UNITS})"
-            ))
-        }
+        _ => return Err(format!("unknown time unit \"{suffix}\" in \"{text}\" (expected {DURATION_UNITS})")),
     };
     let ns = scale_decimal(number, unit)?;
     u64::try_from(ns).map_err(|_| format!("\"{text}\" is too large"))
@@ -229,16 +212,7 @@ mod tests {
 
     #[test]
     fn formats_round_trip() {
-        for ns in [
-            0,
-            1,
-            999,
-            1_000,
-            1_500,
-            10_000_000,
-            3_000_000_000,
-            1_234_567_891,
-        ] {
+        for ns in [0, 1, 999, 1_000, 1_500, 10_000_000, 3_000_000_000, 1_234_567_891] {
             assert_eq!(parse_duration_ns(&format_duration_ns(ns)), Ok(ns));
         }
         for bps in [1, 999, 56_000, 100_000_000, 1_000_000_000, 2_500_000] {

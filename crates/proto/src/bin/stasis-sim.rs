@@ -7,7 +7,8 @@
 use stasis_proto::sim::{quantile, run, SimConfig, SimReport};
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: stasis-sim [--agents N,N..] [--rounds N] [--crash P,P..] [--save-fail P,P..] [--loss P,P..] [--seed N]
+const USAGE: &str =
+    "usage: stasis-sim [--agents N,N..] [--rounds N] [--crash P,P..] [--save-fail P,P..] [--loss P,P..] [--seed N]
   --agents     simulated hosts (default 1000,10000)
   --rounds     checkpoint rounds per row (default 200)
   --crash      per-host probability of a silent crash during a round (default 0,1e-4,1e-3)

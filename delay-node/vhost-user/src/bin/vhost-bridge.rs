@@ -28,16 +28,21 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-    ).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .init();
     let args = Args::parse();
     let bridge = match Bridge::new(&args.a, &args.b, |side, ev| {
         let now = mono_ns();
         let line = match ev {
             PortEvent::Started => format!(r#"{{"event":"started","port":"{}","mono_ns":{now}}}"#, side.name()),
-            PortEvent::Stopped { at } => format!(r#"{{"event":"stopped","port":"{}","at":{at},"mono_ns":{now}}}"#, side.name()),
-            PortEvent::Disconnected => format!(r#"{{"event":"disconnected","port":"{}","mono_ns":{now}}}"#, side.name()),
+            PortEvent::Stopped { at } => {
+                format!(r#"{{"event":"stopped","port":"{}","at":{at},"mono_ns":{now}}}"#, side.name())
+            }
+            PortEvent::Disconnected => {
+                format!(r#"{{"event":"disconnected","port":"{}","mono_ns":{now}}}"#, side.name())
+            }
             PortEvent::RxReady | PortEvent::Frame(_) => return,
         };
         println!("{line}");
@@ -59,13 +64,19 @@ fn main() -> ExitCode {
         std::thread::sleep(Duration::from_millis(if args.stats_ms == 0 { 3_600_000 } else { args.stats_ms }));
         if args.stats_ms > 0 {
             let s = bridge.stats();
-            let (pa, pb) = (bridge.port(stasis_vhost_user::Side::A).stats(), bridge.port(stasis_vhost_user::Side::B).stats());
+            let (pa, pb) =
+                (bridge.port(stasis_vhost_user::Side::A).stats(), bridge.port(stasis_vhost_user::Side::B).stats());
             println!(
                 r#"{{"event":"stats","mono_ns":{},"a_tx":{},"b_tx":{},"to_a":{},"to_b":{},"dropped_a":{},"dropped_b":{},"deferred_a":{},"deferred_b":{}}}"#,
-                mono_ns(), pa.tx_frames, pb.tx_frames,
-                s.delivered[0].load(Ordering::Relaxed), s.delivered[1].load(Ordering::Relaxed),
-                s.dropped[0].load(Ordering::Relaxed), s.dropped[1].load(Ordering::Relaxed),
-                s.deferred[0].load(Ordering::Relaxed), s.deferred[1].load(Ordering::Relaxed),
+                mono_ns(),
+                pa.tx_frames,
+                pb.tx_frames,
+                s.delivered[0].load(Ordering::Relaxed),
+                s.delivered[1].load(Ordering::Relaxed),
+                s.dropped[0].load(Ordering::Relaxed),
+                s.dropped[1].load(Ordering::Relaxed),
+                s.deferred[0].load(Ordering::Relaxed),
+                s.deferred[1].load(Ordering::Relaxed),
             );
         }
     }

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-
 /// `target/guest` of the workspace.
 pub fn guest_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/guest")
@@ -94,7 +93,9 @@ pub fn boot(spec: &GuestSpec) -> Guest {
         .arg(format!("unix:{},server=on,wait=off", qmp.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(spec.dir.join(format!("{}{}.qemu.err", spec.name, spec.log_suffix))).unwrap()));
+        .stderr(Stdio::from(
+            std::fs::File::create(spec.dir.join(format!("{}{}.qemu.err", spec.name, spec.log_suffix))).unwrap(),
+        ));
     if let Some(f) = spec.incoming {
         cmd.arg("-S").arg("-incoming").arg(format!("exec:cat {}", f.display()));
     }

@@ -150,9 +150,7 @@ fn serve_loop(id: u64, s: &mut TcpStream, state: &State) -> io::Result<()> {
         s.read_exact(&mut pixels)?;
         let mut g = lock.lock().expect("master state");
         if band != NO_BAND {
-            g.job
-                .complete(band, &pixels)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            g.job.complete(band, &pixels).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
             cv.notify_all();
         }
         let task = loop {

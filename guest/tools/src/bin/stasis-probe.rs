@@ -16,27 +16,19 @@ fn sample() -> Sample {
     let real_ns = real_ns();
     let boot_ns = boot_ns();
     let tsc = tsc();
-    Sample {
-        mono_ns,
-        real_ns,
-        boot_ns,
-        tsc,
-    }
+    Sample { mono_ns, real_ns, boot_ns, tsc }
 }
 
 fn main() {
-    let parsed = Flags::parse(
-        std::env::args().skip(1),
-        &["--interval-ms", "--report-ms", "--node", "--kmod"],
-    )
-    .and_then(|f| {
-        Ok((
-            f.get::<u64>("--interval-ms", 10)?,
-            f.get::<u64>("--report-ms", 1000)?,
-            f.opt::<String>("--node")?,
-            f.opt::<String>("--kmod")?,
-        ))
-    });
+    let parsed = Flags::parse(std::env::args().skip(1), &["--interval-ms", "--report-ms", "--node", "--kmod"])
+        .and_then(|f| {
+            Ok((
+                f.get::<u64>("--interval-ms", 10)?,
+                f.get::<u64>("--report-ms", 1000)?,
+                f.opt::<String>("--node")?,
+                f.opt::<String>("--kmod")?,
+            ))
+        });
     let (interval_ms, report_ms, node, kmod) = match parsed {
         Ok(v) if v.0 > 0 && v.1 > 0 => v,
         Ok(_) => {

@@ -207,9 +207,7 @@ fn recv_udp(o: RecvOpts) -> io::Result<()> {
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
                 ) => {}
             Err(e) => return Err(e),
         }
@@ -249,12 +247,7 @@ fn recv_tcp(o: RecvOpts) -> io::Result<()> {
     Ok(())
 }
 
-fn read_tcp_records(
-    o: &RecvOpts,
-    table: &Mutex<FlowTable>,
-    peer: IpAddr,
-    stream: TcpStream,
-) -> io::Result<()> {
+fn read_tcp_records(o: &RecvOpts, table: &Mutex<FlowTable>, peer: IpAddr, stream: TcpStream) -> io::Result<()> {
     let mut r = io::BufReader::with_capacity(64 * 1024, stream);
     let mut buf = vec![0u8; HEADER_LEN];
     let mut bad = 0u64;
@@ -265,8 +258,8 @@ fn read_tcp_records(
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
         }
-        let len = check_frame_len(u32::from_be_bytes(len))
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let len =
+            check_frame_len(u32::from_be_bytes(len)).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         buf.resize(len, 0);
         r.read_exact(&mut buf)?;
         let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
@@ -288,19 +281,7 @@ struct SendOpts {
 }
 
 fn parse_send(args: impl Iterator<Item = String>) -> Result<SendOpts, ArgsError> {
-    let f = Flags::parse(
-        args,
-        &[
-            "--to",
-            "--proto",
-            "--rate",
-            "--size",
-            "--count",
-            "--flow",
-            "--report-ms",
-            "--node",
-        ],
-    )?;
+    let f = Flags::parse(args, &["--to", "--proto", "--rate", "--size", "--count", "--flow", "--report-ms", "--node"])?;
     let to: Vec<SocketAddr> = f.all("--to")?;
     if to.is_empty() {
         return Err(ArgsError::Required("--to"));
@@ -314,10 +295,7 @@ fn parse_send(args: impl Iterator<Item = String>) -> Result<SendOpts, ArgsError>
     }
     let rate: f64 = f.get("--rate", 100.0)?;
     if !(rate > 0.0 && rate.is_finite()) {
-        return Err(ArgsError::BadValue {
-            flag: "--rate".into(),
-            value: rate.to_string(),
-        });
+        return Err(ArgsError::BadValue { flag: "--rate".into(), value: rate.to_string() });
     }
     Ok(SendOpts {
         to,
@@ -338,11 +316,7 @@ fn parse_send(args: impl Iterator<Item = String>) -> Result<SendOpts, ArgsError>
 fn report_local_drops(sock: &UdpSocket, v4: bool) {
     use std::os::fd::AsRawFd;
     let on: libc::c_int = 1;
-    let (level, opt) = if v4 {
-        (libc::IPPROTO_IP, libc::IP_RECVERR)
-    } else {
-        (libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
-    };
+    let (level, opt) = if v4 { (libc::IPPROTO_IP, libc::IP_RECVERR) } else { (libc::IPPROTO_IPV6, libc::IPV6_RECVERR) };
     // SAFETY: the fd is a live socket owned by `sock`; `on` outlives the call
     // and its length is passed.
     let rc = unsafe {
@@ -387,23 +361,11 @@ fn connect_tcp(addr: SocketAddr) -> TcpStream {
 }
 
 fn progress_line(o: &SendOpts, d: &Dest) -> JsonLine {
-    send_line(
-        &o.node,
-        o.proto.name(),
-        &d.addr.to_string(),
-        d.sent,
-        d.done,
-        mono_ns(),
-    )
+    send_line(&o.node, o.proto.name(), &d.addr.to_string(), d.sent, d.done, mono_ns())
 }
 
 fn send_one(o: &SendOpts, d: &mut Dest, buf: &mut [u8]) -> io::Result<()> {
-    let rec = Record {
-        flow: o.flow,
-        seq: d.sent,
-        total: o.count,
-        send_mono_ns: mono_ns(),
-    };
+    let rec = Record { flow: o.flow, seq: d.sent, total: o.count, send_mono_ns: mono_ns() };
     match o.proto {
         Proto::Udp => {
             rec.encode_into(buf);
@@ -429,21 +391,11 @@ fn send_one(o: &SendOpts, d: &mut Dest, buf: &mut [u8]) -> io::Result<()> {
 fn run_send(o: SendOpts) -> io::Result<()> {
     let mut dests = Vec::new();
     for &addr in &o.to {
-        let mut d = Dest {
-            addr,
-            sent: 0,
-            done: false,
-            udp: None,
-            tcp: None,
-        };
+        let mut d = Dest { addr, sent: 0, done: false, udp: None, tcp: None };
         match o.proto {
             Proto::Udp => {
-                let any: SocketAddr = if addr.is_ipv4() {
-                    "0.0.0.0:0".parse()
-                } else {
-                    "[::]:0".parse()
-                }
-                .expect("literal address");
+                let any: SocketAddr =
+                    if addr.is_ipv4() { "0.0.0.0:0".parse() } else { "[::]:0".parse() }.expect("literal address");
                 let sock = UdpSocket::bind(any)?;
                 await_receiver(&o, &sock, addr, Duration::from_secs(120))?;
                 report_local_drops(&sock, addr.is_ipv4());
@@ -457,11 +409,7 @@ fn run_send(o: SendOpts) -> io::Result<()> {
     let n = dests.len();
     // Sends alternate between destinations, so each gets `rate` per second.
     let start = mono_ns();
-    let mut pacer = Pacer::new(
-        start,
-        Pacer::period_for_rate(o.rate * n as f64),
-        DEFAULT_MAX_LATE_NS,
-    );
+    let mut pacer = Pacer::new(start, Pacer::period_for_rate(o.rate * n as f64), DEFAULT_MAX_LATE_NS);
     let mut next_report = start + o.report_ns;
     let mut rr = 0usize;
     let mut errors = 0u64;

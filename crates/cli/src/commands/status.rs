@@ -1,0 +1,71 @@
+//! `stasis status`: what runs, what a killed checkpoint left frozen, or
+//! that the experiment is swapped out.
+
+use crate::context::Ctx;
+use crate::ui::print_json;
+use anyhow::Result;
+use stasis_agent::host::{AttachError, Runtime};
+use stasis_store::Store;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub async fn exec(ctx: &Ctx, _: &Args) -> Result<()> {
+    let name = ctx.experiment_name()?;
+    let layout = ctx.layout(&name);
+    match Runtime::load(&layout) {
+        Ok(rt) => {
+            let alive = rt.alive();
+            // Parts a killed checkpoint left frozen (only asked when every process lives).
+            // (Not while a checkpoint runs: it holds each VM's QMP connection.)
+            let in_progress = Store::open(&layout.checkpoints())
+                .ok()
+                .and_then(|s| s.checkpoints_in_progress().ok())
+                .unwrap_or_default();
+            let frozen = if in_progress.is_empty() && alive.iter().all(|(_, _, a)| *a) {
+                stasis_agent::recover::frozen_parts(&rt).await.ok()
+            } else {
+                None
+            };
+            if ctx.json() {
+                print_json(&serde_json::json!({"experiment": name, "running": true, "incarnation": rt.incarnation,
+                    "restored_from": rt.restored_from, "frozen": frozen, "checkpoint_in_progress": in_progress,
+                    "processes": alive.iter().map(|(n, p, a)| serde_json::json!({"name": n, "pid": p, "alive": a})).collect::<Vec<_>>()}));
+            } else {
+                println!(
+                    "experiment {name}: incarnation {}{}",
+                    rt.incarnation,
+                    rt.restored_from.as_ref().map(|c| format!(", restored from {c}")).unwrap_or_default()
+                );
+                for (n, p, a) in &alive {
+                    println!("  {:<12} pid {:<8} {}", n, p, if *a { "running" } else { "DEAD" });
+                }
+                if !in_progress.is_empty() {
+                    println!("a checkpoint is in progress (pid {in_progress:?})");
+                } else if let Some(f) = frozen.as_ref().filter(|f| !f.is_empty()) {
+                    println!(
+                        "FROZEN by a checkpoint that did not finish: {}; `stasis resume` starts it again",
+                        f.describe()
+                    );
+                }
+            }
+        }
+        Err(AttachError::NotRunning(_)) => {
+            let swapped = stasis_agent::swap::swapped_out(&layout);
+            if ctx.json() {
+                print_json(&serde_json::json!({"experiment": name, "running": false, "swapped_out": swapped}));
+            } else if let Some(s) = swapped {
+                let label =
+                    s.name.as_deref().map(|n| format!("{} {n:?}", s.checkpoint)).unwrap_or(s.checkpoint.clone());
+                println!(
+                    "experiment {name}: swapped out (checkpoint {label}, branch {}); `stasis swap-in` brings it back",
+                    s.branch
+                );
+            } else {
+                println!("experiment {name}: not running");
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! What stasis gives a node that boots a real OS image (docs/images.md):
+//! its cloud-init NoCloud seed ([`seed`]) and the guest agent client that
+//! `stasis exec`, `stasis cp` use ([`agent`]; the busybox guest runs
+//! `stasis-ga`, which speaks the same protocol), and the interactive serial
+//! console `stasis console` attaches ([`console`]).
+
+pub mod agent;
+pub mod console;
+pub mod seed;
