@@ -253,8 +253,6 @@ impl Pending {
         drop(out);
         let final_manifest = self.dir.join(MANIFEST_FILE);
         fs::rename(&tmp, &final_manifest).map_err(io_err("cannot rename the manifest into place", &tmp))?;
-        let owner = self.dir.join(OWNER_FILE);
-        fs::remove_file(&owner).map_err(io_err("cannot remove", &owner))?;
         sync_dir(&self.dir)?;
 
         let target = self.root.join(&self.id);
@@ -287,7 +285,13 @@ impl Pending {
     /// fsyncs the store directory.
     fn rename_into_place(&mut self, target: &Path) -> Result<(), StoreError> {
         {
+            // The owner file names the checkpoint while it is pending, and
+            // `begin` checks names under this lock: it goes in the same
+            // critical section as the rename, or a writer could take the
+            // name in between (seen: two checkpoints both named "same").
             let _lock = StoreLock::acquire(&self.root).map_err(io_err("cannot lock the store", &self.root))?;
+            let owner = self.dir.join(OWNER_FILE);
+            fs::remove_file(&owner).map_err(io_err("cannot remove", &owner))?;
             fs::rename(&self.dir, target).map_err(io_err("cannot rename the checkpoint into place", &self.dir))?;
         }
         self.finished = true;
