@@ -259,7 +259,12 @@ impl Pending {
         if let Some(remote) = self.remote.clone() {
             // The commit point of a remote store: the manifest object.
             failpoint("commit-before-remote-manifest");
-            remote.commit_manifest(&self.id, text.into())?;
+            if let Err(e) = remote.commit_manifest(&self.id, text.into()) {
+                if matches!(e, crate::remote::RemoteError::ManifestUnsettled { .. }) {
+                    self.retract(&remote);
+                }
+                return Err(e.into());
+            }
             failpoint("commit-after-remote-manifest");
             // From here the checkpoint exists whatever happens locally: a
             // local failure only costs the cache (the next listing fetches
@@ -279,6 +284,22 @@ impl Pending {
         let info = CheckpointInfo::of(&manifest, target);
         info!(id = %info.id, name = ?info.name, bytes = info.bytes, commit_ns = manifest.timings.commit_ns, "checkpoint committed");
         Ok(info)
+    }
+
+    /// After a manifest PUT with an unknown outcome: notes the id (the
+    /// next listing deletes the manifest, [`crate::store::RETRACT_PREFIX`])
+    /// and tries the deletion now.
+    fn retract(&self, remote: &crate::remote::Remote) {
+        let marker = self.root.join(format!("{}{}", crate::store::RETRACT_PREFIX, self.id));
+        if let Err(e) = stasis_core::private::write(&marker, b"") {
+            warn!(id = %self.id, error = %e, path = %marker.display(), "cannot note a failed commit to retract");
+        }
+        match remote.delete_manifest(&self.id) {
+            Ok(()) => {
+                let _ = fs::remove_file(&marker);
+            }
+            Err(e) => debug!(id = %self.id, error = %e, "cannot retract the manifest now; the next listing will"),
+        }
     }
 
     /// Renames the pending directory to `target` under the store's lock and

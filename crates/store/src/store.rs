@@ -24,6 +24,11 @@ const FETCH_PREFIX: &str = ".fetch-";
 /// chunks did not read then (a pack briefly unreachable, or lost until a
 /// gc recovered it): the next listing fetches it again.
 const INCOMPLETE_FILE: &str = ".incomplete";
+/// Prefix of a file naming a checkpoint whose manifest PUT failed with an
+/// unknown outcome ([`crate::remote::RemoteError::ManifestUnsettled`]):
+/// its manifest is deleted from the bucket at the next listing that
+/// reaches it, so a commit reported failed never turns into a checkpoint.
+pub(crate) const RETRACT_PREFIX: &str = ".retract-";
 
 /// The checkpoints of one experiment, under `<state_dir>/<experiment>/checkpoints`.
 #[derive(Debug, Clone)]
@@ -209,9 +214,11 @@ impl Store {
             return Ok(());
         };
         let remote = cached.remote();
+        let unsettled = self.retract_unsettled(remote)?;
         let ids: std::collections::BTreeSet<String> = remote
             .manifest_ids()?
             .into_iter()
+            .filter(|id| !unsettled.contains(id))
             .filter(|id| {
                 let ok = looks_like_id(id);
                 if !ok {
@@ -248,6 +255,30 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes from the bucket the manifest of every commit of this store
+    /// that failed with an unknown outcome (see [`RETRACT_PREFIX`]), and
+    /// returns the ids it could not delete yet (they are not listed).
+    fn retract_unsettled(&self, remote: &Remote) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        let mut left = std::collections::BTreeSet::new();
+        for entry in fs::read_dir(&self.root).map_err(io_err("cannot list the store", &self.root))? {
+            let entry = entry.map_err(io_err("cannot list the store", &self.root))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_prefix(RETRACT_PREFIX) else { continue };
+            match remote.delete_manifest(id) {
+                Ok(()) => {
+                    info!(checkpoint = %id, bucket = %remote.bucket(), "retracted the manifest of a commit that had failed");
+                    let p = entry.path();
+                    fs::remove_file(&p).map_err(io_err("cannot remove", &p))?;
+                }
+                Err(e) => {
+                    debug!(checkpoint = %id, error = %e, "cannot retract a failed commit's manifest yet");
+                    left.insert(id.to_owned());
+                }
+            }
+        }
+        Ok(left)
+    }
+
     /// Fetches checkpoint `id`'s manifest from the bucket into a local
     /// directory, with its further files reassembled from their chunks. A
     /// manifest that does not check is kept as it is (listing skips it,
@@ -256,7 +287,16 @@ impl Store {
     /// listing tries again.
     fn fetch_checkpoint(&self, id: &str) -> Result<(), StoreError> {
         let cached = self.remote.as_ref().expect("only called for remote stores");
-        let bytes = cached.remote().manifest(id)?;
+        let bytes = match cached.remote().manifest(id) {
+            // Listed but gone: deleted since the listing, or a write that
+            // missed its quorum and is not settled yet (a later listing
+            // sees what it became).
+            Err(e) if e.is_not_found() => {
+                debug!(checkpoint = %id, "a listed manifest is not there; skipping it");
+                return Ok(());
+            }
+            r => r?,
+        };
         let tmp = self.root.join(format!("{FETCH_PREFIX}{id}"));
         let tmp_named = tmp.join(id);
         stasis_core::private::create_dir_all(&tmp_named).map_err(io_err("cannot create", &tmp_named))?;

@@ -42,6 +42,12 @@ struct Faults {
     dead: AtomicBool,
     /// A manifest PUT is overwritten by "another writer" right after.
     race_manifests: AtomicBool,
+    /// A manifest PUT is stored but answered with an error, as Garage does
+    /// when the write misses its quorum on the one replica it reached.
+    stray_manifests: AtomicBool,
+    /// Listing names a manifest whose GET answers 404 (a stray write on a
+    /// replica the GET's quorum does not include).
+    phantom_manifest: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -81,6 +87,9 @@ impl ObjectStore for Wrapped {
         if self.faults.race_manifests.load(Ordering::Relaxed) && location.as_ref().contains("checkpoints/") {
             self.inner.put(location, PutPayload::from_static(b"{\"another\":\"writer\"}")).await?;
         }
+        if self.faults.stray_manifests.load(Ordering::Relaxed) && location.as_ref().contains("checkpoints/") {
+            return Err(object_store::Error::Generic { store: "test", source: "could not reach quorum".into() });
+        }
         Ok(r)
     }
     async fn put_multipart_opts(
@@ -102,6 +111,19 @@ impl ObjectStore for Wrapped {
     fn list(&self, prefix: Option<&ObjPath>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
         if let Err(e) = self.check() {
             return Box::pin(futures::stream::once(async move { Err(e) }));
+        }
+        if self.faults.phantom_manifest.load(Ordering::Relaxed) {
+            use futures::StreamExt;
+            // Each manifest listed comes with a twin that is not there.
+            return Box::pin(self.inner.list(prefix).flat_map(|r| {
+                let twin = r.as_ref().ok().filter(|m| m.location.as_ref().ends_with(".json")).map(|m| {
+                    let mut t = m.clone();
+                    let dir = m.location.as_ref().rsplit_once('/').map_or("", |(d, _)| d).to_owned();
+                    t.location = ObjPath::from(format!("{dir}/0009-deadbeef.json"));
+                    Ok(t)
+                });
+                futures::stream::iter(std::iter::once(r).chain(twin))
+            }));
         }
         self.inner.list(prefix)
     }
@@ -250,6 +272,68 @@ fn a_failed_manifest_commit_leaves_no_checkpoint() {
     // The racing "writer" left a manifest that does not check: skipped.
     assert_eq!(store.list().unwrap().len(), 1);
     assert!(store.pending_dirs().unwrap().is_empty());
+}
+
+#[test]
+fn a_manifest_put_that_failed_but_was_stored_is_retracted() {
+    let bucket = Bucket::new(true);
+    let tmp = tempfile::tempdir().unwrap();
+    let h1 = Store::open_remote(&tmp.path().join("h1"), bucket.remote()).unwrap();
+    let c1 = commit(&h1, None, 1);
+    let p = h1.begin(None).unwrap();
+    let id = p.id().to_owned();
+    fs::write(p.path("vm-a"), noise(6, 1000)).unwrap();
+    let draft = ManifestDraft {
+        components: vec![ComponentDraft { name: "vm-a".into(), file: "vm-a".into(), ..Default::default() }],
+        ..Default::default()
+    };
+    // The PUT is kept by the bucket but answered with an error.
+    bucket.faults.stray_manifests.store(true, Ordering::Relaxed);
+    let e = p.commit(draft).unwrap_err();
+    bucket.faults.stray_manifests.store(false, Ordering::Relaxed);
+    assert!(matches!(e, StoreError::Remote(RemoteError::ManifestUnsettled { .. })), "{e}");
+    assert!(h1.pending_dirs().unwrap().is_empty());
+    let marker = h1.root().join(format!(".retract-{id}"));
+    // The immediate retraction ran while the bucket still answered: gone already.
+    assert!(!marker.exists(), "the retraction succeeded at once, so no marker is left");
+    assert!(bucket.keys("checkpoints").iter().all(|k| !k.contains(&id)), "{:?}", bucket.keys("checkpoints"));
+    assert_eq!(h1.list().unwrap().iter().map(|i| i.id.clone()).collect::<Vec<_>>(), vec![c1.id.clone()]);
+}
+
+#[test]
+fn a_retraction_that_cannot_run_at_once_runs_at_the_next_listing() {
+    let bucket = Bucket::new(true);
+    let tmp = tempfile::tempdir().unwrap();
+    let h1 = Store::open_remote(&tmp.path().join("h1"), bucket.remote()).unwrap();
+    let c1 = commit(&h1, None, 1);
+    // A stray manifest of this store's, its retraction noted but not done
+    // (the bucket was unreachable when the commit failed).
+    let stray = "0002-0badc0de";
+    let good = h1.open_checkpoint(&c1.id).unwrap();
+    let text = fs::read(good.dir.join("manifest.json")).unwrap();
+    bucket.put_raw(&format!("checkpoints/{stray}.json"), text);
+    fs::write(h1.root().join(format!(".retract-{stray}")), b"").unwrap();
+    // Another host lists before h1 is back: it sees what the bucket holds.
+    let h2 = Store::open_remote(&tmp.path().join("h2"), bucket.remote()).unwrap();
+    bucket.faults.dead.store(true, Ordering::Relaxed);
+    assert!(h1.list().is_err(), "an unreachable bucket is an error, not an empty list");
+    assert!(h1.root().join(format!(".retract-{stray}")).exists(), "kept until a DELETE succeeds");
+    bucket.faults.dead.store(false, Ordering::Relaxed);
+    assert_eq!(h1.list().unwrap().iter().map(|i| i.id.clone()).collect::<Vec<_>>(), vec![c1.id.clone()]);
+    assert!(!h1.root().join(format!(".retract-{stray}")).exists());
+    assert!(bucket.keys("checkpoints").iter().all(|k| !k.contains(stray)), "{:?}", bucket.keys("checkpoints"));
+    assert_eq!(h2.list().unwrap().iter().map(|i| i.id.clone()).collect::<Vec<_>>(), vec![c1.id.clone()]);
+}
+
+#[test]
+fn a_listed_manifest_that_is_not_there_is_skipped() {
+    let bucket = Bucket::new(true);
+    let tmp = tempfile::tempdir().unwrap();
+    let h1 = Store::open_remote(&tmp.path().join("h1"), bucket.remote()).unwrap();
+    let c1 = commit(&h1, None, 1);
+    bucket.faults.phantom_manifest.store(true, Ordering::Relaxed);
+    let h2 = Store::open_remote(&tmp.path().join("h2"), bucket.remote()).unwrap();
+    assert_eq!(h2.list().unwrap().iter().map(|i| i.id.clone()).collect::<Vec<_>>(), vec![c1.id.clone()]);
 }
 
 /// Where chunk `id` (hex) is in the bucket: `(pack key, offset, encoded

@@ -115,6 +115,19 @@ pub enum RemoteError {
     ManifestExists { endpoint: String, bucket: String, key: String },
     #[error("{endpoint} (bucket {bucket}): manifest {key} read back differs from what was written (another writer raced for the same id)")]
     ManifestRace { endpoint: String, bucket: String, key: String },
+    /// The manifest's PUT (or its read-back) failed, so the commit did not
+    /// happen as far as the caller is concerned, but the object may still
+    /// be there or appear later: a replicated store that missed its write
+    /// quorum keeps the write on the replicas it reached (Garage does, and
+    /// spreads it once the others are back). The store retracts it.
+    #[error("{endpoint} (bucket {bucket}): the PUT of manifest {key} failed, and the object may still appear; the store retracts it once the bucket answers")]
+    ManifestUnsettled {
+        endpoint: String,
+        bucket: String,
+        key: String,
+        #[source]
+        source: Box<RemoteError>,
+    },
     #[error("{endpoint} (bucket {bucket}): object {key} is larger than {max} bytes; refused")]
     TooLarge { endpoint: String, bucket: String, key: String, max: usize },
     #[error("bucket {bucket}: {what} is running (lease {holder}); try again once it is done")]
@@ -604,6 +617,12 @@ impl Remote {
         let key = self.key(&rel);
         let mode = if self.conditional_put { PutMode::Create } else { PutMode::Overwrite };
         let data = bytes.clone();
+        let unsettled = |e: &Remote, source: RemoteError| RemoteError::ManifestUnsettled {
+            endpoint: e.endpoint().to_owned(),
+            bucket: e.bucket.clone(),
+            key: e.key(&rel).to_string(),
+            source: Box::new(source),
+        };
         match self.call("PUT the manifest", move |s| {
             let (key, data, mode) = (key.clone(), data.clone(), mode.clone());
             async move { s.put_opts(&key, PutPayload::from_bytes(data), PutOptions::from(mode)).await.map(|_| ()) }
@@ -613,12 +632,13 @@ impl Remote {
                 source: object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. },
                 ..
             }) => return Err(exists(self)),
-            Err(e) => return Err(e),
+            Err(e) => return Err(unsettled(self, e)),
         }
         // Anything longer than ours is not ours either.
         let back = match self.get(&rel, bytes.len()) {
             Err(RemoteError::TooLarge { .. }) => None,
-            r => Some(r?),
+            Err(e) => return Err(unsettled(self, e)),
+            Ok(b) => Some(b),
         };
         if back.as_ref() != Some(&bytes) {
             return Err(RemoteError::ManifestRace {
