@@ -31,9 +31,12 @@ command -v cargo >/dev/null || die "cargo not found (needed to build garage $VER
 TMP="$ROOT/.cache/garage/.build-$VERSION.$$"
 trap 'rm -rf "$TMP"' EXIT
 mkdir -p "$TMP"
-say "building garage $VERSION with cargo install --locked (once; ~10 min here)"
+say "building garage $VERSION with cargo install --locked (once; several minutes here)"
 jobs=()
 [ -z "${STASIS_GARAGE_JOBS:-}" ] || jobs=(-j "$STASIS_GARAGE_JOBS")
+# opt-level 1: the tests and the demo only move small objects through it, and
+# the optimiser is most of the build's time on two cores.
+CARGO_PROFILE_RELEASE_OPT_LEVEL=${STASIS_GARAGE_OPT_LEVEL:-1} \
 CARGO_TARGET_DIR="$TMP/target" cargo install garage --version "=$VERSION" --locked \
     --no-default-features --features bundled-libs,lmdb \
     --root "$TMP/root" "${jobs[@]}" --quiet \
