@@ -1178,7 +1178,8 @@ pub(crate) fn commit_checkpoint(
     obs: &dyn Observer,
 ) -> Result<CheckpointSummary, CheckpointError> {
     let id = pending.id().to_string();
-    let info = match pending.commit(draft) {
+    // The guests run again: the commit takes only the CPU they leave.
+    let info = match stasis_core::background::run(|| pending.commit(draft)) {
         Ok(i) => i,
         Err(e) => {
             let reason = format!("committing the manifest: {e}");

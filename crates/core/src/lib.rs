@@ -3,6 +3,7 @@
 //! the experiment spec, and versioned JSON records ([`versioned`]).
 
 pub mod admission;
+pub mod background;
 pub mod clock;
 pub mod envelope;
 pub mod private;
