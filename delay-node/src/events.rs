@@ -16,7 +16,7 @@ pub struct EventLog {
 impl EventLog {
     pub fn open(path: Option<&Path>) -> std::io::Result<EventLog> {
         let file = match path {
-            Some(p) => Some(std::fs::OpenOptions::new().create(true).append(true).open(p)?),
+            Some(p) => Some(stasis_core::private::open_append(p)?),
             None => None,
         };
         Ok(EventLog { file })

@@ -256,15 +256,12 @@ impl ErrHist {
     }
 }
 
+/// An owner-only (0600) socket at `path`, replacing a stale one from an
+/// earlier run: whoever can connect can save, restore and capture the
+/// experiment's traffic.
 fn bind(path: &Path) -> Result<UnixListener, NodeError> {
-    // A stale socket from an earlier run would make bind fail.
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
-        if meta.file_type().is_socket() {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-    let l = UnixListener::bind(path).map_err(|source| NodeError::Bind { path: path.to_owned(), source })?;
+    let l =
+        stasis_core::private::bind_unix(path).map_err(|source| NodeError::Bind { path: path.to_owned(), source })?;
     l.set_nonblocking(true).map_err(|source| NodeError::Bind { path: path.to_owned(), source })?;
     Ok(l)
 }
@@ -1164,6 +1161,45 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod mode_tests {
+    use super::*;
+    use crate::config::PortConfig;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    /// Whoever connects to the control socket can save, restore and capture
+    /// traffic, and to a port socket can play the VM: none may be reachable
+    /// by other users, even though this test runs under umask 022 (the
+    /// binary's umask 077 is not there to help a library caller).
+    #[test]
+    fn control_and_port_sockets_and_the_event_log_are_owner_only() {
+        let t = tempfile::tempdir().unwrap();
+        let port = |name: &str, kind| PortConfig {
+            name: name.into(),
+            socket: t.path().join(format!("{name}.sock")),
+            kind,
+            peer: None,
+        };
+        let topo = Topology {
+            ports: vec![port("s", PortKind::Stream), port("v", PortKind::VhostUser)],
+            lans: vec![],
+            links: vec![],
+            seed: 0,
+        };
+        let control = t.path().join("ctl");
+        let events = t.path().join("events.jsonl");
+        let node = Node::bind(&topo, &control, None, Some(&events)).unwrap();
+        for p in [&control, &topo.ports[0].socket, &topo.ports[1].socket, &events] {
+            assert_eq!(mode(p), 0o600, "{}", p.display());
+        }
+        drop(node);
+    }
 }
 
 #[cfg(test)]

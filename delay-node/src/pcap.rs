@@ -20,7 +20,7 @@ fn realtime_ns() -> i128 {
 impl PcapWriter {
     /// Create `path` and write the global header.
     pub fn create(path: &Path) -> std::io::Result<PcapWriter> {
-        let mut w = BufWriter::with_capacity(1 << 16, File::create(path)?);
+        let mut w = BufWriter::with_capacity(1 << 16, stasis_core::private::create_file(path)?);
         w.write_all(&0xa1b2_3c4du32.to_le_bytes())?; // nanosecond-resolution magic
         w.write_all(&2u16.to_le_bytes())?;
         w.write_all(&4u16.to_le_bytes())?;

@@ -339,10 +339,10 @@ impl Coordinator {
 
     fn write_manifest(&self, m: &MhCheckpoint) -> Result<(), CoordError> {
         let dir = self.catalogue();
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        stasis_core::private::create_dir_all(&dir).map_err(io(&dir))?;
         let path = dir.join(format!("{}.json", m.ckpt));
         let tmp = dir.join(format!(".{}.json.tmp", m.ckpt));
-        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        let mut f = stasis_core::private::create_file(&tmp).map_err(io(&tmp))?;
         f.write_all(&serde_json::to_vec_pretty(m).expect("serialises")).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(io(&path))?;

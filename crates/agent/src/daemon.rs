@@ -531,7 +531,7 @@ impl Agent {
         }
         if self.share.is_none() {
             let layout = Layout::new(&self.cfg.state_dir, &exp.name);
-            std::fs::create_dir_all(layout.root())
+            stasis_core::private::create_dir_all(layout.root())
                 .map_err(|source| RequestError::Io { path: layout.root().to_owned(), source })?;
             let incarnation = host::next_incarnation(&layout)?;
             self.share = Some(Share {
@@ -576,7 +576,7 @@ impl Agent {
                     return Err(RequestError::AlreadyRunning { what: format!("VM {}", node.name) });
                 }
                 let spec = placement::vm_spec_on_host(&exp, node, &layout, &self.cfg.tools)?;
-                std::fs::create_dir_all(&spec.run_dir)
+                stasis_core::private::create_dir_all(&spec.run_dir)
                     .map_err(|source| RequestError::Io { path: spec.run_dir.clone(), source })?;
                 let serial = layout.serial_log(&node.name, share.incarnation);
                 let incoming = part.as_ref().map(|c| c.file(&format!("vm-{}", node.name)));

@@ -52,7 +52,7 @@ pub struct EventLog<'a> {
 
 impl<'a> EventLog<'a> {
     pub fn open(path: &Path, next: &'a dyn Observer) -> EventLog<'a> {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path).ok();
+        let file = stasis_core::private::open_append(path).ok();
         EventLog { file: std::sync::Mutex::new(file), next }
     }
 }

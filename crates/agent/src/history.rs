@@ -163,7 +163,7 @@ impl History {
     }
 
     fn write(&self, all: &Branches) -> Result<(), HistoryError> {
-        std::fs::create_dir_all(&self.root)
+        stasis_core::private::create_dir_all(&self.root)
             .map_err(|source| HistoryError::Write { path: self.root.clone(), source })?;
         let path = self.file();
         versioned::write_atomic(&path, all).map_err(|source| HistoryError::Write { path, source })

@@ -363,16 +363,16 @@ pub(crate) fn spawn_delay_node(
         return Err(UpError::MissingDelayNode(tools.delay_node_bin.clone()));
     }
     let dir = layout.delay_dir();
-    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    stasis_core::private::create_dir_all(&dir).map_err(io(&dir))?;
     let sockets = layout.run_dir().join("p");
-    std::fs::create_dir_all(&sockets).map_err(io(&sockets))?;
+    stasis_core::private::create_dir_all(&sockets).map_err(io(&sockets))?;
     let topo_path = layout.delay_topology();
-    std::fs::write(&topo_path, serde_json::to_vec_pretty(topo).expect("topology serialises"))
+    stasis_core::private::write(&topo_path, &serde_json::to_vec_pretty(topo).expect("topology serialises"))
         .map_err(io(&topo_path))?;
     let control = layout.delay_control();
     let _ = std::fs::remove_file(&control);
     let log_path = layout.delay_log(incarnation);
-    let log = std::fs::File::create(&log_path).map_err(io(&log_path))?;
+    let log = stasis_core::private::create_file(&log_path).map_err(io(&log_path))?;
     let mut cmd = std::process::Command::new(&tools.delay_node_bin);
     cmd.arg("--topology").arg(&topo_path).arg("--control").arg(&control).arg("--events").arg(layout.delay_events());
     if let Some(state) = restore {
@@ -417,9 +417,9 @@ pub(crate) fn spawn_delay_node(
 /// consoles and logs are kept apart.
 pub(crate) fn next_incarnation(layout: &Layout) -> Result<u32, UpError> {
     let path = layout.root().join("incarnation");
-    std::fs::create_dir_all(layout.root()).map_err(io(layout.root()))?;
+    stasis_core::private::create_dir_all(layout.root()).map_err(io(layout.root()))?;
     let last = std::fs::read_to_string(&path).ok().and_then(|t| t.trim().parse::<u32>().ok()).unwrap_or(0);
-    std::fs::write(&path, format!("{}\n", last + 1)).map_err(io(&path))?;
+    stasis_core::private::write(&path, format!("{}\n", last + 1).as_bytes()).map_err(io(&path))?;
     Ok(last + 1)
 }
 
@@ -435,7 +435,7 @@ pub async fn up(exp: &Experiment, layout: &Layout, tools: &Tools, obs: &dyn Obse
         }
     }
     let specs = exp.nodes.iter().map(|n| vm_spec(exp, n, layout, tools)).collect::<Result<Vec<_>, _>>()?;
-    std::fs::create_dir_all(layout.root()).map_err(io(layout.root()))?;
+    stasis_core::private::create_dir_all(layout.root()).map_err(io(layout.root()))?;
     let incarnation = next_incarnation(layout)?;
     let mut specs = specs;
     // Disks: a fresh empty base image per node (named by incarnation, so the
@@ -443,7 +443,7 @@ pub async fn up(exp: &Experiment, layout: &Layout, tools: &Tools, obs: &dyn Obse
     for (spec, node) in specs.iter_mut().zip(&exp.nodes) {
         if let Some(bytes) = node.disk_bytes {
             let dir = disk_dir(layout, &node.name);
-            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+            stasis_core::private::create_dir_all(&dir).map_err(io(&dir))?;
             let base = dir.join(format!("base-{incarnation}.qcow2"));
             let _ = std::fs::remove_file(&base);
             let disk_err = |source| UpError::Disk { node: node.name.clone(), source };
@@ -512,7 +512,7 @@ async fn launch_all(
     rt.store(layout)?;
     let mut vms = Vec::new();
     for spec in specs {
-        std::fs::create_dir_all(&spec.run_dir).map_err(io(&spec.run_dir))?;
+        stasis_core::private::create_dir_all(&spec.run_dir).map_err(io(&spec.run_dir))?;
         let serial = layout.serial_log(&spec.name, incarnation);
         let incoming = from.map(|c| c.file(&format!("vm-{}", spec.name)));
         let vm = Vm::launch(spec, &serial, incoming.as_deref())
@@ -1226,7 +1226,7 @@ fn write_report(
     let path = store.root().join(&summary.info.id).join("report.json");
     let body = serde_json::json!({ "summary": summary, "measured_stop_resume_ns": resumed, "stops": detail[0], "resumes": detail[1], "faults": faults });
     let tmp = path.with_extension("json.tmp");
-    if std::fs::write(&tmp, serde_json::to_vec_pretty(&body).expect("report serialises")).is_ok() {
+    if stasis_core::private::write(&tmp, &serde_json::to_vec_pretty(&body).expect("report serialises")).is_ok() {
         let _ = std::fs::rename(&tmp, &path);
     }
 }
@@ -1335,7 +1335,7 @@ pub async fn restore(
             return Err(missing(format!("{} is gone", image.display())));
         }
         let dir = disk_dir(layout, &node.name);
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        stasis_core::private::create_dir_all(&dir).map_err(io(&dir))?;
         let top = next_overlay(&dir);
         stasis_qemu::disk::create_overlay(&top, image)
             .map_err(|source| UpError::Disk { node: node.name.clone(), source })?;
@@ -1389,6 +1389,18 @@ pub async fn restore(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_experiments_state_is_created_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        // This test runs under umask 022, which would leave them 0755/0644.
+        let t = tempfile::tempdir().unwrap();
+        let layout = Layout::new(t.path(), "e");
+        assert_eq!(next_incarnation(&layout).unwrap(), 1);
+        assert_eq!(mode(layout.root()), 0o700);
+        assert_eq!(mode(&layout.root().join("incarnation")), 0o600);
+    }
 
     #[test]
     fn a_clock_anchor_places_the_next_freeze_and_belongs_to_one_incarnation() {

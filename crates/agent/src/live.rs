@@ -404,7 +404,7 @@ pub async fn checkpoint_live(
     let path = store.root().join(&live.summary.info.id).join("report.json");
     let body = serde_json::json!({ "summary": live, "measured_stop_resume_ns": measured });
     let tmp = path.with_extension("json.tmp");
-    if std::fs::write(&tmp, serde_json::to_vec_pretty(&body).expect("report serialises")).is_ok() {
+    if stasis_core::private::write(&tmp, &serde_json::to_vec_pretty(&body).expect("report serialises")).is_ok() {
         let _ = std::fs::rename(&tmp, &path);
     }
     Ok(live)

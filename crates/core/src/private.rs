@@ -7,6 +7,7 @@
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 /// Mode of every file stasis creates.
@@ -92,6 +93,12 @@ pub fn create_file(path: &Path) -> io::Result<File> {
     OpenOptions::new().write(true).create(true).truncate(true).mode(FILE_MODE).custom_flags(libc::O_NOFOLLOW).open(path)
 }
 
+/// Opens `path` for appending (a log, an event stream), mode 0600 when
+/// created, refusing a symbolic link in its last component.
+pub fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new().append(true).create(true).mode(FILE_MODE).custom_flags(libc::O_NOFOLLOW).open(path)
+}
+
 /// Writes `bytes` to `path` as [`create_file`] opens it.
 pub fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
     use std::io::Write;
@@ -106,6 +113,56 @@ pub fn create_dir_all(path: &Path) -> io::Result<()> {
 /// Creates the directory `path` (its parent must exist) with mode 0700.
 pub fn create_dir(path: &Path) -> io::Result<()> {
     DirBuilder::new().mode(DIR_MODE).create(path)
+}
+
+/// Listens on a unix socket at `path` that only its owner can connect to,
+/// with no moment at which anyone else could: the socket is bound inside a
+/// fresh 0700 directory beside `path`, made 0600 there, and renamed into
+/// place, replacing a stale socket (never another kind of file). Does not
+/// depend on the process umask, so a library caller gets it too, and the
+/// socket appears at `path` only once it accepts connections.
+///
+/// The staging path is `path`'s directory plus at most 7 bytes
+/// (`/.sNN/s`), which matters only against sun_path's 108 bytes.
+pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "exists and is not a socket"));
+        }
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let staging = staging_dir(parent)?;
+    let inner = staging.join("s");
+    let bound = (|| {
+        let listener = UnixListener::bind(&inner)?;
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(FILE_MODE))?;
+        std::fs::rename(&inner, path)?;
+        Ok(listener)
+    })();
+    if bound.is_err() {
+        let _ = std::fs::remove_file(&inner);
+    }
+    let _ = std::fs::remove_dir(&staging);
+    bound
+}
+
+/// A new empty 0700 directory `.sN` in `parent`. Short, because a socket
+/// path inside it must fit sun_path; a number taken by a leftover or by a
+/// concurrent bind is skipped.
+fn staging_dir(parent: &Path) -> io::Result<PathBuf> {
+    for n in 0..100 {
+        let d = parent.join(format!(".s{n}"));
+        match create_dir(&d) {
+            Ok(()) => return Ok(d),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::AlreadyExists, "no free staging directory .s0 … .s99 to bind in"))
 }
 
 /// Reads a secret (a key file): refuses a symbolic link, a file owned by
@@ -197,6 +254,31 @@ mod tests {
         symlink(&target, &planted).unwrap();
         assert_eq!(create_file(&planted).unwrap_err().raw_os_error(), Some(libc::ELOOP));
         assert_eq!(std::fs::read(&target).unwrap(), b"x");
+    }
+
+    #[test]
+    fn a_bound_socket_is_0600_whatever_the_umask_and_replaces_only_a_stale_socket() {
+        // The test process runs under the usual umask 022, under which a
+        // plain bind makes the socket 0755: connectable by everyone.
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("ctl");
+        let l = bind_unix(&p).unwrap();
+        assert_eq!(mode(&p), 0o600);
+        assert!(std::os::unix::net::UnixStream::connect(&p).is_ok(), "the renamed socket accepts");
+        drop(l);
+        // A stale socket (its listener gone) is replaced.
+        let l = bind_unix(&p).unwrap();
+        assert!(std::os::unix::net::UnixStream::connect(&p).is_ok());
+        assert_eq!(mode(&p), 0o600);
+        drop(l);
+        // Nothing is left beside it.
+        let names: Vec<_> = std::fs::read_dir(t.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("ctl")]);
+        // A file that is not a socket is never replaced.
+        let f = t.path().join("file");
+        std::fs::write(&f, b"x").unwrap();
+        assert_eq!(bind_unix(&f).unwrap_err().kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&f).unwrap(), b"x");
     }
 
     #[test]

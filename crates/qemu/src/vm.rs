@@ -531,7 +531,7 @@ impl Vm {
             }
         }
         let run_dir_err = |source| LaunchError::RunDir { path: spec.run_dir.clone(), source };
-        std::fs::create_dir_all(&spec.run_dir).map_err(run_dir_err)?;
+        stasis_core::private::create_dir_all(&spec.run_dir).map_err(run_dir_err)?;
         remove_if_exists(&qmp_path).map_err(run_dir_err)?;
         remove_if_exists(&spec.pid_path()).map_err(run_dir_err)?;
         // QEMU truncates its -D file when it opens it: keep the previous
@@ -540,7 +540,7 @@ impl Vm {
         if log_path.exists() {
             std::fs::rename(&log_path, log_path.with_extension("log.1")).map_err(run_dir_err)?;
         }
-        let log = OpenOptions::new().create(true).append(true).open(&log_path).map_err(run_dir_err)?;
+        let log = stasis_core::private::open_append(&log_path).map_err(run_dir_err)?;
 
         let binary = qemu_binary();
         let args = qemu_args(spec, serial_log, incoming);
@@ -816,7 +816,9 @@ impl Vm {
             .write(true)
             .create(true)
             .truncate(true)
-            .custom_flags(libc::O_CLOEXEC)
+            // Guest memory: the owner's only, never through a planted link.
+            .mode(stasis_core::private::FILE_MODE)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
             .open(partial)
             .map_err(io_err(format!("cannot create {}", partial.display())))?;
         const FDNAME: &str = "stasis-save";
@@ -889,7 +891,9 @@ impl Vm {
             .write(true)
             .create(true)
             .truncate(true)
-            .custom_flags(libc::O_CLOEXEC)
+            // Guest memory: the owner's only, never through a planted link.
+            .mode(stasis_core::private::FILE_MODE)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
             .open(partial)
             .map_err(|source| VmError::Io { what: format!("cannot create {}", partial.display()), source })?;
         const FDNAME: &str = "stasis-bg-save";

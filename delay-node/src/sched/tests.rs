@@ -436,6 +436,9 @@ fn state_file_refuses_corruption_and_foreign_files() {
     let file = dir.path().join("s.bin");
     let w = st.write_file(&file).unwrap();
     assert_eq!(w.bytes, std::fs::metadata(&file).unwrap().len());
+    // Frames of the experiment's traffic: the owner's only, whatever the umask.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
     let mut bytes = std::fs::read(&file).unwrap();
     bytes[60] ^= 1;
     std::fs::write(&file, &bytes).unwrap();

@@ -407,8 +407,8 @@ impl VhostPort {
     /// QEMU connections one after another until dropped. `events` receives
     /// everything the guest and QEMU do.
     pub fn serve(socket: &Path, events: impl FnMut(PortEvent) + Send + 'static) -> Result<VhostPort, VhostError> {
-        let _ = std::fs::remove_file(socket);
-        let listener = UnixListener::bind(socket)
+        // Owner-only from the start: whoever connects drives the guest's rings.
+        let listener = stasis_core::private::bind_unix(socket)
             .map_err(|e| VhostError::Listen { path: socket.to_path_buf(), msg: e.to_string() })?;
         let name = socket.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "vhost".into());
         let shared = Arc::new(Shared {
