@@ -29,9 +29,12 @@ pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 pub const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
 /// Events kept before the oldest are dropped (a client that never drains them).
 pub const MAX_KEPT_EVENTS: usize = 10_000;
-/// A QMP message longer than this is a protocol error (replies are small; the
-/// largest seen in practice are `query-qmp-schema` at ~200 KiB).
-pub const MAX_MESSAGE: usize = 16 << 20;
+/// The longest QMP line (one message) read from QEMU; a longer one is
+/// [`QmpError::LineTooLong`] and never buffered whole. Replies stasis asks for
+/// are small; the largest QMP reply there is, `query-qmp-schema`, is ~200 KiB.
+pub const MAX_LINE: usize = 1 << 20;
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 8192;
 
 /// The two host instants around a command: just before the command was
 /// written, and just after its reply was read. The command took effect in QEMU
@@ -83,6 +86,10 @@ pub enum QmpError {
     Timeout(String),
     #[error("QMP protocol violation: {0}")]
     Protocol(String),
+    /// QEMU sent a line longer than `cap` bytes (a broken or hostile QEMU);
+    /// the session is unusable after it.
+    #[error("QMP line longer than {cap} bytes")]
+    LineTooLong { cap: usize },
     /// QEMU answered the command with an error.
     #[error("QMP command {command} failed: {class}: {desc}")]
     Command { command: String, class: String, desc: String },
@@ -93,8 +100,11 @@ pub enum QmpError {
 pub struct Qmp {
     stream: UnixStream,
     path: PathBuf,
-    /// Bytes read but not yet split into messages.
+    /// Bytes read but not yet split into messages; never more than
+    /// [`MAX_LINE`] + 1 without a newline.
     buf: Vec<u8>,
+    /// Prefix of `buf` already searched for a newline.
+    scanned: usize,
     events: VecDeque<QmpEvent>,
     next_id: u64,
     greeting: Value,
@@ -112,15 +122,7 @@ impl Qmp {
     pub async fn connect_with_timeout(path: &Path, greeting_timeout: Duration) -> Result<Qmp, QmpError> {
         let stream =
             UnixStream::connect(path).await.map_err(|source| QmpError::Connect { path: path.to_owned(), source })?;
-        let mut qmp = Qmp {
-            stream,
-            path: path.to_owned(),
-            buf: Vec::with_capacity(4096),
-            events: VecDeque::new(),
-            next_id: 1,
-            greeting: Value::Null,
-            command_timeout: DEFAULT_COMMAND_TIMEOUT,
-        };
+        let mut qmp = Qmp::over(stream, path);
         let greeting = tokio::time::timeout(greeting_timeout, qmp.read_message()).await.map_err(|_| {
             QmpError::Timeout(format!("the QMP greeting on {} (is another client connected?)", path.display()))
         })??;
@@ -131,6 +133,20 @@ impl Qmp {
         qmp.execute("qmp_capabilities", None).await?;
         tracing::debug!(path = %path.display(), "QMP connected");
         Ok(qmp)
+    }
+
+    /// A session on `stream` before the greeting.
+    fn over(stream: UnixStream, path: &Path) -> Qmp {
+        Qmp {
+            stream,
+            path: path.to_owned(),
+            buf: Vec::with_capacity(4096),
+            scanned: 0,
+            events: VecDeque::new(),
+            next_id: 1,
+            greeting: Value::Null,
+            command_timeout: DEFAULT_COMMAND_TIMEOUT,
+        }
     }
 
     /// The socket this session is connected to.
@@ -303,22 +319,30 @@ impl Qmp {
     }
 
     /// Next JSON message. Cancel-safe: bytes read stay in `self.buf`.
+    /// Reads only as far as a line may reach, so a QEMU that never ends a
+    /// line makes this fail at [`MAX_LINE`] instead of growing the buffer.
     async fn read_message(&mut self) -> Result<Value, QmpError> {
         loop {
-            if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=nl).collect();
+            if let Some(at) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=self.scanned + at).collect();
+                self.scanned = 0;
                 let text = trim_ascii(&line);
                 if text.is_empty() {
                     continue;
                 }
-                return serde_json::from_slice(text)
-                    .map_err(|e| QmpError::Protocol(format!("bad JSON ({e}): {}", String::from_utf8_lossy(text))));
+                return serde_json::from_slice(text).map_err(|e| {
+                    let shown = &text[..text.len().min(256)];
+                    QmpError::Protocol(format!("bad JSON ({e}): {}", String::from_utf8_lossy(shown)))
+                });
             }
-            if self.buf.len() > MAX_MESSAGE {
-                return Err(QmpError::Protocol(format!("message longer than {MAX_MESSAGE} bytes")));
+            self.scanned = self.buf.len();
+            // The line so far, without its newline, is all of `buf`.
+            if self.buf.len() > MAX_LINE {
+                return Err(QmpError::LineTooLong { cap: MAX_LINE });
             }
-            let mut chunk = [0u8; 8192];
-            let n = self.stream.read(&mut chunk).await?;
+            let mut chunk = [0u8; READ_CHUNK];
+            let room = (MAX_LINE + 1 - self.buf.len()).min(READ_CHUNK);
+            let n = self.stream.read(&mut chunk[..room]).await?;
             if n == 0 {
                 return Err(QmpError::Closed);
             }
@@ -455,6 +479,50 @@ mod tests {
     fn trim_handles_crlf_and_blank() {
         assert_eq!(trim_ascii(b" {}\r\n"), b"{}");
         assert_eq!(trim_ascii(b"\r\n"), b"");
+    }
+
+    /// A fake QEMU on the other end of a socket pair writing `bytes`.
+    fn peer(bytes: Vec<u8>) -> (Qmp, tokio::task::JoinHandle<()>) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let writer = tokio::spawn(async move {
+            let mut theirs = theirs;
+            // The client gives up part-way through a hostile line: EPIPE then.
+            let _ = theirs.write_all(&bytes).await;
+        });
+        (Qmp::over(ours, Path::new("fake")), writer)
+    }
+
+    #[tokio::test]
+    async fn a_line_longer_than_the_cap_is_refused_without_buffering_it() {
+        // 3 MiB and no newline, then the peer closes: before the cap this was
+        // buffered whole and reported as a closed connection.
+        let (mut qmp, writer) = peer(vec![b'a'; 3 << 20]);
+        match qmp.read_message().await {
+            Err(QmpError::LineTooLong { cap }) => assert_eq!(cap, MAX_LINE),
+            other => panic!("expected LineTooLong, got {other:?}"),
+        }
+        assert!(qmp.buf.len() <= MAX_LINE + 1, "buffered {} bytes", qmp.buf.len());
+        assert!(QmpError::LineTooLong { cap: MAX_LINE }.to_string().contains("1048576"));
+        drop(qmp);
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_line_of_exactly_the_cap_and_the_messages_after_it_are_read() {
+        let head = br#"{"event": "BIG", "data": ""#;
+        let tail = br#""}"#;
+        let mut line = head.to_vec();
+        line.resize(MAX_LINE - tail.len(), b'x');
+        line.extend_from_slice(tail);
+        assert_eq!(line.len(), MAX_LINE);
+        line.extend_from_slice(b"\n{\"return\": {}, \"id\": 1}\r\n");
+        let (mut qmp, writer) = peer(line);
+        let big = qmp.read_message().await.unwrap();
+        assert_eq!(big["event"], "BIG");
+        assert_eq!(big["data"].as_str().unwrap().len(), MAX_LINE - head.len() - tail.len());
+        assert_eq!(qmp.read_message().await.unwrap()["id"], 1);
+        writer.await.unwrap();
+        assert!(matches!(qmp.read_message().await, Err(QmpError::Closed)));
     }
 
     #[test]
