@@ -56,6 +56,47 @@ pub enum RestoreError {
     Topology(#[from] crate::config::ConfigError),
     #[error("the state is inconsistent with its topology: {0}")]
     Inconsistent(&'static str),
+    /// A saved time or count too large to continue from: the file is
+    /// damaged or hostile (a real node reaches none of these limits).
+    #[error("saved {field} = {value} is beyond {max}")]
+    OutOfRange { field: &'static str, value: u64, max: u64 },
+}
+
+/// `value` of the saved `field` if it is at most `max`.
+fn within(field: &'static str, value: u64, max: u64) -> Result<u64, RestoreError> {
+    if value > max {
+        return Err(RestoreError::OutOfRange { field, value, max });
+    }
+    Ok(value)
+}
+
+/// Every saved count of `c`, named, at most `MAX_COUNT`.
+fn check_pipe_counters(c: &PipeCounters) -> Result<(), RestoreError> {
+    check_counts(&[
+        ("pipe frames_in", c.frames_in),
+        ("pipe bytes_in", c.bytes_in),
+        ("pipe frames_out", c.frames_out),
+        ("pipe bytes_out", c.bytes_out),
+        ("pipe dropped_queue", c.dropped_queue),
+        ("pipe dropped_loss", c.dropped_loss),
+    ])
+}
+
+/// Every saved count of `c`, named, at most `MAX_COUNT`.
+fn check_port_counters(c: &PortCounters) -> Result<(), RestoreError> {
+    check_counts(&[
+        ("port frames_in", c.frames_in),
+        ("port bytes_in", c.bytes_in),
+        ("port frames_out", c.frames_out),
+        ("port bytes_out", c.bytes_out),
+        ("port dropped_unconnected", c.dropped_unconnected),
+        ("port dropped_unattached", c.dropped_unattached),
+        ("port errors", c.errors),
+    ])
+}
+
+fn check_counts(counts: &[(&'static str, u64)]) -> Result<(), RestoreError> {
+    counts.iter().try_for_each(|&(field, value)| within(field, value, MAX_COUNT).map(drop))
 }
 
 /// What thawing did.
@@ -750,6 +791,12 @@ impl Scheduler {
 
     /// A frozen node continuing `state`. `topology` must equal the saved one.
     /// Virtual time restarts at a base of `VT_BASE` so held frames' lateness stays representable.
+    ///
+    /// The state is untrusted input: every saved time is at most
+    /// `MAX_REMAINING` after the freeze (or `VT_BASE` before it), every
+    /// counter and sequence number at most `MAX_COUNT`, so nothing the node
+    /// adds to them later can overflow; anything else is refused naming the
+    /// field. Collections are as long as the decoded file, never a saved count.
     pub fn restore(topology: &Topology, state: &NodeState) -> Result<Scheduler, RestoreError> {
         if *topology != state.topology {
             return Err(RestoreError::ForeignTopology);
@@ -770,19 +817,26 @@ impl Scheduler {
         rng.set_stream(state.rng_stream);
         rng.set_word_pos(state.rng_word_pos);
         s.rng = rng;
-        s.next_seq = state.next_seq;
+        s.next_seq = within("next_seq", state.next_seq, MAX_COUNT)?;
         for (i, ps) in state.pipes.iter().enumerate() {
             let p = &mut s.pipes[i];
-            p.busy_until = base + ps.busy_remaining_ns;
-            p.last_exit = base + ps.last_exit_remaining_ns;
+            p.busy_until = base + within("pipe busy_remaining_ns", ps.busy_remaining_ns, MAX_REMAINING)?;
+            p.last_exit = base + within("pipe last_exit_remaining_ns", ps.last_exit_remaining_ns, MAX_REMAINING)?;
+            check_pipe_counters(&ps.counters)?;
             p.counters = ps.counters;
             let mut last = 0;
             for fr in &ps.frames {
                 if fr.data.len() < crate::frame::MIN_FRAME || fr.data.len() > crate::frame::MAX_FRAME {
                     return Err(RestoreError::Inconsistent("frame size"));
                 }
-                if fr.remaining_ns < last || fr.tx_remaining_ns > fr.remaining_ns || fr.remaining_ns > MAX_REMAINING {
+                within("frame remaining_ns", fr.remaining_ns, MAX_REMAINING)?;
+                if fr.remaining_ns < last || fr.tx_remaining_ns > fr.remaining_ns {
                     return Err(RestoreError::Inconsistent("frame times"));
+                }
+                // Sequence numbers break ties in the event heap: one the node
+                // would hand out again could reorder frames.
+                if fr.seq >= state.next_seq {
+                    return Err(RestoreError::Inconsistent("frame seq not below next_seq"));
                 }
                 last = fr.remaining_ns;
                 let (tx_end, exit) = (base + fr.tx_remaining_ns, base + fr.remaining_ns);
@@ -797,12 +851,14 @@ impl Scheduler {
         }
         for (i, ps) in state.ports.iter().enumerate() {
             let p = &mut s.ports[i];
+            check_port_counters(&ps.counters)?;
             p.counters = ps.counters;
             for h in &ps.held {
-                if h.late_ns > base || h.data.len() < crate::frame::MIN_FRAME {
-                    return Err(RestoreError::Inconsistent("held frame"));
+                if h.data.len() < crate::frame::MIN_FRAME || h.data.len() > crate::frame::MAX_FRAME {
+                    return Err(RestoreError::Inconsistent("held frame size"));
                 }
-                p.held.push_back(Held { frame: h.data.clone(), due_vt: base - h.late_ns });
+                let late = within("held late_ns", h.late_ns, base)?;
+                p.held.push_back(Held { frame: h.data.clone(), due_vt: base - late });
             }
         }
         for (li, macs) in state.macs.iter().enumerate() {
@@ -825,6 +881,9 @@ pub const BLOCKED_BACKLOG: usize = 4096;
 const VT_BASE: u64 = 1 << 50;
 /// Cap on a restored frame's remaining time (about 13 days), so arithmetic cannot overflow.
 const MAX_REMAINING: u64 = 1 << 50;
+/// Cap on a restored counter or sequence number: 2^62 leaves 2^62 more
+/// increments (a century at 10^9 frames/s) before a `+= 1` could overflow.
+const MAX_COUNT: u64 = 1 << 62;
 
 fn ports_index(t: &Topology, name: &str) -> usize {
     t.ports.iter().position(|p| p.name == name).expect("validated topology")

@@ -452,6 +452,152 @@ fn state_file_refuses_corruption_and_foreign_files() {
     assert!(format!("{:?}", e).contains("WrongKind"), "{e:?}");
 }
 
+/// A saved link with one frame in flight each way.
+fn saved_link() -> (Topology, NodeState) {
+    let t = link(Shaping { delay_ns: MS, ..Shaping::default() });
+    let mut s = connected(&t, 0);
+    s.ingress(0, 0, frame(1, 0, 1, 64));
+    s.ingress(0, 1, frame(0, 1, 2, 64));
+    s.schedule_freeze(0, 10, 0).unwrap();
+    let mut out = Vec::new();
+    s.poll(10, &mut out);
+    let st = s.save().unwrap();
+    (t, st)
+}
+
+/// [`saved_link`] with a frame held at p1 too.
+fn saved_with_frames() -> (Topology, NodeState) {
+    let (t, mut st) = saved_link();
+    st.ports[1].held.push(HeldState { data: frame(1, 0, 3, 64), late_ns: 5 });
+    assert!(st.pipes.iter().all(|p| p.frames.len() == 1));
+    (t, st)
+}
+
+fn out_of_range(r: Result<Scheduler, RestoreError>) -> &'static str {
+    match r {
+        Err(RestoreError::OutOfRange { field, .. }) => field,
+        Err(e) => panic!("expected OutOfRange, got {e}"),
+        Ok(_) => panic!("a hostile state was restored"),
+    }
+}
+
+#[test]
+fn restore_refuses_saved_times_that_would_overflow_naming_the_field() {
+    let (t, st) = saved_with_frames();
+    Scheduler::restore(&t, &st).unwrap();
+    type Edit = fn(&mut NodeState);
+    let cases: [(&str, Edit); 5] = [
+        ("pipe busy_remaining_ns", |st| st.pipes[0].busy_remaining_ns = u64::MAX),
+        ("pipe last_exit_remaining_ns", |st| st.pipes[1].last_exit_remaining_ns = u64::MAX),
+        ("frame remaining_ns", |st| {
+            let f = &mut st.pipes[0].frames[0];
+            (f.remaining_ns, f.tx_remaining_ns) = (u64::MAX, u64::MAX);
+        }),
+        ("held late_ns", |st| st.ports[1].held[0].late_ns = u64::MAX),
+        ("held late_ns", |st| st.ports[1].held[0].late_ns = VT_BASE + 1),
+    ];
+    for (field, edit) in cases {
+        let mut bad = st.clone();
+        edit(&mut bad);
+        assert_eq!(out_of_range(Scheduler::restore(&t, &bad)), field);
+    }
+    let e = RestoreError::OutOfRange { field: "held late_ns", value: u64::MAX, max: VT_BASE };
+    assert!(e.to_string().contains("held late_ns"), "{e}");
+}
+
+#[test]
+fn restore_refuses_counters_and_sequence_numbers_that_would_overflow() {
+    let (t, st) = saved_with_frames();
+    type Edit = fn(&mut NodeState);
+    let cases: [(&str, Edit); 5] = [
+        ("next_seq", |st| st.next_seq = u64::MAX),
+        ("pipe frames_in", |st| st.pipes[0].counters.frames_in = u64::MAX),
+        ("pipe dropped_loss", |st| st.pipes[1].counters.dropped_loss = u64::MAX),
+        ("port bytes_out", |st| st.ports[0].counters.bytes_out = u64::MAX),
+        ("port errors", |st| st.ports[1].counters.errors = MAX_COUNT + 1),
+    ];
+    for (field, edit) in cases {
+        let mut bad = st.clone();
+        edit(&mut bad);
+        assert_eq!(out_of_range(Scheduler::restore(&t, &bad)), field);
+    }
+    // A frame whose tie-break the node would hand out again.
+    let mut bad = st.clone();
+    bad.pipes[0].frames[0].seq = bad.next_seq;
+    assert!(matches!(Scheduler::restore(&t, &bad), Err(RestoreError::Inconsistent(_))));
+    // A held frame larger than any frame.
+    let mut bad = st.clone();
+    bad.ports[1].held[0].data = vec![0; crate::frame::MAX_FRAME + 1];
+    assert!(matches!(Scheduler::restore(&t, &bad), Err(RestoreError::Inconsistent(_))));
+}
+
+#[test]
+fn a_state_at_every_cap_restores_and_runs_without_overflow() {
+    let (t, mut st) = saved_with_frames();
+    st.next_seq = MAX_COUNT;
+    for p in &mut st.pipes {
+        p.busy_remaining_ns = MAX_REMAINING;
+        p.last_exit_remaining_ns = MAX_REMAINING;
+        p.counters = PipeCounters {
+            frames_in: MAX_COUNT,
+            bytes_in: MAX_COUNT,
+            frames_out: MAX_COUNT,
+            bytes_out: MAX_COUNT,
+            dropped_queue: MAX_COUNT,
+            dropped_loss: MAX_COUNT,
+        };
+        for f in &mut p.frames {
+            (f.remaining_ns, f.tx_remaining_ns) = (MAX_REMAINING, MAX_REMAINING);
+        }
+    }
+    for p in &mut st.ports {
+        p.counters = PortCounters {
+            frames_in: MAX_COUNT,
+            bytes_in: MAX_COUNT,
+            frames_out: MAX_COUNT,
+            bytes_out: MAX_COUNT,
+            dropped_unconnected: MAX_COUNT,
+            dropped_unattached: MAX_COUNT,
+            errors: MAX_COUNT,
+        };
+    }
+    st.ports[1].held[0].late_ns = VT_BASE;
+    let mut r = Scheduler::restore(&t, &st).unwrap();
+    for p in 0..r.port_count() {
+        r.set_connected(p, true);
+    }
+    r.thaw(1_000).unwrap();
+    r.ingress(2_000, 0, frame(1, 0, 9, 64));
+    r.note_port_error(1);
+    let got = run(&mut r, 2_000, 10 * MS);
+    assert_eq!(got.iter().map(|d| d.1).collect::<Vec<_>>(), vec![3], "the held frame, nothing else yet");
+    assert_eq!(r.stats(10 * MS).ports[0].counters.frames_in, MAX_COUNT + 1);
+}
+
+/// Serialises as a sequence claiming `0` elements and holding none.
+struct ClaimedSeq(usize);
+
+impl serde::Serialize for ClaimedSeq {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        s.serialize_seq(Some(self.0))?.end()
+    }
+}
+
+#[test]
+fn a_saved_count_of_2_pow_40_frames_allocates_nothing_and_is_refused() {
+    let (_, st) = saved_with_frames();
+    // NodeState's fields in order, with one pipe whose frame list claims
+    // 2^40 entries (48 TiB of FrameState) and the file ending there.
+    let hostile =
+        (&st.topology, st.rng_seed, st.rng_stream, st.rng_word_pos, st.next_seq, [(0u64, 0u64, ClaimedSeq(1 << 40))]);
+    let bytes = stasis_core::envelope::encode(&crate::state::KIND, &hostile).unwrap();
+    assert!(bytes.len() < 4096);
+    // An allocation of the claimed size would abort the test process.
+    let e = stasis_core::envelope::decode::<NodeState>(&crate::state::KIND, &bytes).unwrap_err();
+    assert!(matches!(e, stasis_core::envelope::EnvelopeError::Decode(_)), "{e:?}");
+}
+
 mod fuzz {
     use super::*;
     use proptest::prelude::*;
@@ -462,17 +608,11 @@ mod fuzz {
         /// Arbitrary bytes in a valid envelope, or mutations of a real state, never panic the loader.
         #[test]
         fn state_loader_never_panics(data in proptest::collection::vec(any::<u8>(), 0..2048), flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8)) {
-            let t = link(Shaping { delay_ns: MS, ..Shaping::default() });
+            let (t, saved) = saved_link();
             if let Ok(st) = stasis_core::envelope::decode::<NodeState>(&crate::state::KIND, &stasis_core::envelope::encode(&crate::state::KIND, &data).unwrap()) {
                 let _ = Scheduler::restore(&t, &st);
             }
-            let mut s = connected(&t, 0);
-            s.ingress(0, 0, frame(1, 0, 1, 64));
-            s.ingress(0, 1, frame(0, 1, 2, 64));
-            s.schedule_freeze(0, 10, 0).unwrap();
-            let mut out = Vec::new();
-            s.poll(10, &mut out);
-            let mut payload = postcard::to_stdvec(&s.save().unwrap()).unwrap();
+            let mut payload = postcard::to_stdvec(&saved).unwrap();
             for (i, v) in flips {
                 let i = i.index(payload.len());
                 payload[i] = v;
