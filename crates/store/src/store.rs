@@ -20,6 +20,11 @@ use crate::{CHUNKS_DIR, IN_BUCKET_FILE, OWNER_FILE, STALE_AGE, TMP_PREFIX};
 
 /// Prefix of a directory a manifest is being fetched into from the bucket.
 const FETCH_PREFIX: &str = ".fetch-";
+/// Prefix of a checkpoint directory being deleted: renamed to
+/// `.trash-<id>-<token>` first (the local deletion's commit point: from then
+/// on it is neither listed nor opened), removed after; a leftover of an
+/// interrupted deletion is removed when the store opens.
+const TRASH_PREFIX: &str = ".trash-";
 /// Marks a checkpoint fetched from the bucket with a further file whose
 /// chunks did not read then (a pack briefly unreachable, or lost until a
 /// gc recovered it): the next listing fetches it again.
@@ -156,11 +161,21 @@ impl Store {
         Ok(self.pendings()?.into_iter().filter_map(|(_, o)| o.filter(Owner::alive).map(|o| o.pid)).collect())
     }
 
-    /// Removes `.tmp-*` directories whose owner process is gone, or that
-    /// have no readable owner and are older than a minute. A pending
+    /// Removes what interrupted deletions left (`.trash-*`: every deletion
+    /// renames and removes under the store lock, held here, so none is in
+    /// progress) and `.tmp-*` directories whose owner process is gone, or
+    /// that have no readable owner and are older than a minute. A pending
     /// directory of a live process is never touched, however old.
     fn remove_stale(&self) -> Result<(), StoreError> {
         let _lock = self.lock()?;
+        for entry in fs::read_dir(&self.root).map_err(io_err("cannot list the store", &self.root))? {
+            let entry = entry.map_err(io_err("cannot list the store", &self.root))?;
+            if entry.file_name().to_string_lossy().starts_with(TRASH_PREFIX) {
+                let trash = entry.path();
+                info!(dir = %trash.display(), "removing what an interrupted checkpoint deletion left");
+                fs::remove_dir_all(&trash).map_err(io_err("cannot remove", &trash))?;
+            }
+        }
         for (dir, owner) in self.pendings()? {
             let stale = match &owner {
                 Some(o) => !o.alive(),
@@ -239,12 +254,12 @@ impl Store {
             let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             if !ids.contains(&name) && dir.join(IN_BUCKET_FILE).exists() {
                 info!(checkpoint = %name, bucket = %remote.bucket(), "checkpoint deleted from the bucket; removing its local copy");
-                fs::remove_dir_all(&dir).map_err(io_err("cannot remove", &dir))?;
+                self.remove_checkpoint_dir(&dir)?;
                 continue;
             }
             if dir.join(INCOMPLETE_FILE).exists() && dir.join(IN_BUCKET_FILE).exists() {
                 debug!(checkpoint = %name, "fetching a checkpoint again whose files were incomplete");
-                fs::remove_dir_all(&dir).map_err(io_err("cannot remove", &dir))?;
+                self.remove_checkpoint_dir(&dir)?;
                 continue;
             }
             local.insert(name);
@@ -358,9 +373,27 @@ impl Store {
         if let Some(r) = self.remote() {
             r.delete_manifest(&info.id)?;
         }
-        fs::remove_dir_all(&dir).map_err(io_err("cannot remove", &dir))?;
+        self.remove_checkpoint_dir(&dir)?;
         info!(checkpoint = %info.label(), "checkpoint deleted");
         Ok(info)
+    }
+
+    /// Removes the committed checkpoint directory `dir` (call with the store
+    /// lock held) so that an interruption never leaves a half-removed one
+    /// that lists or opens as damaged: it is renamed to a trash name and the
+    /// store directory fsynced (the commit point), then removed. A trash
+    /// directory that cannot be removed now is removed at the next open.
+    fn remove_checkpoint_dir(&self, dir: &Path) -> Result<(), StoreError> {
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let token = format!("{:x}-{:x}", std::process::id(), crate::util::unix_ms());
+        let trash = self.root.join(format!("{TRASH_PREFIX}{name}-{token}"));
+        fs::rename(dir, &trash).map_err(io_err("cannot move to the trash", dir))?;
+        crate::util::sync_dir(&self.root)?;
+        crate::failpoint::failpoint("delete-after-trash-rename");
+        if let Err(e) = fs::remove_dir_all(&trash) {
+            warn!(dir = %trash.display(), error = %e, "cannot remove a deleted checkpoint's files yet; the next open removes them");
+        }
+        Ok(())
     }
 
     /// Applies a retention policy ([`plan_retention`]): deletes the
