@@ -30,6 +30,7 @@ use crate::freeze::StopStamp;
 use crate::host::{self, DelayProc, Tools, UpError, VmProc};
 use crate::layout::Layout;
 use crate::placement;
+use crate::serial::ReadyWatch;
 use delay_node::control::Client as DelayClient;
 use futures::future::join_all;
 use stasis_core::clock::{mono_ns, realtime_ns, MonoNs};
@@ -232,6 +233,9 @@ struct Share {
     vms: Vec<VmProc>,
     /// Restored VMs, stopped until `ResumeAt`.
     stopped: Vec<(String, Vm)>,
+    /// What `status` has read of each VM's serial log, so a poll reads only
+    /// what the guest appended since the last one.
+    ready: Vec<ReadyWatch>,
 }
 
 /// The share as persisted in `<state>/share.json` after every request, so
@@ -286,6 +290,7 @@ fn load_share(state_dir: &std::path::Path) -> Option<Share> {
         vms: rec.vms,
         // QMP handles of restored, still stopped VMs are gone with the old agent.
         stopped: vec![],
+        ready: vec![],
     })
 }
 
@@ -543,6 +548,7 @@ impl Agent {
                 delay_frozen: false,
                 vms: vec![],
                 stopped: vec![],
+                ready: vec![],
             });
         }
         let share = self.share.as_mut().expect("set above");
@@ -663,15 +669,28 @@ impl Agent {
         killed
     }
 
-    fn status(&self) -> serde_json::Value {
-        let Some(s) = &self.share else {
+    fn status(&mut self) -> serde_json::Value {
+        let Some(s) = &mut self.share else {
             return serde_json::json!({ "running": false, "clock": self.cfg.clock.metrics() });
         };
+        // One watch per current serial log (a restore starts new ones).
+        s.ready.retain(|w| s.vms.iter().any(|v| v.serial_log == w.path()));
+        for v in &s.vms {
+            if !s.ready.iter().any(|w| w.path() == v.serial_log) {
+                s.ready.push(ReadyWatch::new(&v.serial_log));
+            }
+        }
+        let ready: Vec<bool> = s
+            .vms
+            .iter()
+            .map(|v| s.ready.iter_mut().find(|w| w.path() == v.serial_log).is_some_and(|w| w.poll().unwrap_or(false)))
+            .collect();
+        let s = &*s;
         let vms: Vec<_> = s
             .vms
             .iter()
-            .map(|v| {
-                let ready = std::fs::read_to_string(&v.serial_log).map(|t| t.contains("STASIS-READY")).unwrap_or(false);
+            .zip(ready)
+            .map(|(v, ready)| {
                 serde_json::json!({ "name": v.name, "pid": v.pid, "alive": host::pid_alive(v.pid), "ready": ready, "console": v.serial_log })
             })
             .collect();

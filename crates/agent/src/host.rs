@@ -26,6 +26,7 @@
 use crate::event::{Event, Observer};
 use crate::freeze::{self, Fault, FreezeConfig, StopStamp};
 use crate::layout::Layout;
+use crate::serial::ReadyWatch;
 use crate::topology::topology_for;
 use delay_node::control::Client as DelayClient;
 use futures::future::join_all;
@@ -535,23 +536,24 @@ async fn launch_all(
 /// Wait until every guest has printed its ready line on its console.
 pub async fn wait_ready(rt: &Runtime, timeout: Duration, obs: &dyn Observer) -> Result<(), String> {
     let deadline = std::time::Instant::now() + timeout;
-    let mut pending: Vec<&VmProc> = rt.vms.iter().collect();
+    let mut pending: Vec<(&VmProc, ReadyWatch)> =
+        rt.vms.iter().map(|vm| (vm, ReadyWatch::new(&vm.serial_log))).collect();
     while !pending.is_empty() {
         let mut still = Vec::new();
-        for vm in pending {
-            let text = std::fs::read_to_string(&vm.serial_log).unwrap_or_default();
-            if text.contains("STASIS-READY") {
+        for (vm, mut watch) in pending {
+            // An unreadable log is not ready yet; the VM's exit or the deadline ends the wait.
+            if watch.poll().unwrap_or(false) {
                 obs.event(&Event::Ready { node: vm.name.clone() });
             } else if !pid_alive(vm.pid) {
                 return Err(format!("VM {} exited during boot; console: {}", vm.name, vm.serial_log.display()));
             } else {
-                still.push(vm);
+                still.push((vm, watch));
             }
         }
         pending = still;
         if !pending.is_empty() {
             if std::time::Instant::now() > deadline {
-                let names: Vec<&str> = pending.iter().map(|v| v.name.as_str()).collect();
+                let names: Vec<&str> = pending.iter().map(|(v, _)| v.name.as_str()).collect();
                 return Err(format!("guests not ready after {timeout:?}: {}", names.join(", ")));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

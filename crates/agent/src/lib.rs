@@ -19,6 +19,8 @@ pub mod live;
 pub mod placement;
 /// An experiment a dead checkpoint left frozen: finding it, resuming it.
 pub mod recover;
+/// Reading guest serial logs (a guest controls their size) for the ready line.
+pub mod serial;
 /// Swap-out (checkpoint, then release everything) and swap-in records.
 pub mod swap;
 pub mod topology;
