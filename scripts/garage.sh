@@ -8,11 +8,18 @@
 # Environment:
 #   STASIS_GARAGE_VERSION  crate version to build (default below)
 #   STASIS_GARAGE_JOBS     cargo build jobs (default: cargo's)
+#   STASIS_GARAGE_OPT_LEVEL  rustc opt-level (default 1, enough for the
+#                          tests; 3 for benchmarks: it then installs into
+#                          .cache/garage/VERSION-O3/, and
+#                          STASIS_GARAGE_BIN=that/bin/garage points the
+#                          tests and stasis-objstore-bench at it)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VERSION=${STASIS_GARAGE_VERSION:-2.5.0}
+OPT_LEVEL=${STASIS_GARAGE_OPT_LEVEL:-1}
 DEST="$ROOT/.cache/garage/$VERSION"
+[ "$OPT_LEVEL" = 1 ] || DEST="$DEST-O$OPT_LEVEL"
 BIN="$DEST/bin/garage"
 
 die() { echo "garage.sh: error: $*" >&2; exit 1; }
@@ -36,7 +43,7 @@ jobs=()
 [ -z "${STASIS_GARAGE_JOBS:-}" ] || jobs=(-j "$STASIS_GARAGE_JOBS")
 # opt-level 1: the tests and the demo only move small objects through it, and
 # the optimiser is most of the build's time on two cores.
-CARGO_PROFILE_RELEASE_OPT_LEVEL=${STASIS_GARAGE_OPT_LEVEL:-1} \
+CARGO_PROFILE_RELEASE_OPT_LEVEL=$OPT_LEVEL \
 CARGO_TARGET_DIR="$TMP/target" cargo install garage --version "=$VERSION" --locked \
     --no-default-features --features bundled-libs,lmdb \
     --root "$TMP/root" "${jobs[@]}" --quiet \

@@ -19,8 +19,15 @@ pub const BUCKET: &str = "stasis";
 /// The S3 region Garage answers for.
 pub const REGION: &str = "garage";
 
-/// The cached garage binary (panics, naming the install script, if absent).
+/// The garage binary: `$STASIS_GARAGE_BIN` if set (e.g. one built at
+/// opt-level 3 for benchmarks, see `scripts/garage.sh`), else the cached
+/// one (panics, naming the install script, if absent).
 pub fn binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("STASIS_GARAGE_BIN") {
+        let bin = PathBuf::from(bin);
+        assert!(bin.exists(), "STASIS_GARAGE_BIN={} does not exist", bin.display());
+        return bin;
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let bin = root.join(".cache/garage").join(VERSION).join("bin/garage");
     assert!(bin.exists(), "{} is missing: run `bash scripts/garage.sh` (make test does)", bin.display());
