@@ -13,6 +13,8 @@ pub mod event;
 pub mod freeze;
 pub mod history;
 pub mod host;
+/// One command at a time changes an experiment.
+pub mod job;
 pub mod layout;
 /// Live checkpoints (guest RAM written by QEMU's background snapshot while guests run).
 pub mod live;

@@ -77,6 +77,7 @@ pub async fn exec(ctx: &Ctx, cmd: &Cmd) -> Result<()> {
         Cmd::Up(a) if a.dry_run => return validate::exec(ctx, &a.spec, &a.images),
         _ => {}
     }
+    let _job = job_lock(ctx, cmd)?;
     if !matches!(cmd, Cmd::Key(_)) && crate::multihost::dispatch(ctx, cmd).await? {
         return Ok(());
     }
@@ -99,4 +100,28 @@ pub async fn exec(ctx: &Ctx, cmd: &Cmd) -> Result<()> {
         Cmd::Gc(a) => gc::exec(ctx, a),
         Cmd::Key(a) => key::exec(ctx, a),
     }
+}
+
+/// The experiment's job lock ([`stasis_agent::job`]) for the commands that
+/// change what runs or its history, held until the command returns; a
+/// second one is refused naming the first. Read-only commands take none;
+/// `up` takes it once it knows the experiment's name; `gc` has the store's
+/// own lock. Without an experiment to lock, the command reports that itself.
+fn job_lock(ctx: &Ctx, cmd: &Cmd) -> Result<Option<stasis_agent::job::JobLock>> {
+    let command = match cmd {
+        Cmd::Checkpoint(_) => "checkpoint",
+        Cmd::SwapOut(_) => "swap-out",
+        Cmd::SwapIn(_) => "swap-in",
+        Cmd::Resume(_) => "resume",
+        Cmd::Restore(_) => "restore",
+        Cmd::Branch(_) => "branch",
+        Cmd::Down(_) => "down",
+        _ => return Ok(None),
+    };
+    let Ok(exp) = ctx.experiment_name() else { return Ok(None) };
+    let layout = ctx.layout(&exp);
+    if !layout.root().is_dir() {
+        return Ok(None);
+    }
+    Ok(Some(stasis_agent::job::JobLock::acquire(&layout, &exp, command)?))
 }

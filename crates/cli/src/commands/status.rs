@@ -5,6 +5,7 @@ use crate::context::Ctx;
 use crate::ui::print_json;
 use anyhow::Result;
 use stasis_agent::host::{AttachError, Runtime};
+use stasis_agent::job::JobLock;
 use stasis_store::Store;
 
 #[derive(clap::Args, Debug)]
@@ -13,6 +14,11 @@ pub struct Args {}
 pub async fn exec(ctx: &Ctx, _: &Args) -> Result<()> {
     let name = ctx.experiment_name()?;
     let layout = ctx.layout(&name);
+    // The command changing the experiment now, if any (its job lock).
+    let job = JobLock::holder(&layout);
+    if let Some(h) = job.as_ref().filter(|_| !ctx.json()) {
+        println!("experiment {name}: busy: `stasis {}` (pid {}) is running", h.command, h.pid);
+    }
     match Runtime::load(&layout) {
         Ok(rt) => {
             let alive = rt.alive();
@@ -22,14 +28,14 @@ pub async fn exec(ctx: &Ctx, _: &Args) -> Result<()> {
                 .ok()
                 .and_then(|s| s.checkpoints_in_progress().ok())
                 .unwrap_or_default();
-            let frozen = if in_progress.is_empty() && alive.iter().all(|(_, _, a)| *a) {
+            let frozen = if job.is_none() && in_progress.is_empty() && alive.iter().all(|(_, _, a)| *a) {
                 stasis_agent::recover::frozen_parts(&rt).await.ok()
             } else {
                 None
             };
             if ctx.json() {
                 print_json(&serde_json::json!({"experiment": name, "running": true, "incarnation": rt.incarnation,
-                    "restored_from": rt.restored_from, "frozen": frozen, "checkpoint_in_progress": in_progress,
+                    "restored_from": rt.restored_from, "frozen": frozen, "checkpoint_in_progress": in_progress, "job": job,
                     "processes": alive.iter().map(|(n, p, a)| serde_json::json!({"name": n, "pid": p, "alive": a})).collect::<Vec<_>>()}));
             } else {
                 println!(
@@ -53,7 +59,9 @@ pub async fn exec(ctx: &Ctx, _: &Args) -> Result<()> {
         Err(AttachError::NotRunning(_)) => {
             let swapped = stasis_agent::swap::swapped_out(&layout);
             if ctx.json() {
-                print_json(&serde_json::json!({"experiment": name, "running": false, "swapped_out": swapped}));
+                print_json(
+                    &serde_json::json!({"experiment": name, "running": false, "swapped_out": swapped, "job": job}),
+                );
             } else if let Some(s) = swapped {
                 let label =
                     s.name.as_deref().map(|n| format!("{} {n:?}", s.checkpoint)).unwrap_or(s.checkpoint.clone());

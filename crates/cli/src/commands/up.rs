@@ -54,6 +54,7 @@ pub async fn exec(ctx: &Ctx, a: &Args) -> Result<()> {
     let layout = ctx.layout(&exp.name);
     let tools = tools()?;
     std::fs::create_dir_all(layout.root()).with_context(|| format!("creating {}", layout.root().display()))?;
+    let _job = stasis_agent::job::JobLock::acquire(&layout, &exp.name, "up")?;
     let log = EventLog::open(&layout.events_file(), &ctx.ui);
     // Images `up` creates are named by no record until it returns.
     let images = Store::open(&layout.checkpoints())?.gc_lock(false)?;
