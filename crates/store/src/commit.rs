@@ -99,7 +99,7 @@ impl Pending {
         self.dir.join(file)
     }
 
-    fn check_draft(&self, draft: &ManifestDraft) -> Result<(), StoreError> {
+    pub(crate) fn check_draft(&self, draft: &ManifestDraft) -> Result<(), StoreError> {
         let bad = |reason: String| StoreError::BadDraft { checkpoint: self.id.clone(), reason };
         let mut names = std::collections::HashSet::new();
         let mut files = std::collections::HashSet::new();

@@ -17,6 +17,11 @@
 //! reassembles it with [`Checkpoint::materialized`], verifying every chunk.
 //! [`Store::fsck`] checks everything; [`Store::gc`] removes chunks no
 //! manifest reaches.
+//!
+//! A pending checkpoint can also be *sealed* ([`Pending::seal`]): its files
+//! fsynced and measured, kept as `.sealed-<id>/` (never stale, never
+//! listed) until [`Sealed::commit`] chunks it — so a caller can call its
+//! state durable before it pays for the chunking.
 
 mod checkpoint;
 pub mod chunk;
@@ -31,6 +36,7 @@ mod owner;
 pub mod remote;
 mod restore;
 mod retention;
+mod sealed;
 mod store;
 mod util;
 mod verify;
@@ -48,6 +54,7 @@ pub use manifest::{
 };
 pub use remote::{CachedChunks, Remote, RemoteConfig, RemoteError};
 pub use retention::{plan_retention, Retention};
+pub use sealed::{Sealed, SealedFile};
 pub use store::{GcLock, Store};
 
 pub(crate) const TMP_PREFIX: &str = ".tmp-";

@@ -96,7 +96,7 @@ pub struct ChunkRef {
 
 /// A component as the caller describes it before commit: the store fills in
 /// `bytes` and `blake3`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ComponentDraft {
     pub name: String,
     pub kind: ComponentKind,
@@ -152,7 +152,7 @@ pub struct Timings {
 
 /// What the caller fills in to commit a checkpoint; the store adds the id,
 /// index, name, creation time, file sizes, digests and the checksum.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestDraft {
     /// Id of the checkpoint the running experiment was restored from.
     pub parent: Option<String>,

@@ -140,19 +140,28 @@ impl Store {
         StoreLock::acquire(&self.root).map_err(io_err("cannot lock the store", &self.root))
     }
 
-    /// Pending directories with their owners (`None`: unreadable owner).
-    fn pendings(&self) -> Result<Vec<(PathBuf, Option<Owner>)>, StoreError> {
+    /// The entries of the store directory whose names start with `prefix`.
+    pub(crate) fn dirs_with_prefix(&self, prefix: &str) -> Result<Vec<PathBuf>, StoreError> {
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.root).map_err(io_err("cannot list the store", &self.root))? {
             let entry = entry.map_err(io_err("cannot list the store", &self.root))?;
-            if !entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
-                continue;
+            if entry.file_name().to_string_lossy().starts_with(prefix) {
+                out.push(entry.path());
             }
-            let dir = entry.path();
-            let owner = fs::read(dir.join(OWNER_FILE)).ok().and_then(|b| serde_json::from_slice::<Owner>(&b).ok());
-            out.push((dir, owner));
         }
         Ok(out)
+    }
+
+    /// Pending directories with their owners (`None`: unreadable owner).
+    fn pendings(&self) -> Result<Vec<(PathBuf, Option<Owner>)>, StoreError> {
+        Ok(self
+            .dirs_with_prefix(TMP_PREFIX)?
+            .into_iter()
+            .map(|dir| {
+                let owner = fs::read(dir.join(OWNER_FILE)).ok().and_then(|b| serde_json::from_slice::<Owner>(&b).ok());
+                (dir, owner)
+            })
+            .collect())
     }
 
     /// Pids of the live processes with a checkpoint pending in this store
@@ -433,9 +442,16 @@ impl Store {
         self.sync_locked()?;
         let committed = self.list_local()?;
         let pendings = self.pendings()?;
+        let sealed = self.sealed()?;
         if let Some(n) = name {
             if let Some(c) = committed.iter().find(|c| c.name.as_deref() == Some(n)) {
                 return Err(StoreError::DuplicateName { name: n.to_owned(), existing: c.id.clone() });
+            }
+            if let Some(s) = sealed.iter().find(|s| s.name() == Some(n)) {
+                return Err(StoreError::DuplicateName {
+                    name: n.to_owned(),
+                    existing: format!("sealed, not yet committed, in {}", s.dir().display()),
+                });
             }
             if let Some((dir, _)) =
                 pendings.iter().find(|(_, o)| o.as_ref().is_some_and(|o| o.name.as_deref() == Some(n) && o.alive()))
@@ -451,16 +467,22 @@ impl Store {
                 let name = d.file_name()?.to_string_lossy().into_owned();
                 index_of_id(name.strip_prefix(TMP_PREFIX).unwrap_or(&name))
             });
-        let index = committed.iter().map(|c| c.index).chain(dir_indices).max().unwrap_or(0) + 1;
+        let sealed_indices = sealed.iter().filter_map(|s| index_of_id(s.id()));
+        let index = committed.iter().map(|c| c.index).chain(dir_indices).chain(sealed_indices).max().unwrap_or(0) + 1;
         let mut seed = blake3::Hasher::new();
         seed.update(&std::process::id().to_le_bytes());
         seed.update(&index.to_le_bytes());
         seed.update(format!("{:?}{:?}", SystemTime::now(), Instant::now()).as_bytes());
         seed.update(self.root.as_os_str().as_encoded_bytes());
         let id = format!("{index:04}-{}", &seed.finalize().to_hex()[..8]);
+        self.pending_at(id, name.map(str::to_owned), index)
+    }
+
+    /// Makes the pending directory of checkpoint `id` (owned by this process).
+    pub(crate) fn pending_at(&self, id: String, name: Option<String>, index: u64) -> Result<Pending, StoreError> {
         let dir = self.root.join(format!("{TMP_PREFIX}{id}"));
         stasis_core::private::create_dir(&dir).map_err(io_err("cannot create the pending checkpoint", &dir))?;
-        let owner = Owner::me(name.map(str::to_owned), index);
+        let owner = Owner::me(name.clone(), index);
         let owner_path = dir.join(OWNER_FILE);
         let pending = Pending {
             root: self.root.clone(),
@@ -468,7 +490,7 @@ impl Store {
             remote: self.remote().cloned(),
             dir,
             id,
-            name: name.map(str::to_owned),
+            name,
             index,
             finished: false,
         };
