@@ -14,7 +14,7 @@
 //! from its part (frozen), every host starts its VMs from its parts
 //! (stopped), then all are told to resume at one common instant.
 
-use crate::daemon::part_name;
+use crate::part::part_name;
 use crate::layout::Layout;
 use serde::{Deserialize, Serialize};
 use stasis_core::clock::realtime_ns;

@@ -10,14 +10,19 @@
 //!     |-- Prepare{T, lead, deadline} -->|  attach QMP + control socket, begin local part
 //!     |                                 |-- freeze_at(T, lead) --------->| (delay node, if here)
 //!     |                                 |   (at T) stop ---------------->| every local VM: stamps s_k
-//!     |                                 |   save delay node, then VMs --->| into the local store
-//!     |                                 |   commit the local part (durable)
+//!     |                                 |   save delay node, then VMs --->| into a pending dir of the local store
+//!     |                                 |   seal the part: fsync + size + BLAKE3 of every file (crate::part)
 //!     |<-- Saved{[name, bytes, blake3, s_k]} --|  or SaveFailed{reason, stops}: part removed
 //!     |   (coordinator: all Saved → catalogue manifest durable = checkpoint exists)
 //!     |-- Commit{D} / Abort{D} -------->|  cont each VM at s_k + D, thaw node at F + D
 //!     |                                 |  Abort: remove the local part
 //!     |<-- Resumed{[name, s_k, r_k]} ---|
+//!     |                                 |  Commit: chunk the sealed part into the store (running, not frozen)
+//!     |<-- Stored{started, commit_ns, error?} --|  error: the part is removed; the checkpoint is not restorable
 //! ```
+//! An agent that dies between Saved and Stored leaves the part sealed (never
+//! removed as stale); the next agent commits it when it starts, and a
+//! restore commits it first if it is still sealed.
 //! A lost coordinator connection or silence past the deadline makes the
 //! agent resume on its own ([`AgentCore::disconnected`], [`AgentCore::tick`]).
 //! Operations outside rounds arrive as [`stasis_proto::msg::Request`]s: `Start` (this host's
@@ -29,6 +34,8 @@ use crate::event::{Event, EventLog, Observer, Quiet};
 use crate::freeze::StopStamp;
 use crate::host::{self, DelayProc, Tools, UpError, VmProc};
 use crate::layout::Layout;
+use crate::part;
+use crate::part::part_name;
 use crate::placement;
 use crate::serial::ReadyWatch;
 use delay_node::control::Client as DelayClient;
@@ -47,6 +54,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::sync::Mutex;
 
 /// The clock every instant of the protocol is read on.
 pub trait SyncClock: Send + Sync + 'static {
@@ -197,6 +205,8 @@ pub enum RequestError {
     Delay(#[from] delay_node::control::ControlError),
     #[error("checkpoint store")]
     Store(#[from] stasis_store::StoreError),
+    #[error("this host's part")]
+    Part(#[from] part::PartError),
     #[error("{path}")]
     Io {
         path: PathBuf,
@@ -214,11 +224,6 @@ fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
-}
-
-/// The local store's name of this host's part of checkpoint `ckpt`.
-pub fn part_name(ckpt: CkptId) -> String {
-    format!("mh-{ckpt}")
 }
 
 /// This host's share of the running experiment.
@@ -300,6 +305,12 @@ enum HostEvent {
     Saved(Vec<Component>),
     SaveFailed(String, Vec<u64>),
     Resumed(Vec<ResumedComponent>),
+    /// The sealed part's store commit ended (synchronised start, duration, error).
+    Stored {
+        started_ns: u64,
+        commit_ns: u64,
+        error: Option<String>,
+    },
 }
 
 struct Agent {
@@ -310,6 +321,10 @@ struct Agent {
     host_rx: mpsc::UnboundedReceiver<HostEvent>,
     resume_tx: Option<mpsc::UnboundedSender<u64>>,
     discard: Option<CkptId>,
+    /// Held by every store commit of a part and every restore from one, so
+    /// a part is never committed twice at once (the start-up commit of
+    /// parts left sealed runs while the agent already serves).
+    parts: Arc<Mutex<()>>,
 }
 
 /// Serve until the process is killed.
@@ -318,8 +333,20 @@ pub async fn serve(cfg: DaemonConfig) -> Result<(), DaemonError> {
     tracing::info!(addr = %listener.local_addr(), "agent listening");
     let (host_tx, host_rx) = mpsc::unbounded_channel();
     let share = load_share(&cfg.state_dir);
+    let parts = Arc::new(Mutex::new(()));
+    // Parts a previous agent sealed but never committed (it died between
+    // SAVED and its store commit): the coordinator may list them.
+    let guard = parts.clone().lock_owned().await;
+    let state_dir = cfg.state_dir.clone();
+    tokio::task::spawn_blocking(move || {
+        let _guard = guard;
+        let done = part::store_all_sealed(&state_dir);
+        if !done.is_empty() {
+            tracing::info!(parts = ?done, "committed the parts left sealed");
+        }
+    });
     let mut agent =
-        Agent { core: AgentCore::new(cfg.agent), cfg, share, host_tx, host_rx, resume_tx: None, discard: None };
+        Agent { core: AgentCore::new(cfg.agent), cfg, share, host_tx, host_rx, resume_tx: None, discard: None, parts };
     loop {
         match listener.accept().await {
             Ok(conn) => {
@@ -408,6 +435,9 @@ impl Agent {
                         }
                         self.core.resumed(self.now(), c).unwrap_or_default()
                     }
+                    HostEvent::Stored { started_ns, commit_ns, error } => {
+                        self.core.stored(self.now(), started_ns, commit_ns, error).unwrap_or_default()
+                    }
                 },
                 _ = tokio::time::sleep(sleep) => {
                     timer = None;
@@ -448,7 +478,11 @@ impl Agent {
                         let _ = self.host_tx.send(HostEvent::Resumed(vec![]));
                     }
                 },
-                AgentAction::Discard { ckpt } => self.discard = Some(ckpt),
+                // After the resume when one is under way (an Abort), else now
+                // (a part whose store commit failed).
+                AgentAction::Discard { ckpt } if self.resume_tx.is_some() => self.discard = Some(ckpt),
+                AgentAction::Discard { ckpt } => self.forget(ckpt),
+                AgentAction::StorePart { ckpt } => self.store_part(ckpt),
                 AgentAction::SetTimer { at } => *timer = Some(timer.map_or(at, |t| t.min(at))),
                 AgentAction::Send(_) => unreachable!("sends are handled by the session"),
             }
@@ -497,7 +531,44 @@ impl Agent {
 
     fn forget(&self, ckpt: CkptId) {
         let Some(s) = &self.share else { return };
-        remove_part(&s.layout, ckpt);
+        part::remove(&s.layout.checkpoints(), ckpt);
+    }
+
+    /// Commit this host's sealed part of `ckpt` into its store, in the
+    /// background (everything runs again), then report [`HostEvent::Stored`].
+    fn store_part(&self, ckpt: CkptId) {
+        let tx = self.host_tx.clone();
+        let clock = self.cfg.clock.clone();
+        let parts = self.parts.clone();
+        let share = self.share.as_ref().map(|s| (s.layout.checkpoints(), s.layout.events_file()));
+        tokio::spawn(async move {
+            let _guard = parts.lock().await;
+            let t0 = mono_ns();
+            let result = match share {
+                None => Err("nothing runs on this host".to_owned()),
+                Some((root, events)) => {
+                    let r = tokio::task::spawn_blocking(move || {
+                        let r = part::store(&root, ckpt);
+                        if let Ok(info) = &r {
+                            EventLog::open(&events, &Quiet)
+                                .event(&Event::Committed { checkpoint: info.id.clone(), name: part_name(ckpt) });
+                        }
+                        r
+                    })
+                    .await;
+                    match r {
+                        Ok(r) => r.map(|_| ()).map_err(|e| chain(&e)),
+                        Err(e) => Err(format!("the store commit task failed: {e}")),
+                    }
+                }
+            };
+            let commit_ns = mono_ns() - t0;
+            match &result {
+                Ok(()) => tracing::info!(%ckpt, commit_ms = commit_ns as f64 / 1e6, "part stored"),
+                Err(e) => tracing::error!(%ckpt, error = %e, "this host's part could not be stored"),
+            }
+            let _ = tx.send(HostEvent::Stored { started_ns: clock.synced_of_mono(t0), commit_ns, error: result.err() });
+        });
     }
 
     async fn request(&mut self, op: Op) -> Result<serde_json::Value, RequestError> {
@@ -558,8 +629,8 @@ impl Agent {
                 if (delay && placement::runs_delay_node(&exp, host))
                     || (vms && !placement::nodes_on(&exp, host).is_empty()) =>
             {
-                let store = Store::open(&layout.checkpoints())?;
-                let c = store.open_checkpoint(&part_name(ckpt))?;
+                let _guard = self.parts.lock().await;
+                let c = part::open(&layout.checkpoints(), ckpt)?;
                 Some(c.materialized(&layout.root().join("restore"))?)
             }
             _ => None,
@@ -694,8 +765,10 @@ impl Agent {
                 serde_json::json!({ "name": v.name, "pid": v.pid, "alive": host::pid_alive(v.pid), "ready": ready, "console": v.serial_log })
             })
             .collect();
-        let listed = Store::open(&s.layout.checkpoints()).ok().and_then(|st| st.list().ok()).unwrap_or_default();
-        let parts: Vec<String> = listed.into_iter().filter_map(|c| c.name).filter(|n| n.starts_with("mh-")).collect();
+        // Every part held, committed or sealed (the coordinator removes those
+        // of checkpoints it does not list).
+        let (committed, sealed) = part::names(&s.layout.checkpoints());
+        let parts: Vec<String> = committed.into_iter().chain(sealed.iter().cloned()).collect();
         serde_json::json!({
             "running": true,
             "experiment": s.exp.name,
@@ -704,19 +777,9 @@ impl Agent {
             "delay_node": s.delay.as_ref().map(|d| serde_json::json!({ "pid": d.pid, "alive": host::pid_alive(d.pid) })),
             "vms": vms,
             "parts": parts,
+            "sealed": sealed,
             "clock": self.cfg.clock.metrics(),
         })
-    }
-}
-
-/// Remove this host's part of `ckpt` (committed or not).
-fn remove_part(layout: &Layout, ckpt: CkptId) {
-    let Ok(store) = Store::open(&layout.checkpoints()) else { return };
-    if let Ok(list) = store.list() {
-        for c in list.into_iter().filter(|c| c.name.as_deref() == Some(part_name(ckpt).as_str())) {
-            tracing::info!(%ckpt, dir = %c.dir.display(), "removing this host's part");
-            let _ = std::fs::remove_dir_all(&c.dir);
-        }
     }
 }
 
@@ -925,34 +988,36 @@ impl RoundJob {
             timings: Timings { total_save_ns: mono_ns().saturating_sub(t), commit_ns: 0, extra: Default::default() },
         };
         // Durable before SAVED: once the coordinator's manifest names this
-        // part, it exists here.
+        // part, it exists here. Sealed, not committed: the files are fsynced
+        // and hashed (from the page cache, each fsync beside its hashing,
+        // right after the save — QEMU writes through its own migration
+        // channel, so hashing while writing would cost a copy through this
+        // process); the chunking waits until everything runs again.
         let saved_at = mono_ns();
-        let info = match pending.commit(draft) {
-            Ok(i) => i,
-            Err(e) => return fail(frozen, format!("committing this host's part: {e}")),
-        };
-        let manifest: Result<stasis_store::manifest::Manifest, String> = std::fs::read(info.dir.join("manifest.json"))
-            .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()));
-        let manifest = match manifest {
-            Ok(m) => m,
-            Err(e) => return fail(frozen, format!("reading back this host's part: {e}")),
+        let by_file: Vec<(String, String, u64)> =
+            draft.components.iter().map(|c| (c.file.clone(), c.name.clone(), c.stop_ns)).collect();
+        let sealed = match pending.seal(draft) {
+            Ok(s) => s,
+            Err(e) => return fail(frozen, format!("sealing this host's part: {}", chain(&e))),
         };
         tracing::info!(
             ckpt = %self.ckpt,
             stopped_late_ms = stops.iter().map(|s| s.saturating_sub(t)).max().unwrap_or(0) as f64 / 1e6,
             save_ms = saved_at.saturating_sub(t) as f64 / 1e6,
-            commit_ms = (mono_ns() - saved_at) as f64 / 1e6,
+            seal_ms = (mono_ns() - saved_at) as f64 / 1e6,
             "part saved"
         );
-        let components = manifest
-            .components
+        let components = sealed
+            .files()
             .iter()
-            .map(|c| Component {
-                name: c.name.clone(),
-                bytes: c.bytes,
-                blake3: hex32(&c.blake3),
-                stop_ns: clock.synced_of_mono(c.stop_ns),
+            .filter_map(|f| {
+                let (_, name, stop) = by_file.iter().find(|(file, _, _)| *file == f.file)?;
+                Some(Component {
+                    name: name.clone(),
+                    bytes: f.bytes,
+                    blake3: hex32(&f.blake3),
+                    stop_ns: clock.synced_of_mono(*stop),
+                })
             })
             .collect();
         (frozen, Ok(components))

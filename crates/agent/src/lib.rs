@@ -18,6 +18,7 @@ pub mod job;
 pub mod layout;
 /// Live checkpoints (guest RAM written by QEMU's background snapshot while guests run).
 pub mod live;
+pub mod part;
 pub mod placement;
 /// An experiment a dead checkpoint left frozen: finding it, resuming it.
 pub mod recover;

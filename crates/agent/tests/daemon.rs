@@ -122,3 +122,31 @@ async fn refuses_wildcards_foreign_placements_and_wrong_keys_and_finishes_an_emp
     }
     agent.abort();
 }
+
+/// An agent that died between SAVED and its store commit left its part
+/// sealed: the next agent commits it when it starts, before it answers.
+#[tokio::test]
+async fn a_part_left_sealed_is_committed_when_the_agent_starts() {
+    use stasis_store::manifest::{ComponentDraft, ComponentKind, ManifestDraft};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("mh").join("checkpoints");
+    {
+        let store = stasis_store::Store::open(&root).unwrap();
+        let p = store.begin(Some("mh-5")).unwrap();
+        std::fs::write(p.path("vm-a"), vec![5u8; 200_000]).unwrap();
+        let c = ComponentDraft { name: "a".into(), kind: ComponentKind::Vm, file: "vm-a".into(), ..Default::default() };
+        p.seal(ManifestDraft { components: vec![c], ..Default::default() }).unwrap();
+    }
+    assert_eq!(stasis_agent::part::names(&root), (vec![], vec!["mh-5".to_string()]));
+    let addr = free_port();
+    let agent = tokio::spawn(serve(cfg(addr, dir.path())));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while stasis_agent::part::names(&root).0.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the sealed part was not committed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stasis_agent::part::names(&root), (vec!["mh-5".to_string()], vec![]));
+    let c = stasis_store::Store::open(&root).unwrap().open_checkpoint("mh-5").unwrap();
+    assert_eq!(c.manifest.components[0].bytes, 200_000);
+    agent.abort();
+}

@@ -3,14 +3,22 @@
 //! with the current instant, and returns what the host must do.
 //!
 //! ```text
-//!  Idle --Prepare--> Prepared --frozen()--> Frozen --saved()--> Saved --Commit/Abort--> Resuming --resumed()--> Idle
+//!  Idle --Prepare--> Prepared --frozen()--> Frozen --saved()--> Saved --Commit/Abort--> Resuming
 //!                       |  \                   |  \--save_failed()--> Failed --Abort--> Resuming
 //!                       |   \--Abort (cancel freeze, resume what stopped)
 //!                       \--coordinator lost / silent past deadline + grace: resume, keep files
+//!  Resuming --resumed()--> Idle                         (aborted: the part was discarded)
+//!  Resuming --resumed()--> Storing --stored()--> Idle   (committed, or resumed on its own)
 //! ```
+//! `saved()` means the host's part is *sealed*: its files durable, sizes and
+//! digests known, but not yet chunked into the store. That commit is frozen
+//! time no more: it runs in `Storing`, after every component resumed
+//! ([`AgentAction::StorePart`]), and its outcome goes to the coordinator as
+//! [`Stored`]. An agent that resumed on its own stores its part too (the
+//! coordinator may have committed the checkpoint) but has nobody to tell.
 //! Anything else is refused with [`Refusal`]; the state does not change.
 
-use crate::msg::{CkptId, Component, Message, Pong, Prepare, Resumed, ResumedComponent, SaveFailed, Saved};
+use crate::msg::{CkptId, Component, Message, Pong, Prepare, Resumed, ResumedComponent, SaveFailed, Saved, Stored};
 
 /// Tunables of the agent side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +62,12 @@ pub enum AgentState {
         committed: bool,
         orphaned: bool,
     },
+    /// Resumed; committing the sealed part into the store. `report`: the
+    /// coordinator is still there to be told.
+    Storing {
+        ckpt: CkptId,
+        report: bool,
+    },
 }
 
 impl AgentState {
@@ -65,6 +79,7 @@ impl AgentState {
             AgentState::Saved { .. } => "Saved",
             AgentState::Failed { .. } => "Failed",
             AgentState::Resuming { .. } => "Resuming",
+            AgentState::Storing { .. } => "Storing",
         }
     }
 }
@@ -83,6 +98,9 @@ pub enum AgentAction {
     Resume { ckpt: CkptId, after_ns: u64 },
     /// Remove the checkpoint's partial state on this host.
     Discard { ckpt: CkptId },
+    /// Every component runs again: commit this host's sealed part of
+    /// `ckpt` into the store; report with [`AgentCore::stored`].
+    StorePart { ckpt: CkptId },
     /// Call [`AgentCore::tick`] at this instant.
     SetTimer { at: u64 },
 }
@@ -217,26 +235,64 @@ impl AgentCore {
         }
     }
 
-    /// Every component runs again.
+    /// Every component runs again. After a Commit, or on its own (the
+    /// coordinator may have committed), the sealed part goes into the
+    /// store next; after an Abort the round is over.
     #[must_use = "the actions must be carried out"]
     pub fn resumed(&mut self, _now: u64, components: Vec<ResumedComponent>) -> Result<Vec<AgentAction>, Refusal> {
-        match self.state {
-            AgentState::Resuming { ckpt, orphaned, .. } => {
-                self.state = AgentState::Idle;
-                Ok(if orphaned {
-                    vec![]
-                } else {
-                    vec![AgentAction::Send(Message::Resumed(Resumed { ckpt, components }))]
-                })
-            }
-            _ => Err(self.refuse("resumed")),
+        let AgentState::Resuming { ckpt, committed, orphaned } = self.state else {
+            return Err(self.refuse("resumed"));
+        };
+        let mut acts = Vec::new();
+        if !orphaned {
+            acts.push(AgentAction::Send(Message::Resumed(Resumed { ckpt, components })));
         }
+        if committed || orphaned {
+            self.state = AgentState::Storing { ckpt, report: !orphaned };
+            acts.push(AgentAction::StorePart { ckpt });
+        } else {
+            self.state = AgentState::Idle;
+        }
+        Ok(acts)
+    }
+
+    /// The store commit of the sealed part ended: `error` is `None` when
+    /// it is stored. `started_ns` and `commit_ns`: when it began and how
+    /// long it took. A failure told to the coordinator is final (the part
+    /// is discarded); one nobody hears of keeps the part sealed.
+    #[must_use = "the actions must be carried out"]
+    pub fn stored(
+        &mut self,
+        _now: u64,
+        started_ns: u64,
+        commit_ns: u64,
+        error: Option<String>,
+    ) -> Result<Vec<AgentAction>, Refusal> {
+        let AgentState::Storing { ckpt, report } = self.state else {
+            return Err(self.refuse("stored"));
+        };
+        self.state = AgentState::Idle;
+        if !report {
+            // A failed part stays sealed: the next start or restore tries again.
+            return Ok(vec![]);
+        }
+        let failed = error.is_some();
+        let mut acts = vec![AgentAction::Send(Message::Stored(Stored { ckpt, started_ns, commit_ns, error }))];
+        if failed {
+            // The coordinator records the checkpoint as not restorable.
+            acts.push(AgentAction::Discard { ckpt });
+        }
+        Ok(acts)
     }
 
     /// The connection to the coordinator is gone: nothing will tell this
     /// host to resume, so it resumes now (see [`AgentCore::tick`]).
     #[must_use = "the actions must be carried out"]
     pub fn disconnected(&mut self, now: u64) -> Vec<AgentAction> {
+        if let AgentState::Storing { report, .. } = &mut self.state {
+            // The commit goes on; its outcome has nobody to go to.
+            *report = false;
+        }
         self.orphan(now)
     }
 
@@ -308,10 +364,83 @@ mod tests {
         assert_eq!(acts, vec![AgentAction::Send(Message::Saved(Saved { ckpt: id(1), components: vec![] }))]);
         assert_eq!(a.on_message(2_100, commit(1)).unwrap(), vec![AgentAction::Resume { ckpt: id(1), after_ns: 700 }]);
         let acts = a.resumed(2_500, vec![]).unwrap();
-        assert_eq!(acts, vec![AgentAction::Send(Message::Resumed(Resumed { ckpt: id(1), components: vec![] }))]);
+        assert_eq!(
+            acts,
+            vec![
+                AgentAction::Send(Message::Resumed(Resumed { ckpt: id(1), components: vec![] })),
+                AgentAction::StorePart { ckpt: id(1) }
+            ],
+            "the part goes into the store only once everything runs again"
+        );
+        assert_eq!(a.state(), &AgentState::Storing { ckpt: id(1), report: true });
+        assert_eq!(
+            a.on_message(2_600, prepare(2)),
+            Err(Refusal::OutOfOrder { state: "Storing", got: "Prepare" }),
+            "no next round before this one's part is stored"
+        );
+        let acts = a.stored(2_900, 2_510, 390, None).unwrap();
+        assert_eq!(
+            acts,
+            vec![AgentAction::Send(Message::Stored(Stored {
+                ckpt: id(1),
+                started_ns: 2_510,
+                commit_ns: 390,
+                error: None
+            }))]
+        );
         assert_eq!(a.state(), &AgentState::Idle);
         // The next round may start.
         assert!(a.on_message(3_000, prepare(2)).is_ok());
+    }
+
+    #[test]
+    fn a_failed_store_commit_is_reported() {
+        let mut a = saved_core();
+        let _ = a.on_message(2_100, commit(1)).unwrap();
+        let _ = a.resumed(2_500, vec![]).unwrap();
+        let acts = a.stored(2_900, 2_510, 390, Some("disk full".into())).unwrap();
+        assert!(matches!(&acts[..], [AgentAction::Send(Message::Stored(s)), AgentAction::Discard { ckpt }]
+            if s.error.as_deref() == Some("disk full") && *ckpt == id(1)));
+        assert_eq!(a.state(), &AgentState::Idle);
+    }
+
+    #[test]
+    fn an_aborted_round_stores_nothing() {
+        let mut a = saved_core();
+        let acts = a.on_message(2_100, abort(1)).unwrap();
+        assert!(acts.contains(&AgentAction::Discard { ckpt: id(1) }));
+        let acts = a.resumed(2_500, vec![]).unwrap();
+        assert_eq!(acts, vec![AgentAction::Send(Message::Resumed(Resumed { ckpt: id(1), components: vec![] }))]);
+        assert_eq!(a.state(), &AgentState::Idle);
+        assert_eq!(a.stored(2_600, 0, 0, None), Err(Refusal::OutOfOrder { state: "Idle", got: "stored" }));
+    }
+
+    #[test]
+    fn refuses_stored_before_the_resume() {
+        let mut a = saved_core();
+        assert_eq!(a.stored(2_050, 0, 0, None), Err(Refusal::OutOfOrder { state: "Saved", got: "stored" }));
+        let _ = a.on_message(2_100, commit(1)).unwrap();
+        assert_eq!(a.stored(2_200, 0, 0, None), Err(Refusal::OutOfOrder { state: "Resuming", got: "stored" }));
+        assert!(matches!(a.state(), AgentState::Resuming { committed: true, .. }));
+    }
+
+    #[test]
+    fn coordinator_lost_while_storing_finishes_the_store_silently() {
+        let mut a = saved_core();
+        let _ = a.on_message(2_100, commit(1)).unwrap();
+        let _ = a.resumed(2_500, vec![]).unwrap();
+        assert!(a.disconnected(2_600).is_empty(), "nothing to resume");
+        assert_eq!(a.state(), &AgentState::Storing { ckpt: id(1), report: false });
+        assert!(a.stored(2_900, 2_510, 390, None).unwrap().is_empty(), "nobody to tell");
+        assert_eq!(a.state(), &AgentState::Idle);
+    }
+
+    #[test]
+    fn a_failed_store_nobody_hears_of_keeps_the_part() {
+        let mut a = saved_core();
+        let _ = a.disconnected(3_000);
+        let _ = a.resumed(3_100, vec![]).unwrap();
+        assert!(a.stored(3_200, 3_100, 100, Some("disk full".into())).unwrap().is_empty(), "no Discard");
     }
 
     #[test]
@@ -400,7 +529,10 @@ mod tests {
         // D measured from the earliest possible stop (freeze_at - hold_lead = 990) plus the margin.
         assert_eq!(acts, vec![AgentAction::Resume { ckpt: id(1), after_ns: 6_000 - 990 + 50 }]);
         assert!(!acts.iter().any(|x| matches!(x, AgentAction::Discard { .. })));
-        assert!(a.resumed(7_000, vec![]).unwrap().is_empty(), "nobody to tell");
+        // Nobody to tell it resumed; its part is stored all the same (the
+        // coordinator may have committed the checkpoint before it went).
+        assert_eq!(a.resumed(7_000, vec![]).unwrap(), vec![AgentAction::StorePart { ckpt: id(1) }]);
+        assert!(a.stored(7_500, 7_000, 500, None).unwrap().is_empty(), "nobody to tell");
         assert_eq!(a.state(), &AgentState::Idle);
     }
 

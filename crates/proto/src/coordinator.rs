@@ -12,10 +12,18 @@
 //! one `D` for all: `D = now − earliest stop + resume margin`, so the
 //! earliest-stopped component resumes a margin after the decision.
 //!
+//! An agent's Saved means its part is sealed (durable, sizes and digests
+//! known), not yet in its store: after a commit each agent resumes, then
+//! commits its part into its store and reports [`Stored`]. The round ends
+//! once every agent still connected has resumed and, after a commit, stored
+//! (or the resume and store timeouts passed); the outcome names the parts
+//! whose store commit failed or was never reported.
+//!
 //! [`Saved`]: crate::msg::Saved
 //! [`SaveFailed`]: crate::msg::SaveFailed
+//! [`Stored`]: crate::msg::Stored
 
-use crate::msg::{Abort, CkptId, Commit, Component, Message, Prepare, ResumedComponent};
+use crate::msg::{Abort, CkptId, Commit, Component, Message, Prepare, ResumedComponent, Stored};
 
 /// Tunables of a round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +40,8 @@ pub struct CoordConfig {
     pub min_frozen_ns: u64,
     /// How long after its decision the coordinator waits for Resumed.
     pub resume_timeout_ns: u64,
+    /// How long after a commit decision it waits for every Stored.
+    pub store_timeout_ns: u64,
 }
 
 impl Default for CoordConfig {
@@ -43,6 +53,7 @@ impl Default for CoordConfig {
             resume_margin_ns: 100_000_000,
             min_frozen_ns: 0,
             resume_timeout_ns: 5_000_000_000,
+            store_timeout_ns: 300_000_000_000,
         }
     }
 }
@@ -79,12 +90,16 @@ pub struct Outcome {
     /// When commit or abort was decided (the manifest durable, or the abort).
     pub decided_at: u64,
     pub resume_after_ns: u64,
-    /// When the last Resumed arrived or the resume timeout hit.
+    /// When the last Resumed (or, after a commit, Stored) arrived or the
+    /// timeouts hit.
     pub finished: u64,
     pub lost: Vec<AgentIdx>,
     pub not_resumed: Vec<AgentIdx>,
     /// Per agent, the resume instants it reported.
     pub resumed: Vec<Option<Vec<ResumedComponent>>>,
+    /// Per agent, after a commit: how its store commit went (`None`: not
+    /// reported — lost, or past the store timeout).
+    pub stored: Vec<Option<Stored>>,
 }
 
 /// What the driver must do.
@@ -162,8 +177,10 @@ pub struct CoordinatorCore {
     slots: Vec<Slot>,
     lost: Vec<bool>,
     resumed: Vec<Option<Vec<ResumedComponent>>>,
+    stored: Vec<Option<Stored>>,
+    /// No longer waited for (past the resume or store timeout).
+    given_up: Vec<bool>,
     saved: usize,
-    awaiting_resume: usize,
     earliest_stop: u64,
     started: u64,
     freeze_at: u64,
@@ -171,6 +188,7 @@ pub struct CoordinatorCore {
     decided_at: u64,
     resume_after_ns: u64,
     resume_deadline: u64,
+    store_deadline: u64,
     abort: Option<AbortReason>,
 }
 
@@ -183,8 +201,9 @@ impl CoordinatorCore {
             slots: vec![Slot::Pending; agents],
             lost: vec![false; agents],
             resumed: vec![None; agents],
+            stored: vec![None; agents],
+            given_up: vec![false; agents],
             saved: 0,
-            awaiting_resume: 0,
             earliest_stop: u64::MAX,
             started: 0,
             freeze_at: 0,
@@ -192,6 +211,7 @@ impl CoordinatorCore {
             decided_at: 0,
             resume_after_ns: 0,
             resume_deadline: 0,
+            store_deadline: 0,
             abort: None,
         }
     }
@@ -249,6 +269,7 @@ impl CoordinatorCore {
             Message::Saved(m) => Some(m.ckpt),
             Message::SaveFailed(m) => Some(m.ckpt),
             Message::Resumed(m) => Some(m.ckpt),
+            Message::Stored(m) => Some(m.ckpt),
             _ => None,
         };
         if let Some(got) = ckpt {
@@ -301,8 +322,18 @@ impl CoordinatorCore {
                     return Err(self.refuse(from, "Resumed"));
                 }
                 self.resumed[from] = Some(r.components);
-                self.awaiting_resume -= 1;
-                Ok(self.finish_if_all_resumed(now))
+                Ok(self.finish_if_all_in(now))
+            }
+            Message::Stored(st) => {
+                // An agent stores after it resumed (in order on its connection).
+                if self.phase != (Phase::Resuming { committed: true })
+                    || self.resumed[from].is_none()
+                    || self.stored[from].is_some()
+                {
+                    return Err(self.refuse(from, "Stored"));
+                }
+                self.stored[from] = Some(st);
+                Ok(self.finish_if_all_in(now))
             }
             Message::Pong(_) => Ok(vec![]),
             other => Err(self.refuse(from, other.name())),
@@ -318,10 +349,7 @@ impl CoordinatorCore {
         self.lost[who] = true;
         match self.phase {
             Phase::Preparing => self.abort(now, AbortReason::Lost { agent: who }),
-            Phase::Resuming { .. } if self.resumed[who].is_none() => {
-                self.awaiting_resume -= 1;
-                self.finish_if_all_resumed(now)
-            }
+            Phase::Resuming { .. } => self.finish_if_all_in(now),
             _ => vec![],
         }
     }
@@ -335,7 +363,15 @@ impl CoordinatorCore {
                     self.slots.iter().enumerate().filter(|(_, s)| **s == Slot::Pending).map(|(i, _)| i).collect();
                 self.abort(now, AbortReason::Deadline { missing })
             }
-            Phase::Resuming { .. } if now >= self.resume_deadline => self.finish(now),
+            Phase::Resuming { committed } if now >= self.resume_deadline => {
+                for i in 0..self.slots.len() {
+                    let past_store = committed && now >= self.store_deadline;
+                    if self.resumed[i].is_none() || past_store || !committed {
+                        self.given_up[i] = true;
+                    }
+                }
+                self.finish_if_all_in(now)
+            }
             _ => vec![],
         }
     }
@@ -370,13 +406,13 @@ impl CoordinatorCore {
         self.decided_at = now;
         self.phase = Phase::Resuming { committed };
         self.resume_deadline = now + self.cfg.resume_timeout_ns;
+        self.store_deadline = now + self.cfg.store_timeout_ns.max(self.cfg.resume_timeout_ns);
         let (ckpt, d) = (self.ckpt, self.resume_after_ns);
-        let mut acts = Vec::with_capacity(self.slots.len() + 2);
+        let mut acts = Vec::with_capacity(self.slots.len() + 3);
         for to in 0..self.slots.len() {
             if self.lost[to] {
                 continue;
             }
-            self.awaiting_resume += 1;
             let msg = if committed {
                 Message::Commit(Commit { ckpt, resume_after_ns: d })
             } else {
@@ -385,15 +421,24 @@ impl CoordinatorCore {
             acts.push(CoordAction::Send { to, msg });
         }
         acts.push(CoordAction::SetTimer { at: self.resume_deadline });
-        acts.extend(self.finish_if_all_resumed(now));
+        if committed {
+            acts.push(CoordAction::SetTimer { at: self.store_deadline });
+        }
+        acts.extend(self.finish_if_all_in(now));
         acts
     }
 
-    fn finish_if_all_resumed(&mut self, now: u64) -> Vec<CoordAction> {
-        if self.awaiting_resume == 0 {
-            self.finish(now)
-        } else {
+    /// Whether agent `i` still owes a report: Resumed, then (after a commit) Stored.
+    fn owes(&self, i: AgentIdx, committed: bool) -> bool {
+        !self.lost[i] && !self.given_up[i] && (self.resumed[i].is_none() || (committed && self.stored[i].is_none()))
+    }
+
+    fn finish_if_all_in(&mut self, now: u64) -> Vec<CoordAction> {
+        let Phase::Resuming { committed } = self.phase else { return vec![] };
+        if (0..self.slots.len()).any(|i| self.owes(i, committed)) {
             vec![]
+        } else {
+            self.finish(now)
         }
     }
 
@@ -414,6 +459,7 @@ impl CoordinatorCore {
             lost,
             not_resumed,
             resumed: std::mem::take(&mut self.resumed),
+            stored: std::mem::take(&mut self.stored),
         })]
     }
 }
@@ -434,6 +480,7 @@ mod tests {
             resume_margin_ns: 50,
             min_frozen_ns: 0,
             resume_timeout_ns: 500,
+            store_timeout_ns: 2_000,
         }
     }
     fn saved(stop: u64) -> Message {
@@ -444,6 +491,9 @@ mod tests {
     }
     fn resumed() -> Message {
         Message::Resumed(Resumed { ckpt: id(), components: vec![] })
+    }
+    fn stored(error: Option<&str>) -> Message {
+        Message::Stored(Stored { ckpt: id(), started_ns: 1, commit_ns: 2, error: error.map(str::to_owned) })
     }
     fn sends(acts: &[CoordAction]) -> Vec<(AgentIdx, Message)> {
         acts.iter()
@@ -472,9 +522,85 @@ mod tests {
         // D = now - earliest stop + margin = 1500 - 1102 + 50.
         assert!(s.iter().all(|(_, m)| *m == Message::Commit(Commit { ckpt: id(), resume_after_ns: 448 })));
         assert!(c.on_message(1_600, 0, resumed()).unwrap().is_empty());
-        let o = done(&c.on_message(1_650, 1, resumed()).unwrap()).unwrap();
+        assert!(c.on_message(1_620, 0, stored(None)).unwrap().is_empty(), "agent 1 has not resumed yet");
+        assert!(c.on_message(1_650, 1, resumed()).unwrap().is_empty(), "agent 1 has not stored yet");
+        let o = done(&c.on_message(1_700, 1, stored(None)).unwrap()).unwrap();
         assert!(o.committed && o.abort.is_none() && o.not_resumed.is_empty() && o.lost.is_empty());
-        assert_eq!((o.decided_at, o.finished, o.resume_after_ns), (1_500, 1_650, 448));
+        assert_eq!((o.decided_at, o.finished, o.resume_after_ns), (1_500, 1_700, 448));
+        assert!(o.stored.iter().all(|s| s.as_ref().is_some_and(|s| s.error.is_none())));
+    }
+
+    fn committed_core(agents: usize) -> CoordinatorCore {
+        let mut c = CoordinatorCore::new(id(), agents, cfg());
+        let _ = c.start(0);
+        for i in 0..agents {
+            let _ = c.on_message(150, i, saved(100)).unwrap();
+        }
+        let _ = c.manifest_committed(200);
+        c
+    }
+
+    #[test]
+    fn a_failed_store_commit_ends_up_in_the_outcome() {
+        let mut c = committed_core(2);
+        for i in 0..2 {
+            let _ = c.on_message(300, i, resumed()).unwrap();
+        }
+        assert!(c.on_message(400, 0, stored(Some("disk full"))).unwrap().is_empty());
+        let o = done(&c.on_message(500, 1, stored(None)).unwrap()).unwrap();
+        assert!(o.committed, "the checkpoint was committed; one part of it failed to store");
+        assert_eq!(o.stored[0].as_ref().and_then(|s| s.error.as_deref()), Some("disk full"));
+        assert_eq!(o.stored[1].as_ref().map(|s| s.error.is_none()), Some(true));
+    }
+
+    #[test]
+    fn stored_is_refused_before_resumed_twice_and_after_an_abort() {
+        let mut c = committed_core(2);
+        assert_eq!(
+            c.on_message(250, 0, stored(None)),
+            Err(CoordRefusal::OutOfOrder { agent: 0, phase: "Resuming", got: "Stored" }),
+            "before its Resumed"
+        );
+        let _ = c.on_message(300, 0, resumed()).unwrap();
+        let _ = c.on_message(310, 0, stored(None)).unwrap();
+        assert_eq!(
+            c.on_message(320, 0, stored(None)),
+            Err(CoordRefusal::OutOfOrder { agent: 0, phase: "Resuming", got: "Stored" }),
+            "twice"
+        );
+        let mut a = CoordinatorCore::new(id(), 1, cfg());
+        let _ = a.start(0);
+        let _ = a.on_timer(1_100);
+        let _ = a.on_message(1_200, 0, resumed()).unwrap();
+        assert_eq!(
+            a.on_message(1_300, 0, stored(None)),
+            Err(CoordRefusal::OutOfOrder { agent: 0, phase: "Done", got: "Stored" }),
+            "an aborted round stores nothing"
+        );
+    }
+
+    #[test]
+    fn a_store_that_never_reports_ends_at_the_store_timeout() {
+        let mut c = committed_core(2);
+        let _ = c.on_message(300, 0, resumed()).unwrap();
+        let _ = c.on_message(300, 1, resumed()).unwrap();
+        let _ = c.on_message(400, 0, stored(None)).unwrap();
+        // The resume timeout (200 + 500) does not end a round whose stores are under way.
+        assert!(done(&c.on_timer(700)).is_none());
+        assert!(done(&c.on_timer(2_199)).is_none());
+        let o = done(&c.on_timer(2_200)).unwrap();
+        assert!(o.committed && o.not_resumed.is_empty());
+        assert!(o.stored[0].is_some() && o.stored[1].is_none());
+    }
+
+    #[test]
+    fn an_agent_that_never_resumed_is_not_waited_for_at_the_store_timeout() {
+        let mut c = committed_core(2);
+        let _ = c.on_message(300, 0, resumed()).unwrap();
+        assert!(done(&c.on_timer(700)).is_none(), "agent 0 still stores");
+        let o = done(&c.on_message(800, 0, stored(None)).unwrap()).unwrap();
+        assert_eq!(o.not_resumed, vec![1]);
+        assert!(o.stored[1].is_none());
     }
 
     #[test]
@@ -547,7 +673,8 @@ mod tests {
         assert!(c.on_disconnect(160, 1).is_empty(), "committing: the decision is the manifest's");
         let acts = c.manifest_committed(170);
         assert_eq!(sends(&acts).len(), 1);
-        let o = done(&c.on_message(200, 0, resumed()).unwrap()).unwrap();
+        assert!(c.on_message(200, 0, resumed()).unwrap().is_empty());
+        let o = done(&c.on_message(210, 0, stored(None)).unwrap()).unwrap();
         assert!(o.committed);
         assert_eq!(o.lost, vec![1]);
         assert_eq!(o.not_resumed, vec![1]);

@@ -17,7 +17,7 @@
 //!    |-- Prepare{ckpt, freeze_at T, hold_lead, deadline} -->|
 //!    |                                 (at T - hold_lead) delay node holds
 //!    |                                 (at T) stop every VM, stamp stops s_k
-//!    |                                 save VMs, disks, delay node
+//!    |                                 save VMs, disks, delay node; seal: fsync + size + BLAKE3
 //!    |<-- Saved{ckpt, [name, bytes, blake3, s_k]} ----|  or SaveFailed{ckpt, reason}
 //!    |  all Saved by the deadline?
 //!    |    yes: commit the manifest (durable) = the checkpoint exists
@@ -25,7 +25,13 @@
 //!    |    no (SaveFailed, deadline, lost connection, manifest failure):
 //!    |-- Abort{ckpt, D} ----------------------------->|  resume at s_k + D, delete partial state
 //!    |<-- Resumed{ckpt, [name, s_k, resume]} ---------|
+//!    |                                 (Commit only) commit the sealed part into the store
+//!    |<-- Stored{ckpt, started, commit_ns, error?} ---|  error: the checkpoint is not restorable
 //! ```
+//! Saved means *durable*: the raw state files are fsynced and measured (a
+//! sealed part), so the chunked store commit is not frozen time. An agent
+//! that dies before its Stored keeps the sealed part and commits it when it
+//! starts again (or at the next restore).
 //! `D = decision instant − earliest stop + resume margin` is the same for
 //! every component of every host, so stop skew never turns into skew between
 //! virtual clocks. Checkpoint ids and message type ids are never 0 (reserved,

@@ -127,6 +127,22 @@ pub struct Resumed {
     pub components: Vec<ResumedComponent>,
 }
 
+/// Agent → coordinator, after [`Resumed`] of a committed round: this
+/// host's part, sealed (durable) before [`Saved`], has been committed into
+/// its store after the resume — or could not be (`error`), and is then
+/// gone: the checkpoint is not restorable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stored {
+    pub ckpt: CkptId,
+    /// When the store commit began (synchronised clock, ns): after every
+    /// local component resumed.
+    pub started_ns: u64,
+    /// How long it took.
+    pub commit_ns: u64,
+    /// Why it failed; `None`: stored.
+    pub error: Option<String>,
+}
+
 /// RTT probe (for the freeze margin).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ping {
@@ -214,6 +230,7 @@ pub enum Message {
     Error(ErrorMsg),
     Request(Request),
     Reply(Reply),
+    Stored(Stored),
 }
 
 /// Why bytes are not a message.
@@ -261,6 +278,7 @@ impl Message {
             Message::Error(_) => 12,
             Message::Request(_) => 13,
             Message::Reply(_) => 14,
+            Message::Stored(_) => 15,
         }
     }
 
@@ -281,6 +299,7 @@ impl Message {
             Message::Error(_) => "Error",
             Message::Request(_) => "Request",
             Message::Reply(_) => "Reply",
+            Message::Stored(_) => "Stored",
         }
     }
 
@@ -303,6 +322,7 @@ impl Message {
             Message::Error(m) => postcard::to_extend(m, out),
             Message::Request(m) => postcard::to_extend(m, out),
             Message::Reply(m) => postcard::to_extend(m, out),
+            Message::Stored(m) => postcard::to_extend(m, out),
         };
         out = r.expect("postcard into a Vec");
         out
@@ -328,6 +348,7 @@ impl Message {
             12 => Message::Error(body("Error", rest)?),
             13 => Message::Request(body("Request", rest)?),
             14 => Message::Reply(body("Reply", rest)?),
+            15 => Message::Stored(body("Stored", rest)?),
             t => return Err(DecodeError::UnknownType(t)),
         })
     }

@@ -103,7 +103,7 @@ pub struct SimReport {
     pub aborted_lost: usize,
     /// Start → manifest durable, committed rounds, sorted (ns).
     pub commit_ns: Vec<u64>,
-    /// Start → every Resumed in, all rounds, sorted (ns).
+    /// Start → every Resumed (and, committed, every Stored) in, all rounds, sorted (ns).
     pub round_ns: Vec<u64>,
     /// D of committed rounds, sorted (ns).
     pub d_ns: Vec<u64>,
@@ -145,6 +145,7 @@ enum Ev {
     Frozen { i: usize, epoch: u32 },
     SaveDone { i: usize, epoch: u32 },
     HostResumed { i: usize },
+    HostStored { i: usize },
     CoordDisconnect { i: usize },
     AgentDisconnect { i: usize },
     Crash { i: usize },
@@ -277,6 +278,9 @@ impl World<'_> {
                     self.at(resume, Ev::HostResumed { i });
                 }
                 AgentAction::Discard { .. } => {}
+                // The store commit runs after the resume, outside the frozen
+                // window this simulation measures: taken as instant.
+                AgentAction::StorePart { .. } => self.at(now, Ev::HostStored { i }),
                 AgentAction::SetTimer { at } => self.at(at, Ev::AgentTimer { i }),
             }
         }
@@ -393,6 +397,7 @@ fn run_round(cfg: &SimConfig, ckpt: CkptId, seed: u64, report: &mut SimReport) -
                     | Ev::Frozen { i, .. }
                     | Ev::SaveDone { i, .. }
                     | Ev::HostResumed { i }
+                    | Ev::HostStored { i }
                     | Ev::AgentDisconnect { i }
                     | Ev::Crash { i } => i,
                     _ => unreachable!(),
@@ -447,6 +452,7 @@ fn run_round(cfg: &SimConfig, ckpt: CkptId, seed: u64, report: &mut SimReport) -
                             .resumed(now, vec![ResumedComponent { name: "vm".into(), stop_ns: stop, resume_ns: now }])
                             .unwrap_or_default()
                     }
+                    Ev::HostStored { .. } => h.core.stored(now, now, 0, None).unwrap_or_default(),
                     _ => vec![],
                 };
                 w.agent_actions(now, i, acts);
@@ -481,8 +487,8 @@ mod tests {
         assert_eq!(r.committed, 5);
         assert_eq!((r.late_prepares, r.late_resumes, r.orphan_resumes), (0, 0, 0));
         assert_eq!(r.max_frozen_err_ns, 0);
-        // 50 × (Prepare, Saved, Commit, Resumed) per round.
-        assert_eq!(r.messages, 5 * 50 * 4);
+        // 50 × (Prepare, Saved, Commit, Resumed, Stored) per round.
+        assert_eq!(r.messages, 5 * 50 * 5);
         assert!(quantile(&r.commit_ns, 0.5).unwrap() > SimConfig::default().coord.margin_ns);
     }
 

@@ -35,6 +35,12 @@ pub fn one_of_each() -> Vec<Message> {
             },
         }),
         Message::Reply(Reply { id: 3, ok: false, message: "no such checkpoint".into(), detail: "{}".into() }),
+        Message::Stored(Stored {
+            ckpt,
+            started_ns: 1 << 40,
+            commit_ns: 2_000_000_000,
+            error: Some("disk full".into()),
+        }),
     ]
 }
 

@@ -2,7 +2,7 @@
 //! and whole checkpoint rounds with misbehaving agents.
 
 use stasis_core::clock::mono_ns;
-use stasis_proto::agent::{AgentAction, AgentConfig, AgentCore};
+use stasis_proto::agent::{AgentAction, AgentConfig, AgentCore, AgentState};
 use stasis_proto::auth::{Direction, Key, OpenError, Sealer};
 use stasis_proto::coordinator::{AbortReason, CoordConfig};
 use stasis_proto::msg::{Auth, CkptId, Component, ErrorCode, Hello, Message, Ping, ResumedComponent, Welcome, MAGIC};
@@ -286,6 +286,7 @@ enum Behaviour {
 struct AgentLog {
     resumed_after: Option<u64>,
     discarded: bool,
+    stored: bool,
 }
 
 /// An agent process in miniature: AgentCore over a Connection, with a fake
@@ -311,6 +312,7 @@ async fn run_agent(mut conn: Connection, behaviour: Behaviour) -> AgentLog {
                 "saved" if behaviour == Behaviour::SaveFails => core.save_failed(mono_ns(), "disk full".into(), vec![stop_ns]).unwrap(),
                 "saved" => core.saved(mono_ns(), vec![Component { name: "vm".into(), bytes: 1, blake3: [1; 32], stop_ns }]).unwrap(),
                 "resumed" => core.resumed(mono_ns(), vec![ResumedComponent { name: "vm".into(), stop_ns, resume_ns: mono_ns() }]).unwrap(),
+                "stored" => { log.stored = true; core.stored(mono_ns(), mono_ns(), 1, None).unwrap() }
                 _ => unreachable!(),
             },
         };
@@ -330,9 +332,13 @@ async fn run_agent(mut conn: Connection, behaviour: Behaviour) -> AgentLog {
                     if conn.send(&m).await.is_err() {
                         return log;
                     }
-                    if matches!(m, Message::Resumed(_)) {
+                    // The round is over for this agent: resumed (and stored after a commit).
+                    if matches!(m, Message::Resumed(_) | Message::Stored(_)) && core.state() == &AgentState::Idle {
                         return log;
                     }
+                }
+                AgentAction::StorePart { .. } => {
+                    let _ = host_tx.send("stored");
                 }
                 AgentAction::Resume { after_ns, .. } => {
                     log.resumed_after = Some(after_ns);
@@ -399,9 +405,11 @@ async fn round_commits_with_one_d_for_all() {
     assert!(r.outcome.committed, "{:?}", r.outcome.abort);
     assert_eq!((r.manifests, r.removed), (1, 0));
     assert!(r.outcome.not_resumed.is_empty());
+    assert!(r.outcome.stored.iter().all(|s| s.as_ref().is_some_and(|s| s.error.is_none())), "{:?}", r.outcome.stored);
     for a in &r.agents {
         assert_eq!(a.resumed_after, Some(r.outcome.resume_after_ns));
         assert!(!a.discarded);
+        assert!(a.stored, "every agent stores its part after the resume");
     }
 }
 

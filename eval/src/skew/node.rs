@@ -321,8 +321,12 @@ async fn serve(
                         }
                         next.extend(refused_is_empty(spec, core.resumed(clock.now() as u64, comps)));
                     }
-                    // Nothing is saved, so nothing to discard.
+                    // Nothing is saved, so nothing to discard or store.
                     AgentAction::Discard { .. } => {}
+                    AgentAction::StorePart { .. } => {
+                        let now = clock.now() as u64;
+                        next.extend(refused_is_empty(spec, core.stored(now, now, 0, None)));
+                    }
                     // The orphan timer: this benchmark's coordinator always
                     // decides, and a lost connection resumes at once.
                     AgentAction::SetTimer { .. } => {}
