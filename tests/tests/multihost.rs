@@ -91,12 +91,32 @@ fn checkpoint_across_three_hosts_then_restore_loses_and_duplicates_nothing() {
     );
     assert!(c1["frozen_duration_ns"].as_u64().unwrap() >= 1_000_000_000, "{c1}");
     eprintln!(
-        "multi-host checkpoint: stop skew {:.2} ms across hosts, D {:.0} ms, max D error {:.2} ms, {:.0} MiB",
+        "multi-host checkpoint: stop skew {:.2} ms across hosts, D {:.0} ms (request to decision {:.0} ms), max D error {:.2} ms, {:.0} MiB",
         c1["checkpoint"]["stop_skew_ns"].as_f64().unwrap() / 1e6,
         c1["frozen_duration_ns"].as_f64().unwrap() / 1e6,
+        c1["round_ns"].as_f64().unwrap() / 1e6,
         c1["max_frozen_error_ns"].as_f64().unwrap() / 1e6,
         c1["checkpoint"]["bytes"].as_f64().unwrap() / 1048576.0
     );
+    // SAVED meant "sealed" (durable, not chunked): every host committed its
+    // part into its store only after all of its components resumed, so the
+    // chunking is not frozen time, and the catalogue says it is stored.
+    let stores = c1["stores"].as_array().unwrap();
+    assert_eq!(stores.len(), 3, "{c1}");
+    for st in stores {
+        assert_eq!(st["state"]["state"], "stored", "{st}");
+        let (started, resumed) = (st["started_ns"].as_u64().unwrap(), st["resumed_ns"].as_u64().unwrap());
+        assert!(started >= resumed, "{}: store commit began before its components resumed: {st}", st["host"]);
+        eprintln!(
+            "  {}: store commit {:.0} ms, begun {:.1} ms after its last resume",
+            st["host"].as_str().unwrap(),
+            st["commit_ns"].as_f64().unwrap() / 1e6,
+            (started - resumed) as f64 / 1e6
+        );
+    }
+    for p in c1["checkpoint"]["parts"].as_array().unwrap() {
+        assert_eq!(p["state"]["state"], "stored", "the catalogue records it: {p}");
+    }
     // Each agent recorded its half as machine-readable events (as on one host).
     for (h, vm) in [("h1", "a"), ("h2", "b"), ("h3", "c")] {
         let events = std::fs::read_to_string(lab.agent(h).state.join("mh").join("events.jsonl")).unwrap_or_default();
@@ -122,7 +142,7 @@ fn checkpoint_across_three_hosts_then_restore_loses_and_duplicates_nothing() {
     assert_eq!(restored["hosts"], 3, "{restored}");
     assert_every_frame_once(&exp, "a", &["b", "c"], 2, PER_FLOW);
     for h in ["h1", "h2", "h3"] {
-        for l in lab.log(h).lines().filter(|l| l.contains("part saved")) {
+        for l in lab.log(h).lines().filter(|l| l.contains("part saved") || l.contains("part stored")) {
             eprintln!("{h}: {l}");
         }
     }

@@ -6,16 +6,20 @@
 //! A checkpoint exists once its catalogue manifest is durable
 //! (`<state>/<experiment>/multihost/checkpoints/<id>.json`, written, fsynced
 //! and renamed, directory fsynced) — the coordinator writes it when every
-//! agent has reported SAVED (each agent's part is durable in its own store
-//! before it says so), and only then sends COMMIT. Any failure before that
-//! point aborts: every agent resumes and removes its part; nothing is listed.
+//! agent has reported SAVED (each agent's part is sealed — durable — on its
+//! host before it says so), and only then sends COMMIT. Any failure before
+//! that point aborts: every agent resumes and removes its part; nothing is
+//! listed. After the resume each agent commits its sealed part into its
+//! store and reports STORED; the catalogue then records every part's
+//! [`PartState`] (a part whose commit failed makes the checkpoint not
+//! restorable, and `list`/`show`/`status` say so).
 //!
 //! Restore: every agent is brought down, the delay node's host starts it
 //! from its part (frozen), every host starts its VMs from its parts
 //! (stopped), then all are told to resume at one common instant.
 
-use crate::part::part_name;
 use crate::layout::Layout;
+use crate::part::part_name;
 use serde::{Deserialize, Serialize};
 use stasis_core::clock::realtime_ns;
 use stasis_core::spec::Experiment;
@@ -58,6 +62,10 @@ pub enum CoordError {
     Unknown { which: String, known: String },
     #[error("checkpoint {ckpt} belongs to experiment {found:?} (digest {found_digest}), not to {expected:?} (digest {expected_digest})")]
     Foreign { ckpt: String, found: String, found_digest: String, expected: String, expected_digest: String },
+    #[error("checkpoint {ckpt} is listed but not restorable: host {host:?} could not store its part: {reason}")]
+    NotStored { ckpt: String, host: String, reason: String },
+    #[error("checkpoint {ckpt} is not restorable: host {host:?} could not store its part: {reason}")]
+    NotRestorable { ckpt: String, host: String, reason: String },
     #[error("guests not ready after {0:?}: {1}")]
     NotReady(Duration, String),
     #[error("{path}")]
@@ -85,12 +93,31 @@ pub struct PartComponent {
     pub stop_ns: u64,
 }
 
+/// Where a host's part of a checkpoint is, as the coordinator last heard.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum PartState {
+    /// Durable on its host (it said SAVED), its store commit not confirmed:
+    /// the agent commits it after the resume, else at its next start or at
+    /// the next restore. Restorable.
+    Sealed,
+    /// In its host's store. (Catalogues written before parts were sealed
+    /// have no state: their parts were stored before SAVED.)
+    #[default]
+    Stored,
+    /// Its host could not commit it into its store and removed it: the
+    /// checkpoint is not restorable.
+    Failed { reason: String },
+}
+
 /// What one host holds of a checkpoint (in its store, named `mh-<ckpt>`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Part {
     pub host: String,
     pub store_name: String,
     pub components: Vec<PartComponent>,
+    #[serde(default)]
+    pub state: PartState,
 }
 
 /// The catalogue's manifest of one multi-host checkpoint.
@@ -115,6 +142,32 @@ impl MhCheckpoint {
     pub fn label(&self) -> String {
         self.name.clone().unwrap_or_else(|| self.ckpt.to_string())
     }
+
+    /// The first part whose store commit failed (host, reason): the
+    /// checkpoint cannot be restored.
+    pub fn failed_part(&self) -> Option<(&str, &str)> {
+        self.parts.iter().find_map(|p| match &p.state {
+            PartState::Failed { reason } => Some((p.host.as_str(), reason.as_str())),
+            _ => None,
+        })
+    }
+
+    /// Hosts whose part is sealed but not confirmed stored.
+    pub fn sealed_hosts(&self) -> Vec<&str> {
+        self.parts.iter().filter(|p| p.state == PartState::Sealed).map(|p| p.host.as_str()).collect()
+    }
+}
+
+/// How one host's store commit of its part went, after the resume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PartStore {
+    pub host: String,
+    pub state: PartState,
+    /// When the commit began (synchronised clock, ns); `None`: not reported.
+    pub started_ns: Option<u64>,
+    pub commit_ns: Option<u64>,
+    /// The latest resume instant the host reported (synchronised clock, ns).
+    pub resumed_ns: Option<u64>,
 }
 
 /// The result of a checkpoint round.
@@ -127,6 +180,8 @@ pub struct MhCheckpointSummary {
     pub max_frozen_error_ns: u64,
     /// From the request to the decision.
     pub round_ns: u64,
+    /// Per host, in spec order: its part's store commit after the resume.
+    pub stores: Vec<PartStore>,
 }
 
 /// The result of a restore.
@@ -388,6 +443,7 @@ impl Coordinator {
                                 stop_ns: c.stop_ns,
                             })
                             .collect(),
+                        state: PartState::Sealed,
                     })
                     .collect();
                 let stops: Vec<u64> = parts.iter().flat_map(|p| p.components.iter().map(|c| c.stop_ns)).collect();
@@ -441,7 +497,8 @@ impl Coordinator {
             };
             return Err(CoordError::Aborted(reason));
         }
-        let m = written.expect("committed means the manifest was written");
+        let mut m = written.expect("committed means the manifest was written");
+        let stores = self.record_stores(&mut m, &outcome);
         let d = outcome.resume_after_ns;
         let max_err = outcome
             .resumed
@@ -454,12 +511,49 @@ impl Coordinator {
         if !outcome.not_resumed.is_empty() {
             tracing::error!(hosts = ?outcome.not_resumed, "checkpoint committed but some hosts did not report resuming");
         }
+        if let Some((host, reason)) = m.failed_part() {
+            return Err(CoordError::NotStored { ckpt: m.label(), host: host.into(), reason: reason.into() });
+        }
         Ok(MhCheckpointSummary {
             checkpoint: m,
             frozen_duration_ns: d,
             max_frozen_error_ns: max_err,
             round_ns: outcome.decided_at.saturating_sub(outcome.started),
+            stores,
         })
+    }
+
+    /// Record in the catalogue what every host reported of its store
+    /// commit (a part not heard of stays sealed).
+    fn record_stores(&self, m: &mut MhCheckpoint, outcome: &stasis_proto::Outcome) -> Vec<PartStore> {
+        let mut out = Vec::new();
+        for (i, h) in self.hosts().iter().enumerate() {
+            let stored = outcome.stored.get(i).cloned().flatten();
+            let state = match &stored {
+                Some(s) => match &s.error {
+                    None => PartState::Stored,
+                    Some(reason) => PartState::Failed { reason: reason.clone() },
+                },
+                None => PartState::Sealed,
+            };
+            if let Some(p) = m.parts.iter_mut().find(|p| p.host == h.name) {
+                p.state = state.clone();
+            }
+            let resumed_ns = outcome.resumed.get(i).into_iter().flatten().flatten().map(|r| r.resume_ns).max();
+            out.push(PartStore {
+                host: h.name.clone(),
+                state,
+                started_ns: stored.as_ref().map(|s| s.started_ns),
+                commit_ns: stored.as_ref().map(|s| s.commit_ns),
+                resumed_ns,
+            });
+        }
+        if let Err(e) = self.write_manifest(m) {
+            // The catalogue keeps saying "sealed": true of what the hosts hold
+            // unless a part failed, which the caller reports as well.
+            tracing::error!(ckpt = m.ckpt, error = %e, "cannot record the parts' store commits in the catalogue");
+        }
+        out
     }
 
     /// Remove parts the agents hold of checkpoints the catalogue does not
@@ -486,6 +580,9 @@ impl Coordinator {
     /// one instant `margin_ns` after everything is loaded.
     pub async fn restore(&self, which: &str, margin_ns: u64) -> Result<MhRestoreSummary, CoordError> {
         let m = self.open(which)?;
+        if let Some((host, reason)) = m.failed_part() {
+            return Err(CoordError::NotRestorable { ckpt: m.label(), host: host.into(), reason: reason.into() });
+        }
         if m.experiment != self.exp.name || m.digest != self.exp.digest() {
             return Err(CoordError::Foreign {
                 ckpt: m.label(),
@@ -529,5 +626,48 @@ impl<E: std::error::Error> SourceChain for E {
             cur = c.source();
         }
         out.join(": ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(host: &str, state: PartState) -> Part {
+        Part { host: host.into(), store_name: "mh-1".into(), components: vec![], state }
+    }
+
+    fn ckpt(parts: Vec<Part>) -> MhCheckpoint {
+        MhCheckpoint {
+            ckpt: 1,
+            name: None,
+            index: 1,
+            created_unix_ms: 0,
+            experiment: "mh".into(),
+            digest: "d".into(),
+            spec_toml: String::new(),
+            freeze_at: 0,
+            stop_skew_ns: 0,
+            parts,
+            bytes: 0,
+        }
+    }
+
+    #[test]
+    fn a_failed_part_makes_the_checkpoint_not_restorable_and_sealed_ones_are_named() {
+        let c = ckpt(vec![part("h1", PartState::Stored), part("h2", PartState::Sealed)]);
+        assert_eq!(c.failed_part(), None);
+        assert_eq!(c.sealed_hosts(), vec!["h2"]);
+        let c = ckpt(vec![part("h1", PartState::Failed { reason: "disk full".into() }), part("h2", PartState::Stored)]);
+        assert_eq!(c.failed_part(), Some(("h1", "disk full")));
+        let back: MhCheckpoint = serde_json::from_slice(&serde_json::to_vec(&c).unwrap()).unwrap();
+        assert_eq!(back, c, "the state is kept in the catalogue");
+    }
+
+    #[test]
+    fn parts_of_catalogues_from_before_sealing_are_stored() {
+        let old = r#"{"host": "h1", "store_name": "mh-1", "components": []}"#;
+        let p: Part = serde_json::from_str(old).unwrap();
+        assert_eq!(p.state, PartState::Stored, "they were committed before SAVED");
     }
 }

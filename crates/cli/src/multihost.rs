@@ -7,7 +7,7 @@ use crate::context::Ctx;
 use crate::context::FreezeArgs;
 use crate::ui::{mib, ms, print_json};
 use anyhow::{anyhow, bail, Context, Result};
-use stasis_agent::coordinator::Coordinator;
+use stasis_agent::coordinator::{Coordinator, MhCheckpoint};
 use stasis_agent::layout::Layout;
 use stasis_core::spec::Experiment;
 use stasis_proto::coordinator::CoordConfig;
@@ -75,6 +75,11 @@ pub async fn dispatch(ctx: &Ctx, cmd: &Cmd) -> Result<bool> {
                 print_json(&st);
             } else {
                 print_status(&st);
+                for c in coord.list()? {
+                    if let Some(state) = part_states(&c) {
+                        println!("  checkpoint {} {}: {state}", c.index, c.label());
+                    }
+                }
             }
         }
         Cmd::Checkpoint(checkpoint::Args {
@@ -91,8 +96,10 @@ pub async fn dispatch(ctx: &Ctx, cmd: &Cmd) -> Result<bool> {
                 margin_ns: margin_ms * 1_000_000,
                 hold_lead_ns: hold_lead_ms * 1_000_000,
                 min_frozen_ns: pause_ms * 1_000_000,
-                // Saves of TCG guests plus the chunked commit take seconds on a
-                // busy host; STASIS_SAVE_BUDGET_MS shortens it (fault drills).
+                // Saves of TCG guests (and sealing: fsync + hash) take seconds
+                // on a busy host; STASIS_SAVE_BUDGET_MS shortens it (fault drills).
+                // The chunked store commit comes after the resume, within
+                // store_timeout_ns (default 300 s).
                 save_budget_ns: std::env::var("STASIS_SAVE_BUDGET_MS")
                     .ok()
                     .and_then(|v| v.parse::<u64>().ok())
@@ -128,12 +135,13 @@ pub async fn dispatch(ctx: &Ctx, cmd: &Cmd) -> Result<bool> {
                 for c in &list {
                     let hosts: Vec<&str> = c.parts.iter().map(|p| p.host.as_str()).collect();
                     println!(
-                        "{:>3}  {:<22} {:<16} {:>12}  {}",
+                        "{:>3}  {:<22} {:<16} {:>12}  {}{}",
                         c.index,
                         c.ckpt,
                         c.name.as_deref().unwrap_or("-"),
                         mib(c.bytes),
-                        hosts.join(",")
+                        hosts.join(","),
+                        part_states(c).map(|s| format!("  ({s})")).unwrap_or_default()
                     );
                 }
             }
@@ -146,6 +154,9 @@ pub async fn dispatch(ctx: &Ctx, cmd: &Cmd) -> Result<bool> {
                 println!("checkpoint {} ({}) of experiment {}", c.index, c.label(), c.experiment);
                 println!("  size           {}", mib(c.bytes));
                 println!("  stop skew      {}   (all components of all hosts)", ms(c.stop_skew_ns));
+                if let Some(state) = part_states(&c) {
+                    println!("  state          {state}");
+                }
                 for p in &c.parts {
                     println!("  host {} (part {}):", p.host, p.store_name);
                     for comp in &p.components {
@@ -188,6 +199,21 @@ pub async fn dispatch(ctx: &Ctx, cmd: &Cmd) -> Result<bool> {
         _ => bail!("this command is not supported for multi-host experiments yet"),
     }
     Ok(true)
+}
+
+/// What keeps a checkpoint from being plainly restorable, if anything: a
+/// part whose store commit failed, or parts still only sealed on their host.
+fn part_states(c: &MhCheckpoint) -> Option<String> {
+    if let Some((host, reason)) = c.failed_part() {
+        return Some(format!("NOT RESTORABLE: host {host} could not store its part: {reason}"));
+    }
+    let sealed = c.sealed_hosts();
+    (!sealed.is_empty()).then(|| {
+        format!(
+            "restorable; parts sealed on {} (store commit not confirmed: at their agent's next start or restore)",
+            sealed.join(",")
+        )
+    })
 }
 
 fn print_status(st: &[serde_json::Value]) {
