@@ -340,7 +340,7 @@ pub async fn serve(cfg: DaemonConfig) -> Result<(), DaemonError> {
     let state_dir = cfg.state_dir.clone();
     tokio::task::spawn_blocking(move || {
         let _guard = guard;
-        let done = part::store_all_sealed(&state_dir);
+        let done = stasis_core::background::run(|| part::store_all_sealed(&state_dir));
         if !done.is_empty() {
             tracing::info!(parts = ?done, "committed the parts left sealed");
         }
@@ -548,7 +548,8 @@ impl Agent {
                 None => Err("nothing runs on this host".to_owned()),
                 Some((root, events)) => {
                     let r = tokio::task::spawn_blocking(move || {
-                        let r = part::store(&root, ckpt);
+                        // The guests run again: the commit takes only the CPU they leave.
+                        let r = stasis_core::background::run(|| part::store(&root, ckpt));
                         if let Ok(info) = &r {
                             EventLog::open(&events, &Quiet)
                                 .event(&Event::Committed { checkpoint: info.id.clone(), name: part_name(ckpt) });
