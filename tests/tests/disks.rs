@@ -96,6 +96,17 @@ fn each_checkpoint_and_branch_sees_exactly_its_own_disk() {
     exp.json(&["up", exp.spec.to_str().unwrap()]);
     wait_i(&exp, 1, 3);
     let (c1, a1, b1) = checkpoint(&exp, 1, "c1");
+    // The VM runs, and the checkpoint records, the versioned machine type
+    // `pc` stands for on this QEMU: what a restore under another QEMU needs.
+    let qemu = std::env::var("STASIS_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into());
+    let version = String::from_utf8_lossy(&std::process::Command::new(&qemu).arg("--version").output().unwrap().stdout)
+        .split_whitespace()
+        .nth(3)
+        .map(|v| v.split('.').take(2).collect::<Vec<_>>().join("."))
+        .unwrap();
+    let pinned = format!("\"a\":\"pc-i440fx-{version}\"");
+    let machines = std::fs::read_to_string(exp.root().join("checkpoints").join(&c1).join("machines.json")).unwrap();
+    assert!(machines.replace(' ', "").contains(&pinned), "{pinned} not in machines.json: {machines}");
     wait_i(&exp, 1, b1 + 3);
     let (c2, a2, b2) = checkpoint(&exp, 1, "c2");
     wait_i(&exp, 1, b2 + 1);
@@ -104,6 +115,8 @@ fn each_checkpoint_and_branch_sees_exactly_its_own_disk() {
 
     // Back to c1, then forward to c2: each sees the disk of its moment.
     let r1 = restore_and_check(&exp, &["c1"], 2, (a1, b1));
+    let rt = std::fs::read_to_string(exp.root().join("runtime.json")).unwrap();
+    assert!(rt.contains(&format!("pc-i440fx-{version}")), "the restored VM runs the recorded machine type: {rt}");
     assert!(r1 < a2, "c1 restored with counter {r1}, c2 was at {a2}");
     restore_and_check(&exp, &["c2"], 3, (a2, b2));
 

@@ -668,6 +668,7 @@ impl Agent {
                     qmp: vm.qmp_path.clone(),
                     serial_log: serial,
                     disk: None,
+                    machine: vm.machine.clone(),
                 });
                 started.insert(node.name.clone(), vm.pid.into());
                 if incoming.is_some() {

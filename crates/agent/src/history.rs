@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 pub const DISKS_FILE: &str = "disks.json";
 /// Per-checkpoint record of its place in history (`lineage.json`: branch, previous checkpoint).
 pub const LINEAGE_FILE: &str = "lineage.json";
+/// Per-checkpoint record of each VM's versioned machine type (`machines.json`: node → `pc-i440fx-10.0`).
+pub const MACHINES_FILE: &str = "machines.json";
 /// The branch a timeline extends when none was named.
 pub const MAIN_BRANCH: &str = "main";
 /// The named branches of an experiment, beside its store.
@@ -43,6 +45,35 @@ pub struct FrozenDisks(pub BTreeMap<String, PathBuf>);
 impl Persisted for FrozenDisks {
     const FORMAT: &'static str = "stasis-disks";
     const VERSION: FormatVersion = FormatVersion::new(1, 0);
+}
+
+/// The machine type each VM's saved state needs (`machines.json`; see
+/// `stasis_qemu::machine`). Absent in checkpoints taken before it was
+/// recorded: those VMs ran `pc`, whatever the QEMU of the day made of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Machines(pub BTreeMap<String, String>);
+
+impl Persisted for Machines {
+    const FORMAT: &'static str = "stasis-machines";
+    const VERSION: FormatVersion = FormatVersion::new(1, 0);
+}
+
+/// Writes the records every one-host checkpoint carries into `pending`:
+/// its lineage (branch, previous checkpoint) and, when known, each VM's
+/// machine type. Returns the files written, for the manifest draft.
+pub fn write_records(pending: &stasis_store::Pending, rt: &crate::host::Runtime) -> Result<Vec<String>, String> {
+    let lineage = Lineage { branch: rt.branch.clone().unwrap_or_else(|| MAIN_BRANCH.into()), prev: rt.head.clone() };
+    versioned::write_atomic(&pending.path(LINEAGE_FILE), &lineage)
+        .map_err(|e| format!("writing {LINEAGE_FILE}: {e}"))?;
+    let mut files = vec![LINEAGE_FILE.to_string()];
+    let machines = Machines(rt.vms.iter().filter_map(|v| Some((v.name.clone(), v.machine.clone()?))).collect());
+    if !machines.0.is_empty() {
+        versioned::write_atomic(&pending.path(MACHINES_FILE), &machines)
+            .map_err(|e| format!("writing {MACHINES_FILE}: {e}"))?;
+        files.push(MACHINES_FILE.to_string());
+    }
+    Ok(files)
 }
 
 /// The frozen disks recorded in checkpoint directory `dir` (none: empty).
@@ -325,6 +356,47 @@ pub fn diff(a: &Checkpoint, b: &Checkpoint) -> DiffReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_checkpoint_records_each_vms_machine_type_and_its_lineage() {
+        use crate::host::{DelayProc, Runtime, VmProc};
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::open(t.path()).unwrap();
+        let vm = |name: &str, machine: Option<&str>| VmProc {
+            name: name.into(),
+            pid: 1,
+            qmp: t.path().join("q"),
+            serial_log: t.path().join("s"),
+            disk: None,
+            machine: machine.map(Into::into),
+        };
+        let mut rt = Runtime {
+            experiment: "e".into(),
+            spec_toml: String::new(),
+            spec_digest: String::new(),
+            accel: "Tcg".into(),
+            incarnation: 1,
+            restored_from: None,
+            delay_node: DelayProc { pid: 1, control: t.path().join("c") },
+            vms: vec![vm("a", Some("pc-i440fx-7.2")), vm("b", Some("pc-i440fx-10.0"))],
+            branch: Some("other".into()),
+            head: Some("0001-aaaaaaaa".into()),
+            runtime_file: None,
+        };
+        let p = store.begin(None).unwrap();
+        assert_eq!(write_records(&p, &rt).unwrap(), [LINEAGE_FILE, MACHINES_FILE]);
+        let m: Machines = versioned::read(&p.path(MACHINES_FILE)).unwrap();
+        assert_eq!(m.0.get("a").map(String::as_str), Some("pc-i440fx-7.2"));
+        assert_eq!(m.0.get("b").map(String::as_str), Some("pc-i440fx-10.0"));
+        let l: Lineage = versioned::read(&p.path(LINEAGE_FILE)).unwrap();
+        assert_eq!((l.branch.as_str(), l.prev.as_deref()), ("other", Some("0001-aaaaaaaa")));
+        // VMs whose type is not known (attached to a runtime written before
+        // it was recorded): no record, and a restore launches `pc` as before.
+        rt.vms = vec![vm("a", None)];
+        let p = store.begin(None).unwrap();
+        assert_eq!(write_records(&p, &rt).unwrap(), [LINEAGE_FILE]);
+        assert!(!p.path(MACHINES_FILE).exists());
+    }
 
     fn entry(id: &str, parent: Option<&str>) -> LogEntry {
         LogEntry {

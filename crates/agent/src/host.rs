@@ -82,6 +82,10 @@ pub struct VmProc {
     /// The qcow2 overlay the VM's data disk writes to now (None: no disk).
     #[serde(default)]
     pub disk: Option<PathBuf>,
+    /// The versioned machine type QEMU runs (`pc-i440fx-10.0`): what its
+    /// saved state needs, recorded in every checkpoint (`machines.json`).
+    #[serde(default)]
+    pub machine: Option<String>,
 }
 
 /// Where the programs and the guest image are.
@@ -96,6 +100,19 @@ pub struct Tools {
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpError {
+    #[error("checkpoint {checkpoint}: VM {node:?} was saved from a machine type this QEMU cannot run")]
+    Machine {
+        checkpoint: String,
+        node: String,
+        #[source]
+        source: stasis_qemu::machine::MachineError,
+    },
+    #[error("checkpoint {checkpoint}: its record of the VMs' machine types does not read")]
+    MachineRecord {
+        checkpoint: String,
+        #[source]
+        source: stasis_core::versioned::VersionedError,
+    },
     #[error("experiment {0:?} is already running (run `stasis down` first)")]
     AlreadyRunning(String),
     #[error("node {node:?}: {what} {path} does not exist")]
@@ -336,6 +353,9 @@ pub(crate) fn vm_spec(exp: &Experiment, node: &Node, layout: &Layout, tools: &To
         run_dir: layout.node_dir(&node.name),
         // Set by `up` (a fresh chain) or `restore` (an overlay on the checkpoint's image).
         disk: None,
+        // Resolved at launch (`pc` → this QEMU's versioned type), or pinned
+        // by `restore` to the one the checkpoint recorded.
+        machine: None,
     })
 }
 
@@ -526,6 +546,7 @@ async fn launch_all(
             qmp: vm.qmp_path.clone(),
             serial_log: serial,
             disk: spec.disk.clone(),
+            machine: vm.machine.clone(),
         });
         rt.store(layout)?;
         vms.push((spec.name.clone(), vm));
@@ -890,14 +911,14 @@ pub async fn checkpoint_with_faults(
     });
     let f = freeze::fidelity(t, d, &resumed);
     let commit_start = mono_ns();
-    let lineage = Lineage { branch: rt.branch.clone().unwrap_or_else(|| MAIN_BRANCH.into()), prev: rt.head.clone() };
-    let mut files = vec![LINEAGE_FILE.to_string()];
-    if let Err(e) = versioned::write_atomic(&pending.path(LINEAGE_FILE), &lineage) {
-        let reason = format!("writing {LINEAGE_FILE}: {e}");
-        pending.abort();
-        obs.event(&Event::Aborted { checkpoint: id, reason: reason.clone() });
-        return Err(CheckpointError::Aborted { reason });
-    }
+    let mut files = match crate::history::write_records(&pending, rt) {
+        Ok(f) => f,
+        Err(reason) => {
+            pending.abort();
+            obs.event(&Event::Aborted { checkpoint: id, reason: reason.clone() });
+            return Err(CheckpointError::Aborted { reason });
+        }
+    };
     let mut extra: std::collections::BTreeMap<String, u64> = [
         ("max_frozen_error_ns".to_string(), f.max_frozen_error_ns),
         ("max_hold_lateness_ns".to_string(), hold_lateness),
@@ -1304,6 +1325,21 @@ pub async fn restore(
         }
     }
     let mut specs = exp.nodes.iter().map(|n| vm_spec(&exp, n, layout, tools)).collect::<Result<Vec<_>, _>>()?;
+    // Each VM's state loads only into the machine type it was saved from:
+    // pinned, and checked against this QEMU before anything is stopped.
+    let machines = versioned::read_opt::<crate::history::Machines>(&ckpt.file(crate::history::MACHINES_FILE))
+        .map_err(|source| UpError::MachineRecord { checkpoint: ckpt.info.id.clone(), source })?
+        .unwrap_or_default();
+    for spec in &mut specs {
+        if let Some(m) = machines.0.get(&spec.name) {
+            stasis_qemu::machine::check(&stasis_qemu::vm::qemu_binary(), m).map_err(|source| UpError::Machine {
+                checkpoint: ckpt.info.id.clone(),
+                node: spec.name.clone(),
+                source,
+            })?;
+            spec.machine = Some(m.clone());
+        }
+    }
     // Disks: the checkpoint's frozen image of each node with a disk.
     let frozen: std::collections::BTreeMap<String, PathBuf> = if exp.nodes.iter().any(|n| n.disk_bytes.is_some()) {
         let path = ckpt.file(DISKS_FILE);
@@ -1416,6 +1452,7 @@ mod tests {
             qmp: dir.path().join("qmp.sock"),
             serial_log: dir.path().join("s.log"),
             disk: None,
+            machine: None,
         };
         assert!(ClockAnchor::load(&proc, 2).is_none());
         ClockAnchor::store(&proc, 2, Some((7, 9)));

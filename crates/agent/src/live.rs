@@ -35,7 +35,7 @@ use crate::event::{Event, Observer};
 use crate::freeze::{self, FreezeConfig, StopStamp};
 use crate::host::{
     attach, commit_checkpoint, reported_instant, sleep_until, switch_disks, CheckpointError, CheckpointSummary,
-    Lineage, Measured, Runtime, DISKS_FILE, LINEAGE_FILE, MAIN_BRANCH,
+    Measured, Runtime, DISKS_FILE,
 };
 use futures::future::join_all;
 use serde::Serialize;
@@ -337,11 +337,10 @@ pub async fn checkpoint_live(
     measured.push((frozen_at, node_resume));
     let f = freeze::fidelity(t, d, &measured);
     let commit_start = mono_ns();
-    let lineage = Lineage { branch: rt.branch.clone().unwrap_or_else(|| MAIN_BRANCH.into()), prev: rt.head.clone() };
-    let mut files = vec![LINEAGE_FILE.to_string()];
-    if let Err(e) = stasis_core::versioned::write_atomic(&pending.path(LINEAGE_FILE), &lineage) {
-        return Err(aborted(pending, format!("writing {LINEAGE_FILE}: {e}")).into());
-    }
+    let mut files = match crate::history::write_records(&pending, rt) {
+        Ok(f) => f,
+        Err(reason) => return Err(aborted(pending, reason).into()),
+    };
     if !frozen_disks.is_empty() {
         files.push(DISKS_FILE.to_string());
     }

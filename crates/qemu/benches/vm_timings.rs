@@ -109,6 +109,7 @@ async fn main() {
         nics: vec![],
         accel: Accel::Tcg,
         disk: None,
+        machine: None,
         run_dir: dir.path().join("run"),
     };
     let serial = dir.path().join("serial.log");

@@ -10,6 +10,8 @@
 pub mod accel;
 /// qcow2 data disks: base images and overlays made with `qemu-img`.
 pub mod disk;
+/// Versioned machine types: what `-machine pc` means on this QEMU, and what a checkpoint needs.
+pub mod machine;
 pub mod qmp;
 pub mod sched;
 pub mod vm;

@@ -109,6 +109,10 @@ pub struct VmSpec {
     /// writes to: the top of a backing chain (see docs/disks.md). `None`: no disk.
     #[serde(default)]
     pub disk: Option<PathBuf>,
+    /// The versioned machine type (`pc-i440fx-10.0`; [`crate::machine`]).
+    /// `None`: [`crate::machine::DEFAULT`], whatever this QEMU makes of it.
+    #[serde(default)]
+    pub machine: Option<String>,
 }
 
 /// The `-drive` id of a VM's data disk; QMP's `blockdev-snapshot-sync` names it.
@@ -154,11 +158,12 @@ pub fn qemu_args(spec: &VmSpec, serial_log: &Path, incoming: Option<&Path>) -> V
     push(&["-name", &format!("guest={},debug-threads=on", spec.name)]);
     // A vhost-user backend maps guest RAM: it must be a shared memfd.
     let vhost = spec.nics.iter().any(|n| n.backend == NicBackend::VhostUser);
+    let machine = spec.machine.as_deref().unwrap_or(crate::machine::DEFAULT);
     if vhost {
         push(&["-object", &format!("memory-backend-memfd,id=mem,size={}M,share=on", spec.memory_mib)]);
-        push(&["-machine", "pc,memory-backend=mem"]);
+        push(&["-machine", &format!("{machine},memory-backend=mem")]);
     } else {
-        push(&["-machine", "pc"]);
+        push(&["-machine", machine]);
     }
     match spec.accel {
         Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
@@ -333,6 +338,8 @@ pub enum LaunchError {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Machine(#[from] crate::machine::MachineError),
     #[error("QEMU failed to start ({status}): {log}")]
     Exited { status: String, log: String },
     #[error("QEMU did not daemonize within {timeout:?}: {log}")]
@@ -384,6 +391,9 @@ pub struct Vm {
     pub qmp_path: PathBuf,
     /// QEMU's log (stderr before and after daemonizing).
     pub log_path: PathBuf,
+    /// The versioned machine type it was launched with (None: attached to,
+    /// not launched by, this process).
+    pub machine: Option<String>,
     qmp: Qmp,
     /// Launched with `incoming` and [`Vm::wait_incoming`] has not yet seen it finish.
     incoming_pending: bool,
@@ -490,7 +500,19 @@ impl Vm {
     /// Relative paths are made absolute first: the daemon changes its working
     /// directory to `/`.
     pub async fn launch(spec: &VmSpec, serial_log: &Path, incoming: Option<&Path>) -> Result<Vm, LaunchError> {
-        let (spec, serial_log, incoming) = absolutize(spec, serial_log, incoming)?;
+        let (mut spec, serial_log, incoming) = absolutize(spec, serial_log, incoming)?;
+        // The machine type a state saved from this VM will need: the versioned
+        // one `pc` stands for on this QEMU, or the one the caller pinned (a
+        // restore), refused here if this QEMU does not offer it.
+        let binary = qemu_binary();
+        let machine = match &spec.machine {
+            None => crate::machine::resolve(&binary, crate::machine::DEFAULT)?,
+            Some(m) => {
+                crate::machine::check(&binary, m)?;
+                m.clone()
+            }
+        };
+        spec.machine = Some(machine.clone());
         let (spec, serial_log, incoming) = (&spec, serial_log.as_path(), incoming.as_deref());
         let qmp_path = spec.qmp_path();
         validate_socket_path("QMP socket", &qmp_path)?;
@@ -542,7 +564,6 @@ impl Vm {
         }
         let log = stasis_core::private::open_append(&log_path).map_err(run_dir_err)?;
 
-        let binary = qemu_binary();
         let args = qemu_args(spec, serial_log, incoming);
         tracing::info!(vm = %spec.name, %binary, ?args, "launching QEMU");
         let stderr = log.try_clone().map_err(run_dir_err)?;
@@ -600,6 +621,7 @@ impl Vm {
             pid,
             qmp_path,
             log_path,
+            machine: Some(machine),
             qmp,
             incoming_pending: incoming.is_some(),
             background_prepared: false,
@@ -680,6 +702,7 @@ impl Vm {
             pid,
             qmp_path: qmp_path.to_owned(),
             log_path,
+            machine: None,
             qmp,
             incoming_pending: false,
             background_prepared: false,
@@ -1155,6 +1178,7 @@ mod tests {
             accel,
             run_dir: "/run/vm1".into(),
             disk: None,
+            machine: None,
         }
     }
 
@@ -1227,6 +1251,15 @@ mod tests {
         let plain = qemu_args(&spec(Accel::Tcg), Path::new("/l"), None);
         assert!(value_after(&plain, "-object").is_empty());
         assert_eq!(value_after(&plain, "-machine"), ["pc"]);
+        // A pinned machine type is launched as it is, with or without shared RAM.
+        let mut pinned = spec(Accel::Tcg);
+        pinned.machine = Some("pc-i440fx-7.2".into());
+        assert_eq!(value_after(&qemu_args(&pinned, Path::new("/l"), None), "-machine"), ["pc-i440fx-7.2"]);
+        s.machine = Some("pc-i440fx-7.2".into());
+        assert_eq!(
+            value_after(&qemu_args(&s, Path::new("/l"), None), "-machine"),
+            ["pc-i440fx-7.2,memory-backend=mem"]
+        );
         let json = serde_json::to_string(&s.nics[1]).unwrap();
         assert!(json.contains(r#""backend":"vhost-user""#), "{json}");
         let old: NicSpec = serde_json::from_str(r#"{"id":"n0","mac":"52:54:00:00:00:01","socket":"/a"}"#).unwrap();

@@ -52,6 +52,7 @@ pub fn spec(name: &str, run_dir: &Path, nics: Vec<NicSpec>) -> VmSpec {
         nics,
         accel: Accel::Tcg,
         disk: None,
+        machine: None,
         run_dir: run_dir.to_owned(),
     }
 }
