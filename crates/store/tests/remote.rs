@@ -274,12 +274,22 @@ fn a_failed_manifest_commit_leaves_no_checkpoint() {
     assert!(store.pending_dirs().unwrap().is_empty());
 }
 
-#[test]
-fn a_manifest_put_that_failed_but_was_stored_is_retracted() {
+/// A Garage-like bucket with one checkpoint committed from host "h1".
+fn garage_like_with_one_checkpoint() -> (Bucket, tempfile::TempDir, Store, CheckpointInfo) {
     let bucket = Bucket::new(true);
     let tmp = tempfile::tempdir().unwrap();
     let h1 = Store::open_remote(&tmp.path().join("h1"), bucket.remote()).unwrap();
     let c1 = commit(&h1, None, 1);
+    (bucket, tmp, h1, c1)
+}
+
+fn ids(store: &Store) -> Vec<String> {
+    store.list().unwrap().into_iter().map(|i| i.id).collect()
+}
+
+#[test]
+fn a_manifest_put_that_failed_but_was_stored_is_retracted() {
+    let (bucket, _tmp, h1, c1) = garage_like_with_one_checkpoint();
     let p = h1.begin(None).unwrap();
     let id = p.id().to_owned();
     fs::write(p.path("vm-a"), noise(6, 1000)).unwrap();
@@ -297,15 +307,12 @@ fn a_manifest_put_that_failed_but_was_stored_is_retracted() {
     // The immediate retraction ran while the bucket still answered: gone already.
     assert!(!marker.exists(), "the retraction succeeded at once, so no marker is left");
     assert!(bucket.keys("checkpoints").iter().all(|k| !k.contains(&id)), "{:?}", bucket.keys("checkpoints"));
-    assert_eq!(h1.list().unwrap().iter().map(|i| i.id.clone()).collect::<Vec<_>>(), vec![c1.id.clone()]);
+    assert_eq!(ids(&h1), vec![c1.id.clone()]);
 }
 
 #[test]
 fn a_retraction_that_cannot_run_at_once_runs_at_the_next_listing() {
-    let bucket = Bucket::new(true);
-    let tmp = tempfile::tempdir().unwrap();
-    let h1 = Store::open_remote(&tmp.path().join("h1"), bucket.remote()).unwrap();
-    let c1 = commit(&h1, None, 1);
+    let (bucket, tmp, h1, c1) = garage_like_with_one_checkpoint();
     // A stray manifest of this store's, its retraction noted but not done
     // (the bucket was unreachable when the commit failed).
     let stray = "0002-0badc0de";
@@ -319,21 +326,18 @@ fn a_retraction_that_cannot_run_at_once_runs_at_the_next_listing() {
     assert!(h1.list().is_err(), "an unreachable bucket is an error, not an empty list");
     assert!(h1.root().join(format!(".retract-{stray}")).exists(), "kept until a DELETE succeeds");
     bucket.faults.dead.store(false, Ordering::Relaxed);
-    assert_eq!(h1.list().unwrap().iter().map(|i| i.id.clone()).collect::<Vec<_>>(), vec![c1.id.clone()]);
+    assert_eq!(ids(&h1), vec![c1.id.clone()]);
     assert!(!h1.root().join(format!(".retract-{stray}")).exists());
     assert!(bucket.keys("checkpoints").iter().all(|k| !k.contains(stray)), "{:?}", bucket.keys("checkpoints"));
-    assert_eq!(h2.list().unwrap().iter().map(|i| i.id.clone()).collect::<Vec<_>>(), vec![c1.id.clone()]);
+    assert_eq!(ids(&h2), vec![c1.id.clone()]);
 }
 
 #[test]
 fn a_listed_manifest_that_is_not_there_is_skipped() {
-    let bucket = Bucket::new(true);
-    let tmp = tempfile::tempdir().unwrap();
-    let h1 = Store::open_remote(&tmp.path().join("h1"), bucket.remote()).unwrap();
-    let c1 = commit(&h1, None, 1);
+    let (bucket, tmp, _h1, c1) = garage_like_with_one_checkpoint();
     bucket.faults.phantom_manifest.store(true, Ordering::Relaxed);
     let h2 = Store::open_remote(&tmp.path().join("h2"), bucket.remote()).unwrap();
-    assert_eq!(h2.list().unwrap().iter().map(|i| i.id.clone()).collect::<Vec<_>>(), vec![c1.id.clone()]);
+    assert_eq!(ids(&h2), vec![c1.id.clone()]);
 }
 
 /// Where chunk `id` (hex) is in the bucket: `(pack key, offset, encoded
