@@ -116,53 +116,43 @@ pub fn create_dir(path: &Path) -> io::Result<()> {
 }
 
 /// Listens on a unix socket at `path` that only its owner can connect to,
-/// with no moment at which anyone else could: the socket is bound inside a
-/// fresh 0700 directory beside `path`, made 0600 there, and renamed into
-/// place, replacing a stale socket (never another kind of file). Does not
-/// depend on the process umask, so a library caller gets it too, and the
-/// socket appears at `path` only once it accepts connections.
-///
-/// The staging path is `path`'s directory plus at most 7 bytes
-/// (`/.sNN/s`), which matters only against sun_path's 108 bytes.
+/// with no moment at which anyone else could: the socket's mode is set to
+/// 0600 with fchmod(2) *before* bind(2), which on Linux creates the file
+/// with that mode (less the umask), so it never depends on the process
+/// umask and a library caller gets it too. A stale socket at `path` is
+/// replaced (never another kind of file). The socket is bound at `path`
+/// itself, so a peer's getpeername(2) names `path` (QEMU reports that
+/// address for its stream NICs, and the NIC check compares it).
 pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::FileTypeExt;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(io::Error::new(io::ErrorKind::AlreadyExists, "exists and is not a socket"));
         }
+        std::fs::remove_file(path)?;
     }
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let staging = staging_dir(parent)?;
-    let inner = staging.join("s");
-    let bound = (|| {
-        let listener = UnixListener::bind(&inner)?;
-        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(FILE_MODE))?;
-        std::fs::rename(&inner, path)?;
-        Ok(listener)
-    })();
-    if bound.is_err() {
-        let _ = std::fs::remove_file(&inner);
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: a zeroed sockaddr_un is valid; the path is copied in bounds.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "socket path too long for sun_path, or has a NUL"));
     }
-    let _ = std::fs::remove_dir(&staging);
-    bound
-}
-
-/// A new empty 0700 directory `.sN` in `parent`. Short, because a socket
-/// path inside it must fit sun_path; a number taken by a leftover or by a
-/// concurrent bind is skipped.
-fn staging_dir(parent: &Path) -> io::Result<PathBuf> {
-    for n in 0..100 {
-        let d = parent.join(format!(".s{n}"));
-        match create_dir(&d) {
-            Ok(()) => return Ok(d),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
     }
-    Err(io::Error::new(io::ErrorKind::AlreadyExists, "no free staging directory .s0 … .s99 to bind in"))
+    let cvt = |rc: libc::c_int| if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) };
+    // SAFETY: plain syscalls on a descriptor owned here from its creation.
+    unsafe {
+        let fd = OwnedFd::from_raw_fd(cvt(libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0))?);
+        cvt(libc::fchmod(std::os::fd::AsRawFd::as_raw_fd(&fd), FILE_MODE))?;
+        let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+        cvt(libc::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), std::ptr::addr_of!(addr).cast(), len))?;
+        cvt(libc::listen(std::os::fd::AsRawFd::as_raw_fd(&fd), 128))?;
+        Ok(UnixListener::from(fd))
+    }
 }
 
 /// Reads a secret (a key file): refuses a symbolic link, a file owned by
@@ -264,7 +254,9 @@ mod tests {
         let p = t.path().join("ctl");
         let l = bind_unix(&p).unwrap();
         assert_eq!(mode(&p), 0o600);
-        assert!(std::os::unix::net::UnixStream::connect(&p).is_ok(), "the renamed socket accepts");
+        let c = std::os::unix::net::UnixStream::connect(&p).unwrap();
+        let peer = c.peer_addr().unwrap();
+        assert_eq!(peer.as_pathname(), Some(p.as_path()), "a peer sees the socket's own path (QEMU's NIC check)");
         drop(l);
         // A stale socket (its listener gone) is replaced.
         let l = bind_unix(&p).unwrap();
