@@ -304,7 +304,7 @@ impl Pending {
 
     /// Renames the pending directory to `target` under the store's lock and
     /// fsyncs the store directory.
-    fn rename_into_place(&mut self, target: &Path) -> Result<(), StoreError> {
+    pub(crate) fn rename_into_place(&mut self, target: &Path) -> Result<(), StoreError> {
         {
             // The owner file names the checkpoint while it is pending, and
             // `begin` checks names under this lock: it goes in the same

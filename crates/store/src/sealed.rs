@@ -27,11 +27,9 @@ use crate::checkpoint::CheckpointInfo;
 use crate::commit::Pending;
 use crate::error::{io_err, StoreError};
 use crate::manifest::ManifestDraft;
-use crate::owner::StoreLock;
 use crate::store::Store;
 use crate::util::{measure_all, sync_dir};
 use crate::verify::load_manifest;
-use crate::OWNER_FILE;
 
 /// Prefix of a sealed checkpoint's directory in the store.
 pub(crate) const SEALED_PREFIX: &str = ".sealed-";
@@ -94,16 +92,10 @@ impl Pending {
         let record = SealRecord { id: self.id.clone(), name: self.name.clone(), index: self.index, draft, files };
         let seal = self.dir.join(SEAL_FILE);
         versioned::write_atomic(&seal, &record).map_err(io_err("cannot write", &seal))?;
-        let owner = self.dir.join(OWNER_FILE);
-        fs::remove_file(&owner).map_err(io_err("cannot remove", &owner))?;
+        // As a commit's rename: the owner file goes in the same critical
+        // section, so the name is never free in between.
         let target = self.root.join(format!("{SEALED_PREFIX}{}", self.id));
-        {
-            let _lock = StoreLock::acquire(&self.root).map_err(io_err("cannot lock the store", &self.root))?;
-            fs::rename(&self.dir, &target)
-                .map_err(io_err("cannot rename the sealed checkpoint into place", &self.dir))?;
-        }
-        self.finished = true;
-        sync_dir(&self.root)?;
+        self.rename_into_place(&target)?;
         info!(id = %record.id, name = ?record.name, files = record.files.len(), "checkpoint sealed");
         Ok(Sealed { dir: target, record })
     }
@@ -193,7 +185,7 @@ impl Store {
     /// record does not read is skipped with a warning (and kept).
     pub fn sealed(&self) -> Result<Vec<Sealed>, StoreError> {
         let mut out = Vec::new();
-        for dir in self.dirs_with_prefix(SEALED_PREFIX)? {
+        for dir in self.entries_with_prefix(SEALED_PREFIX)? {
             match versioned::read::<SealRecord>(&dir.join(SEAL_FILE)) {
                 Ok(record) => out.push(Sealed { dir, record }),
                 Err(e) => {
@@ -287,7 +279,7 @@ mod tests {
         // A crash mid-commit left a pending copy owned by a dead process.
         let stale = tmp.path().join(format!("{}{}", crate::TMP_PREFIX, sealed.id()));
         fs::create_dir(&stale).unwrap();
-        fs::write(stale.join(OWNER_FILE), br#"{"pid":4000000000,"start":1,"name":"mh-1","index":1}"#).unwrap();
+        fs::write(stale.join(crate::OWNER_FILE), br#"{"pid":4000000000,"start":1,"name":"mh-1","index":1}"#).unwrap();
         fs::hard_link(sealed.dir().join("vm-a"), stale.join("vm-a")).unwrap();
         drop((store, sealed));
         let store = Store::open(tmp.path()).unwrap();
