@@ -55,7 +55,7 @@ fn age_s(since_unix_ms: u64) -> u64 {
 }
 
 fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    stasis_core::clock::realtime_ns() / 1_000_000
 }
 
 /// A held job lock; dropping it releases the lock.

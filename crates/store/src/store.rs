@@ -141,7 +141,7 @@ impl Store {
     }
 
     /// The entries of the store directory whose names start with `prefix`.
-    pub(crate) fn dirs_with_prefix(&self, prefix: &str) -> Result<Vec<PathBuf>, StoreError> {
+    pub(crate) fn entries_with_prefix(&self, prefix: &str) -> Result<Vec<PathBuf>, StoreError> {
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.root).map_err(io_err("cannot list the store", &self.root))? {
             let entry = entry.map_err(io_err("cannot list the store", &self.root))?;
@@ -155,7 +155,7 @@ impl Store {
     /// Pending directories with their owners (`None`: unreadable owner).
     fn pendings(&self) -> Result<Vec<(PathBuf, Option<Owner>)>, StoreError> {
         Ok(self
-            .dirs_with_prefix(TMP_PREFIX)?
+            .entries_with_prefix(TMP_PREFIX)?
             .into_iter()
             .map(|dir| {
                 let owner = fs::read(dir.join(OWNER_FILE)).ok().and_then(|b| serde_json::from_slice::<Owner>(&b).ok());
@@ -177,13 +177,9 @@ impl Store {
     /// directory of a live process is never touched, however old.
     fn remove_stale(&self) -> Result<(), StoreError> {
         let _lock = self.lock()?;
-        for entry in fs::read_dir(&self.root).map_err(io_err("cannot list the store", &self.root))? {
-            let entry = entry.map_err(io_err("cannot list the store", &self.root))?;
-            if entry.file_name().to_string_lossy().starts_with(TRASH_PREFIX) {
-                let trash = entry.path();
-                info!(dir = %trash.display(), "removing what an interrupted checkpoint deletion left");
-                fs::remove_dir_all(&trash).map_err(io_err("cannot remove", &trash))?;
-            }
+        for trash in self.entries_with_prefix(TRASH_PREFIX)? {
+            info!(dir = %trash.display(), "removing what an interrupted checkpoint deletion left");
+            fs::remove_dir_all(&trash).map_err(io_err("cannot remove", &trash))?;
         }
         for (dir, owner) in self.pendings()? {
             let stale = match &owner {
@@ -251,12 +247,8 @@ impl Store {
                 ok
             })
             .collect();
-        for entry in fs::read_dir(&self.root).map_err(io_err("cannot list the store", &self.root))? {
-            let entry = entry.map_err(io_err("cannot list the store", &self.root))?;
-            if entry.file_name().to_string_lossy().starts_with(FETCH_PREFIX) {
-                let p = entry.path();
-                fs::remove_dir_all(&p).map_err(io_err("cannot remove", &p))?;
-            }
+        for p in self.entries_with_prefix(FETCH_PREFIX)? {
+            fs::remove_dir_all(&p).map_err(io_err("cannot remove", &p))?;
         }
         let mut local = std::collections::BTreeSet::new();
         for dir in self.committed_dirs()? {
@@ -284,15 +276,13 @@ impl Store {
     /// returns the ids it could not delete yet (they are not listed).
     fn retract_unsettled(&self, remote: &Remote) -> Result<std::collections::BTreeSet<String>, StoreError> {
         let mut left = std::collections::BTreeSet::new();
-        for entry in fs::read_dir(&self.root).map_err(io_err("cannot list the store", &self.root))? {
-            let entry = entry.map_err(io_err("cannot list the store", &self.root))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
+        for marker in self.entries_with_prefix(RETRACT_PREFIX)? {
+            let name = marker.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let Some(id) = name.strip_prefix(RETRACT_PREFIX) else { continue };
             match remote.delete_manifest(id) {
                 Ok(()) => {
                     info!(checkpoint = %id, bucket = %remote.bucket(), "retracted the manifest of a commit that had failed");
-                    let p = entry.path();
-                    fs::remove_file(&p).map_err(io_err("cannot remove", &p))?;
+                    fs::remove_file(&marker).map_err(io_err("cannot remove", &marker))?;
                 }
                 Err(e) => {
                     debug!(checkpoint = %id, error = %e, "cannot retract a failed commit's manifest yet");

@@ -43,7 +43,9 @@ pub mod pack;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
+
+use crate::util::unix_ms;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -202,10 +204,6 @@ impl Drop for Remote {
 /// than the server's definite answer.
 fn is_transport(e: &object_store::Error) -> bool {
     matches!(e, object_store::Error::Generic { .. })
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A fresh random-enough token (process, time, counter, hashed).
