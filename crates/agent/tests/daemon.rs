@@ -140,12 +140,18 @@ async fn a_part_left_sealed_is_committed_when_the_agent_starts() {
     assert_eq!(stasis_agent::part::names(&root), (vec![], vec!["mh-5".to_string()]));
     let addr = free_port();
     let agent = tokio::spawn(serve(cfg(addr, dir.path())));
+    // Committed, then the sealed copy removed: wait for both (between the
+    // two, the store holds both, as after a crash there).
+    let done = (vec!["mh-5".to_string()], vec![]);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while stasis_agent::part::names(&root).0.is_empty() {
-        assert!(std::time::Instant::now() < deadline, "the sealed part was not committed");
+    while stasis_agent::part::names(&root) != done {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sealed part was not committed and removed: {:?}",
+            stasis_agent::part::names(&root)
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(stasis_agent::part::names(&root), (vec!["mh-5".to_string()], vec![]));
     let c = stasis_store::Store::open(&root).unwrap().open_checkpoint("mh-5").unwrap();
     assert_eq!(c.manifest.components[0].bytes, 200_000);
     agent.abort();
