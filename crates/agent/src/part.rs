@@ -61,7 +61,11 @@ pub fn remove(root: &Path, ckpt: CkptId) {
     let name = part_name(ckpt);
     for c in store.list().unwrap_or_default().into_iter().filter(|c| c.name.as_deref() == Some(name.as_str())) {
         tracing::info!(%ckpt, dir = %c.dir.display(), "removing this host's part");
-        let _ = std::fs::remove_dir_all(&c.dir);
+        // The store's own deletion: under its lock, renamed away first, so
+        // an interrupted one never leaves a half-removed part.
+        if let Err(e) = store.delete_checkpoint(&c.id) {
+            tracing::warn!(%ckpt, error = %e, "cannot remove this host's part");
+        }
     }
     for s in store.sealed().unwrap_or_default().into_iter().filter(|s| s.name() == Some(name.as_str())) {
         tracing::info!(%ckpt, dir = %s.dir().display(), "removing this host's sealed part");
