@@ -153,6 +153,28 @@ pub struct DaemonConfig {
     pub clock: Arc<dyn SyncClock>,
     pub agent: AgentConfig,
     pub faults: Faults,
+    pub sessions: SessionLimits,
+}
+
+/// How long a coordinator's session may stay silent. One coordinator is
+/// served at a time; a coordinator that hangs, or whose host vanished
+/// before TCP keepalive notices, must not lock the others out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// A session silent this long while no round runs gives way to the
+    /// next authenticated coordinator waiting to be served. A live
+    /// coordinator between two requests is silent for milliseconds; one
+    /// that has just connected may be connecting to its other agents (up
+    /// to the coordinator's connect timeout, 10 s) before its first request.
+    pub takeover_idle: Duration,
+    /// A session silent this long while no round runs is ended.
+    pub idle_timeout: Duration,
+}
+
+impl Default for SessionLimits {
+    fn default() -> SessionLimits {
+        SessionLimits { takeover_idle: Duration::from_secs(15), idle_timeout: Duration::from_secs(600) }
+    }
 }
 
 /// Why the daemon stopped.
@@ -347,15 +369,21 @@ pub async fn serve(cfg: DaemonConfig) -> Result<(), DaemonError> {
     });
     let mut agent =
         Agent { core: AgentCore::new(cfg.agent), cfg, share, host_tx, host_rx, resume_tx: None, discard: None, parts };
+    let mut next = None;
     loop {
-        match listener.accept().await {
-            Ok(conn) => {
-                tracing::info!(peer = %conn.peer(), "coordinator connected");
-                agent.session(conn).await;
-            }
-            // Logged by the listener; it keeps serving.
-            Err(refused) => tracing::debug!(peer = %refused.peer, "refused"),
-        }
+        let conn = match next.take() {
+            Some(conn) => conn,
+            None => match listener.accept().await {
+                Ok(conn) => conn,
+                // Logged by the listener; it keeps serving.
+                Err(refused) => {
+                    tracing::debug!(peer = %refused.peer, "refused");
+                    continue;
+                }
+            },
+        };
+        tracing::info!(peer = %conn.peer(), "coordinator connected");
+        next = agent.session(conn, &mut listener).await;
     }
 }
 
@@ -364,7 +392,26 @@ impl Agent {
         self.cfg.clock.now()
     }
 
-    async fn session(&mut self, conn: Connection) {
+    /// No round runs and none is to resume: a session may end or give way.
+    fn idle(&self) -> bool {
+        self.core.state() == &AgentState::Idle && self.resume_tx.is_none()
+    }
+
+    /// [`Agent::idle`], and nothing restored here waits for its `ResumeAt`:
+    /// the session may give way to another coordinator or time out.
+    fn may_let_go(&self) -> bool {
+        self.idle() && self.share.as_ref().is_none_or(|s| s.stopped.is_empty() && !s.delay_frozen)
+    }
+
+    /// Serve one coordinator until it leaves, its session times out, or
+    /// (silent and idle, see [`SessionLimits`]) a new authenticated
+    /// coordinator takes over: then that connection is returned, to be
+    /// served next.
+    async fn session(&mut self, conn: Connection, listener: &mut Listener) -> Option<Connection> {
+        let peer = conn.peer();
+        let limits = self.cfg.sessions;
+        let mut next = None;
+        let mut last_heard = tokio::time::Instant::now();
         let (tx, mut rx) = conn.into_split();
         let mut tx = Some(tx);
         let (net_tx, mut net_rx) = mpsc::unbounded_channel();
@@ -379,14 +426,42 @@ impl Agent {
         });
         let mut timer: Option<u64> = None;
         loop {
-            if tx.is_none() && self.core.state() == &AgentState::Idle && self.resume_tx.is_none() {
+            if tx.is_none() && self.idle() {
                 break;
             }
             let sleep = timer
                 .map(|at| Duration::from_nanos(at.saturating_sub(self.now())))
                 .unwrap_or(Duration::from_secs(3600));
+            // While idle and connected: past `takeover_idle` of silence a
+            // waiting coordinator is taken, past `idle_timeout` the session
+            // ends; `wake` re-evaluates at the next of those instants.
+            let watch = tx.is_some() && self.may_let_go();
+            let silent = last_heard.elapsed();
+            let may_take_over = watch && silent >= limits.takeover_idle;
+            let wake =
+                last_heard + if silent < limits.takeover_idle { limits.takeover_idle } else { limits.idle_timeout };
             let acts = tokio::select! {
-                m = net_rx.recv(), if tx.is_some() => match m {
+                c = listener.accept(), if may_take_over => match c {
+                    Ok(conn) => {
+                        tracing::warn!(%peer, new = %conn.peer(), silent_ms = silent.as_millis() as u64,
+                            "the idle coordinator session gives way to a new coordinator");
+                        next = Some(conn);
+                        tx = None;
+                        vec![]
+                    }
+                    Err(refused) => {
+                        tracing::debug!(peer = %refused.peer, "refused");
+                        vec![]
+                    }
+                },
+                _ = tokio::time::sleep_until(wake), if watch => {
+                    if last_heard.elapsed() >= limits.idle_timeout {
+                        tracing::warn!(%peer, silent_s = limits.idle_timeout.as_secs(), "coordinator silent: session ended");
+                        tx = None;
+                    }
+                    vec![]
+                }
+                m = net_rx.recv(), if tx.is_some() => { last_heard = tokio::time::Instant::now(); match m {
                     Some(Ok(Message::Request(r))) => {
                         let reply = if self.core.state() == &AgentState::Idle && self.resume_tx.is_none() {
                             let reply = self.request(r.op).await;
@@ -423,7 +498,7 @@ impl Agent {
                         tx = None;
                         self.core.disconnected(self.now())
                     }
-                },
+                }},
                 ev = self.host_rx.recv() => match ev.expect("the agent holds a sender") {
                     HostEvent::Frozen => self.core.frozen(self.now()).unwrap_or_default(),
                     HostEvent::Saved(c) => self.core.saved(self.now(), c).unwrap_or_default(),
@@ -462,7 +537,8 @@ impl Agent {
             }
         }
         reader.abort();
-        tracing::info!("coordinator session ended");
+        tracing::info!(%peer, "coordinator session ended");
+        next
     }
 
     fn carry_out_local(&mut self, acts: Vec<AgentAction>, timer: &mut Option<u64>) {

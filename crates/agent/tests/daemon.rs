@@ -3,14 +3,14 @@
 //! hosts, the wrong key) and runs a checkpoint round with nothing to save
 //! to its end (SaveFailed → Abort → Resumed) and then serves the next one.
 
-use stasis_agent::daemon::{serve, DaemonConfig, DaemonError, Faults, RealtimeClock};
+use stasis_agent::daemon::{serve, DaemonConfig, DaemonError, Faults, RealtimeClock, SessionLimits};
 use stasis_agent::host::Tools;
 use stasis_proto::msg::{Abort, CkptId, Op, Prepare, Request};
 use stasis_proto::transport::Connection;
 use stasis_proto::{Key, Message};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn key(k: &str) -> Key {
     Key::new(k.as_bytes()).unwrap()
@@ -30,6 +30,7 @@ fn cfg(listen: SocketAddr, dir: &std::path::Path) -> DaemonConfig {
         clock: Arc::new(RealtimeClock),
         agent: Default::default(),
         faults: Faults::default(),
+        sessions: Default::default(),
     }
 }
 
@@ -154,5 +155,66 @@ async fn a_part_left_sealed_is_committed_when_the_agent_starts() {
     }
     let c = stasis_store::Store::open(&root).unwrap().open_checkpoint("mh-5").unwrap();
     assert_eq!(c.manifest.components[0].bytes, 200_000);
+    agent.abort();
+}
+
+async fn connect_when_up(addr: SocketAddr) -> Connection {
+    for _ in 0..250 {
+        if let Ok(c) = Connection::connect(addr, &key("the-agents-shared-key, 32 bytes long")).await {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the agent does not serve {addr}");
+}
+
+/// One coordinator is served at a time. A second one waits while the first
+/// talks (even far longer than the takeover delay), takes over once the
+/// first has been silent that long — the first's connection is closed — and
+/// a session silent past the idle timeout is ended.
+#[tokio::test]
+async fn a_silent_coordinator_gives_way_to_a_waiting_one_and_a_talking_one_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_port();
+    let mut c = cfg(addr, dir.path());
+    let limits = SessionLimits { takeover_idle: Duration::from_secs(3), idle_timeout: Duration::from_secs(6) };
+    c.sessions = limits;
+    let agent = tokio::spawn(serve(c));
+    let mut first = connect_when_up(addr).await;
+    assert!(request(&mut first, 1, Op::Status).await.ok);
+
+    // The second coordinator connects and asks while the first keeps
+    // talking for longer than takeover_idle: every request of the first is
+    // answered, so its session was never displaced meanwhile.
+    let mut second = connect_when_up(addr).await;
+    second.send(&Message::Request(Request { id: 77, op: Op::Status })).await.unwrap();
+    let talk = Instant::now();
+    let mut id = 2;
+    while talk.elapsed() < limits.takeover_idle + Duration::from_secs(1) {
+        let r = request(&mut first, id, Op::Status).await;
+        assert!(r.ok, "the talking coordinator is served: {r:?}");
+        id += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The first falls silent: the second is served, the first is let go.
+    let reply =
+        tokio::time::timeout(Duration::from_secs(60), second.recv()).await.expect("the waiting coordinator is served");
+    match reply.unwrap() {
+        Message::Reply(r) => assert!(r.id == 77 && r.ok, "{r:?}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    let gone =
+        tokio::time::timeout(Duration::from_secs(10), first.recv()).await.expect("the first connection is closed");
+    assert!(gone.is_err(), "the displaced coordinator's connection ends: {gone:?}");
+
+    // The second stays silent past the idle timeout: its session ends.
+    let ended = tokio::time::timeout(limits.idle_timeout + Duration::from_secs(60), second.recv())
+        .await
+        .expect("the silent session is ended");
+    assert!(ended.is_err(), "{ended:?}");
+    // And the agent serves the next coordinator at once.
+    let mut third = connect_when_up(addr).await;
+    assert!(request(&mut third, 1, Op::Status).await.ok);
     agent.abort();
 }

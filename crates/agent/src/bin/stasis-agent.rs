@@ -102,6 +102,7 @@ async fn run(args: Args) -> Result<()> {
             save_delay: Duration::from_millis(args.save_delay_ms),
             file: args.fault_file,
         },
+        sessions: Default::default(),
     };
     daemon::serve(cfg).await?;
     Ok(())
