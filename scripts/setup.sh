@@ -121,18 +121,22 @@ setup_qemu() {
     [ -n "$other" ] || die "$other_suite offers no qemu-system-x86"
     dir="$CACHE/qemu/$(qemu_short "$other")"
     stamp="$dir/.stasis-qemu"
-    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$other" ] && "$dir/usr/bin/qemu-system-x86_64" --version >/dev/null 2>&1; then
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$other" ] && [ -d "$dir/usr/lib/x86_64-linux-gnu/qemu" ] \
+        && "$dir/usr/bin/qemu-system-x86_64" --version >/dev/null 2>&1; then
         return 0
     fi
     mkdir -p "$CACHE/debs"
     rm -rf "$dir.tmp"
     mkdir -p "$dir.tmp"
-    # The binary, its data (option ROMs, keymaps) and the firmware it links to
-    # (qemu-system-data's bios-256k.bin is a relative symlink into seabios).
-    for p in qemu-system-x86 qemu-system-data seabios ipxe-qemu; do
+    # The binary, its modules (qemu-system-common: accel-tcg-x86_64.so, which
+    # 7.2 loads at start), its data (option ROMs, keymaps) and the firmware it
+    # links to (qemu-system-data's bios-256k.bin is a relative symlink into
+    # seabios). stasis points such a QEMU at its own modules and data
+    # (stasis_qemu::vm::unpacked_prefix).
+    for p in qemu-system-x86 qemu-system-common qemu-system-data seabios ipxe-qemu; do
         local v
         # qemu-system-data is arch: all, so it lacks the +bN of binary rebuilds.
-        if [ "$p" = qemu-system-x86 ]; then v=$other; else v=$(suite_version "$p" "$other_suite"); fi
+        if [ "$p" = qemu-system-x86 ] || [ "$p" = qemu-system-common ]; then v=$other; else v=$(suite_version "$p" "$other_suite"); fi
         [ -n "$v" ] || v=$(installed_version "$p")
         [ -n "$v" ] || die "no version of $p for QEMU $other"
         deb=$(ls "$CACHE/debs/${p}_"*"${v#*:}_"*.deb 2>/dev/null | tail -n1 || true)

@@ -73,8 +73,14 @@ pub enum MachineError {
     },
     #[error("{qemu} -machine help failed ({status}): {stderr}")]
     Failed { qemu: String, status: std::process::ExitStatus, stderr: String },
-    #[error("{qemu} offers no machine type {name:?} (`{qemu} -machine help` lists what it has)")]
-    Unknown { qemu: String, name: String },
+    #[error("{qemu} offers no machine type {name:?}{} (`{qemu} -machine help` lists what it has)",
+        newest.as_ref().map(|n| format!(": its newest is {n:?}; a state saved by a newer QEMU does not load into an older one")).unwrap_or_default())]
+    Unknown {
+        qemu: String,
+        name: String,
+        /// What this QEMU's `pc` stands for (its own version), when it has one.
+        newest: Option<String>,
+    },
 }
 
 /// `qemu -machine help` of binary `qemu`, asked once per binary per process.
@@ -100,14 +106,22 @@ pub fn probe(qemu: &str) -> Result<MachineTypes, MachineError> {
 
 /// The versioned machine type `name` stands for on binary `qemu`.
 pub fn resolve(qemu: &str, name: &str) -> Result<String, MachineError> {
-    probe(qemu)?.resolve(name).ok_or_else(|| MachineError::Unknown { qemu: qemu.to_owned(), name: name.to_owned() })
+    let types = probe(qemu)?;
+    types.resolve(name).ok_or_else(|| MachineError::Unknown {
+        qemu: qemu.to_owned(),
+        name: name.to_owned(),
+        newest: types.resolve(DEFAULT),
+    })
 }
 
 /// Refuses a machine type binary `qemu` does not offer.
 pub fn check(qemu: &str, name: &str) -> Result<(), MachineError> {
-    match probe(qemu)?.get(name) {
+    let types = probe(qemu)?;
+    match types.get(name) {
         Some(_) => Ok(()),
-        None => Err(MachineError::Unknown { qemu: qemu.to_owned(), name: name.to_owned() }),
+        None => {
+            Err(MachineError::Unknown { qemu: qemu.to_owned(), name: name.to_owned(), newest: types.resolve(DEFAULT) })
+        }
     }
 }
 

@@ -53,6 +53,22 @@ pub fn qemu_binary() -> String {
     std::env::var(ENV_QEMU).unwrap_or_else(|_| "qemu-system-x86_64".to_owned())
 }
 
+/// Where an unpacked QEMU keeps its own modules and firmware: for a binary
+/// `DIR/usr/bin/qemu-system-x86_64` (a package unpacked with `dpkg-deb -x`
+/// into DIR, as scripts/setup.sh does with the suite's second QEMU, and as
+/// users run bookworm-backports' 10.0), `DIR/usr`. Such a QEMU would
+/// otherwise load the installed QEMU's modules (7.2 then dies with "could not
+/// load module for type 'tcg-accel-ops'") and firmware. `None` for the
+/// installed QEMU and any other layout.
+pub fn unpacked_prefix(binary: &str) -> Option<PathBuf> {
+    let bin = Path::new(binary).parent()?;
+    let usr = bin.parent()?;
+    if bin.file_name()? != "bin" || usr.file_name()? != "usr" || usr == Path::new("/usr") {
+        return None;
+    }
+    usr.join("share/qemu").is_dir().then(|| usr.to_owned())
+}
+
 /// A NIC attached to a unix socket that someone else (the delay node)
 /// listens on, as a `-netdev stream` client or a vhost-user frontend.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -564,10 +580,15 @@ impl Vm {
         }
         let log = stasis_core::private::open_append(&log_path).map_err(run_dir_err)?;
 
-        let args = qemu_args(spec, serial_log, incoming);
+        let mut args = qemu_args(spec, serial_log, incoming);
+        let mut command = tokio::process::Command::new(&binary);
+        if let Some(usr) = unpacked_prefix(&binary) {
+            command.env("QEMU_MODULE_DIR", usr.join("lib/x86_64-linux-gnu/qemu"));
+            args.splice(0..0, ["-L".to_owned(), usr.join("share/qemu").to_string_lossy().into_owned()]);
+        }
         tracing::info!(vm = %spec.name, %binary, ?args, "launching QEMU");
         let stderr = log.try_clone().map_err(run_dir_err)?;
-        let mut parent = tokio::process::Command::new(&binary)
+        let mut parent = command
             .args(&args)
             .stdin(std::process::Stdio::null())
             .stdout(log)
@@ -1135,6 +1156,22 @@ fn sync_parent_dir(path: &Path) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_unpacked_qemu_is_told_its_own_modules_and_firmware() {
+        let t = tempfile::tempdir().unwrap();
+        let usr = t.path().join("qemu-10/usr");
+        std::fs::create_dir_all(usr.join("share/qemu")).unwrap();
+        std::fs::create_dir_all(usr.join("bin")).unwrap();
+        let bin = usr.join("bin/qemu-system-x86_64");
+        assert_eq!(super::unpacked_prefix(&bin.to_string_lossy()), Some(usr.clone()));
+        // The installed QEMU, a bare name, another layout: left alone.
+        assert_eq!(super::unpacked_prefix("/usr/bin/qemu-system-x86_64"), None);
+        assert_eq!(super::unpacked_prefix("qemu-system-x86_64"), None);
+        assert_eq!(super::unpacked_prefix(&t.path().join("qemu-system-x86_64").to_string_lossy()), None);
+        std::fs::remove_dir(usr.join("share/qemu")).unwrap();
+        assert_eq!(super::unpacked_prefix(&bin.to_string_lossy()), None, "no data directory: not an unpacked package");
+    }
+
     use super::*;
 
     #[test]
