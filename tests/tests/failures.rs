@@ -211,4 +211,31 @@ fn bad_specs_and_foreign_checkpoints_are_refused_clearly() {
     // Nothing to restore in an empty state dir.
     let o = exp.run(&["restore", "latest"]);
     assert!(!o.status.success());
+
+    // A QEMU that fails to start the second VM: the error names the VM, and
+    // nothing of the failed start stays running (the delay node and the
+    // first VM were started before it).
+    std::fs::write(&exp.spec, "name = \"bad\"\n[[node]]\nname = \"a\"\n[[node]]\nname = \"b\"\n").unwrap();
+    let fake = exp.dir.path().join("qemu-failing-for-b");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\ncase \"$*\" in *guest=b,*) echo \"no b today\" >&2; exit 1;; esac\nexec qemu-system-x86_64 \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let mut failing = Experiment::new("bad", "");
+    failing.spec = exp.spec.clone();
+    failing.wrapper = vec!["env".into(), format!("STASIS_QEMU={}", fake.display())];
+    let o = failing.run(&["up", failing.spec.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("VM \"b\"") && stderr(&o).contains("no b today"), "{}", stderr(&o));
+    let state = failing.state().to_string_lossy().into_owned();
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|p| std::fs::read(p.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&state) && !c.contains("qemu-failing-for-b"))
+        .collect();
+    assert!(left.is_empty(), "processes of the failed start still run: {left:?}");
 }

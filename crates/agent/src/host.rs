@@ -474,7 +474,18 @@ pub async fn up(exp: &Experiment, layout: &Layout, tools: &Tools, obs: &dyn Obse
             spec.disk = Some(top);
         }
     }
-    launch_all(exp, layout, tools, &specs, incarnation, None, obs).await.map(|(rt, _)| rt)
+    match launch_all(exp, layout, tools, &specs, incarnation, None, obs).await {
+        Ok((rt, _)) => Ok(rt),
+        Err(e) => {
+            // Nothing half-started stays behind: the experiment is not
+            // recorded yet (no experiment.toml), so `stasis down` could not
+            // find the delay node and VMs already started.
+            if let Err(cleanup) = down(layout).await {
+                tracing::warn!(error = %cleanup, "cannot stop what the failed start started");
+            }
+            Err(e)
+        }
+    }
 }
 
 /// `<state>/<experiment>/disks/<node>`: the node's images (docs/disks.md).
