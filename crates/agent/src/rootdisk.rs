@@ -239,4 +239,29 @@ mod tests {
         let gone = identity("n", &dir.path().join("gone.qcow2"), &cache).unwrap_err();
         assert!(gone.to_string().contains("gone.qcow2"), "{gone}");
     }
+
+    #[test]
+    fn a_root_overlay_names_its_base_and_the_base_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.raw");
+        std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+        let node_dir = dir.path().join("disks").join("a");
+        std::fs::create_dir_all(&node_dir).unwrap();
+        let exp = Experiment::from_toml_str("name = \"e\"\n[[node]]\nname = \"a\"\n", None).unwrap();
+        let top = create_root_overlay(&exp.nodes[0], &img, &node_dir).unwrap();
+        assert_eq!(top, node_dir.join("ov-1.qcow2"));
+        let info = std::process::Command::new("qemu-img")
+            .args(["info", "--output=json", top.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(v["backing-filename"], img.to_str().unwrap());
+        assert_eq!(v["backing-filename-format"], "raw");
+        assert_eq!(std::fs::read(&img).unwrap(), vec![0u8; 1 << 20], "the base is not written");
+        // Not an image: refused naming the file.
+        let junk = dir.path().join("junk.vmdk");
+        std::fs::write(&junk, b"KDMV\x01\x00\x00\x00").unwrap();
+        let e = create_root_overlay(&exp.nodes[0], &junk, &node_dir).unwrap_err();
+        assert!(e.to_string().contains("junk.vmdk"), "{e}");
+    }
 }

@@ -49,7 +49,7 @@ pub async fn dispatch(ctx: &Ctx, cmd: &Cmd) -> Result<bool> {
             if let Some(n) = exp.nodes.iter().find(|n| n.image.is_some()) {
                 bail!(
                     "node {:?} has an OS image: OS images run on one host only so far (docs/images.md); \
-                     drop [placement] or give the node no image",
+                     run it on one host (no [[host]] entries) or give the node no image",
                     n.name
                 );
             }
