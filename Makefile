@@ -61,7 +61,7 @@ demo-lan3: setup guest build
 
 # The whole suite: unit and crate tests, then the whole-system tests that boot
 # real VMs (they run one at a time: each uses both cores).
-test: setup lint guest garage build
+test: setup lint guest image garage build
 	$(CARGO) test --workspace --exclude stasis-system-tests
 	bash scripts/fuzz.sh smoke 5
 	$(CARGO) test -p stasis-system-tests -- --test-threads=1 --nocapture

@@ -745,6 +745,7 @@ impl Agent {
                     serial_log: serial,
                     disk: None,
                     machine: vm.machine.clone(),
+                    base: None,
                 });
                 started.insert(node.name.clone(), vm.pid.into());
                 if incoming.is_some() {

@@ -73,6 +73,12 @@ pub fn write_records(pending: &stasis_store::Pending, rt: &crate::host::Runtime)
             .map_err(|e| format!("writing {MACHINES_FILE}: {e}"))?;
         files.push(MACHINES_FILE.to_string());
     }
+    let bases = crate::rootdisk::Bases(rt.vms.iter().filter_map(|v| Some((v.name.clone(), v.base.clone()?))).collect());
+    if !bases.0.is_empty() {
+        let file = crate::rootdisk::BASES_FILE;
+        versioned::write_atomic(&pending.path(file), &bases).map_err(|e| format!("writing {file}: {e}"))?;
+        files.push(file.to_string());
+    }
     Ok(files)
 }
 
@@ -369,6 +375,7 @@ mod tests {
             serial_log: t.path().join("s"),
             disk: None,
             machine: machine.map(Into::into),
+            base: None,
         };
         let mut rt = Runtime {
             experiment: "e".into(),

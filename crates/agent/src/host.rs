@@ -86,6 +86,10 @@ pub struct VmProc {
     /// saved state needs, recorded in every checkpoint (`machines.json`).
     #[serde(default)]
     pub machine: Option<String>,
+    /// An OS-image node's base image (the bottom of its disk's chain, never
+    /// written), recorded in every checkpoint (`bases.json`).
+    #[serde(default)]
+    pub base: Option<crate::rootdisk::BaseIdentity>,
 }
 
 /// Where the programs and the guest image are.
@@ -169,6 +173,14 @@ pub enum UpError {
     },
     #[error("checkpoint {checkpoint:?} has no disk image for node {node:?}: {reason}")]
     MissingDisk { checkpoint: String, node: String, reason: String },
+    #[error("root disk")]
+    RootDisk(#[from] crate::rootdisk::RootDiskError),
+    #[error("checkpoint {checkpoint:?}: {BASES_FILE}", BASES_FILE = crate::rootdisk::BASES_FILE)]
+    BaseRecord {
+        checkpoint: String,
+        #[source]
+        source: stasis_core::versioned::VersionedError,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -323,8 +335,9 @@ fn base64(data: &[u8]) -> String {
 pub(crate) fn vm_spec(exp: &Experiment, node: &Node, layout: &Layout, tools: &Tools) -> Result<VmSpec, UpError> {
     let kernel = node.kernel.clone().unwrap_or_else(|| tools.default_kernel.clone());
     let initrd = node.initrd.clone().unwrap_or_else(|| tools.default_initrd.clone());
+    let firmware = node.image.is_some() && node.boot == stasis_core::spec::Boot::Firmware;
     for (what, path) in [("kernel", &kernel), ("initrd", &initrd)] {
-        if !path.exists() {
+        if !firmware && !path.exists() {
             return Err(UpError::MissingFile { node: node.name.clone(), what, path: path.clone() });
         }
     }
@@ -335,7 +348,13 @@ pub(crate) fn vm_spec(exp: &Experiment, node: &Node, layout: &Layout, tools: &To
         vcpus: node.vcpus,
         kernel,
         initrd,
-        append: kernel_append(node),
+        append: if node.image.is_some() {
+            // An OS image's own command line (root=, console) and the node's
+            // kernel_args (the spec joined them); its cloud-init seed does the rest.
+            node.kernel_args.clone()
+        } else {
+            kernel_append(node)
+        },
         nics: node
             .ifaces
             .iter()
@@ -356,6 +375,9 @@ pub(crate) fn vm_spec(exp: &Experiment, node: &Node, layout: &Layout, tools: &To
         // Resolved at launch (`pc` → this QEMU's versioned type), or pinned
         // by `restore` to the one the checkpoint recorded.
         machine: None,
+        firmware,
+        // Set by `up` and `restore` (crate::rootdisk::write_seed).
+        seed: None,
     })
 }
 
@@ -455,8 +477,18 @@ pub async fn up(exp: &Experiment, layout: &Layout, tools: &Tools, obs: &dyn Obse
             return Err(UpError::AlreadyRunning(exp.name.clone()));
         }
     }
+    if let Some(n) = exp.nodes.iter().find(|n| n.image.is_some() && n.disk_bytes.is_some()) {
+        return Err(crate::rootdisk::RootDiskError::ImageAndDisk { node: n.name.clone() }.into());
+    }
     let specs = exp.nodes.iter().map(|n| vm_spec(exp, n, layout, tools)).collect::<Result<Vec<_>, _>>()?;
     stasis_core::private::create_dir_all(layout.root()).map_err(io(layout.root()))?;
+    // Each base image's identity, hashed (once per file version) before anything starts.
+    let cache = crate::rootdisk::cache_path(layout);
+    let bases = exp
+        .nodes
+        .iter()
+        .map(|n| n.image.as_ref().map(|i| crate::rootdisk::identity(&n.name, &abs_path(i), &cache)).transpose())
+        .collect::<Result<Vec<_>, _>>()?;
     let incarnation = next_incarnation(layout)?;
     let mut specs = specs;
     // Disks: a fresh empty base image per node (named by incarnation, so the
@@ -473,9 +505,16 @@ pub async fn up(exp: &Experiment, layout: &Layout, tools: &Tools, obs: &dyn Obse
             stasis_qemu::disk::create_overlay(&top, &base).map_err(disk_err)?;
             spec.disk = Some(top);
         }
+        // Root disks: an overlay on the user's image itself.
+        if let Some(image) = &node.image {
+            let dir = disk_dir(layout, &node.name);
+            stasis_core::private::create_dir_all(&dir).map_err(io(&dir))?;
+            spec.disk = Some(crate::rootdisk::create_root_overlay(node, image, &dir)?);
+            spec.seed = Some(crate::rootdisk::write_seed(exp, node, layout)?);
+        }
     }
-    match launch_all(exp, layout, tools, &specs, incarnation, None, obs).await {
-        Ok((rt, _)) => Ok(rt),
+    let (mut rt, _) = match launch_all(exp, layout, tools, &specs, incarnation, None, obs).await {
+        Ok(started) => started,
         Err(e) => {
             // Nothing half-started stays behind: the experiment is not
             // recorded yet (no experiment.toml), so `stasis down` could not
@@ -483,8 +522,32 @@ pub async fn up(exp: &Experiment, layout: &Layout, tools: &Tools, obs: &dyn Obse
             if let Err(cleanup) = down(layout).await {
                 tracing::warn!(error = %cleanup, "cannot stop what the failed start started");
             }
-            Err(e)
+            return Err(e);
         }
+    };
+    if bases.iter().any(Option::is_some) {
+        for (proc, base) in rt.vms.iter_mut().zip(bases) {
+            proc.base = base;
+        }
+        rt.store(layout)?;
+    }
+    Ok(rt)
+}
+
+fn abs_path(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
+}
+
+/// How long the guests of `exp` may take to print their ready line: an OS
+/// image boots firmware, kernel, systemd and cloud-init (~35 s under TCG on
+/// an idle machine), the busybox guest a few seconds. Generous, for loaded
+/// and slow machines.
+pub fn ready_timeout(exp: &Experiment) -> Duration {
+    let images = exp.nodes.iter().filter(|n| n.image.is_some()).count() as u64;
+    if images == 0 {
+        Duration::from_secs(180)
+    } else {
+        Duration::from_secs(600 + 120 * images)
     }
 }
 
@@ -558,6 +621,7 @@ async fn launch_all(
             serial_log: serial,
             disk: spec.disk.clone(),
             machine: vm.machine.clone(),
+            base: None,
         });
         rt.store(layout)?;
         vms.push((spec.name.clone(), vm));
@@ -1352,7 +1416,8 @@ pub async fn restore(
         }
     }
     // Disks: the checkpoint's frozen image of each node with a disk.
-    let frozen: std::collections::BTreeMap<String, PathBuf> = if exp.nodes.iter().any(|n| n.disk_bytes.is_some()) {
+    let has_disk = |n: &Node| n.disk_bytes.is_some() || n.image.is_some();
+    let frozen: std::collections::BTreeMap<String, PathBuf> = if exp.nodes.iter().any(has_disk) {
         let path = ckpt.file(DISKS_FILE);
         versioned::read::<crate::history::FrozenDisks>(&path)
             .map_err(|e| UpError::MissingDisk {
@@ -1364,6 +1429,28 @@ pub async fn restore(
     } else {
         Default::default()
     };
+    // Root disks read every cluster the guest never wrote from the base
+    // image: it must be the one checkpointed, checked before anything stops.
+    let mut bases = Vec::new();
+    if exp.nodes.iter().any(|n| n.image.is_some()) {
+        let recorded = versioned::read::<crate::rootdisk::Bases>(&ckpt.file(crate::rootdisk::BASES_FILE))
+            .map_err(|source| UpError::BaseRecord { checkpoint: ckpt.info.id.clone(), source })?;
+        let cache = crate::rootdisk::cache_path(layout);
+        for node in &exp.nodes {
+            let Some(image) = &node.image else {
+                bases.push(None);
+                continue;
+            };
+            let now = crate::rootdisk::identity(&node.name, &abs_path(image), &cache)?;
+            let was = recorded.0.get(&node.name).ok_or_else(|| UpError::MissingDisk {
+                checkpoint: ckpt.info.id.clone(),
+                node: node.name.clone(),
+                reason: format!("no base image in {}", crate::rootdisk::BASES_FILE),
+            })?;
+            crate::rootdisk::check(&node.name, was, &now)?;
+            bases.push(Some(now));
+        }
+    }
     // stasis-store: every chunk is read and verified once, here, into real
     // files for QEMU and the delay node, before anything running is stopped.
     let started = mono_ns();
@@ -1374,7 +1461,10 @@ pub async fn restore(
     // Each disk restarts on a fresh overlay over the frozen image, which
     // stays read-only: any number of restores and branches share it.
     for (spec, node) in specs.iter_mut().zip(&exp.nodes) {
-        if node.disk_bytes.is_none() {
+        if node.image.is_some() {
+            spec.seed = Some(crate::rootdisk::write_seed(&exp, node, layout)?);
+        }
+        if !has_disk(node) {
             continue;
         }
         let missing =
@@ -1392,6 +1482,11 @@ pub async fn restore(
     }
     let incarnation = next_incarnation(layout)?;
     let (mut rt, mut vms) = launch_all(&exp, layout, tools, &specs, incarnation, Some(&materialized), obs).await?;
+    if !bases.is_empty() {
+        for (proc, base) in rt.vms.iter_mut().zip(bases) {
+            proc.base = base;
+        }
+    }
     // The timeline continues the named branch, or the checkpoint's own.
     rt.branch = Some(branch.map(str::to_owned).unwrap_or_else(|| lineage_of(ckpt).branch));
     rt.head = Some(ckpt.info.id.clone());
@@ -1464,6 +1559,7 @@ mod tests {
             serial_log: dir.path().join("s.log"),
             disk: None,
             machine: None,
+            base: None,
         };
         assert!(ClockAnchor::load(&proc, 2).is_none());
         ClockAnchor::store(&proc, 2, Some((7, 9)));

@@ -22,6 +22,7 @@ pub mod part;
 pub mod placement;
 /// An experiment a dead checkpoint left frozen: finding it, resuming it.
 pub mod recover;
+pub mod rootdisk;
 /// Reading guest serial logs (a guest controls their size) for the ready line.
 pub mod serial;
 /// Swap-out (checkpoint, then release everything) and swap-in records.

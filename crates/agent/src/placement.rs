@@ -72,6 +72,9 @@ pub fn topology_on_delay_host(exp: &Experiment, layout: &Layout) -> Topology {
 /// the delay node is elsewhere.
 #[allow(clippy::result_large_err)] // UpError is host.rs's, large like its other results
 pub fn vm_spec_on_host(exp: &Experiment, node: &Node, layout: &Layout, tools: &Tools) -> Result<VmSpec, UpError> {
+    if node.image.is_some() {
+        return Err(crate::rootdisk::RootDiskError::MultiHost { node: node.name.clone() }.into());
+    }
     let mut spec = host::vm_spec(exp, node, layout, tools)?;
     for nic in &mut spec.nics {
         if let Some(addr) = remote_port_addr(exp, &node.name, &nic.id) {

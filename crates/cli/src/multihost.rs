@@ -45,6 +45,14 @@ pub async fn dispatch(ctx: &Ctx, cmd: &Cmd) -> Result<bool> {
             if exp.placement.is_none() {
                 return Ok(false);
             }
+            // Root disks (overlays, seeds, base identities) are one-host only so far.
+            if let Some(n) = exp.nodes.iter().find(|n| n.image.is_some()) {
+                bail!(
+                    "node {:?} has an OS image: OS images run on one host only so far (docs/images.md); \
+                     run it on one host (no [[host]] entries) or give the node no image",
+                    n.name
+                );
+            }
             exp
         }
         _ => {

@@ -37,7 +37,7 @@ fn validate_prints_the_topology_and_refuses_bad_images_in_place() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        text.contains("a: 256M, 1 vCPU, image ") && text.contains("debian-12/disk.qcow2, firmware boot (os debian-12)"),
+        text.contains("a: 1G, 1 vCPU, image ") && text.contains("debian-12/disk.qcow2, firmware boot (os debian-12)"),
         "{text}"
     );
     assert!(text.contains("eth0 52:54:00:01:00:01 10.0.1.2/24 on lan0"), "{text}");
@@ -53,7 +53,7 @@ fn validate_prints_the_topology_and_refuses_bad_images_in_place() {
         &["up", "--dry-run", &s(&spec), "--image", &format!("UBUNTU22-64-STD={}", s(&images.join("debian-12")))],
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("b: 256M, 1 vCPU, image "));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("b: 1G, 1 vCPU, image "));
     assert!(out.stderr.is_empty(), "the --image mapping leaves no warning: {}", String::from_utf8_lossy(&out.stderr));
 
     // Refusals: each placed file:line:column, exit 1.

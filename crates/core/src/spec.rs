@@ -40,6 +40,8 @@ pub const MAX_MEMORY_MIB: u64 = 16 * 1024;
 pub const MAX_VCPUS: u32 = 64;
 /// Memory of a node when neither the node nor `[defaults]` say (MiB).
 pub const DEFAULT_MEMORY_MIB: u32 = 256;
+/// Memory of a node with an OS image when neither it nor `[defaults]` says.
+pub const DEFAULT_IMAGE_MEMORY_MIB: u32 = 1024;
 /// Queue limit in packets when a network does not say (Emulab's default).
 pub const DEFAULT_QUEUE_PACKETS: u32 = 50;
 /// Largest queue limit in packets; also the packet limit of a queue given
@@ -1143,6 +1145,11 @@ impl Resolver<'_> {
             let explicit_kernel = n.kernel.is_some() || def_kernel.is_some();
             let explicit_args = n.kernel_args.as_ref().or(raw.defaults.as_ref().and_then(|d| d.kernel_args.as_ref()));
             self.node_image(node, &own, &def_image, &raw.images, explicit_kernel, explicit_args, &mut warnings)?;
+            // An OS with systemd needs more than the busybox guest's default.
+            let explicit_memory = n.memory.is_some() || raw.defaults.as_ref().is_some_and(|d| d.memory.is_some());
+            if node.image.is_some() && !explicit_memory {
+                node.memory_mib = DEFAULT_IMAGE_MEMORY_MIB;
+            }
         }
         let known: HashSet<&str> = raw.node.iter().map(|n| n.name.get_ref().as_str()).collect();
         let unknown_node = |subject: &Option<String>, field: &str, m: &Spanned<String>| {

@@ -110,6 +110,8 @@ async fn main() {
         accel: Accel::Tcg,
         disk: None,
         machine: None,
+        firmware: false,
+        seed: None,
         run_dir: dir.path().join("run"),
     };
     let serial = dir.path().join("serial.log");

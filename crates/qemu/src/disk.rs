@@ -20,6 +20,8 @@ pub enum DiskError {
     },
     #[error("qemu-img {args} failed: {stderr}")]
     Failed { args: String, stderr: String },
+    #[error("backing format {0:?} is neither qcow2 nor raw")]
+    BadFormat(String),
     #[error("image path {0} is not usable (not absolute UTF-8 without commas)")]
     BadPath(PathBuf),
 }
@@ -51,7 +53,19 @@ pub fn create_base(path: &Path, bytes: u64) -> Result<(), DiskError> {
 /// Create a qcow2 overlay at `path` whose backing image is `backing` (by
 /// absolute path): it reads as `backing` and takes every later write.
 pub fn create_overlay(path: &Path, backing: &Path) -> Result<(), DiskError> {
-    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", checked(backing)?, checked(path)?])
+    create_overlay_of(path, backing, "qcow2")
+}
+
+/// [`create_overlay`] on a backing image of format `backing_format`
+/// (`qcow2` or `raw`), given explicitly so QEMU never probes a user's
+/// image (a raw image probed as qcow2 would be a guest-chosen format).
+/// A root disk's overlay sits on the user's image this way; QEMU opens
+/// every backing image read-only.
+pub fn create_overlay_of(path: &Path, backing: &Path, backing_format: &str) -> Result<(), DiskError> {
+    if !matches!(backing_format, "qcow2" | "raw") {
+        return Err(DiskError::BadFormat(backing_format.to_owned()));
+    }
+    qemu_img(&["create", "-q", "-f", "qcow2", "-F", backing_format, "-b", checked(backing)?, checked(path)?])
 }
 
 #[cfg(test)]

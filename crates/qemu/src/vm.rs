@@ -129,10 +129,22 @@ pub struct VmSpec {
     /// `None`: [`crate::machine::DEFAULT`], whatever this QEMU makes of it.
     #[serde(default)]
     pub machine: Option<String>,
+    /// Firmware boot: SeaBIOS runs the bootloader of the disk (an OS
+    /// image's root disk, the overlay in `disk`); `kernel`, `initrd` and
+    /// `append` are not used. Off: QEMU loads `kernel` itself.
+    #[serde(default)]
+    pub firmware: bool,
+    /// A cloud-init NoCloud seed (a FAT image labelled CIDATA), attached
+    /// read-only after the disk (drive id [`SEED_ID`]). `None`: no seed.
+    #[serde(default)]
+    pub seed: Option<PathBuf>,
 }
 
 /// The `-drive` id of a VM's data disk; QMP's `blockdev-snapshot-sync` names it.
 pub const DISK_ID: &str = "disk0";
+
+/// The `-drive` id of a VM's cloud-init seed.
+pub const SEED_ID: &str = "seed0";
 
 impl VmSpec {
     pub fn qmp_path(&self) -> PathBuf {
@@ -196,7 +208,8 @@ pub fn qemu_args(spec: &VmSpec, serial_log: &Path, incoming: Option<&Path>) -> V
     // until a restore) shows up in /sys/class/rtc/rtc0 and hwclock
     // (docs/guest-kmod.md, "RTC").
     push(&["-rtc", "base=utc,clock=vm"]);
-    push(&["-kernel", &p(&spec.kernel), "-initrd", &p(&spec.initrd), "-append", &spec.append]);
+    a.extend(boot_args(spec));
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     // append=on: a restored VM continues the same console log instead of truncating it.
     push(&["-chardev", &format!("file,id=serial0,path={},append=on", p(serial_log))]);
     push(&["-serial", "chardev:serial0"]);
@@ -235,10 +248,9 @@ pub fn qemu_args(spec: &VmSpec, serial_log: &Path, incoming: Option<&Path>) -> V
     // device set (and PCI addresses) they had before disks existed. A restore
     // passes a fresh overlay here: the device (id vd0) is what the migration
     // stream names, the image file may differ.
-    if let Some(disk) = &spec.disk {
-        push(&["-drive", &format!("file={},format=qcow2,if=none,id={DISK_ID},cache=writeback", p(disk))]);
-        push(&["-device", &format!("virtio-blk-pci,drive={DISK_ID},id=vd0,romfile=")]);
-    }
+    a.extend(disk_args(spec));
+    a.extend(seed_args(spec));
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     // After an incoming migration QEMU announces each NIC (RARP frames, or a
     // guest gratuitous ARP) when the VM starts: a visible trace of a restore.
     push(&["-global", "migration.announce-rounds=0"]);
@@ -251,6 +263,43 @@ pub fn qemu_args(spec: &VmSpec, serial_log: &Path, incoming: Option<&Path>) -> V
         push(&["-S", "-incoming", &format!("exec:cat -- {}", shell_quote(&p(state)))]);
     }
     a
+}
+
+/// How the VM boots: `-kernel`/`-initrd`/`-append`, or nothing (firmware
+/// boot: SeaBIOS finds the disk, which [`disk_args`] marks bootable).
+pub fn boot_args(spec: &VmSpec) -> Vec<String> {
+    if spec.firmware {
+        return Vec::new();
+    }
+    let p = |path: &Path| path.to_string_lossy().into_owned();
+    vec!["-kernel".into(), p(&spec.kernel), "-initrd".into(), p(&spec.initrd), "-append".into(), spec.append.clone()]
+}
+
+/// The VM's disk (a data disk, or an OS image's root disk): the qcow2 at the
+/// top of its backing chain, which ends at the user's image for a root disk
+/// (QEMU opens every backing image read-only). A firmware-booted VM boots
+/// from it (`bootindex=0`).
+pub fn disk_args(spec: &VmSpec) -> Vec<String> {
+    let Some(disk) = &spec.disk else { return Vec::new() };
+    let boot = if spec.firmware { ",bootindex=0" } else { "" };
+    vec![
+        "-drive".into(),
+        format!("file={},format=qcow2,if=none,id={DISK_ID},cache=writeback", disk.to_string_lossy()),
+        "-device".into(),
+        format!("virtio-blk-pci,drive={DISK_ID},id=vd0,romfile={boot}"),
+    ]
+}
+
+/// The cloud-init seed: a raw FAT image, read-only to the guest, after the
+/// disk (so VMs without a seed keep their device set).
+pub fn seed_args(spec: &VmSpec) -> Vec<String> {
+    let Some(seed) = &spec.seed else { return Vec::new() };
+    vec![
+        "-drive".into(),
+        format!("file={},format=raw,if=none,id={SEED_ID},readonly=on", seed.to_string_lossy()),
+        "-device".into(),
+        format!("virtio-blk-pci,drive={SEED_ID},id=vd1,romfile="),
+    ]
 }
 
 /// QEMU's run state (`query-status`).
@@ -437,6 +486,9 @@ pub fn absolutize(
     if let Some(d) = &spec.disk {
         s.disk = Some(abs(d)?);
     }
+    if let Some(d) = &spec.seed {
+        s.seed = Some(abs(d)?);
+    }
     Ok((s, abs(serial_log)?, incoming.map(abs).transpose()?))
 }
 
@@ -532,13 +584,18 @@ impl Vm {
         let (spec, serial_log, incoming) = (&spec, serial_log.as_path(), incoming.as_deref());
         let qmp_path = spec.qmp_path();
         validate_socket_path("QMP socket", &qmp_path)?;
-        for (what, path) in [("kernel", &spec.kernel), ("initrd", &spec.initrd)] {
-            validate_path(what, path)?;
+        if !spec.firmware {
+            for (what, path) in [("kernel", &spec.kernel), ("initrd", &spec.initrd)] {
+                validate_path(what, path)?;
+            }
         }
         validate_path("serial log", serial_log)?;
         validate_path("run directory", &spec.run_dir)?;
         if let Some(disk) = &spec.disk {
             validate_path("disk", disk)?;
+        }
+        if let Some(seed) = &spec.seed {
+            validate_path("seed", seed)?;
         }
         if let Some(state) = incoming {
             validate_path("state file", state)?;
@@ -1216,6 +1273,8 @@ mod tests {
             run_dir: "/run/vm1".into(),
             disk: None,
             machine: None,
+            firmware: false,
+            seed: None,
         }
     }
 
@@ -1356,6 +1415,54 @@ mod tests {
         assert_eq!(value_after(&r, "-device"), devs);
         let old: VmSpec = serde_json::from_value(serde_json::json!({"name":"a","memory_mib":64,"vcpus":1,"kernel":"/k","initrd":"/i","append":"","nics":[],"accel":"tcg","run_dir":"/r"})).unwrap();
         assert_eq!(old.disk, None);
+    }
+
+    #[test]
+    fn kernel_boot_loads_the_kernel_and_firmware_boot_the_disk() {
+        let mut s = spec(Accel::Tcg);
+        s.disk = Some("/st/disks/node1/ov-1.qcow2".into());
+        s.kernel = "/images/debian-12/vmlinuz".into();
+        s.initrd = "/images/debian-12/initrd.img".into();
+        s.append = "root=UUID=x ro console=ttyS0,115200".into();
+        let k = qemu_args(&s, Path::new("/l"), None);
+        assert_eq!(value_after(&k, "-kernel"), ["/images/debian-12/vmlinuz"]);
+        assert_eq!(value_after(&k, "-initrd"), ["/images/debian-12/initrd.img"]);
+        assert_eq!(value_after(&k, "-append"), ["root=UUID=x ro console=ttyS0,115200"]);
+        assert_eq!(value_after(&k, "-device")[2], "virtio-blk-pci,drive=disk0,id=vd0,romfile=");
+        s.firmware = true;
+        let f = qemu_args(&s, Path::new("/l"), None);
+        for flag in ["-kernel", "-initrd", "-append"] {
+            assert!(!f.iter().any(|a| a == flag), "firmware boot passes no {flag}");
+        }
+        assert_eq!(value_after(&f, "-device")[2], "virtio-blk-pci,drive=disk0,id=vd0,romfile=,bootindex=0");
+        assert_eq!(
+            value_after(&f, "-drive"),
+            ["file=/st/disks/node1/ov-1.qcow2,format=qcow2,if=none,id=disk0,cache=writeback"]
+        );
+        // Firmware boot needs no kernel file to exist or be a valid path.
+        s.kernel = "/no,such".into();
+        assert_eq!(qemu_args(&s, Path::new("/l"), None), f);
+    }
+
+    #[test]
+    fn the_seed_is_a_read_only_raw_disk_after_the_root_disk() {
+        let mut s = spec(Accel::Tcg);
+        s.disk = Some("/st/disks/node1/ov-1.qcow2".into());
+        let without = qemu_args(&s, Path::new("/l"), None);
+        s.seed = Some("/st/seeds/node1.img".into());
+        let a = qemu_args(&s, Path::new("/l"), None);
+        assert_eq!(value_after(&a, "-drive")[1], "file=/st/seeds/node1.img,format=raw,if=none,id=seed0,readonly=on");
+        let devs = value_after(&a, "-device");
+        assert_eq!(devs.len(), 4);
+        assert_eq!(devs[3], "virtio-blk-pci,drive=seed0,id=vd1,romfile=");
+        // Everything before the seed is as without one.
+        assert_eq!(&devs[..3], &value_after(&without, "-device")[..]);
+        // Restored, the same devices.
+        let r = qemu_args(&s, Path::new("/l"), Some(Path::new("/ck/x")));
+        assert_eq!(value_after(&r, "-device"), devs);
+        let old: VmSpec = serde_json::from_value(serde_json::json!({"name":"a","memory_mib":64,"vcpus":1,"kernel":"/k","initrd":"/i","append":"","nics":[],"accel":"tcg","run_dir":"/r"})).unwrap();
+        assert!(!old.firmware);
+        assert_eq!(old.seed, None);
     }
 
     #[test]

@@ -8,7 +8,6 @@ use stasis_agent::host;
 use stasis_core::spec::Experiment;
 use stasis_store::Store;
 use std::path::PathBuf;
-use std::time::Duration;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -45,11 +44,6 @@ pub fn experiment(a: &Args) -> Result<Experiment> {
 
 pub async fn exec(ctx: &Ctx, a: &Args) -> Result<()> {
     let exp = experiment(a)?;
-    // OS-image nodes launch through the one checkpoint engine
-    // (issue 12), which switches root disks inside every freeze.
-    if let Some(n) = exp.nodes.iter().find(|n| n.image.is_some()) {
-        bail!("node {:?}: root disk images are not launched yet (docs/images.md, \"Status\")", n.name);
-    }
     admit(&exp, a.overcommit)?;
     let layout = ctx.layout(&exp.name);
     let tools = tools()?;
@@ -64,7 +58,7 @@ pub async fn exec(ctx: &Ctx, a: &Args) -> Result<()> {
     stasis_agent::swap::clear(&layout);
     std::fs::write(layout.root().join("experiment.toml"), exp.to_toml()).context("recording the spec")?;
     if !a.no_wait {
-        if let Err(e) = host::wait_ready(&rt, Duration::from_secs(180), &log).await {
+        if let Err(e) = host::wait_ready(&rt, host::ready_timeout(&exp), &log).await {
             ctx.ui.done();
             bail!("{e}");
         }

@@ -240,7 +240,8 @@ delay = "7ms"
         let text = d.to_string();
         for needle in [
             "experiment lab",
-            "a: 256M, 1 vCPU, image /img/u.qcow2, firmware boot (os U)",
+            // 1G: the default memory of a node with an OS image.
+            "a: 1G, 1 vCPU, image /img/u.qcow2, firmware boot (os U)",
             "b: 256M, 1 vCPU, the project's busybox guest",
             "eth0 52:54:00:00:00:01 10.0.1.1/24 on lan0",
             "eth1 52:54:00:01:01:01 10.0.2.2/24 on l0",

@@ -53,6 +53,8 @@ pub fn spec(name: &str, run_dir: &Path, nics: Vec<NicSpec>) -> VmSpec {
         accel: Accel::Tcg,
         disk: None,
         machine: None,
+        firmware: false,
+        seed: None,
         run_dir: run_dir.to_owned(),
     }
 }
