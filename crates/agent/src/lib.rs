@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod diskgc;
 pub mod event;
 pub mod freeze;
+pub mod guest;
 pub mod history;
 pub mod host;
 /// One command at a time changes an experiment.

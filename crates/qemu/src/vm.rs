@@ -15,7 +15,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,12 @@ pub const ENV_QEMU: &str = "STASIS_QEMU";
 pub const QMP_SOCKET: &str = "qmp.sock";
 pub const PID_FILE: &str = "qemu.pid";
 pub const LOG_FILE: &str = "qemu.log";
+/// The guest agent's socket in the run directory (`stasis exec`, `stasis cp`).
+pub const AGENT_SOCKET: &str = "ga.sock";
+/// The serial console's socket in the run directory (`stasis console`).
+pub const CONSOLE_SOCKET: &str = "console.sock";
+/// The virtio-serial port name the guest agent (qemu-ga, stasis-ga) opens.
+pub const AGENT_PORT: &str = "org.qemu.guest_agent.0";
 
 /// How long QEMU may take to initialise and daemonize.
 pub const LAUNCH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -156,6 +162,40 @@ impl VmSpec {
     pub fn log_path(&self) -> PathBuf {
         self.run_dir.join(LOG_FILE)
     }
+    pub fn agent_path(&self) -> PathBuf {
+        self.run_dir.join(AGENT_SOCKET)
+    }
+    pub fn console_path(&self) -> PathBuf {
+        self.run_dir.join(CONSOLE_SOCKET)
+    }
+}
+
+/// The ways into a running guest (docs/exec.md): the serial console on a
+/// unix socket that `stasis console` attaches to, with QEMU writing
+/// everything the guest prints to `serial_log` whether or not anyone is
+/// attached (`logappend=on`: a restored VM continues the same log), and a
+/// virtio-serial port named [`AGENT_PORT`] on the unix socket
+/// `stasis exec`/`stasis cp` connect to. Both sockets are QEMU servers
+/// (`wait=off`: the VM does not wait for a client; a client that goes away
+/// leaves the guest running) in the owner-only run directory.
+///
+/// The virtio-serial controller is a PCI device: part of the device set a
+/// checkpoint saves, so it is added on every launch, fresh or restoring.
+pub fn guest_access_args(spec: &VmSpec, serial_log: &Path) -> Vec<String> {
+    let p = |path: &Path| path.to_string_lossy().into_owned();
+    let chardev = |id: &str, path: &Path| format!("socket,id={id},path={},server=on,wait=off", p(path));
+    vec![
+        "-chardev".into(),
+        format!("{},logfile={},logappend=on", chardev("serial0", &spec.console_path()), p(serial_log)),
+        "-serial".into(),
+        "chardev:serial0".into(),
+        "-chardev".into(),
+        chardev("ga0", &spec.agent_path()),
+        "-device".into(),
+        "virtio-serial-pci,id=vser0".into(),
+        "-device".into(),
+        format!("virtserialport,bus=vser0.0,chardev=ga0,name={AGENT_PORT}"),
+    ]
 }
 
 /// QEMU's `-sandbox` argument (docs/threat-model.md).
@@ -210,9 +250,6 @@ pub fn qemu_args(spec: &VmSpec, serial_log: &Path, incoming: Option<&Path>) -> V
     push(&["-rtc", "base=utc,clock=vm"]);
     a.extend(boot_args(spec));
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
-    // append=on: a restored VM continues the same console log instead of truncating it.
-    push(&["-chardev", &format!("file,id=serial0,path={},append=on", p(serial_log))]);
-    push(&["-serial", "chardev:serial0"]);
     for (i, nic) in spec.nics.iter().enumerate() {
         match nic.backend {
             NicBackend::Stream => {
@@ -250,6 +287,7 @@ pub fn qemu_args(spec: &VmSpec, serial_log: &Path, incoming: Option<&Path>) -> V
     // stream names, the image file may differ.
     a.extend(disk_args(spec));
     a.extend(seed_args(spec));
+    a.extend(guest_access_args(spec, serial_log));
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     // After an incoming migration QEMU announces each NIC (RARP frames, or a
     // guest gratuitous ARP) when the VM starts: a visible trace of a restore.
@@ -584,6 +622,8 @@ impl Vm {
         let (spec, serial_log, incoming) = (&spec, serial_log.as_path(), incoming.as_deref());
         let qmp_path = spec.qmp_path();
         validate_socket_path("QMP socket", &qmp_path)?;
+        validate_socket_path("guest agent socket", &spec.agent_path())?;
+        validate_socket_path("console socket", &spec.console_path())?;
         if !spec.firmware {
             for (what, path) in [("kernel", &spec.kernel), ("initrd", &spec.initrd)] {
                 validate_path(what, path)?;
@@ -629,6 +669,8 @@ impl Vm {
         stasis_core::private::create_dir_all(&spec.run_dir).map_err(run_dir_err)?;
         remove_if_exists(&qmp_path).map_err(run_dir_err)?;
         remove_if_exists(&spec.pid_path()).map_err(run_dir_err)?;
+        remove_if_exists(&spec.agent_path()).map_err(run_dir_err)?;
+        remove_if_exists(&spec.console_path()).map_err(run_dir_err)?;
         // QEMU truncates its -D file when it opens it: keep the previous
         // launch's log (e.g. of the VM a restore replaces) one generation back.
         let log_path = spec.log_path();
@@ -676,6 +718,11 @@ impl Vm {
             }
             Err(e) => return Err(e),
         };
+        // QEMU made its sockets with our umask; the run directory (0700)
+        // already keeps them private, owner-only modes say so twice.
+        for path in [spec.agent_path(), spec.console_path()] {
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(stasis_core::private::FILE_MODE));
+        }
         let qmp = match Qmp::connect(&qmp_path).await {
             Ok(q) => q,
             Err(source) => {
@@ -1318,7 +1365,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            value_after(&a, "-device"),
+            value_after(&a, "-device")[..2],
             [
                 "virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01,romfile=",
                 "virtio-net-pci,netdev=n1,mac=52:54:00:00:00:02,romfile="
@@ -1338,7 +1385,7 @@ mod tests {
             value_after(&a, "-netdev"),
             ["stream,id=n0,server=off,addr.type=unix,addr.path=/run/dn/a.sock", "vhost-user,id=n1,chardev=c1"]
         );
-        assert_eq!(value_after(&a, "-chardev")[1..], ["socket,id=c1,path=/run/dn/b.sock"]);
+        assert_eq!(value_after(&a, "-chardev")[0], "socket,id=c1,path=/run/dn/b.sock");
         assert_eq!(value_after(&a, "-device")[1], "virtio-net-pci,netdev=n1,mac=52:54:00:00:00:02,vectors=0,romfile=");
         // A restore launches the same devices.
         let restore = qemu_args(&s, Path::new("/l"), Some(Path::new("/ck/x")));
@@ -1377,11 +1424,34 @@ mod tests {
         assert_eq!(value_after(&a, "-qmp"), ["unix:/run/vm1/qmp.sock,server=on,wait=off"]);
         assert_eq!(value_after(&a, "-pidfile"), ["/run/vm1/qemu.pid"]);
         assert_eq!(value_after(&a, "-D"), ["/run/vm1/qemu.log"]);
-        assert_eq!(value_after(&a, "-chardev"), ["file,id=serial0,path=/logs/serial.log,append=on"]);
+        assert_eq!(
+            value_after(&a, "-chardev"),
+            [
+                "socket,id=serial0,path=/run/vm1/console.sock,server=on,wait=off,logfile=/logs/serial.log,logappend=on",
+                "socket,id=ga0,path=/run/vm1/ga.sock,server=on,wait=off",
+            ]
+        );
         assert_eq!(value_after(&a, "-serial"), ["chardev:serial0"]);
         assert_eq!(value_after(&a, "-sandbox"), ["on,obsolete=deny,resourcecontrol=deny"]);
         assert_eq!(value_after(&a, "-global"), ["migration.announce-rounds=0"]);
         assert!(!a.iter().any(|x| x == "-S" || x == "-incoming"));
+    }
+
+    #[test]
+    fn every_launch_has_the_guest_agent_port_and_the_console_socket() {
+        let s = spec(Accel::Tcg);
+        let up = qemu_args(&s, Path::new("/logs/serial-0.log"), None);
+        let devs = value_after(&up, "-device");
+        assert_eq!(
+            devs[devs.len() - 2..],
+            ["virtio-serial-pci,id=vser0", "virtserialport,bus=vser0.0,chardev=ga0,name=org.qemu.guest_agent.0"]
+        );
+        // A restore (a new incarnation's log) launches the same devices: the
+        // checkpoint's device set.
+        let restore = qemu_args(&s, Path::new("/logs/serial-1.log"), Some(Path::new("/ck/vm-a")));
+        assert_eq!(value_after(&restore, "-device"), devs);
+        assert_eq!(s.agent_path(), Path::new("/run/vm1/ga.sock"));
+        assert_eq!(s.console_path(), Path::new("/run/vm1/console.sock"));
     }
 
     #[test]
@@ -1405,10 +1475,13 @@ mod tests {
             ["file=/st/disks/node1/ov-1.qcow2,format=qcow2,if=none,id=disk0,cache=writeback"]
         );
         let devs = value_after(&a, "-device");
-        assert_eq!(devs.len(), 3);
+        assert_eq!(devs.len(), 5);
         assert_eq!(devs[2], "virtio-blk-pci,drive=disk0,id=vd0,romfile=");
-        // The NICs keep their place (and PCI slots): the disk is added last.
-        assert_eq!(&devs[..2], &value_after(&plain, "-device")[..]);
+        // The NICs keep their place (and PCI slots): the disk comes after
+        // them, the guest agent's port after it.
+        let plain_devs = value_after(&plain, "-device");
+        assert_eq!(&devs[..2], &plain_devs[..2]);
+        assert_eq!(&devs[3..], &plain_devs[2..]);
         // A restore onto another overlay launches the same devices.
         s.disk = Some("/st/disks/node1/ov-2.qcow2".into());
         let r = qemu_args(&s, Path::new("/l"), Some(Path::new("/ck/x")));

@@ -8,8 +8,11 @@ use clap::Subcommand;
 
 pub mod branch;
 pub mod checkpoint;
+pub mod console;
+pub mod cp;
 pub mod diff;
 pub mod down;
+pub mod exec;
 pub mod fsck;
 pub mod gc;
 pub mod key;
@@ -59,6 +62,12 @@ pub enum Cmd {
     Diff(diff::Args),
     /// Stop every process of the experiment (checkpoints stay)
     Down(down::Args),
+    /// Run a command in a node through its guest agent; exits with its status
+    Exec(exec::Args),
+    /// Copy a file out of a node (`NODE:PATH LOCAL`) or into one (`LOCAL NODE:PATH`)
+    Cp(cp::Args),
+    /// Attach to a node's serial console (Ctrl-] detaches)
+    Console(console::Args),
     /// Check the checkpoint store: every manifest, file and chunk (exit 1 if anything is wrong)
     Fsck(fsck::Args),
     /// Remove chunks that no checkpoint references, and qcow2 disk images
@@ -96,6 +105,9 @@ pub async fn exec(ctx: &Ctx, cmd: &Cmd) -> Result<()> {
         Cmd::Log(a) => log::exec(ctx, a),
         Cmd::Diff(a) => diff::exec(ctx, a),
         Cmd::Down(a) => down::exec(ctx, a).await,
+        Cmd::Exec(a) => exec::exec(ctx, a).await,
+        Cmd::Cp(a) => cp::exec(ctx, a).await,
+        Cmd::Console(a) => console::exec(ctx, a).await,
         Cmd::Fsck(a) => fsck::exec(ctx, a),
         Cmd::Gc(a) => gc::exec(ctx, a),
         Cmd::Key(a) => key::exec(ctx, a),
@@ -104,7 +116,9 @@ pub async fn exec(ctx: &Ctx, cmd: &Cmd) -> Result<()> {
 
 /// The experiment's job lock ([`stasis_agent::job`]) for the commands that
 /// change what runs or its history, held until the command returns; a
-/// second one is refused naming the first. Read-only commands take none;
+/// second one is refused naming the first. Read-only commands take none,
+/// nor do `exec`, `cp` and `console`, which only talk to a guest: during a
+/// checkpoint they wait for the thawed guest (or its restored successor);
 /// `up` takes it once it knows the experiment's name; `gc` has the store's
 /// own lock. Without an experiment to lock, the command reports that itself.
 fn job_lock(ctx: &Ctx, cmd: &Cmd) -> Result<Option<stasis_agent::job::JobLock>> {
