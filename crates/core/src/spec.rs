@@ -12,6 +12,7 @@ mod describe;
 mod images;
 mod ns;
 mod placement;
+mod checkpoint;
 mod units;
 
 use std::collections::{BTreeMap, HashSet};
@@ -26,6 +27,7 @@ use toml::Spanned;
 pub use describe::{Description, InterfaceDescription, LanDescription, LinkDescription, NodeDescription};
 pub use images::{probe_image, ImageCatalog, ImageDir, ImageError, ImageFormat, BUILTIN_OS};
 pub use ns::ENV_TCLSH;
+pub use checkpoint::{format_interval_s, parse_interval_s, CheckpointPolicy};
 pub use placement::{Host, Placement, DEFAULT_DELAY_PORT_BASE};
 pub use units::{
     format_bandwidth_bps, format_bytes, format_duration_ns, format_memory_mib, parse_bandwidth_bps, parse_bytes,
@@ -67,6 +69,10 @@ pub struct Experiment {
     /// Hosts and what runs where; `None`: everything on this host.
     #[serde(default)]
     pub placement: Option<Placement>,
+    /// Periodic checkpoints (`[checkpoint]`, carried out by `stasis supervise`);
+    /// `None`: none.
+    #[serde(default)]
+    pub checkpoint: Option<CheckpointPolicy>,
     /// What parsing noticed but accepted (an OS name no image maps, …);
     /// not part of the experiment.
     #[serde(skip)]
@@ -330,6 +336,7 @@ struct RawSpec {
     #[serde(default)]
     host: Vec<placement::RawHost>,
     delay: Option<placement::RawDelay>,
+    checkpoint: Option<Spanned<checkpoint::RawCheckpoint>>,
     /// OS names (`os`, `tb-set-node-os`) → image paths.
     #[serde(default)]
     images: BTreeMap<String, Spanned<String>>,
@@ -991,6 +998,9 @@ impl Experiment {
         if let Some(p) = &self.placement {
             out += &placement::to_toml(p, &q);
         }
+        if let Some(c) = &self.checkpoint {
+            out += &checkpoint::to_toml(c);
+        }
         out
     }
 }
@@ -1286,6 +1296,7 @@ impl Resolver<'_> {
         }
 
         let placement = placement::resolve(src, &raw.host, raw.delay.as_ref(), &raw.node, &mut nodes)?;
+        let checkpoint = checkpoint::resolve(src, raw.checkpoint.as_ref())?;
         Ok(Experiment {
             name: name.into_inner(),
             nodes,
@@ -1293,6 +1304,7 @@ impl Resolver<'_> {
             links,
             source: source.map(Path::to_path_buf),
             placement,
+            checkpoint,
             warnings,
         })
     }
