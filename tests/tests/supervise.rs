@@ -2,7 +2,8 @@
 //! with `keep = 2`; retention deletes only the supervisor's own checkpoints
 //! (a person's named and unnamed ones stay); `stasis status` shows the
 //! supervisor; SIGTERM stops it with exit 0 and nothing frozen; a restart
-//! goes on with the schedule without a burst of checkpoints.
+//! goes on with the schedule without a burst of checkpoints; with
+//! `--recover`, a killed QEMU is brought back from the latest checkpoint.
 //!
 //! Every wait is on a condition with a generous deadline; the only time
 //! compared is the supervisor's own schedule (a restarted supervisor never
@@ -29,12 +30,13 @@ keep = 5
 struct Supervisor(Option<Child>);
 
 impl Supervisor {
-    fn start(exp: &Experiment, log: &std::path::Path) -> Supervisor {
+    fn start(exp: &Experiment, log: &std::path::Path, extra: &[&str]) -> Supervisor {
         let log = std::fs::File::create(log).unwrap();
         let child = Command::new(stasis_bin())
             .arg("--state-dir")
             .arg(exp.state())
             .args(["-e", &exp.name, "supervise", "--every", "10s", "--keep", "2"])
+            .args(extra)
             .env("STASIS_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -123,7 +125,7 @@ fn supervise_checkpoints_periodically_keeps_two_and_restarts_without_a_burst() {
     assert!(!refused.status.success(), "auto- names are the supervisor's");
 
     let log = exp.dir.path().join("supervise-1.log");
-    let sup = Supervisor::start(&exp, &log);
+    let sup = Supervisor::start(&exp, &log, &[]);
     let s = wait_taken(&exp, 3, &log);
     assert_eq!(s["pid"].as_u64(), Some(u64::from(sup.pid())), "{s}");
     // A second supervisor is refused while this one runs.
@@ -157,7 +159,7 @@ fn supervise_checkpoints_periodically_keeps_two_and_restarts_without_a_burst() {
     // Restarted: it goes on with the schedule (the first round no earlier
     // than one period after the last one), one checkpoint per slot.
     let log2 = exp.dir.path().join("supervise-2.log");
-    let sup = Supervisor::start(&exp, &log2);
+    let sup = Supervisor::start(&exp, &log2, &["--recover"]);
     let s = wait_taken(&exp, before + 1, &log2);
     let first = s["last_round"]["started_unix_ms"].as_u64().unwrap();
     assert!(
@@ -168,8 +170,28 @@ fn supervise_checkpoints_periodically_keeps_two_and_restarts_without_a_burst() {
     assert!(s["next_due_unix_ms"].as_u64().unwrap() >= first + 10_000, "{s}");
     let listed = names(&exp);
     assert_eq!(listed.iter().filter(|n| n.starts_with("auto-")).count(), 2, "{listed:?}");
+
+    // --recover: QEMU killed → the latest checkpoint is restored, the VM
+    // runs again (incarnation 2), the schedule goes on.
+    let latest = exp.json(&["list"]).as_array().unwrap().last().unwrap()["id"].as_str().unwrap().to_owned();
+    let (_, qemu, _) = exp.pids().into_iter().find(|(n, _, _)| n == "a").unwrap();
+    // SAFETY: kill(2) on the test's own VM.
+    assert_eq!(unsafe { libc::kill(qemu as i32, libc::SIGKILL) }, 0);
+    exp.wait_for("a", 2, Duration::from_secs(300), "the VM restored by the supervisor", |r| {
+        r.iter().filter(|x| x["tool"] == "probe").count() > 5
+    });
+    let text = std::fs::read(exp.root().join("supervise.json")).unwrap();
+    let s: Value = serde_json::from_slice(&text).unwrap();
+    assert_eq!(s["recoveries"].as_u64(), Some(1), "{s}");
+    assert_eq!(s["last_recovery"]["dead"], serde_json::json!(["a"]), "{s}");
+    assert!(s["last_recovery"]["checkpoint"].as_str().unwrap().contains(&latest), "the latest was restored: {s}");
+    let taken = s["checkpoints_taken"].as_u64().unwrap();
+    let s = wait_taken(&exp, taken + 1, &log2);
+    assert_eq!(s["recoveries"].as_u64(), Some(1), "{s}");
     assert!(sup.terminate().success());
-    probe_advances(&exp);
+    let st = exp.json(&["status"]);
+    assert_eq!(st["incarnation"].as_u64(), Some(2), "{st}");
+    assert!(st["processes"].as_array().unwrap().iter().all(|p| p["alive"] == true), "{st}");
     let fsck = exp.run(&["fsck"]);
     assert!(fsck.status.success(), "the store is consistent");
     eprintln!("supervise test took {:?}", t0.elapsed());

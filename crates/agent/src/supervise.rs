@@ -140,6 +140,22 @@ pub struct State {
     pub checkpoints_deleted: u64,
     pub slots_skipped: u64,
     pub every_ms: u64,
+    /// Automatic recoveries (`--recover`): how many, and the last one.
+    #[serde(default)]
+    pub recoveries: u64,
+    #[serde(default)]
+    pub last_recovery: Option<Recovery>,
+}
+
+/// A dead VM brought back from a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recovery {
+    /// The VMs found dead.
+    pub dead: Vec<String>,
+    /// The checkpoint restored (its label), or None if the restore failed.
+    pub checkpoint: Option<String>,
+    pub unix_ms: u64,
+    pub error: Option<String>,
 }
 
 /// A checkpoint the supervisor took.
@@ -219,6 +235,9 @@ pub struct Options {
     pub experiment: String,
     pub policy: CheckpointPolicy,
     pub freeze: FreezeConfig,
+    /// Restore the latest checkpoint when a VM of the experiment dies
+    /// (its QEMU is gone): the tools to start VMs with. None: only log it.
+    pub recover: Option<host::Tools>,
 }
 
 /// Runs the schedule of the experiment at `layout` until `stop` turns true
@@ -256,6 +275,11 @@ pub async fn run(
         }
         match schedule.action(due, unix_ms()) {
             Action::WaitUntil(t) => {
+                if let Some(tools) = &opts.recover {
+                    if recover(layout, opts, &store, tools, &mut state).await {
+                        save(layout, &state)?;
+                    }
+                }
                 // In steps of at most 5 s, so a clock change is noticed.
                 let wait = Duration::from_millis(t.saturating_sub(unix_ms()).min(5000));
                 tokio::select! {
@@ -340,6 +364,57 @@ async fn round(layout: &Layout, opts: &Options, store: &Store, state: &mut State
         Err(e) => warn!(error = %e, "cannot list the checkpoints for retention"),
     }
     drop(job);
+}
+
+/// If a VM of the experiment is dead, restores the latest checkpoint
+/// (what `stasis restore latest` does) under the job lock. Returns whether
+/// it did anything (a recovery, or a failed one, is in `state`).
+async fn recover(layout: &Layout, opts: &Options, store: &Store, tools: &host::Tools, state: &mut State) -> bool {
+    let dead = |rt: &Runtime| -> Vec<String> {
+        let vms: Vec<&str> = rt.vms.iter().map(|v| v.name.as_str()).collect();
+        rt.alive().into_iter().filter(|(n, _, a)| !a && vms.contains(&n.as_str())).map(|(n, _, _)| n).collect()
+    };
+    let Ok(rt) = Runtime::load(layout) else { return false };
+    if dead(&rt).is_empty() {
+        return false;
+    }
+    // Under the job lock, and looked at again: a `stasis down` or
+    // `restore` in progress also makes VMs disappear.
+    let Ok(_job) = JobLock::acquire(layout, &opts.experiment, "supervise --recover") else { return false };
+    let Ok(rt) = Runtime::load(layout) else { return false };
+    let gone = dead(&rt);
+    if gone.is_empty() {
+        return false;
+    }
+    warn!(dead = ?gone, "VM dead; restoring the latest checkpoint");
+    let mut rec = Recovery { dead: gone, checkpoint: None, unix_ms: unix_ms(), error: None };
+    let result = async {
+        let ckpt = store.open_checkpoint("latest").map_err(anyhow_like)?;
+        let digest = std::fs::read_to_string(layout.root().join("experiment.toml"))
+            .ok()
+            .and_then(|t| stasis_core::spec::Experiment::from_toml_str(&t, None).ok())
+            .map(|e| e.digest());
+        let _images = store.gc_lock(false).map_err(anyhow_like)?;
+        let log = EventLog::open(&layout.events_file(), &Quiet);
+        host::restore(&opts.experiment, digest.as_deref(), &ckpt, layout, tools, 200_000_000, None, &log)
+            .await
+            .map_err(anyhow_like)
+    }
+    .await;
+    match result {
+        Ok((_, s)) => {
+            info!(checkpoint = %s.checkpoint, vms = s.vms, restore_ms = s.restore_ns / 1_000_000, "recovered: the experiment runs again from the latest checkpoint");
+            crate::swap::clear(layout);
+            rec.checkpoint = Some(s.checkpoint);
+            state.recoveries += 1;
+        }
+        Err(e) => {
+            warn!(error = %e, "recovery failed; tried again in a few seconds");
+            rec.error = Some(e);
+        }
+    }
+    state.last_recovery = Some(rec);
+    true
 }
 
 fn anyhow_like(e: impl std::error::Error) -> String {

@@ -8,11 +8,11 @@
 // Errors are rare and parsing is not hot; a large error keeps its fields plain.
 #![allow(clippy::result_large_err)]
 
+mod checkpoint;
 mod describe;
 mod images;
 mod ns;
 mod placement;
-mod checkpoint;
 mod units;
 
 use std::collections::{BTreeMap, HashSet};
@@ -24,10 +24,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+pub use checkpoint::{format_interval_s, parse_interval_s, CheckpointPolicy};
 pub use describe::{Description, InterfaceDescription, LanDescription, LinkDescription, NodeDescription};
 pub use images::{probe_image, ImageCatalog, ImageDir, ImageError, ImageFormat, BUILTIN_OS};
 pub use ns::ENV_TCLSH;
-pub use checkpoint::{format_interval_s, parse_interval_s, CheckpointPolicy};
 pub use placement::{Host, Placement, DEFAULT_DELAY_PORT_BASE};
 pub use units::{
     format_bandwidth_bps, format_bytes, format_duration_ns, format_memory_mib, parse_bandwidth_bps, parse_bytes,

@@ -19,6 +19,10 @@ pub struct Args {
     /// Also keep the newest periodic checkpoint of each of the last N days, instead of the spec's `keep_daily`
     #[arg(long)]
     pub keep_daily: Option<u32>,
+    /// When a VM of the experiment dies (its QEMU is gone), restore the
+    /// latest checkpoint automatically and go on with the schedule
+    #[arg(long)]
+    pub recover: bool,
     #[command(flatten)]
     pub freeze: FreezeArgs,
 }
@@ -42,7 +46,8 @@ pub async fn exec(ctx: &Ctx, a: &Args) -> Result<()> {
     };
     let (tx, rx) = tokio::sync::watch::channel(false);
     stop_on_signals(tx);
-    let opts = Options { experiment, policy, freeze };
+    let recover = if a.recover { Some(crate::context::tools()?) } else { None };
+    let opts = Options { experiment, policy, freeze, recover };
     let state = supervise::run(&layout, &opts, rx).await?;
     if ctx.json() {
         crate::ui::print_json(&state);

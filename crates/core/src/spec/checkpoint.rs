@@ -50,8 +50,8 @@ pub(super) fn resolve(
     let every = raw.every.as_ref().ok_or_else(|| {
         src.error(MissingField, table.span(), subject(), Some("every"), "`every` is needed, e.g. every = \"5m\"")
     })?;
-    let every_s = parse_interval_s(every.get_ref())
-        .map_err(|m| src.error(BadUnit, every.span(), subject(), Some("every"), m))?;
+    let every_s =
+        parse_interval_s(every.get_ref()).map_err(|m| src.error(BadUnit, every.span(), subject(), Some("every"), m))?;
     if !(MIN_EVERY_S..=MAX_EVERY_S).contains(&every_s) {
         return Err(src.error(
             OutOfRange,
@@ -103,7 +103,7 @@ pub fn parse_interval_s(text: &str) -> Result<u64, String> {
 /// Prints seconds with the largest unit that divides them exactly.
 pub fn format_interval_s(s: u64) -> String {
     for (unit, suffix) in [(24 * 3600, "d"), (3600, "h"), (60, "m")] {
-        if s != 0 && s % unit == 0 {
+        if s != 0 && s.is_multiple_of(unit) {
             return format!("{}{suffix}", s / unit);
         }
     }
