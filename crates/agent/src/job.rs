@@ -68,7 +68,13 @@ impl JobLock {
     /// Takes experiment `experiment`'s job lock for `command`, or refuses at
     /// once, naming the holder. The experiment's directory must exist.
     pub fn acquire(layout: &Layout, experiment: &str, command: &str) -> Result<JobLock, JobError> {
-        let path = layout.root().join(FILE);
+        Self::acquire_file(layout, FILE, experiment, command)
+    }
+
+    /// [`JobLock::acquire`] on another lock file of the experiment's
+    /// directory (e.g. the supervisor's, [`crate::supervise::LOCK_FILE`]).
+    pub fn acquire_file(layout: &Layout, file: &str, experiment: &str, command: &str) -> Result<JobLock, JobError> {
+        let path = layout.root().join(file);
         let io = |source| JobError::Io { path: path.clone(), source };
         let mut file = open(&path).map_err(io)?;
         // SAFETY: flock(2) on a descriptor this function owns.
@@ -87,7 +93,12 @@ impl JobLock {
 
     /// Who holds the lock of the experiment at `layout` now (None: nobody).
     pub fn holder(layout: &Layout) -> Option<Holder> {
-        let mut file = File::open(layout.root().join(FILE)).ok()?;
+        Self::holder_of(layout, FILE)
+    }
+
+    /// Who holds lock file `file` of the experiment at `layout` (None: nobody).
+    pub fn holder_of(layout: &Layout, file: &str) -> Option<Holder> {
+        let mut file = File::open(layout.root().join(file)).ok()?;
         // SAFETY: flock(2) on a descriptor this function owns.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
             return None;

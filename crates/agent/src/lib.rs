@@ -26,6 +26,8 @@ pub mod recover;
 pub mod rootdisk;
 /// Reading guest serial logs (a guest controls their size) for the ready line.
 pub mod serial;
+/// Periodic checkpoints with retention (`stasis supervise`).
+pub mod supervise;
 /// Swap-out (checkpoint, then release everything) and swap-in records.
 pub mod swap;
 pub mod topology;

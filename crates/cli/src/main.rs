@@ -26,7 +26,7 @@ fn main() -> std::process::ExitCode {
     stasis_core::private::restrict_umask();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("STASIS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,stasis_agent::supervise=info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())

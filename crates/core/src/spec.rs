@@ -8,6 +8,7 @@
 // Errors are rare and parsing is not hot; a large error keeps its fields plain.
 #![allow(clippy::result_large_err)]
 
+mod checkpoint;
 mod describe;
 mod images;
 mod ns;
@@ -23,6 +24,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+pub use checkpoint::{format_interval_s, parse_interval_s, CheckpointPolicy};
 pub use describe::{Description, InterfaceDescription, LanDescription, LinkDescription, NodeDescription};
 pub use images::{probe_image, ImageCatalog, ImageDir, ImageError, ImageFormat, BUILTIN_OS};
 pub use ns::ENV_TCLSH;
@@ -69,6 +71,10 @@ pub struct Experiment {
     /// Hosts and what runs where; `None`: everything on this host.
     #[serde(default)]
     pub placement: Option<Placement>,
+    /// Periodic checkpoints (`[checkpoint]`, carried out by `stasis supervise`);
+    /// `None`: none.
+    #[serde(default)]
+    pub checkpoint: Option<CheckpointPolicy>,
     /// What parsing noticed but accepted (an OS name no image maps, …);
     /// not part of the experiment.
     #[serde(skip)]
@@ -332,6 +338,7 @@ struct RawSpec {
     #[serde(default)]
     host: Vec<placement::RawHost>,
     delay: Option<placement::RawDelay>,
+    checkpoint: Option<Spanned<checkpoint::RawCheckpoint>>,
     /// OS names (`os`, `tb-set-node-os`) → image paths.
     #[serde(default)]
     images: BTreeMap<String, Spanned<String>>,
@@ -993,6 +1000,9 @@ impl Experiment {
         if let Some(p) = &self.placement {
             out += &placement::to_toml(p, &q);
         }
+        if let Some(c) = &self.checkpoint {
+            out += &checkpoint::to_toml(c);
+        }
         out
     }
 }
@@ -1293,6 +1303,7 @@ impl Resolver<'_> {
         }
 
         let placement = placement::resolve(src, &raw.host, raw.delay.as_ref(), &raw.node, &mut nodes)?;
+        let checkpoint = checkpoint::resolve(src, raw.checkpoint.as_ref())?;
         Ok(Experiment {
             name: name.into_inner(),
             nodes,
@@ -1300,6 +1311,7 @@ impl Resolver<'_> {
             links,
             source: source.map(Path::to_path_buf),
             placement,
+            checkpoint,
             warnings,
         })
     }

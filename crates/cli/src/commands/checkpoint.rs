@@ -26,6 +26,12 @@ pub struct Args {
 }
 
 pub async fn exec(ctx: &Ctx, a: &Args) -> Result<()> {
+    if let Some(n) = a.name.as_deref().filter(|n| n.starts_with(stasis_agent::supervise::AUTO_PREFIX)) {
+        bail!(
+            "checkpoint name {n:?}: names starting with {:?} are the supervisor's, which retention deletes",
+            stasis_agent::supervise::AUTO_PREFIX
+        );
+    }
     if a.live {
         return live(ctx, a).await;
     }

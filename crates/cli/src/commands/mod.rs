@@ -22,6 +22,7 @@ pub mod restore;
 pub mod resume;
 pub mod show;
 pub mod status;
+pub mod supervise;
 pub mod swap_in;
 pub mod swap_out;
 pub mod up;
@@ -38,6 +39,10 @@ pub enum Cmd {
     Status(status::Args),
     /// Freeze every VM and the network at one instant, save, resume
     Checkpoint(checkpoint::Args),
+    /// Take the experiment's periodic checkpoints (`[checkpoint]` in the
+    /// spec, or --every) and delete old ones by retention, in the foreground
+    /// until SIGINT/SIGTERM
+    Supervise(supervise::Args),
     /// Checkpoint the experiment, then stop every process and remove its
     /// sockets (checkpoints and disks stay); `stasis swap-in` brings it back
     SwapOut(swap_out::Args),
@@ -95,6 +100,7 @@ pub async fn exec(ctx: &Ctx, cmd: &Cmd) -> Result<()> {
         Cmd::Validate(a) => validate::exec(ctx, &a.spec, &a.images),
         Cmd::Status(a) => status::exec(ctx, a).await,
         Cmd::Checkpoint(a) => checkpoint::exec(ctx, a).await,
+        Cmd::Supervise(a) => supervise::exec(ctx, a).await,
         Cmd::SwapOut(a) => swap_out::exec(ctx, a).await,
         Cmd::SwapIn(a) => swap_in::exec(ctx, a).await,
         Cmd::Resume(a) => resume::exec(ctx, a).await,

@@ -16,6 +16,7 @@ pub async fn exec(ctx: &Ctx, _: &Args) -> Result<()> {
     let layout = ctx.layout(&name);
     // The command changing the experiment now, if any (its job lock).
     let job = JobLock::holder(&layout);
+    let sup = stasis_agent::supervise::status(&layout);
     if let Some(h) = job.as_ref().filter(|_| !ctx.json()) {
         println!("experiment {name}: busy: `stasis {}` (pid {}) is running", h.command, h.pid);
     }
@@ -35,7 +36,7 @@ pub async fn exec(ctx: &Ctx, _: &Args) -> Result<()> {
             };
             if ctx.json() {
                 print_json(&serde_json::json!({"experiment": name, "running": true, "incarnation": rt.incarnation,
-                    "restored_from": rt.restored_from, "frozen": frozen, "checkpoint_in_progress": in_progress, "job": job,
+                    "restored_from": rt.restored_from, "frozen": frozen, "checkpoint_in_progress": in_progress, "job": job, "supervisor": sup,
                     "processes": alive.iter().map(|(n, p, a)| serde_json::json!({"name": n, "pid": p, "alive": a})).collect::<Vec<_>>()}));
             } else {
                 println!(
@@ -60,7 +61,7 @@ pub async fn exec(ctx: &Ctx, _: &Args) -> Result<()> {
             let swapped = stasis_agent::swap::swapped_out(&layout);
             if ctx.json() {
                 print_json(
-                    &serde_json::json!({"experiment": name, "running": false, "swapped_out": swapped, "job": job}),
+                    &serde_json::json!({"experiment": name, "running": false, "swapped_out": swapped, "job": job, "supervisor": sup}),
                 );
             } else if let Some(s) = swapped {
                 let label =
@@ -75,5 +76,38 @@ pub async fn exec(ctx: &Ctx, _: &Args) -> Result<()> {
         }
         Err(e) => return Err(e.into()),
     }
+    if let Some(s) = sup.as_ref().filter(|_| !ctx.json()) {
+        println!("{}", describe_supervisor(s, stasis_core::clock::realtime_ns() / 1_000_000));
+    }
     Ok(())
+}
+
+/// `supervisor: pid 123, every 10s; last checkpoint auto-… (#4) 3 s ago; next due in 7 s`.
+fn describe_supervisor(s: &stasis_agent::supervise::Status, now_ms: u64) -> String {
+    let st = &s.state;
+    let mut out = match s.pid {
+        Some(p) => format!("supervisor: pid {p}, every {}", stasis_core::spec::format_interval_s(st.every_ms / 1000)),
+        None => "supervisor: not running".to_owned(),
+    };
+    match &st.last_checkpoint {
+        Some(c) => {
+            out += &format!(
+                "; last checkpoint {} (#{}) {} s ago",
+                c.name,
+                c.index,
+                now_ms.saturating_sub(c.unix_ms) / 1000
+            )
+        }
+        None => out += "; no checkpoint taken yet",
+    }
+    if let (Some(_), Some(d)) = (s.pid, st.next_due_unix_ms) {
+        out += &format!("; next due in {} s", d.saturating_sub(now_ms).div_ceil(1000));
+    }
+    if st.consecutive_failures > 0 {
+        out += &format!("; {} failed in a row", st.consecutive_failures);
+    }
+    if let Some(e) = &st.last_error {
+        out += &format!("; last error: {e}");
+    }
+    out
 }

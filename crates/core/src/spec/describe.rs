@@ -20,6 +20,9 @@ pub struct Description {
     pub nodes: Vec<NodeDescription>,
     pub lans: Vec<LanDescription>,
     pub links: Vec<LinkDescription>,
+    /// Periodic checkpoints (`[checkpoint]`), if any.
+    #[serde(default)]
+    pub checkpoint: Option<super::CheckpointPolicy>,
     pub warnings: Vec<String>,
 }
 
@@ -116,6 +119,7 @@ impl Experiment {
                     b_to_a: l.b_to_a,
                 })
                 .collect(),
+            checkpoint: self.checkpoint,
             warnings: self.warnings.clone(),
         }
     }
@@ -196,6 +200,9 @@ impl fmt::Display for Description {
                     writeln!(f, "  {}: {} -> {} — {}", l.name, l.b, l.a, shaping(&l.b_to_a))?;
                 }
             }
+        }
+        if let Some(c) = &self.checkpoint {
+            writeln!(f, "periodic checkpoints (stasis supervise): {c}")?;
         }
         for w in &self.warnings {
             writeln!(f, "warning: {w}")?;

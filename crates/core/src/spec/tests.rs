@@ -633,3 +633,33 @@ fn host_fields_without_hosts_are_refused() {
     assert_eq!(err.kind, SpecErrorKind::UnknownField);
     assert!(err.to_string().contains("[delay] needs [[host]]"), "{err}");
 }
+
+#[test]
+fn checkpoint_policy_parses_round_trips_and_is_described() {
+    let text = "name = \"p\"\n[[node]]\nname = \"a\"\n[checkpoint]\nevery = \"5m\"\nkeep = 3\nkeep_daily = 7\n";
+    let e = parse(text).unwrap();
+    assert_eq!(e.checkpoint, Some(CheckpointPolicy { every_s: 300, keep: 3, keep_daily: 7 }));
+    let canon = e.to_toml();
+    assert!(canon.contains("[checkpoint]\nevery = \"5m\"\nkeep = 3\nkeep_daily = 7\n"), "{canon}");
+    let again = Experiment::from_toml_str(&canon, None).unwrap();
+    assert_eq!(again.checkpoint, e.checkpoint);
+    let without = parse("name = \"p\"\n[[node]]\nname = \"a\"\n").unwrap();
+    assert_eq!(without.checkpoint, None);
+    assert_ne!(without.digest(), e.digest(), "the policy is part of the digest");
+    let text = e.describe().to_string();
+    assert!(text.contains("periodic checkpoints (stasis supervise): every 5m, keep the newest 3"), "{text}");
+    let defaults = parse("name = \"p\"\n[[node]]\nname = \"a\"\n[checkpoint]\nevery = \"10s\"\n").unwrap();
+    assert_eq!(defaults.checkpoint, Some(CheckpointPolicy { every_s: 10, keep: 10, keep_daily: 0 }));
+}
+
+#[test]
+fn checkpoint_policy_mistakes_are_refused_with_their_place() {
+    let head = "name = \"p\"\n[[node]]\nname = \"a\"\n[checkpoint]\n";
+    refused(&format!("{head}every = \"5\"\n"), SpecErrorKind::BadUnit, 5, &["[checkpoint]", "needs a unit", "every"]);
+    refused(&format!("{head}every = \"5 fortnights\"\n"), SpecErrorKind::BadUnit, 5, &["unknown unit"]);
+    refused(&format!("{head}every = \"0s\"\n"), SpecErrorKind::OutOfRange, 5, &["from 1s"]);
+    refused(&format!("{head}every = \"1m\"\nkeep = 0\n"), SpecErrorKind::OutOfRange, 6, &["keep = 0", "keep"]);
+    refused(&format!("{head}every = \"1m\"\nkeep_daily = -1\n"), SpecErrorKind::OutOfRange, 6, &["keep_daily"]);
+    refused(&format!("{head}keep = 2\n"), SpecErrorKind::MissingField, 4, &["`every` is needed"]);
+    refused(&format!("{head}every = \"1m\"\nkeep_hourly = 2\n"), SpecErrorKind::UnknownField, 6, &["keep_hourly"]);
+}
