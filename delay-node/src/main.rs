@@ -29,6 +29,11 @@ struct Args {
     /// Spin this many µs before each release instead of sleeping (default 200).
     #[arg(long)]
     spin_us: Option<u64>,
+    /// Let the control socket's save, pcap and restore name files only in
+    /// this directory or below (repeatable; the agent passes the
+    /// experiment's directory). Without it, any path.
+    #[arg(long = "confine", value_name = "DIR")]
+    confine: Vec<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -62,6 +67,9 @@ fn run(args: &Args) -> Result<(), String> {
         Node::bind(&topo, &args.control, state.as_ref(), args.events.as_deref()).map_err(|e| error_chain(&e))?;
     if let Some(us) = args.spin_us {
         node.set_spin_ns(us * 1000);
+    }
+    if !args.confine.is_empty() {
+        node.confine_paths(&args.confine).map_err(|e| error_chain(&e))?;
     }
     tracing::info!(control = %args.control.display(), ports = topo.ports.len(), restored = state.is_some(), "ready");
     node.run().map_err(|e| error_chain(&e))

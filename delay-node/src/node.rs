@@ -54,6 +54,12 @@ pub enum NodeError {
     },
     #[error("cannot create the wake-up socket pair")]
     Wake(#[source] std::io::Error),
+    #[error("cannot confine the node's files to {path}")]
+    Confine {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A stream port's listening socket: unix, or TCP for a VM on another host
@@ -216,6 +222,9 @@ pub struct Node {
     spin_ns: Option<u64>,
     vhost_events: Arc<VhostEvents>,
     wake_rx: UnixStream,
+    /// Where `save`, `pcap` and `restore` may name files (canonical
+    /// directories); `None`: anywhere (a node run by hand).
+    confine: Option<Vec<PathBuf>>,
 }
 
 /// Release lateness histogram: 1 µs buckets up to 10 ms.
@@ -370,6 +379,7 @@ impl Node {
             spin_ns: None,
             vhost_events,
             wake_rx,
+            confine: None,
         })
     }
 
@@ -377,6 +387,44 @@ impl Node {
     /// Longer is more precise on a busy host and costs CPU.
     pub fn set_spin_ns(&mut self, ns: u64) {
         self.spin_ns = Some(ns);
+    }
+
+    /// Confine the files the control socket's `save`, `pcap` and `restore`
+    /// name to `dirs` (and below): whoever can reach the socket then cannot
+    /// make the node (root, on an agent) write or read elsewhere. The agent
+    /// confines every node it starts to the experiment's directory.
+    pub fn confine_paths(&mut self, dirs: &[PathBuf]) -> Result<(), NodeError> {
+        let mut roots = Vec::new();
+        for d in dirs {
+            roots.push(std::fs::canonicalize(d).map_err(|source| NodeError::Confine { path: d.to_owned(), source })?);
+        }
+        self.confine = Some(roots);
+        Ok(())
+    }
+
+    /// `path` as the control socket may use it: when the node is confined,
+    /// inside one of its directories once every symlink is
+    /// resolved — the file itself when it must exist (`restore`), its
+    /// directory when it is to be created (`save`, `pcap`; created without
+    /// following a symlink in its last component).
+    fn allowed_path(&self, path: &Path, exists: bool) -> Result<PathBuf, String> {
+        let Some(roots) = &self.confine else { return Ok(path.to_owned()) };
+        let shown = path.display();
+        // A relative path is the node's working directory's (the agent's).
+        let resolved = if exists {
+            std::fs::canonicalize(path).map_err(|e| format!("{shown}: {e}"))?
+        } else {
+            let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+                return Err(format!("{shown}: not a file path"));
+            };
+            let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+            std::fs::canonicalize(dir).map_err(|e| format!("{shown}: {e}"))?.join(name)
+        };
+        if roots.iter().any(|r| resolved.starts_with(r)) {
+            Ok(resolved)
+        } else {
+            Err(format!("{shown}: outside the directories this node may use"))
+        }
     }
 
     /// Serve until a `shutdown` request; removes the sockets on return.
@@ -903,14 +951,16 @@ impl Node {
                 self.sched.schedule_port_freeze(now, p, at, hold_lead_ns);
                 json!(null)
             }),
-            Request::Save { path } => {
-                if !self.sched.freeze_pending_or_done() {
+            Request::Save { path } => match self.allowed_path(&path, false) {
+                Err(e) => Err(format!("cannot save: {e}")),
+                Ok(_) if !self.sched.freeze_pending_or_done() => {
                     Err("cannot save: the node is not frozen and no freeze is scheduled".to_owned())
-                } else {
+                }
+                Ok(path) => {
                     self.ctls[ci].waiting = Some(Waiting::Save(path));
                     return None;
                 }
-            }
+            },
             Request::ThawAt { at } => {
                 if !self.sched.freeze_pending_or_done() {
                     Err("cannot thaw: the node is not frozen and no freeze is scheduled".to_owned())
@@ -967,12 +1017,17 @@ impl Node {
                     w.finish().map_err(|e| format!("cannot finish capture: {e}"))?;
                 }
                 if let Some(path) = path {
+                    let path = self.allowed_path(&path, false).map_err(|e| format!("cannot capture: {e}"))?;
                     self.ports[p].pcap =
                         Some(PcapWriter::create(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?);
                 }
                 Ok(json!(null))
             }),
-            Request::Restore { path } => self.restore_from(&path).map(|_| json!(null)),
+            Request::Restore { path } => self
+                .allowed_path(&path, true)
+                .map_err(|e| format!("cannot restore: {e}"))
+                .and_then(|path| self.restore_from(&path))
+                .map(|_| json!(null)),
             Request::Shutdown => {
                 self.shutdown = true;
                 Ok(json!(null))

@@ -10,6 +10,10 @@ use std::path::Path;
 use std::time::Duration;
 
 fn setup(dir: &Path) -> (NodeProc, std::path::PathBuf) {
+    setup_with(dir, &[])
+}
+
+fn setup_with(dir: &Path, extra: &[&std::ffi::OsStr]) -> (NodeProc, std::path::PathBuf) {
     let sh = Shaping { delay_ns: 1_000_000, queue_packets: 10_000, ..Shaping::default() };
     let topo = Topology {
         ports: (0..3)
@@ -27,7 +31,7 @@ fn setup(dir: &Path) -> (NodeProc, std::path::PathBuf) {
     let tp = dir.join("topo.json");
     std::fs::write(&tp, serde_json::to_string(&topo).unwrap()).unwrap();
     let events = dir.join("events.jsonl");
-    (NodeProc::start(&tp, &dir.join("ctl.sock"), None, &events), events)
+    (NodeProc::start_with(&tp, &dir.join("ctl.sock"), None, &events, extra), events)
 }
 
 fn roundtrip(a: &mut std::os::unix::net::UnixStream, b: &mut std::os::unix::net::UnixStream, seq: u32) {
@@ -376,4 +380,46 @@ fn a_vm_that_stops_reading_does_not_grow_the_nodes_memory() {
     // Bounded: the 4 MiB output cap, 4096 held frames and the 10 000-frame
     // pipe queue are ~25 MB at most; the 90 MB sent must not all be kept.
     assert!(grew_mb < 40, "the node grew by {grew_mb} MB for a VM that does not read");
+}
+
+#[test]
+fn a_confined_node_saves_captures_and_restores_only_inside_its_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let inside = dir.path().join("exp");
+    std::fs::create_dir(&inside).unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let (_node, _events) = setup_with(dir.path(), &["--confine".as_ref(), inside.as_os_str()]);
+    let rt = rt();
+    let mut ctl = client(&rt, &dir.path().join("ctl.sock"));
+    let refused = |e: ControlError, what: &str| {
+        assert!(matches!(&e, ControlError::Refused(m) if m.contains("outside the directories")), "{what}: {e:?}");
+    };
+    // A capture: outside refused (nothing created), inside taken.
+    let out_pcap = outside.path().join("a.pcap");
+    refused(rt.block_on(ctl.pcap("vm0", Some(&out_pcap))).unwrap_err(), "pcap outside");
+    assert!(!out_pcap.exists());
+    // `..` and a symlinked directory inside that points outside are outside too.
+    let dotdot = inside.join("..").join("b.pcap");
+    refused(rt.block_on(ctl.pcap("vm0", Some(&dotdot))).unwrap_err(), "pcap via ..");
+    std::os::unix::fs::symlink(outside.path(), inside.join("link")).unwrap();
+    refused(rt.block_on(ctl.pcap("vm0", Some(&inside.join("link").join("c.pcap")))).unwrap_err(), "pcap via symlink");
+    assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none(), "nothing written outside");
+    let in_pcap = inside.join("a.pcap");
+    rt.block_on(ctl.pcap("vm0", Some(&in_pcap))).unwrap();
+    rt.block_on(ctl.pcap("vm0", None)).unwrap();
+    assert!(in_pcap.exists());
+    // Save: the path is checked before anything else (the node is not even frozen).
+    let e = rt.block_on(ctl.save(&outside.path().join("s.bin"))).unwrap_err();
+    refused(e, "save outside");
+    // A relative path is the node's working directory's (here not inside).
+    refused(rt.block_on(ctl.save(Path::new("relative.bin"))).unwrap_err(), "save relative");
+    // Freeze, then save inside works and a restore from outside is refused.
+    let now = stasis_core::clock::mono_ns();
+    rt.block_on(ctl.freeze_at(now + 20_000_000, 0)).unwrap();
+    let state = inside.join("s.bin");
+    rt.block_on(ctl.save(&state)).unwrap();
+    let foreign = outside.path().join("s.bin");
+    std::fs::copy(&state, &foreign).unwrap();
+    refused(rt.block_on(ctl.restore(&foreign)).unwrap_err(), "restore outside");
+    rt.block_on(ctl.restore(&state)).unwrap();
 }

@@ -418,6 +418,8 @@ pub(crate) fn spawn_delay_node(
     let log = stasis_core::private::create_file(&log_path).map_err(io(&log_path))?;
     let mut cmd = std::process::Command::new(&tools.delay_node_bin);
     cmd.arg("--topology").arg(&topo_path).arg("--control").arg(&control).arg("--events").arg(layout.delay_events());
+    // Its control socket's save/pcap/restore paths stay in this experiment.
+    cmd.arg("--confine").arg(layout.root());
     if let Some(state) = restore {
         cmd.arg("--restore").arg(state);
     }

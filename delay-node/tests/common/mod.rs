@@ -19,10 +19,22 @@ pub struct NodeProc {
 
 impl NodeProc {
     pub fn start(topology: &Path, control: &Path, restore: Option<&Path>, events: &Path) -> NodeProc {
+        Self::start_with(topology, control, restore, events, &[])
+    }
+
+    /// [`start`](Self::start) with more arguments for the node.
+    pub fn start_with(
+        topology: &Path,
+        control: &Path,
+        restore: Option<&Path>,
+        events: &Path,
+        extra: &[&std::ffi::OsStr],
+    ) -> NodeProc {
         // The control socket's appearance means "ready"; a stale one from a killed node must go first.
         let _ = std::fs::remove_file(control);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_delay-node"));
         cmd.arg("--topology").arg(topology).arg("--control").arg(control).arg("--events").arg(events);
+        cmd.args(extra);
         if let Some(r) = restore {
             cmd.arg("--restore").arg(r);
         }
