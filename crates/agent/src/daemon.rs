@@ -794,19 +794,19 @@ impl Agent {
     async fn down(&mut self) -> usize {
         let Some(share) = self.share.take() else { return 0 };
         drop(share.stopped);
-        let mut pids: Vec<(u32, &str)> = share.vms.iter().map(|v| (v.pid, "qemu")).collect();
+        let mut pids: Vec<(u32, &std::path::Path)> = share.vms.iter().map(|v| (v.pid, v.qmp.as_path())).collect();
         if let Some(d) = &share.delay {
-            pids.push((d.pid, "delay-node"));
+            pids.push((d.pid, d.control.as_path()));
         }
-        let mut killed = 0;
-        for &(pid, needle) in &pids {
-            if host::pid_alive(pid) && host::is_ours(pid, needle) {
+        let mut killed = Vec::new();
+        for &(pid, own) in &pids {
+            if host::pid_alive(pid) && host::is_ours(pid, own) {
                 // SAFETY: plain kill(2) of a process this agent started (checked above).
                 unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-                killed += 1;
+                killed.push(pid);
             }
         }
-        for &(pid, _) in &pids {
+        for &pid in &killed {
             for _ in 0..200 {
                 if !host::pid_alive(pid) {
                     break;
@@ -815,8 +815,8 @@ impl Agent {
             }
         }
         let _ = std::fs::remove_dir_all(share.layout.run_dir().join("p"));
-        tracing::info!(killed, "share stopped");
-        killed
+        tracing::info!(killed = killed.len(), "share stopped");
+        killed.len()
     }
 
     fn status(&mut self) -> serde_json::Value {

@@ -1338,21 +1338,17 @@ pub async fn down(layout: &Layout) -> Result<usize, AttachError> {
         Err(AttachError::NotRunning(_)) => return Ok(0),
         Err(e) => return Err(e),
     };
-    let mut killed = 0;
-    for v in &rt.vms {
-        if pid_alive(v.pid) && is_ours(v.pid, "qemu") {
+    let mut killed = Vec::new();
+    let procs =
+        rt.vms.iter().map(|v| (v.pid, v.qmp.as_path())).chain([(rt.delay_node.pid, rt.delay_node.control.as_path())]);
+    for (pid, own) in procs {
+        if pid_alive(pid) && is_ours(pid, own) {
             // SAFETY: plain kill(2) of a process we started (checked above).
-            unsafe { libc::kill(v.pid as libc::pid_t, libc::SIGKILL) };
-            killed += 1;
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            killed.push(pid);
         }
     }
-    let d = rt.delay_node.pid;
-    if pid_alive(d) && is_ours(d, "delay-node") {
-        // SAFETY: as above.
-        unsafe { libc::kill(d as libc::pid_t, libc::SIGKILL) };
-        killed += 1;
-    }
-    for (_, pid, _) in rt.alive() {
+    for &pid in &killed {
         for _ in 0..200 {
             if !pid_alive(pid) {
                 break;
@@ -1363,11 +1359,24 @@ pub async fn down(layout: &Layout) -> Result<usize, AttachError> {
     let _ = std::fs::remove_file(layout.runtime_file());
     let _ = std::fs::remove_dir_all(layout.run_dir().join("p"));
     let _ = std::fs::remove_file(layout.delay_control());
-    Ok(killed)
+    Ok(killed.len())
 }
 
-pub(crate) fn is_ours(pid: u32, needle: &str) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| String::from_utf8_lossy(&c).contains(needle)).unwrap_or(false)
+/// Whether `pid` is the process this experiment started, by its command
+/// line naming `own` — the VM's QMP socket or the delay node's control
+/// socket, paths no other process is started with. A recorded pid alone is
+/// not enough: after a reboot (or a long time) it may belong to anything,
+/// even another QEMU, which `down` must not kill.
+pub(crate) fn is_ours(pid: u32, own: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let names = |own: &Path| {
+        let own = own.as_os_str().as_encoded_bytes();
+        !own.is_empty() && cmdline.split(|&b| b == 0).any(|arg| arg.windows(own.len()).any(|w| w == own))
+    };
+    // The record may spell the path otherwise than the command line did
+    // (relative, through a symlink): try its canonical form too.
+    names(own)
+        || own.parent().and_then(|d| d.canonicalize().ok()).zip(own.file_name()).is_some_and(|(d, f)| names(&d.join(f)))
 }
 
 /// Replace whatever runs with the state of `ckpt`, and resume everything at
@@ -1535,6 +1544,81 @@ pub async fn restore(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A process that looks like a QEMU (or a delay node) by its command
+    /// line; killed when dropped.
+    struct Lookalike(std::process::Child);
+
+    impl Lookalike {
+        fn start(args: &[&str]) -> Lookalike {
+            let child =
+                std::process::Command::new("sh").arg("-c").arg("sleep 30; :").args(args).spawn().expect("spawn sh");
+            Lookalike(child)
+        }
+        fn alive(&mut self) -> bool {
+            self.0.try_wait().expect("try_wait").is_none()
+        }
+    }
+
+    impl Drop for Lookalike {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[tokio::test]
+    async fn down_kills_only_processes_that_name_this_experiments_sockets() {
+        let t = tempfile::tempdir().unwrap();
+        let layout = Layout::new(t.path(), "e");
+        stasis_core::private::create_dir_all(layout.root()).unwrap();
+        let qmp = layout.node_dir("a").join("qmp.sock");
+        let other_qmp = t.path().join("elsewhere").join("qmp.sock");
+        let ctl = layout.delay_control();
+        // Recorded pids now held by a QEMU and a delay node of something else
+        // (a reboot, a reused pid), and by this experiment's own VM b.
+        let mut foreign_vm =
+            Lookalike::start(&["qemu-system-x86_64", "-qmp", &format!("unix:{},server=on", other_qmp.display())]);
+        let mut foreign_node = Lookalike::start(&["delay-node", "--control", "/run/other/ctl"]);
+        let mut own_vm = Lookalike::start(&[
+            "qemu-system-x86_64",
+            "-qmp",
+            &format!("unix:{},server=on", layout.node_dir("b").join("qmp.sock").display()),
+        ]);
+        let vm = |name: &str, pid: u32, qmp: PathBuf| VmProc {
+            name: name.into(),
+            pid,
+            qmp,
+            serial_log: PathBuf::new(),
+            disk: None,
+            machine: None,
+            base: None,
+        };
+        let rt = Runtime {
+            experiment: "e".into(),
+            spec_toml: String::new(),
+            spec_digest: String::new(),
+            accel: "tcg".into(),
+            incarnation: 1,
+            restored_from: None,
+            delay_node: DelayProc { pid: foreign_node.0.id(), control: ctl },
+            vms: vec![vm("a", foreign_vm.0.id(), qmp), vm("b", own_vm.0.id(), layout.node_dir("b").join("qmp.sock"))],
+            branch: None,
+            head: None,
+            runtime_file: None,
+        };
+        rt.store_at(&layout.runtime_file()).unwrap();
+        assert_eq!(down(&layout).await.unwrap(), 1, "only this experiment's VM b");
+        for _ in 0..200 {
+            if !own_vm.alive() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!own_vm.alive(), "the process naming b's QMP socket is killed");
+        assert!(foreign_vm.alive(), "a QEMU of something else under a recorded pid lives on");
+        assert!(foreign_node.alive(), "so does another delay node");
+    }
 
     #[test]
     fn the_experiments_state_is_created_owner_only() {
