@@ -154,6 +154,9 @@ pub struct DaemonConfig {
     pub agent: AgentConfig,
     pub faults: Faults,
     pub sessions: SessionLimits,
+    /// Directories besides the default guest's that a spec's `kernel` and
+    /// `initrd` may name (`stasis-agent --allow-files`).
+    pub file_roots: Vec<PathBuf>,
 }
 
 /// How long a coordinator's session may stay silent. One coordinator is
@@ -235,6 +238,54 @@ pub enum RequestError {
         #[source]
         source: std::io::Error,
     },
+    #[error("node {node:?}: {field} {} is outside the directories this agent boots guests from ({roots}); start the agent with --allow-files DIR to add one", path.display())]
+    BootFileOutside { node: String, field: &'static str, path: PathBuf, roots: String },
+    #[error("node {node:?}: {field} {}", path.display())]
+    BootFile {
+        node: String,
+        field: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The directories a spec's kernel and initrd may come from on this agent:
+/// those of its own default guest, and the configured ones (canonical).
+fn boot_file_roots(cfg: &DaemonConfig) -> Vec<PathBuf> {
+    // The default guest's directory counts only where its files are.
+    let defaults = [&cfg.tools.default_kernel, &cfg.tools.default_initrd]
+        .into_iter()
+        .filter_map(|f| Some(f.canonicalize().ok()?.parent()?.to_owned()));
+    let mut roots: Vec<PathBuf> = defaults.chain(cfg.file_roots.iter().filter_map(|d| d.canonicalize().ok())).collect();
+    roots.dedup();
+    roots
+}
+
+/// A coordinator holds the key, not this host: the kernel and initrd its
+/// spec names for a node here are files this agent (root) would hand to
+/// QEMU and so to the guest, so they must lie in `roots` once every symlink
+/// is resolved — never `/etc/shadow` as an initrd.
+fn confine_boot_files(node: &stasis_core::spec::Node, roots: &[PathBuf]) -> Result<(), RequestError> {
+    for (field, path) in [("kernel", &node.kernel), ("initrd", &node.initrd)] {
+        let Some(path) = path else { continue };
+        let resolved = path.canonicalize().map_err(|source| RequestError::BootFile {
+            node: node.name.clone(),
+            field,
+            path: path.clone(),
+            source,
+        })?;
+        if !roots.iter().any(|r| resolved.starts_with(r)) {
+            let shown: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+            return Err(RequestError::BootFileOutside {
+                node: node.name.clone(),
+                field,
+                path: path.clone(),
+                roots: if shown.is_empty() { "none".into() } else { shown.join(", ") },
+            });
+        }
+    }
+    Ok(())
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
@@ -680,6 +731,12 @@ impl Agent {
         if let Some(s) = &self.share {
             if s.exp.name != exp.name || s.host != host {
                 return Err(RequestError::Busy { running: s.exp.name.clone(), running_host: s.host.clone() });
+            }
+        }
+        if vms {
+            let roots = boot_file_roots(&self.cfg);
+            for node in placement::nodes_on(&exp, host) {
+                confine_boot_files(node, &roots)?;
             }
         }
         if self.share.is_none() {

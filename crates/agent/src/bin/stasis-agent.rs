@@ -43,6 +43,10 @@ struct Args {
     /// Fault drill: read at each checkpoint; `fail` or `delay <ms>`
     #[arg(long, hide = true)]
     fault_file: Option<PathBuf>,
+    /// A directory a spec's kernel and initrd may come from, besides the
+    /// default guest's (repeatable); any other path is refused
+    #[arg(long = "allow-files", value_name = "DIR")]
+    allow_files: Vec<PathBuf>,
 }
 
 fn tools() -> Result<Tools> {
@@ -103,6 +107,7 @@ async fn run(args: Args) -> Result<()> {
             file: args.fault_file,
         },
         sessions: Default::default(),
+        file_roots: args.allow_files,
     };
     daemon::serve(cfg).await?;
     Ok(())
